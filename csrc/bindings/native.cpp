@@ -1,0 +1,209 @@
+// shardckpt._native: thin nanobind glue over the native core (csrc/core/pipeline.h).
+//
+// Arguments are converted while holding the GIL; all real work runs with the GIL released, so
+// Python threads (training, async saves) keep running. Failures of the work itself come back as
+// status tuples (code, message, chunk, errno) that shardckpt maps to its typed errors; only
+// malformed arguments raise (ValueError / TypeError).
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "pipeline.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+namespace core = shardckpt;
+
+// A read-only view of any C-contiguous buffer (bytes, bytearray, memoryview, numpy arrays).
+// Holding the export keeps the memory alive and unresizable while the GIL is released.
+class ByteView {
+ public:
+  explicit ByteView(nb::handle obj) {
+    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw nb::python_error();
+  }
+  ~ByteView() { PyBuffer_Release(&view_); }
+  ByteView(const ByteView&) = delete;
+  ByteView& operator=(const ByteView&) = delete;
+
+  const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+  size_t size() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_;
+};
+
+nb::tuple status_tuple(const core::Status& s) {
+  return nb::make_tuple(static_cast<int>(s.code), s.message, s.chunk, s.err);
+}
+
+core::Policy parse_policy(const std::string& name) {
+  if (name == "raw") return core::Policy::kRaw;
+  if (name == "zstd") return core::Policy::kZstd;
+  if (name == "auto") return core::Policy::kAuto;
+  throw nb::value_error(("unknown policy '" + name + "' (expected raw, zstd or auto)").c_str());
+}
+
+// Allocates an uninitialised bytes object of n bytes for the caller to fill.
+nb::bytes new_bytes(size_t n, uint8_t** data) {
+  PyObject* obj = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+  if (!obj) throw nb::python_error();
+  *data = reinterpret_cast<uint8_t*>(PyBytes_AsString(obj));
+  return nb::steal<nb::bytes>(obj);
+}
+
+nb::dict features() {
+  nb::dict d;
+  d["version"] = SHARDCKPT_VERSION;
+  d["zstd"] = core::zstd_version();
+  d["crc32c"] = core::crc32c_backend();
+  d["threads"] = std::thread::hardware_concurrency();
+  d["sync_file_range"] = core::sync_file_range_supported();
+  nb::list policies;
+  for (const char* p : {"raw", "zstd", "auto"}) policies.append(p);
+  d["policies"] = policies;
+  return d;
+}
+
+uint32_t crc32c(nb::handle data, uint32_t value) {
+  ByteView view(data);
+  nb::gil_scoped_release nogil;
+  return core::crc32c(view.data(), view.size(), value);
+}
+
+// Shared body of shuffle()/unshuffle(): validates, then runs `fn` without the GIL.
+template <typename Fn>
+nb::bytes transform(nb::handle data, size_t elemsize, Fn fn) {
+  ByteView view(data);
+  if (elemsize < 1) throw nb::value_error("elemsize must be >= 1");
+  if (view.size() % elemsize != 0)
+    throw nb::value_error("data length is not a multiple of elemsize");
+  uint8_t* out = nullptr;
+  nb::bytes result = new_bytes(view.size(), &out);
+  {
+    nb::gil_scoped_release nogil;  // `result` is not visible to any other thread yet
+    fn(view.data(), out, view.size(), elemsize);
+  }
+  return result;
+}
+
+using ChunkTuple = std::tuple<uintptr_t, uint64_t, uint32_t>;  // (ptr, nbytes, elemsize)
+
+nb::tuple write_file(const std::string& path, const std::vector<ChunkTuple>& chunk_tuples,
+                     const std::string& policy, int level, int encode_threads, int write_threads,
+                     uint64_t pool_bytes, bool durable, nb::bytes header) {
+  core::WriteOptions opt;
+  opt.policy = parse_policy(policy);
+  opt.level = level;
+  if (encode_threads < 0 || write_threads < 0)
+    throw nb::value_error("thread counts must be >= 0 (0 = default)");
+  opt.encode_threads = encode_threads;
+  opt.write_threads = write_threads;
+  opt.pool_bytes = pool_bytes;
+  opt.durable = durable;
+  opt.header.assign(header.c_str(), header.size());
+
+  std::vector<core::ChunkSource> chunks;
+  chunks.reserve(chunk_tuples.size());
+  for (const auto& [ptr, nbytes, elemsize] : chunk_tuples) {
+    if (elemsize < 1) throw nb::value_error("chunk elemsize must be >= 1");
+    chunks.push_back({reinterpret_cast<const uint8_t*>(ptr), nbytes, elemsize});
+  }
+
+  std::vector<core::ChunkRecord> records;
+  core::WriteStats st;
+  core::Status status;
+  {
+    nb::gil_scoped_release nogil;
+    status = core::write_file(path, chunks, opt, &records, &st);
+  }
+
+  nb::list recs;
+  if (status.ok())
+    for (const auto& r : records)
+      recs.append(nb::make_tuple(r.offset, r.length, static_cast<int>(r.kind), r.crc));
+  nb::dict stats;
+  stats["raw_bytes"] = st.raw_bytes;
+  stats["stored_bytes"] = st.stored_bytes;
+  stats["file_size"] = st.file_size;
+  stats["chunks_raw"] = st.chunks_raw;
+  stats["chunks_compressed"] = st.chunks_compressed;
+  stats["encode_seconds"] = st.encode_seconds;
+  stats["write_seconds"] = st.write_seconds;
+  stats["wall_seconds"] = st.wall_seconds;
+  stats["pool_peak_bytes"] = st.pool_peak_bytes;
+  return nb::make_tuple(status_tuple(status), recs, stats);
+}
+
+// (offset, length, raw_length, kind, elemsize, crc, dest_ptr)
+using ReadTuple =
+    std::tuple<uint64_t, uint64_t, uint64_t, int, uint32_t, uint32_t, uintptr_t>;
+
+nb::tuple read_chunks(const std::string& path, const std::vector<ReadTuple>& read_tuples,
+                      int threads) {
+  if (threads < 0) throw nb::value_error("threads must be >= 0 (0 = one per core)");
+  std::vector<core::ChunkRead> reads;
+  reads.reserve(read_tuples.size());
+  for (const auto& [offset, length, raw_length, kind, elemsize, crc, dest] : read_tuples) {
+    if (kind < 0 || kind > static_cast<int>(core::Kind::kShuffleZstd))
+      throw nb::value_error(("unknown chunk kind " + std::to_string(kind)).c_str());
+    reads.push_back({offset, length, raw_length, static_cast<core::Kind>(kind), elemsize, crc,
+                     reinterpret_cast<uint8_t*>(dest)});
+  }
+  core::Status status;
+  {
+    nb::gil_scoped_release nogil;
+    status = core::read_chunks(path, reads, threads);
+  }
+  return status_tuple(status);
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  m.doc() = "shardckpt's native staging pipeline (crc32c, shuffle, zstd, parallel file IO).";
+  m.attr("__version__") = SHARDCKPT_VERSION;
+
+  m.def("features", &features,
+        "Build features: version, zstd version, crc32c backend, hardware threads, whether\n"
+        "sync_file_range pacing is available, and the supported save policies.");
+
+  m.def("crc32c", &crc32c, "data"_a, "value"_a = 0,
+        "CRC-32C (iSCSI) of a contiguous bytes-like object, continuing from `value`\n"
+        "(the result of a previous call; 0 to start).");
+
+  m.def(
+      "shuffle",
+      [](nb::handle data, size_t elemsize) { return transform(data, elemsize, core::shuffle); },
+      "data"_a, "elemsize"_a,
+      "Byte-plane shuffle (FORMAT.md 2.1): byte j of element i goes to j*(n/k)+i.");
+
+  m.def(
+      "unshuffle",
+      [](nb::handle data, size_t elemsize) { return transform(data, elemsize, core::unshuffle); },
+      "data"_a, "elemsize"_a, "Inverse of shuffle().");
+
+  m.def("write_file", &write_file, "path"_a, "chunks"_a, "policy"_a, "level"_a,
+        "encode_threads"_a, "write_threads"_a, "pool_bytes"_a, "durable"_a, "header"_a,
+        "Create `path` (it must not exist) and write `header` then every chunk.\n\n"
+        "chunks: list of (address, nbytes, elemsize) of memory that stays valid and unchanged\n"
+        "until the call returns. policy: 'raw', 'zstd' or 'auto'.\n"
+        "Returns ((code, message, chunk, errno), [(offset, length, kind, crc32c)], stats);\n"
+        "records are empty unless code == 0.");
+
+  m.def("read_chunks", &read_chunks, "path"_a, "reads"_a, "threads"_a,
+        "Read, verify and decode chunks of `path` in parallel.\n\n"
+        "reads: list of (offset, length, raw_length, kind, elemsize, crc32c, dest_address);\n"
+        "dest_address 0 verifies and decodes without storing. Returns (code, message, chunk,\n"
+        "errno).");
+}

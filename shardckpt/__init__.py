@@ -1,0 +1,19 @@
+"""shardckpt: sharded, atomic, resumable checkpoints for PyTorch training.
+
+The public surface is small: ``save``, ``load``, ``load_full``, ``verify`` and the errors.
+``shardckpt.codecs.BACKEND`` says whether the native core or the reference codec is in use.
+"""
+
+from ._version import __version__
+from .api import SaveInfo, VerifyReport, load, load_full, save, verify
+from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError,
+                     CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
+                     StateMismatchError, StorageError, UnsafeCheckpointError,
+                     UnsupportedValueError)
+
+__all__ = [
+    "__version__", "save", "load", "load_full", "verify", "SaveInfo", "VerifyReport",
+    "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
+    "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError",
+    "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
+]

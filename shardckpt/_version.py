@@ -1,0 +1,3 @@
+"""The single source of shardckpt's version (read by the build and by the package)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""The pure-Python reference codec: the same format and call signatures as the native core.
+
+Written with numpy, ``zstandard`` and ``crc32c`` only, straight from FORMAT.md. Tests use it to
+prove the native bytes follow the spec; the reader falls back to it when the native module is
+missing. It favours clarity over speed: single-threaded, and ``auto`` behaves as ``zstd``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+import crc32c as _crc32c
+import numpy as np
+import zstandard
+
+from . import RAW, SHUFFLE, SHUFFLE_ZSTD, ZSTD
+
+__version__ = "reference"
+
+OK, INVALID, IO_ERROR, NO_SPACE, CHECKSUM, DECODE, TRUNCATED = range(7)
+
+
+def features() -> dict:
+    return {"version": __version__, "zstd": zstandard.ZSTD_VERSION, "crc32c": "crc32c-package",
+            "threads": 1, "sync_file_range": False, "policies": ["raw", "zstd", "auto"]}
+
+
+def crc32c(data, value: int = 0) -> int:
+    return _crc32c.crc32c(bytes(data), value)
+
+
+def shuffle(data, elemsize: int) -> bytes:
+    """Byte planes: output byte j*(n/k)+i is input byte i*k+j."""
+    return np.frombuffer(bytes(data), np.uint8).reshape(-1, elemsize).T.tobytes()
+
+
+def unshuffle(data, elemsize: int) -> bytes:
+    return np.frombuffer(bytes(data), np.uint8).reshape(elemsize, -1).T.tobytes()
+
+
+def encode(raw: bytes, shuffle_size: int, policy: str, level: int) -> tuple[bytes, int]:
+    """``(stored, kind)`` of one chunk; raw when compression would not make it smaller."""
+    if policy == "raw":
+        return raw, RAW
+    data, kind = (shuffle(raw, shuffle_size), SHUFFLE_ZSTD) if shuffle_size > 1 else (raw, ZSTD)
+    packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    return (packed, kind) if len(packed) < len(raw) else (raw, RAW)
+
+
+def decode(stored: bytes, kind: int, raw_length: int, shuffle_size: int) -> bytes:
+    """The raw bytes of a chunk; raises ValueError when the stored bytes do not decode."""
+    data = stored
+    if kind in (ZSTD, SHUFFLE_ZSTD):
+        params = zstandard.get_frame_parameters(data)
+        if params.content_size != raw_length:
+            raise ValueError(f"zstd frame declares {params.content_size} bytes, "
+                             f"expected {raw_length}")
+        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_length)
+    if len(data) != raw_length:
+        raise ValueError(f"decoded {len(data)} bytes, expected {raw_length}")
+    if kind in (SHUFFLE, SHUFFLE_ZSTD):
+        data = unshuffle(data, shuffle_size)
+    return data
+
+
+def _status(code=OK, message="", chunk=-1, err=0):
+    return (code, message, chunk, err)
+
+
+def write_file(path, chunks, policy, level, encode_threads, write_threads, pool_bytes, durable,
+               header):
+    """Same contract as ``_native.write_file``: chunks are ``(ptr, nbytes, shuffle_size)``."""
+    if policy not in ("raw", "zstd", "auto"):
+        raise ValueError(f"unknown policy {policy!r}")
+    records, raw_total, offset = [], 0, len(header)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        return _status(IO_ERROR, f"{path}: {exc.strerror}", -1, exc.errno), [], {}
+    index = -1
+    try:
+        os.pwrite(fd, header, 0)
+        for index, (ptr, nbytes, shuffle_size) in enumerate(chunks):
+            stored, kind = encode(ctypes.string_at(ptr, nbytes), shuffle_size,
+                                  "zstd" if policy == "auto" else policy, level)
+            os.pwrite(fd, stored, offset)
+            records.append((offset, len(stored), kind, crc32c(stored)))
+            offset += len(stored)
+            raw_total += nbytes
+        if durable:
+            os.fsync(fd)
+    except OSError as exc:
+        code = NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else IO_ERROR
+        return _status(code, f"{path}: {exc.strerror}", index, exc.errno), [], {}
+    finally:
+        os.close(fd)
+    stats = {"raw_bytes": raw_total, "stored_bytes": offset - len(header), "file_size": offset,
+             "chunks_raw": sum(r[2] == RAW for r in records),
+             "chunks_compressed": sum(r[2] != RAW for r in records)}
+    return _status(), records, stats
+
+
+def read_chunks(path, reads, threads):
+    """Same contract as ``_native.read_chunks``: reads are
+    ``(offset, length, raw_length, kind, shuffle_size, crc, dest_ptr)``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return _status(IO_ERROR, f"{path}: {exc.strerror}", -1, exc.errno)
+    try:
+        for index, (offset, length, raw_length, kind, shuffle_size, crc, dest) in enumerate(reads):
+            stored = os.pread(fd, length, offset)
+            if len(stored) != length:
+                return _status(TRUNCATED, f"{path}: read {len(stored)} of {length} bytes at "
+                                          f"offset {offset}", index)
+            actual = crc32c(stored)
+            if actual != crc:
+                return _status(CHECKSUM, f"crc32c mismatch: stored {crc:#010x}, "
+                                         f"computed {actual:#010x}", index)
+            try:
+                raw = decode(stored, kind, raw_length, shuffle_size)
+            except (ValueError, zstandard.ZstdError) as exc:
+                return _status(DECODE, str(exc), index)
+            if dest:
+                ctypes.memmove(dest, raw, raw_length)
+    except OSError as exc:
+        return _status(IO_ERROR, f"{path}: {exc.strerror}", -1, exc.errno)
+    finally:
+        os.close(fd)
+    return _status()

@@ -1,0 +1,85 @@
+"""The one exception hierarchy shardckpt raises.
+
+Every failure derives from :class:`CheckpointError` (an ``Exception``, so ``except Exception``
+catches it, unlike DCP's ``BaseException``-derived error) and also from the stdlib type that fits,
+so callers may catch either. Errors about checkpoint contents name the file, tensor and chunk.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CheckpointError(Exception):
+    """Root of every error shardckpt raises."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint exists at the given path."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint already exists where a save was asked not to overwrite one."""
+
+
+class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
+    """The path exists but was never committed (no manifest): an interrupted or foreign save."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """Stored bytes or metadata fail their checks (checksum, size, decoding, JSON).
+
+    Attributes:
+        file: the checkpoint-relative file at fault, if known.
+        tensor: the tensor key at fault, if known.
+        chunk: the chunk index within the tensor's shard, if known.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None,
+                 chunk: int | None = None):
+        where = ", ".join(f"{k}={v!r}" for k, v in
+                          (("file", file), ("tensor", tensor), ("chunk", chunk)) if v is not None)
+        super().__init__(f"{message} [{where}]" if where else message)
+        self.file, self.tensor, self.chunk = file, tensor, chunk
+
+
+class UnsafeCheckpointError(CheckpointError, ValueError):
+    """The manifest asks for something a safe reader refuses: a path outside the checkpoint,
+    a negative or absurd size, an unknown codec or format version."""
+
+
+class StateMismatchError(CheckpointError, ValueError):
+    """The target state does not match the checkpoint.
+
+    Attributes:
+        missing: keys the target has and the checkpoint lacks.
+        unexpected: keys the checkpoint has and the target lacks.
+        mismatched: ``(key, reason)`` pairs for shape, dtype or type differences.
+    """
+
+    def __init__(self, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected = list(missing), list(unexpected)
+        self.mismatched = list(mismatched)
+        parts = []
+        if self.missing:
+            parts.append(f"missing from checkpoint: {self.missing}")
+        if self.unexpected:
+            parts.append(f"unexpected in checkpoint: {self.unexpected}")
+        if self.mismatched:
+            parts.append("mismatched: " + "; ".join(f"{k}: {r}" for k, r in self.mismatched))
+        super().__init__("state does not match checkpoint: " + " | ".join(parts))
+
+
+class UnsupportedValueError(CheckpointError, TypeError):
+    """A value in the state cannot be saved without pickling (named by its path)."""
+
+
+class StorageError(CheckpointError, OSError):
+    """Reading or writing the storage failed (the file is named in the message)."""
+
+
+class DiskFullError(StorageError):
+    """The storage ran out of space (ENOSPC/EDQUOT); nothing was committed."""
+
+    def __init__(self, message: str):
+        super().__init__(_errno.ENOSPC, message)

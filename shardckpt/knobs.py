@@ -1,0 +1,50 @@
+"""Tunables, in one place: each has a default, an environment override and what it trades.
+
+Read them through :func:`get` so that an environment variable set after import still counts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Knob:
+    env: str
+    default: object
+    doc: str
+
+
+KNOBS = {
+    "chunk_bytes": Knob("SHARDCKPT_CHUNK_BYTES", 4 << 20,
+                        "Target size of one chunk. Smaller chunks let a resharding reader fetch "
+                        "less and spread work over more threads; larger ones cost less metadata "
+                        "and compress slightly better."),
+    "pool_bytes": Knob("SHARDCKPT_POOL_BYTES", 256 << 20,
+                       "Hard budget of the native staging pool (encode buffers). More lets "
+                       "encoders run further ahead of a slow writer; it never grows past this."),
+    "codec": Knob("SHARDCKPT_CODEC", "auto",
+                  "'auto' compresses a chunk only while the writer is the bottleneck (never "
+                  "slower than raw); 'zstd' always compresses (smallest files); 'raw' never."),
+    "zstd_level": Knob("SHARDCKPT_ZSTD_LEVEL", 1,
+                       "zstd level; negative levels are faster and compress less."),
+    "encode_threads": Knob("SHARDCKPT_ENCODE_THREADS", 0,
+                           "Encoder threads per writing process; 0 = one per core."),
+    "write_threads": Knob("SHARDCKPT_WRITE_THREADS", 1,
+                          "Writer threads per data file. One saturates a local disk; object "
+                          "stores and network file systems like more."),
+    "read_threads": Knob("SHARDCKPT_READ_THREADS", 0,
+                         "Threads reading and decoding chunks on load; 0 = one per core."),
+    "max_chunk_bytes": Knob("SHARDCKPT_MAX_CHUNK_BYTES", 1 << 31,
+                            "Largest decoded chunk a reader accepts from a manifest (safety)."),
+}
+
+
+def get(name: str):
+    """The knob's value: its environment variable (parsed like the default) or the default."""
+    knob = KNOBS[name]
+    raw = os.environ.get(knob.env)
+    if raw is None or raw == "":
+        return knob.default
+    return type(knob.default)(raw)

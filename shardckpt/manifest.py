@@ -1,0 +1,218 @@
+"""The manifest (FORMAT.md 3): serialize it, and parse it as untrusted input.
+
+``parse`` checks every rule of FORMAT.md before any data is touched, so a reader never follows a
+path outside the checkpoint, never allocates more than the shapes imply and never meets an unknown
+codec halfway through a load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from . import codecs, knobs
+from ._version import __version__
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .tree import tensor_keys
+from .types import (DTYPES, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, ChunkRef,
+                    FileEntry, Manifest, ShardEntry, TensorEntry)
+
+MAX_MANIFEST_BYTES = 1 << 30
+MAX_NUMEL = 1 << 53
+FILE_PATH = re.compile(r"data/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def to_json(m: Manifest) -> bytes:
+    """The manifest's bytes, as FORMAT.md 3 lays them out."""
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "writer": m.writer or {"name": "shardckpt", "version": __version__},
+        "created_unix": m.created_unix,
+        "world_size": m.world_size,
+        "checksum": "crc32c",
+        "files": [{"path": f.path, "size": f.size, "rank": f.rank} for f in m.files],
+        "codecs": [list(c) for c in m.codecs],
+        "tensors": {key: {"dtype": t.dtype.name, "shape": list(t.shape),
+                          "shards": [{"offsets": list(s.offsets), "shape": list(s.shape),
+                                      "chunks": [c.as_list() for c in s.chunks]}
+                                     for s in t.shards]}
+                    for key, t in m.tensors.items()},
+        "tree": m.tree,
+        "metadata": m.metadata,
+    }
+    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()[:-1]
+    return body + CRC_MEMBER + str(codecs.backend.crc32c(body)).encode() + b"}"
+
+
+CRC_MEMBER = b',"manifest_crc32c":'
+
+
+def _check_crc(data: bytes) -> bytes:
+    """The manifest without its checksum member, after checking it (FORMAT.md 3)."""
+    at = data.rfind(CRC_MEMBER)
+    tail = data[at + len(CRC_MEMBER):]
+    if at < 0 or not tail.endswith(b"}") or not tail[:-1].isdigit():
+        raise CorruptCheckpointError("manifest checksum member missing or damaged",
+                                     file=MANIFEST_NAME)
+    actual, stored = codecs.backend.crc32c(data[:at]), int(tail[:-1])
+    if actual != stored:
+        raise CorruptCheckpointError(f"manifest checksum mismatch: stored {stored:#010x}, "
+                                     f"computed {actual:#010x}", file=MANIFEST_NAME)
+    return data[:at] + b"}"
+
+
+def _unsafe(msg: str):
+    return UnsafeCheckpointError(f"{MANIFEST_NAME}: {msg}")
+
+
+def _int(value, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _unsafe(f"{what} must be an integer in [{lo}, {hi}], got {value!r:.80}")
+    return value
+
+
+def _ints(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > 64:
+        raise _unsafe(f"{what} must be a list of at most 64 integers")
+    return tuple(_int(v, what) for v in value)
+
+
+def _parse_files(raw) -> tuple[FileEntry, ...]:
+    if not isinstance(raw, list):
+        raise _unsafe("files must be a list")
+    files, seen = [], set()
+    for i, f in enumerate(raw):
+        if not isinstance(f, dict) or set(f) != {"path", "size", "rank"}:
+            raise _unsafe(f"files[{i}] must have exactly path, size, rank (got {f!r:.120})")
+        path = f["path"]
+        if not isinstance(path, str) or not FILE_PATH.fullmatch(path) or path in seen:
+            raise _unsafe(f"files[{i}].path {path!r:.120} is not a unique data/<name> path")
+        seen.add(path)
+        files.append(FileEntry(path, _int(f["size"], f"files[{i}].size", HEADER_BYTES),
+                               _int(f["rank"], f"files[{i}].rank", 0, 1 << 24)))
+    return tuple(files)
+
+
+def _parse_chunk(raw, files, ncodecs, where) -> ChunkRef:
+    if not isinstance(raw, list) or len(raw) != 7:
+        raise _unsafe(f"{where}: a chunk is a list of 7 integers")
+    file = _int(raw[0], f"{where} file", 0, len(files) - 1)
+    c = ChunkRef(file, _int(raw[1], f"{where} offset", HEADER_BYTES),
+                 _int(raw[2], f"{where} length", 1), _int(raw[3], f"{where} start"),
+                 _int(raw[4], f"{where} count", 1), _int(raw[5], f"{where} codec", 0, ncodecs - 1),
+                 _int(raw[6], f"{where} crc32c", 0, 0xFFFFFFFF))
+    if c.offset + c.length > files[file].size:
+        raise _unsafe(f"{where}: bytes [{c.offset}, {c.offset + c.length}) lie outside "
+                      f"{files[file].path} ({files[file].size} bytes)")
+    return c
+
+
+def _check_tiling(chunks, numel: int, itemsize: int, chains, where: str) -> None:
+    end = 0
+    limit = knobs.get("max_chunk_bytes")
+    for c in sorted(chunks, key=lambda c: c.start):
+        if c.start != end:
+            raise _unsafe(f"{where}: chunks do not tile the shard (gap or overlap at {end})")
+        end += c.count
+        raw = c.count * itemsize
+        if raw > limit:
+            raise _unsafe(f"{where}: a chunk of {raw} bytes exceeds the {limit}-byte limit")
+        kind, shuffle_size = chains[c.codec]
+        if kind in (codecs.RAW, codecs.SHUFFLE) and c.length != raw:
+            raise _unsafe(f"{where}: an unencoded chunk must store {raw} bytes, not {c.length}")
+        if kind in (codecs.SHUFFLE, codecs.SHUFFLE_ZSTD) and raw % shuffle_size:
+            raise _unsafe(f"{where}: chunk length {raw} is not a multiple of the shuffle size")
+    if end != numel:
+        raise _unsafe(f"{where}: chunks cover {end} of {numel} elements")
+
+
+def _parse_shard(raw, tensor_shape, itemsize, files, chains, where) -> ShardEntry:
+    if not isinstance(raw, dict) or set(raw) != {"offsets", "shape", "chunks"}:
+        raise _unsafe(f"{where}: a shard has exactly offsets, shape, chunks")
+    offsets, shape = _ints(raw["offsets"], f"{where} offsets"), _ints(raw["shape"], f"{where} shape")
+    if len(offsets) != len(tensor_shape) or len(shape) != len(tensor_shape) or any(
+            o + s > g for o, s, g in zip(offsets, shape, tensor_shape)):
+        raise _unsafe(f"{where}: box {offsets}+{shape} is not inside the shape {tensor_shape}")
+    if not isinstance(raw["chunks"], list):
+        raise _unsafe(f"{where}: chunks must be a list")
+    chunks = tuple(_parse_chunk(c, files, len(chains), where) for c in raw["chunks"])
+    _check_tiling(chunks, math.prod(shape), itemsize, chains, where)
+    return ShardEntry(offsets, shape, chunks)
+
+
+def _check_cover(shards, shape, where) -> None:
+    """The shards cover the global tensor exactly once: in bounds, no overlap, volumes add up."""
+    if sum(math.prod(s.shape) for s in shards) != math.prod(shape):
+        raise _unsafe(f"{where}: shards do not cover the tensor exactly")
+    boxes = [(s.offsets, s.shape) for s in shards if math.prod(s.shape)]
+    for i, (oa, sa) in enumerate(boxes):
+        for ob, sb in boxes[i + 1:]:
+            if all(a < b + lb and b < a + la for a, la, b, lb in zip(oa, sa, ob, sb)):
+                raise _unsafe(f"{where}: shards {oa}+{sa} and {ob}+{sb} overlap")
+
+
+def _parse_tensor(key, raw, files, chains) -> TensorEntry:
+    where = f"tensor {key!r}"
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "shards"}:
+        raise _unsafe(f"{where}: an entry has exactly dtype, shape, shards")
+    dtype = DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
+    if dtype is None:
+        raise _unsafe(f"{where}: unknown dtype {raw['dtype']!r:.40}")
+    shape = _ints(raw["shape"], f"{where} shape")
+    if math.prod(shape) > MAX_NUMEL:
+        raise _unsafe(f"{where}: absurd shape {shape}")
+    if not isinstance(raw["shards"], list) or not raw["shards"] and math.prod(shape):
+        raise _unsafe(f"{where}: shards must be a non-empty list")
+    shards = tuple(_parse_shard(s, shape, dtype.itemsize, files, chains, f"{where} shard {i}")
+                   for i, s in enumerate(raw["shards"]))
+    _check_cover(shards, shape, where)
+    return TensorEntry(dtype, shape, shards)
+
+
+def parse(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; raises Corrupt/UnsafeCheckpointError on any breach."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise _unsafe(f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+    data = _check_crc(data)
+    try:
+        doc = json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"not valid JSON: {exc}", file=MANIFEST_NAME) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError("not a shardckpt manifest", file=MANIFEST_NAME)
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise _unsafe(f"format_version {doc.get('format_version')!r:.40} is not supported by "
+                      f"this reader (it reads {FORMAT_VERSION})")
+    required = {"world_size", "checksum", "files", "codecs", "tensors", "tree", "metadata"}
+    if not required <= set(doc):
+        raise CorruptCheckpointError(f"missing fields {sorted(required - set(doc))}",
+                                     file=MANIFEST_NAME)
+    if doc["checksum"] != "crc32c":
+        raise _unsafe(f"unknown checksum {doc['checksum']!r:.40}")
+    if not isinstance(doc["codecs"], list) or not isinstance(doc["tensors"], dict) \
+            or not isinstance(doc["metadata"], dict):
+        raise CorruptCheckpointError("codecs, tensors or metadata has the wrong type",
+                                     file=MANIFEST_NAME)
+    files = _parse_files(doc["files"])
+    chains = [codecs.kind_of(c) for c in doc["codecs"]]
+    tensors = {k: _parse_tensor(k, v, files, chains) for k, v in doc["tensors"].items()}
+    missing = {k for k in tensor_keys(doc["tree"]) if k not in tensors}
+    if missing:
+        raise CorruptCheckpointError(f"state tree names unknown tensors {sorted(missing)[:5]}",
+                                     file=MANIFEST_NAME)
+    return Manifest(world_size=_int(doc["world_size"], "world_size", 1, 1 << 24), files=files,
+                    codecs=tuple(tuple(c) for c in doc["codecs"]), tensors=tensors,
+                    tree=doc["tree"], metadata=doc["metadata"],
+                    writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
+                    created_unix=doc.get("created_unix", 0.0))
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-finite number {name} is not JSON")
+
+
+def chain_kinds(m: Manifest) -> list[tuple[int, int]]:
+    """``(kind, shuffle_size)`` for each codec chain of a parsed manifest."""
+    return [codecs.kind_of(c) for c in m.codecs]

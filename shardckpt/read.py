@@ -1,0 +1,114 @@
+"""Load: open and check the manifest, plan the chunk reads, fetch and decode into place.
+
+Every check that needs no data happens before the first read (manifest rules, file sizes, paths
+that must stay inside the checkpoint). Chunks decode straight into the destination tensor's
+memory whenever it is a dense CPU tensor of the saved dtype covering the shard; otherwise into a
+shard-sized buffer that is then copied into the destination's box.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from . import codecs, knobs, manifest as manifest_mod
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
+                     UnsafeCheckpointError)
+from .status import raise_for
+from .storage import Storage
+from .types import FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, Manifest, ShardEntry, TensorEntry
+
+
+def open_manifest(storage: Storage, name: str) -> Manifest:
+    """The checkpoint's parsed, validated manifest."""
+    where = storage.local_path(name) or name
+    if not storage.exists(name):
+        raise CheckpointNotFoundError(f"{where}: no checkpoint here")
+    rel = f"{name}/{MANIFEST_NAME}"
+    if not storage.exists(rel):
+        raise IncompleteCheckpointError(f"{where}: no {MANIFEST_NAME}; the save that made this "
+                                        "folder never committed")
+    if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
+        raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
+    return manifest_mod.parse(storage.read(rel))
+
+
+def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
+    """Real paths of the data files, each checked to lie inside the checkpoint and to have the
+    size the manifest records."""
+    root = os.path.realpath(storage.local_path(name))
+    paths = []
+    for f in m.files:
+        real = os.path.realpath(os.path.join(root, f.path))
+        if os.path.commonpath([root, real]) != root:
+            raise UnsafeCheckpointError(f"{f.path} resolves outside the checkpoint ({real})")
+        try:
+            size = os.stat(real).st_size
+        except FileNotFoundError:
+            raise CorruptCheckpointError("data file is missing", file=f.path) from None
+        if size != f.size:
+            raise CorruptCheckpointError(f"data file has {size} bytes, the manifest says "
+                                         f"{f.size} (truncated or overwritten)", file=f.path)
+        with open(real, "rb") as fh:
+            if fh.read(HEADER_BYTES) != FILE_HEADER:
+                raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
+        paths.append(real)
+    return paths
+
+
+class ReadPlan:
+    """Chunk reads grouped by file, and the copies that follow them."""
+
+    def __init__(self, m: Manifest):
+        self.m = m
+        self.kinds = manifest_mod.chain_kinds(m)
+        self.by_file: dict[int, list[ChunkRead]] = defaultdict(list)
+        self.after: list[Callable[[], None]] = []
+        self._keep: list[torch.Tensor] = []
+
+    def _shard(self, key: str, entry: TensorEntry, shard: ShardEntry, base: int) -> None:
+        itemsize = entry.dtype.itemsize
+        for i, c in enumerate(shard.chunks):
+            kind, shuffle_size = self.kinds[c.codec]
+            dest = base + c.start * itemsize if base else 0
+            self.by_file[c.file].append(ChunkRead(c, c.count * itemsize, kind, shuffle_size,
+                                                  dest, key, i))
+
+    def into(self, key: str, target: torch.Tensor) -> None:
+        """Fill ``target`` (the whole tensor ``key``, same shape and dtype) from the checkpoint."""
+        entry = self.m.tensors[key]
+        direct = (target.device.type == "cpu" and target.is_contiguous()
+                  and not target.is_conj() and not target.is_neg())
+        for shard in entry.shards:
+            whole = shard.shape == entry.shape
+            if direct and whole:
+                self._shard(key, entry, shard, target.data_ptr())
+                continue
+            buf = torch.empty(shard.shape, dtype=entry.dtype.torch)
+            self._keep.append(buf)
+            self._shard(key, entry, shard, buf.data_ptr())
+            box = tuple(slice(o, o + s) for o, s in zip(shard.offsets, shard.shape))
+            self.after.append(lambda t=target, b=buf, box=box: t[box].copy_(b))
+
+    def verify_all(self) -> None:
+        """Plan a read of every chunk that only checks and decodes (no destination)."""
+        for key, entry in self.m.tensors.items():
+            for shard in entry.shards:
+                self._shard(key, entry, shard, 0)
+
+    def run(self, paths: list[str], threads: int | None = None) -> None:
+        """Fetch, verify and decode every planned chunk, then do the copies."""
+        threads = knobs.get("read_threads") if threads is None else threads
+        for file_index, reads in sorted(self.by_file.items()):
+            args = [(r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size, r.ref.crc,
+                     r.dest) for r in reads]
+            status = codecs.backend.read_chunks(paths[file_index], args, threads)
+            raise_for(status, file=self.m.files[file_index].path,
+                      describe=lambda i, reads=reads: (reads[i].tensor, reads[i].chunk_index))
+        with torch.no_grad():
+            for fn in self.after:
+                fn()
+        self._keep.clear()

@@ -1,0 +1,59 @@
+"""The one storage interface every backend implements.
+
+A ``Storage`` is rooted at the folder (or key prefix) that *holds* checkpoints; every path it takes
+is relative to that root, with ``/`` separators. The save path calls, in order: ``makedirs`` /
+``write`` (or native IO on ``local_path``) for data, ``write`` of the manifest, then the commit
+strategy (``shardckpt.commit``) that uses ``rename`` where ``atomic_rename`` is true and the
+manifest-last marker otherwise. The load path calls ``read`` and ``size``; ``local_path`` lets the
+native core do its own ranged IO on local disks.
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class Storage(abc.ABC):
+    """Capabilities are class attributes so planners can ask before they act."""
+
+    #: ``rename`` of a directory is atomic (local POSIX file systems).
+    atomic_rename: bool = False
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool:
+        """Whether a file or folder exists at ``path``."""
+
+    @abc.abstractmethod
+    def size(self, path: str) -> int:
+        """Byte size of a file. Raises FileNotFoundError."""
+
+    @abc.abstractmethod
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        """``length`` bytes at ``offset`` (all when None). Raises FileNotFoundError."""
+
+    @abc.abstractmethod
+    def write(self, path: str, data: bytes, durable: bool = True) -> None:
+        """Create ``path`` holding ``data``; with ``durable`` it survives a crash on return."""
+
+    @abc.abstractmethod
+    def makedirs(self, path: str) -> None:
+        """Create a folder and its parents (a no-op on stores without folders)."""
+
+    @abc.abstractmethod
+    def list(self, path: str = "") -> list[str]:
+        """Names directly under ``path``, sorted."""
+
+    @abc.abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove a file or a whole folder; missing is fine."""
+
+    def local_path(self, path: str) -> str | None:
+        """A real file-system path for native IO, or None for remote stores."""
+        return None
+
+    def rename(self, src: str, dst: str, exchange: bool = False) -> None:
+        """Atomically rename (or with ``exchange``, swap) two folders; only if atomic_rename."""
+        raise NotImplementedError(f"{type(self).__name__} has no atomic rename")
+
+    def sync_dir(self, path: str) -> None:
+        """Make the entries of a folder durable (fsync of the folder where that exists)."""

@@ -1,0 +1,183 @@
+"""The state tree: nested containers of tensors and plain values <-> JSON nodes (FORMAT.md 3.4).
+
+``flatten`` turns a user's state into a JSON tree whose tensor leaves name entries of the
+manifest's tensor table, plus the list of tensors to save. ``build`` turns a tree back into Python
+values. Nothing here pickles: only the node kinds of FORMAT.md exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .errors import CorruptCheckpointError, UnsupportedValueError
+from .types import DTYPE_BY_TORCH, DTYPES, TensorItem
+
+MAX_DEPTH = 512
+
+
+def is_stateful(obj) -> bool:
+    """True for objects saved through ``state_dict()`` and restored by ``load_state_dict()``."""
+    return (not isinstance(obj, (dict, torch.Tensor)) and callable(getattr(obj, "state_dict", None))
+            and callable(getattr(obj, "load_state_dict", None)))
+
+
+def escape(segment) -> str:
+    """One key-path segment as FORMAT.md 3.3 writes it."""
+    return str(segment).replace("~", "~0").replace("/", "~1")
+
+
+def _storage_identity(t: torch.Tensor):
+    """Tensors equal under this key are the same view of the same memory: saved once."""
+    if t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            t.stride(), t.dtype)
+
+
+class _Flattener:
+    def __init__(self):
+        self.items: list[TensorItem] = []
+        self.keys: set[str] = set()
+        self.by_identity: dict = {}
+
+    def unique_key(self, path: tuple) -> str:
+        base = "/".join(escape(s) for s in path)
+        key, n = base, 1
+        while key in self.keys:
+            n += 1
+            key = f"{base}~{n}"
+        self.keys.add(key)
+        return key
+
+    def tensor(self, t: torch.Tensor, path: tuple) -> dict:
+        where = "/".join(escape(s) for s in path) or "<root>"
+        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+            raise UnsupportedValueError(f"{where}: cannot save a {t.layout} / {t.device.type} "
+                                        f"tensor (only dense, materialized tensors)")
+        if t.dtype not in DTYPE_BY_TORCH:
+            raise UnsupportedValueError(f"{where}: dtype {t.dtype} is not in format v1")
+        ident = _storage_identity(t)
+        if ident is not None and ident in self.by_identity:
+            return {"tensor": self.by_identity[ident]}
+        key = self.unique_key(path)
+        self.items.append(TensorItem(key, t.detach()))
+        if ident is not None:
+            self.by_identity[ident] = key
+        return {"tensor": key}
+
+    def node(self, obj, path: tuple, depth: int = 0) -> dict:
+        if depth > MAX_DEPTH:
+            raise UnsupportedValueError(f"state nested deeper than {MAX_DEPTH} levels")
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, path)
+        if isinstance(obj, bool):
+            return {"bool": obj}
+        if isinstance(obj, int):
+            return {"int": int(obj)}
+        if isinstance(obj, float):
+            return {"float": float(obj).hex()}
+        if isinstance(obj, str):
+            return {"str": obj}
+        if obj is None:
+            return {"none": None}
+        if isinstance(obj, torch.dtype):
+            if obj not in DTYPE_BY_TORCH:
+                raise UnsupportedValueError(f"{'/'.join(map(escape, path))}: dtype {obj}")
+            return {"dtype": DTYPE_BY_TORCH[obj].name}
+        if isinstance(obj, dict):
+            items = []
+            for k, v in obj.items():
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise UnsupportedValueError(
+                        f"{'/'.join(map(escape, path)) or '<root>'}: dict key {k!r} is not a "
+                        "str or int")
+                items.append([k, self.node(v, path + (k,), depth + 1)])
+            return {"dict": items}
+        if isinstance(obj, (list, tuple)):
+            kind = "tuple" if isinstance(obj, tuple) else "list"
+            return {kind: [self.node(v, path + (i,), depth + 1) for i, v in enumerate(obj)]}
+        if is_stateful(obj):
+            return self.node(obj.state_dict(), path, depth + 1)
+        raise UnsupportedValueError(
+            f"{'/'.join(map(escape, path)) or '<root>'}: cannot save a {type(obj).__name__} "
+            "without pickling; convert it to tensors, numbers, strings, lists or dicts")
+
+
+def flatten(state) -> tuple[dict, list[TensorItem]]:
+    """``(tree, tensors)`` of a state; raises UnsupportedValueError naming the path of a value
+    that cannot be saved."""
+    f = _Flattener()
+    return f.node(state, ()), f.items
+
+
+def _scalar(kind: str, value):
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float.fromhex(value)  # also reads "inf", "-inf" and "nan"
+        except ValueError:
+            pass
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "none" and value is None:
+        return None
+    if kind == "dtype" and value in DTYPES:
+        return DTYPES[value].torch
+    raise CorruptCheckpointError(f"bad {kind} node in the state tree: {value!r}",
+                                 file="manifest.json")
+
+
+def node_kind(node) -> tuple[str, Any]:
+    """``(kind, payload)`` of a tree node; refuses anything but a one-key object."""
+    if not isinstance(node, dict) or len(node) != 1:
+        raise CorruptCheckpointError(f"state tree node is not a one-key object: {node!r:.200}",
+                                     file="manifest.json")
+    return next(iter(node.items()))
+
+
+def dict_items(payload) -> list[tuple]:
+    """The ``(key, node)`` pairs of a dict node, checked."""
+    if not isinstance(payload, list) or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], (str, int))
+            and not isinstance(p[0], bool) for p in payload):
+        raise CorruptCheckpointError("bad dict node in the state tree", file="manifest.json")
+    return [tuple(p) for p in payload]
+
+
+def build(node, tensor: Callable[[str], Any], depth: int = 0):
+    """The Python value of a tree; ``tensor(key)`` supplies each tensor leaf."""
+    if depth > MAX_DEPTH:
+        raise CorruptCheckpointError("state tree nested too deeply", file="manifest.json")
+    kind, payload = node_kind(node)
+    if kind == "tensor":
+        return tensor(payload)
+    if kind == "dict":
+        return {k: build(v, tensor, depth + 1) for k, v in dict_items(payload)}
+    if kind in ("list", "tuple"):
+        if not isinstance(payload, list):
+            raise CorruptCheckpointError(f"bad {kind} node in the state tree",
+                                         file="manifest.json")
+        values = [build(v, tensor, depth + 1) for v in payload]
+        return values if kind == "list" else tuple(values)
+    return _scalar(kind, payload)
+
+
+def tensor_keys(node, depth: int = 0):
+    """Every tensor key the tree names (with repeats)."""
+    if depth > MAX_DEPTH:
+        raise CorruptCheckpointError("state tree nested too deeply", file="manifest.json")
+    kind, payload = node_kind(node)
+    if kind == "tensor":
+        yield payload
+    elif kind == "dict":
+        for _, v in dict_items(payload):
+            yield from tensor_keys(v, depth + 1)
+    elif kind in ("list", "tuple") and isinstance(payload, list):
+        for v in payload:
+            yield from tensor_keys(v, depth + 1)
+
