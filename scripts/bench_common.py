@@ -247,7 +247,7 @@ def llm_state(size_gib: float, seed: int = 0) -> tuple[dict, str]:
     return state, desc
 
 
-# ---- state (b): all-MiniLM-L6-v2 after real AdamW steps --------------------------------------------
+# ---- state (b): all-MiniLM-L6-v2 after real AdamW steps ----------------------------------
 
 def _token_batch(vocab: int, gen, pairs: int, length: int) -> tuple[dict, dict]:
     """Anchor/positive features: random word-piece sequences and a copy with 20% of them replaced.
@@ -305,14 +305,21 @@ def _minilm_weights(seed: int) -> tuple[dict, str]:
         return load_file(str(path)), "real all-MiniLM-L6-v2 weights"
     except Exception:  # noqa: BLE001 - any failure means: no real weights here
         gen = torch.Generator().manual_seed(seed)
-        shapes = {"embeddings.word_embeddings.weight": (30522, 384)}
-        for i in range(6):
-            for n, s in (("attention.self.query", (384, 384)), ("attention.self.key", (384, 384)),
-                         ("attention.self.value", (384, 384)), ("attention.output.dense",
-                         (384, 384)), ("intermediate.dense", (1536, 384)),
-                         ("output.dense", (384, 1536))):
-                shapes[f"encoder.layer.{i}.{n}.weight"] = s
-        return {k: _weight(s, gen) for k, s in shapes.items()}, "random MiniLM-shaped weights"
+        weights = {k: _weight(s, gen) for k, s in _minilm_shapes().items()}
+        return weights, "random MiniLM-shaped weights"
+
+
+def _minilm_shapes() -> dict[str, tuple]:
+    """The big matrices of all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, MLP 1536)."""
+    shapes = {"embeddings.word_embeddings.weight": (30522, 384)}
+    square = ("attention.self.query", "attention.self.key", "attention.self.value",
+              "attention.output.dense")
+    for i in range(6):
+        for name in square:
+            shapes[f"encoder.layer.{i}.{name}.weight"] = (384, 384)
+        shapes[f"encoder.layer.{i}.intermediate.dense.weight"] = (1536, 384)
+        shapes[f"encoder.layer.{i}.output.dense.weight"] = (384, 1536)
+    return shapes
 
 
 def _substitute_minilm(steps: int, seed: int):

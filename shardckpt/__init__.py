@@ -8,12 +8,12 @@ from ._version import __version__
 from .api import SaveInfo, VerifyReport, load, load_full, save, verify
 from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError,
                      CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
-                     StateMismatchError, StorageError, UnsafeCheckpointError,
+                     RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
                      UnsupportedValueError)
 
 __all__ = [
     "__version__", "save", "load", "load_full", "verify", "SaveInfo", "VerifyReport",
     "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
-    "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError",
+    "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
 ]

@@ -1,8 +1,9 @@
 """The public calls: ``save``, ``load``, ``load_full``, ``verify``.
 
-Each is a short pipeline over the stage modules. Save: flatten (tree) -> plan chunks (plan) ->
-encode + write (write) -> manifest + commit (commit). Load: manifest (read) -> match the target
-(place) -> plan reads, fetch, decode into place (read) -> apply.
+Each is a short pipeline over the stage modules. Save (saver): flatten (tree) -> plan (plan) ->
+encode + write (write) -> manifest + commit (commit), in rounds among the ranks (dist). Load:
+manifest (read) -> match the target (place) -> plan reads, fetch, decode into place (read) ->
+apply, then the ranks agree on the outcome.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ from typing import Any
 
 import torch
 
-from . import manifest as manifest_mod
-from .commit import RenameCommit
+from .dist import exchange
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
-from .plan import plan_chunks
 from .read import ReadPlan, data_paths, open_manifest
+from .saver import run_save
 from .storage import open_checkpoint
-from .tree import build, flatten
-from .types import (DATA_DIR, DTYPE_BY_TORCH, HEADER_BYTES, FileEntry, Manifest, ShardEntry,
-                    TensorEntry, TensorItem)
-from .write import CodecTable, WriteOptions, write_data_file
+from .tree import build, differences
+from .types import HEADER_BYTES, Manifest
+from .write import WriteOptions
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,14 @@ def _check_metadata(metadata) -> dict:
 
 def save(state: Any, path, *, codec: str | None = None, level: int | None = None,
          metadata: dict | None = None, overwrite: bool = False, durable: bool = True,
-         storage_options: dict | None = None, **tuning) -> SaveInfo:
+         storage_options: dict | None = None, timeout: float | None = None,
+         **tuning) -> SaveInfo:
     """Save ``state`` as a checkpoint folder at ``path``, atomically.
+
+    Collective when a process group of several ranks is initialized: every rank calls it with
+    its own state (DTensors hold their local shards; plain tensors are taken as replicated and
+    written once, except where ranks' copies differ); each rank writes its own data file and
+    rank 0 commits once all are durable.
 
     Args:
         state: nested dicts / lists / tuples of tensors, ints, floats, strs, bools, None,
@@ -65,57 +70,46 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
         overwrite: replace an existing checkpoint (atomically) instead of raising.
         durable: fsync data and manifest before the commit (leave on outside benchmarks).
         storage_options: reserved for fsspec backends.
+        timeout: seconds to wait for the slowest rank (default: knob ``dist_timeout``).
         **tuning: ``chunk_bytes``, ``pool_bytes``, ``encode_threads``, ``write_threads``.
 
     Returns:
-        SaveInfo with sizes and the pipeline's statistics.
+        SaveInfo with this rank's sizes and the pipeline's statistics.
 
     Raises:
         UnsupportedValueError: a value cannot be saved without pickling (its path is named).
         CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is false.
         DiskFullError, StorageError: writing failed; nothing was committed.
+        RankFailureError: (several ranks) any rank failed; raised on every rank, nothing was
+            committed.
     """
     t0 = time.perf_counter()
     opts = WriteOptions.resolve(codec=codec, level=level, durable=durable, **tuning)
     metadata = _check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
-    tree, items = flatten(state)
-    table = CodecTable()
-    with RenameCommit(storage, name, overwrite) as tx:
-        tensors, file, stats = _write_shard(storage.local_path(tx.path(RANK0_FILE)), items,
-                                            opts, table)
-        m = Manifest(world_size=1, files=(file,), codecs=tuple(table.chains), tensors=tensors,
-                     tree=tree, metadata=metadata, created_unix=time.time())
-        tx.commit(manifest_mod.to_json(m))
-    return SaveInfo(storage.local_path(name), len(items), stats.get("raw_bytes", 0),
-                    file.size - HEADER_BYTES, time.perf_counter() - t0, stats)
+    report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
+    stored = report["file"]["size"] - HEADER_BYTES if report["file"] else 0
+    return SaveInfo(storage.local_path(name), len(report["shards"]), report["raw_bytes"], stored,
+                    time.perf_counter() - t0, report.get("stats", {}))
 
 
-RANK0_FILE = f"{DATA_DIR}/rank-00000.bin"
-
-
-def _write_shard(path: str, items: list[TensorItem], opts: WriteOptions, table: CodecTable):
-    """Write every item whole into one data file: ``(tensor entries, file entry, stats)``."""
-    sources, hosts = plan_chunks(items, opts.chunk_bytes)
-    refs, size, stats = write_data_file(path, RANK0_FILE, 0, sources, opts, table)
-    by_key: dict[str, list] = {item.key: [] for item in items}
-    for src, ref in zip(sources, refs):
-        by_key[src.key].append(ref)
-    tensors = {}
-    for item, host in zip(items, hosts):
-        shape = tuple(host.shape)
-        shard = ShardEntry((0,) * len(shape), shape, tuple(by_key[item.key]))
-        tensors[item.key] = TensorEntry(DTYPE_BY_TORCH[host.dtype], shape, (shard,))
-    return tensors, FileEntry(RANK0_FILE, size, 0), stats
-
-
-def load(state: Any, path, *, strict: bool = True, threads: int | None = None,
+def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
+         threads: int | None = None, timeout: float | None = None,
          storage_options: dict | None = None) -> Any:
     """Load a checkpoint into ``state`` in place and return it.
 
-    Tensors are filled in place (same shape and dtype required; any device); non-tensor leaves
-    are replaced; objects with ``load_state_dict`` receive their loaded state dict. Optimizers
-    that have no state yet gain it from the checkpoint.
+    Tensors are filled in place (same global shape and dtype; any device; a DTensor receives
+    just its local shard, whatever the saving world size and layout were); non-tensor leaves are
+    replaced; objects with ``load_state_dict`` receive their loaded state dict. Optimizers that
+    have no state yet gain it from the checkpoint. With several ranks every rank calls it; each
+    reads only the chunks that overlap its shards, and all ranks agree on success.
+
+    Args:
+        strict: report keys missing from either side (else they are skipped).
+        per_rank: values that differed between the saving ranks (data position, RNG) load as
+            saved when the world size is unchanged. Otherwise ``"error"`` (default) raises
+            StateMismatchError naming them, ``"rank0"`` gives every rank saved rank 0's values,
+            ``"modulo"`` gives rank r saved rank r % N's values.
 
     Raises:
         CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
@@ -123,28 +117,59 @@ def load(state: Any, path, *, strict: bool = True, threads: int | None = None,
             the target is untouched.
         CorruptCheckpointError, UnsafeCheckpointError: the checkpoint fails its checks. Tensors
             read before the fault may already hold checkpoint values; the files are untouched.
+        RankFailureError: (several ranks) on the ranks whose own load succeeded, when another
+            rank's failed.
     """
-    storage, name = open_checkpoint(path, storage_options)
-    m = open_manifest(storage, name)
-    paths = data_paths(storage, name, m)
-    result, placement = match(state, m, strict)
-    if placement.missing or placement.unexpected or placement.mismatched:
-        raise StateMismatchError(placement.missing, placement.unexpected, placement.mismatched)
-    plan, planned = ReadPlan(m), set()
-    for key, target in placement.fills:
-        ident = (key, target.device, target.data_ptr(), target.stride())
-        if ident not in planned:  # tied weights: the same memory is filled once
-            planned.add(ident)
-            plan.into(key, target)
-    for key, fresh in placement.new.items():
-        plan.into(key, fresh)
-    plan.run(paths, threads)
-    placement.apply()
+    ex = exchange(timeout)
+    error = None
+    try:
+        storage, name = open_checkpoint(path, storage_options)
+        m = open_manifest(storage, name)
+        paths = data_paths(storage, name, m)
+        result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict)
+        if placement.missing or placement.unexpected or placement.mismatched:
+            raise StateMismatchError(placement.missing, placement.unexpected,
+                                     placement.mismatched)
+        plan, planned = ReadPlan(m), set()
+        for key, target in placement.fills:
+            ident = (key, target.device, target.data_ptr(), target.stride())
+            if ident not in planned:  # tied weights: the same memory is filled once
+                planned.add(ident)
+                plan.into(key, target)
+        for key, fresh in placement.new.items():
+            plan.into(key, fresh)
+        plan.run(paths, threads)
+        placement.apply()
+    except Exception as exc:
+        error = exc
+    ex.round("load", True, error, lambda _: True, raise_own=True)
     return result
 
 
-def load_full(path, *, threads: int | None = None, storage_options: dict | None = None) -> Any:
-    """The whole saved state with every tensor whole, on the CPU; no process group needed."""
+def tree_for(m: Manifest, rank: int, world: int, per_rank: str):
+    """The saved tree this rank loads (FORMAT.md 3.5), by the ``per_rank`` rule."""
+    if m.rank_trees is None:
+        return m.tree
+    if world == m.world_size:
+        return m.rank_trees[rank]
+    if per_rank == "rank0":
+        return m.rank_trees[0]
+    if per_rank == "modulo":
+        return m.rank_trees[rank % m.world_size]
+    if per_rank != "error":
+        raise ValueError(f"per_rank must be 'error', 'rank0' or 'modulo', not {per_rank!r}")
+    why = (f"differs between the {m.world_size} saving ranks and this load runs on {world}; "
+           "pass per_rank='rank0' or per_rank='modulo', or leave it out of the state")
+    raise StateMismatchError(mismatched=[(p, why) for p in differences(list(m.rank_trees))])
+
+
+def load_full(path, *, rank: int = 0, threads: int | None = None,
+              storage_options: dict | None = None) -> Any:
+    """The whole saved state with every tensor whole, on the CPU; no process group needed.
+
+    A sharded checkpoint is consolidated; where saving ranks held different values, ``rank``
+    picks whose (default 0).
+    """
     storage, name = open_checkpoint(path, storage_options)
     m = open_manifest(storage, name)
     paths = data_paths(storage, name, m)
@@ -157,7 +182,10 @@ def load_full(path, *, threads: int | None = None, storage_options: dict | None 
             plan.into(key, t)
         return made[key]
 
-    state = build(m.tree, tensor)
+    trees = m.rank_trees or (m.tree,)
+    if not 0 <= rank < len(trees):
+        raise ValueError(f"rank {rank} is not among the {m.world_size} saving ranks")
+    state = build(trees[rank], tensor)
     plan.run(paths, threads)
     return state
 

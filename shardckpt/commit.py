@@ -33,6 +33,10 @@ class RenameCommit:
         self.committed = False
 
     def __enter__(self) -> "RenameCommit":
+        return self.begin()
+
+    def begin(self) -> "RenameCommit":
+        """Refuse to clobber a checkpoint (unless overwriting) and create the temporary folder."""
         s, name = self.storage, self.name
         if s.exists(name) and not self.overwrite and (is_committed(s, name) or s.list(name)):
             raise CheckpointExistsError(
@@ -78,5 +82,9 @@ class RenameCommit:
             self.tmp = aside
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or self.committed:
-            self.storage.delete(self.tmp)  # the failed save, or the replaced checkpoint
+        self.close()
+
+    def close(self) -> None:
+        """Remove the temporary folder: the failed save's, or after a replacement the old
+        checkpoint's. After a plain commit it no longer exists."""
+        self.storage.delete(self.tmp)

@@ -74,6 +74,20 @@ class UnsupportedValueError(CheckpointError, TypeError):
     """A value in the state cannot be saved without pickling (named by its path)."""
 
 
+class RankFailureError(CheckpointError, RuntimeError):
+    """One or more ranks failed a collective save or load; raised on every rank.
+
+    Attributes:
+        failures: ``{rank: exception}``; this rank's own entry is the real exception object,
+            other ranks' entries describe what they raised (or that they never reported).
+    """
+
+    def __init__(self, failures: dict):
+        self.failures = dict(sorted(failures.items()))
+        lines = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in self.failures.items())
+        super().__init__(f"{len(self.failures)} rank(s) failed, nothing was committed: {lines}")
+
+
 class StorageError(CheckpointError, OSError):
     """Reading or writing the storage failed (the file is named in the message)."""
 

@@ -36,6 +36,14 @@ KNOBS = {
                           "stores and network file systems like more."),
     "read_threads": Knob("SHARDCKPT_READ_THREADS", 0,
                          "Threads reading and decoding chunks on load; 0 = one per core."),
+    "dist_timeout": Knob("SHARDCKPT_DIST_TIMEOUT", 600.0,
+                         "Seconds a distributed save or load waits for the slowest rank before "
+                         "declaring it failed. Must cover the slowest rank's whole write."),
+    "replica_check_bytes": Knob("SHARDCKPT_REPLICA_CHECK_BYTES", 1 << 62,
+                                "Plain (non-DTensor) tensors are taken as replicated across ranks; "
+                                "up to this size each rank checksums its copy so that per-rank "
+                                "tensors (RNG states) are kept per rank instead of dropped. GPU "
+                                "tensors are checked only below 1 MiB (the check needs a copy)."),
     "max_chunk_bytes": Knob("SHARDCKPT_MAX_CHUNK_BYTES", 1 << 31,
                             "Largest decoded chunk a reader accepts from a manifest (safety)."),
 }

@@ -42,6 +42,8 @@ def to_json(m: Manifest) -> bytes:
         "tree": m.tree,
         "metadata": m.metadata,
     }
+    if m.rank_trees is not None:
+        doc["rank_trees"] = list(m.rank_trees)
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()[:-1]
     return body + CRC_MEMBER + str(codecs.backend.crc32c(body)).encode() + b"}"
 
@@ -198,15 +200,23 @@ def parse(data: bytes) -> Manifest:
     files = _parse_files(doc["files"])
     chains = [codecs.kind_of(c) for c in doc["codecs"]]
     tensors = {k: _parse_tensor(k, v, files, chains) for k, v in doc["tensors"].items()}
-    missing = {k for k in tensor_keys(doc["tree"]) if k not in tensors}
-    if missing:
-        raise CorruptCheckpointError(f"state tree names unknown tensors {sorted(missing)[:5]}",
+    world_size = _int(doc["world_size"], "world_size", 1, 1 << 24)
+    rank_trees = doc.get("rank_trees")
+    if rank_trees is not None and (not isinstance(rank_trees, list)
+                                   or len(rank_trees) != world_size):
+        raise CorruptCheckpointError("rank_trees must hold one tree per saving rank",
                                      file=MANIFEST_NAME)
-    return Manifest(world_size=_int(doc["world_size"], "world_size", 1, 1 << 24), files=files,
+    for tree in [doc["tree"]] + (rank_trees or []):
+        missing = {k for k in tensor_keys(tree) if k not in tensors}
+        if missing:
+            raise CorruptCheckpointError(f"state tree names unknown tensors "
+                                         f"{sorted(missing)[:5]}", file=MANIFEST_NAME)
+    return Manifest(world_size=world_size, files=files,
                     codecs=tuple(tuple(c) for c in doc["codecs"]), tensors=tensors,
                     tree=doc["tree"], metadata=doc["metadata"],
                     writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
-                    created_unix=doc.get("created_unix", 0.0))
+                    created_unix=doc.get("created_unix", 0.0),
+                    rank_trees=tuple(rank_trees) if rank_trees is not None else None)
 
 
 def _refuse_constant(name: str):

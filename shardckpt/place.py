@@ -125,8 +125,10 @@ def _where(path: tuple) -> str:
     return "/".join(escape(s) for s in path) or "<root>"
 
 
-def match(target: Any, manifest: Manifest, strict: bool = True) -> tuple[Any, Placement]:
-    """``(new_target, placement)``; containers are updated in place, tuples rebuilt."""
+def match(target: Any, manifest: Manifest, tree, strict: bool = True
+          ) -> tuple[Any, Placement]:
+    """``(new_target, placement)`` of loading ``tree`` (this rank's saved tree) into ``target``;
+    containers are updated in place (at ``apply``), tuples rebuilt."""
     matcher = _Matcher(manifest, strict)
-    result = matcher.value(target, manifest.tree, (), allow_new=False)
+    result = matcher.value(target, tree, (), allow_new=False)
     return result, matcher.p

@@ -8,6 +8,7 @@ shard-sized buffer that is then copied into the destination's box.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from typing import Callable
@@ -19,7 +20,9 @@ from .errors import (CheckpointNotFoundError, CorruptCheckpointError, Incomplete
                      UnsafeCheckpointError)
 from .status import raise_for
 from .storage import Storage
-from .types import FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, Manifest, ShardEntry, TensorEntry
+from .tree import local_box
+from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, Manifest, ShardEntry,
+                    TensorEntry)
 
 
 def open_manifest(storage: Storage, name: str) -> Manifest:
@@ -69,29 +72,51 @@ class ReadPlan:
         self.after: list[Callable[[], None]] = []
         self._keep: list[torch.Tensor] = []
 
-    def _shard(self, key: str, entry: TensorEntry, shard: ShardEntry, base: int) -> None:
+    def _shard(self, key: str, entry: TensorEntry, shard: ShardEntry, base: int,
+               first: int = 0, last: int | None = None) -> None:
+        """Read the chunks of ``shard`` that overlap elements ``[first, last)`` into ``base``."""
         itemsize = entry.dtype.itemsize
         for i, c in enumerate(shard.chunks):
+            if c.start + c.count <= first or (last is not None and c.start >= last):
+                continue
             kind, shuffle_size = self.kinds[c.codec]
             dest = base + c.start * itemsize if base else 0
             self.by_file[c.file].append(ChunkRead(c, c.count * itemsize, kind, shuffle_size,
                                                   dest, key, i))
 
     def into(self, key: str, target: torch.Tensor) -> None:
-        """Fill ``target`` (the whole tensor ``key``, same shape and dtype) from the checkpoint."""
+        """Fill ``target`` (tensor ``key``, same global shape and dtype; for a DTensor, its local
+        shard) from every saved shard that overlaps it."""
         entry = self.m.tensors[key]
-        direct = (target.device.type == "cpu" and target.is_contiguous()
-                  and not target.is_conj() and not target.is_neg())
+        local, _, offsets, _ = local_box(target)
+        shape = tuple(local.shape)
+        direct = (local.device.type == "cpu" and local.is_contiguous()
+                  and not local.is_conj() and not local.is_neg())
         for shard in entry.shards:
-            whole = shard.shape == entry.shape
-            if direct and whole:
-                self._shard(key, entry, shard, target.data_ptr())
+            lo = tuple(max(a, b) for a, b in zip(shard.offsets, offsets))
+            hi = tuple(min(a + n, b + m) for a, n, b, m in
+                       zip(shard.offsets, shard.shape, offsets, shape))
+            if any(h <= low for low, h in zip(lo, hi)) or not math.prod(shard.shape):
+                continue  # no overlap (a 0-dim tensor always overlaps: no dimensions)
+            whole = lo == shard.offsets and hi == tuple(o + n for o, n in
+                                                        zip(shard.offsets, shard.shape))
+            if direct and whole and _contiguous_within(shard.shape, shape):
+                at = _flat(tuple(a - b for a, b in zip(shard.offsets, offsets)), shape)
+                self._shard(key, entry, shard, local.data_ptr() + at * entry.dtype.itemsize)
                 continue
-            buf = torch.empty(shard.shape, dtype=entry.dtype.torch)
-            self._keep.append(buf)
-            self._shard(key, entry, shard, buf.data_ptr())
-            box = tuple(slice(o, o + s) for o, s in zip(shard.offsets, shard.shape))
-            self.after.append(lambda t=target, b=buf, box=box: t[box].copy_(b))
+            self._via_buffer(key, entry, shard, local, offsets, lo, hi)
+
+    def _via_buffer(self, key, entry, shard, local, offsets, lo, hi) -> None:
+        """Decode the chunks covering the overlap into a shard-sized buffer, then copy the box."""
+        buf = torch.empty(shard.shape, dtype=entry.dtype.torch)
+        self._keep.append(buf)
+        start = tuple(a - b for a, b in zip(lo, shard.offsets))
+        end = tuple(a - 1 - b for a, b in zip(hi, shard.offsets))
+        self._shard(key, entry, shard, buf.data_ptr(), _flat(start, shard.shape),
+                    _flat(end, shard.shape) + 1)
+        src = buf[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, shard.offsets))]
+        dst = local[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+        self.after.append(lambda: dst.copy_(src))
 
     def verify_all(self) -> None:
         """Plan a read of every chunk that only checks and decodes (no destination)."""
@@ -112,3 +137,20 @@ class ReadPlan:
             for fn in self.after:
                 fn()
         self._keep.clear()
+
+
+def _flat(index: tuple, shape: tuple) -> int:
+    """Row-major position of ``index`` in an array of ``shape``."""
+    pos = 0
+    for i, n in zip(index, shape):
+        pos = pos * n + i
+    return pos
+
+
+def _contiguous_within(sub: tuple, full: tuple) -> bool:
+    """Whether a box of shape ``sub`` is one contiguous run in a row-major array of ``full``:
+    leading dimensions of size 1, then one partial dimension, then whole dimensions."""
+    d = 0
+    while d < len(sub) and sub[d] == 1:
+        d += 1
+    return all(s == f for s, f in zip(sub[d + 1:], full[d + 1:]))

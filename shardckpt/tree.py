@@ -28,6 +28,24 @@ def escape(segment) -> str:
     return str(segment).replace("~", "~0").replace("/", "~1")
 
 
+def dtensor_type():
+    """``DTensor``, or None where torch has no distributed tensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+        return DTensor
+    except ImportError:
+        return None
+
+
+def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple, bool]:
+    """``(local tensor, global shape, offsets, is_dtensor)`` of a tensor or DTensor."""
+    dt = dtensor_type()
+    if dt is not None and isinstance(t, dt):
+        box = t.__create_chunk_list__()[0]  # raises for Partial placements
+        return t.to_local(), tuple(t.shape), tuple(box.offsets), True
+    return t, tuple(t.shape), (0,) * t.dim(), False
+
+
 def _storage_identity(t: torch.Tensor):
     """Tensors equal under this key are the same view of the same memory: saved once."""
     if t.numel() == 0:
@@ -58,11 +76,12 @@ class _Flattener:
                                         f"tensor (only dense, materialized tensors)")
         if t.dtype not in DTYPE_BY_TORCH:
             raise UnsupportedValueError(f"{where}: dtype {t.dtype} is not in format v1")
-        ident = _storage_identity(t)
+        local, global_shape, offsets, is_dtensor = local_box(t.detach())
+        ident = _storage_identity(local)
         if ident is not None and ident in self.by_identity:
             return {"tensor": self.by_identity[ident]}
         key = self.unique_key(path)
-        self.items.append(TensorItem(key, t.detach()))
+        self.items.append(TensorItem(key, local, global_shape, offsets, is_dtensor))
         if ident is not None:
             self.by_identity[ident] = key
         return {"tensor": key}
@@ -181,3 +200,40 @@ def tensor_keys(node, depth: int = 0):
         for v in payload:
             yield from tensor_keys(v, depth + 1)
 
+
+
+def rename_tensors(node, names: dict, depth: int = 0):
+    """A copy of a tree whose tensor leaves are renamed by ``names`` (others kept)."""
+    kind, payload = node_kind(node)
+    if kind == "tensor":
+        return {"tensor": names.get(payload, payload)}
+    if kind == "dict":
+        return {"dict": [[k, rename_tensors(v, names, depth + 1)] for k, v in payload]}
+    if kind in ("list", "tuple"):
+        return {kind: [rename_tensors(v, names, depth + 1) for v in payload]}
+    return node
+
+
+def differences(trees: list, path: tuple = ()) -> list[str]:
+    """Paths at which the trees (one per saved rank) hold different values or structure."""
+    first = trees[0]
+    if all(t == first for t in trees[1:]):
+        return []
+    kinds = {node_kind(t)[0] for t in trees}
+    where = "/".join(escape(s) for s in path) or "<root>"
+    if kinds == {"dict"}:
+        maps = [dict(dict_items(node_kind(t)[1])) for t in trees]
+        keys = list(dict.fromkeys(k for m in maps for k in m))
+        out = []
+        for k in keys:
+            if not all(k in m for m in maps):
+                out.append("/".join(escape(s) for s in path + (k,)))
+            else:
+                out.extend(differences([m[k] for m in maps], path + (k,)))
+        return out
+    if len(kinds) == 1 and kinds <= {"list", "tuple"}:
+        items = [node_kind(t)[1] for t in trees]
+        if len({len(i) for i in items}) == 1:
+            return [p for i in range(len(items[0]))
+                    for p in differences([it[i] for it in items], path + (i,))]
+    return [where]

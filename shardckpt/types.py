@@ -95,14 +95,23 @@ class Manifest:
     metadata: dict
     writer: dict = field(default_factory=dict)
     created_unix: float = 0.0
+    rank_trees: tuple | None = None  # one tree per saving rank, where ranks' states differ
 
 
 @dataclass(frozen=True)
 class TensorItem:
-    """A tensor of the state to save, under its manifest key."""
+    """A tensor of the state to save, under its manifest key: this rank's piece of it.
+
+    For a DTensor (``dtensor``), ``tensor`` is the local shard or replica, placed at ``offsets``
+    in ``global_shape``; a plain tensor is whole (zero offsets) and taken as replicated across
+    ranks unless their copies differ.
+    """
 
     key: str
     tensor: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    dtensor: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""Rank-robust agreement between the ranks of a save or load, outside the data collectives.
+
+A distributed save is a few *rounds*. In each round every rank posts its result (or its error) to
+the c10d key-value store that ``init_process_group`` already created; the coordinator (rank 0)
+collects all of them within a deadline, decides (merges plans, commits), and posts one answer
+that every rank picks up. A rank that raised posts its error; a rank that died posts nothing and
+is reported when the deadline passes; a coordinator that died is reported by the others when
+their deadline passes. So every rank either gets the answer or raises ``RankFailureError`` naming
+each failed rank — never a hang, never one rank raising while the others wait in a collective.
+
+The store carries JSON only (plans, chunk tables, error texts): nothing is pickled, and no NCCL or
+gloo collective is issued, so a round never interleaves with the training's own collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+from . import knobs
+from .errors import CheckpointError, RankFailureError
+
+COORDINATOR = 0
+
+
+class RemoteError(CheckpointError):
+    """An exception raised on another rank, as that rank described it."""
+
+
+def _describe(exc: BaseException) -> dict:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+class Exchange:
+    """One save's or load's rounds among the ranks of the default process group.
+
+    Every rank must create its Exchanges in the same order (one per save / load), which the
+    calls' collective contract already demands; each gets its own key space in the store.
+    """
+
+    _sequence = 0
+
+    def __init__(self, timeout: float | None = None):
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+
+        Exchange._sequence += 1
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.timeout = float(knobs.get("dist_timeout") if timeout is None else timeout)
+        self.store = dist.PrefixStore(f"shardckpt/{Exchange._sequence}/", c10d._get_default_store())
+        self.round_no = 0
+
+    def _wait(self, keys: list[str], deadline: float) -> list[str]:
+        """Keys still missing at the deadline (empty when all arrived)."""
+        try:
+            self.store.wait(keys, timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            return []
+        except Exception:  # timeout, or the store's host (rank 0 / the agent) is gone
+            try:
+                return [k for k in keys if not self.store.check([k])]
+            except Exception:
+                return list(keys)
+
+    def round(self, name: str, payload: Any, error: BaseException | None,
+              decide: Callable[[dict[int, Any]], Any], raise_own: bool = False) -> Any:
+        """Post ``payload`` (or ``error``); the coordinator runs ``decide({rank: payload})``.
+
+        Returns the coordinator's decision on every rank. Raises RankFailureError on every rank
+        when any rank posted an error, missed the deadline, or ``decide`` raised; with
+        ``raise_own`` a rank that failed itself raises its own error instead.
+        """
+        self.round_no += 1
+        prefix = f"{self.round_no}.{name}"
+        post = {"error": _describe(error)} if error is not None else {"ok": payload}
+        self.store.set(f"{prefix}/{self.rank}", json.dumps(post))
+        deadline = time.monotonic() + self.timeout
+        if self.rank == COORDINATOR:
+            self._coordinate(prefix, decide, deadline)
+        # The coordinator's deadline may start later than ours (it may post last), then it decides.
+        missing = self._wait([f"{prefix}/answer"], deadline + self.timeout + 30.0)
+        if missing:
+            self._raise({COORDINATOR: TimeoutError(
+                f"the coordinator (rank 0) gave no answer to '{name}' within "
+                f"{self.timeout:.0f} s")}, error)
+        answer = json.loads(self.store.get(f"{prefix}/answer"))
+        if error is not None and raise_own:
+            raise error
+        if "failures" in answer:
+            self._raise({int(r): RemoteError(f"{f['type']}: {f['message']}")
+                         for r, f in answer["failures"].items()}, error)
+        return answer["ok"]
+
+    def _coordinate(self, prefix: str, decide, deadline: float) -> None:
+        keys = [f"{prefix}/{r}" for r in range(self.world)]
+        missing = set(self._wait(keys, deadline))
+        failures, payloads = {}, {}
+        for r in range(self.world):
+            if f"{prefix}/{r}" in missing:
+                failures[r] = {"type": "TimeoutError", "message": f"rank {r} did not report "
+                               f"within {self.timeout:.0f} s (dead or stuck)"}
+                continue
+            post = json.loads(self.store.get(f"{prefix}/{r}"))
+            if "error" in post:
+                failures[r] = post["error"]
+            else:
+                payloads[r] = post["ok"]
+        answer = {"failures": failures}
+        if not failures:
+            try:
+                answer = {"ok": decide(payloads)}
+            except Exception as exc:  # the coordinator's own failure is a rank failure too
+                answer = {"failures": {COORDINATOR: _describe(exc)}}
+        self.store.set(f"{prefix}/answer", json.dumps(answer))
+
+    def _raise(self, failures: dict[int, BaseException], own: BaseException | None):
+        if own is not None:
+            failures[self.rank] = own  # the real exception object for this rank's own failure
+        raise RankFailureError(failures) from own
+
+
+class LocalExchange:
+    """The single-process stand-in: one rank, and ``decide`` runs in place."""
+
+    rank, world = 0, 1
+
+    def round(self, name: str, payload: Any, error: BaseException | None, decide,
+              raise_own: bool = False) -> Any:
+        if error is not None:
+            raise error
+        return decide({0: json.loads(json.dumps(payload))})
+
+
+def exchange(timeout: float | None = None):
+    """The Exchange for this process: distributed when a process group with >1 rank exists."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Exchange(timeout)
+    return LocalExchange()

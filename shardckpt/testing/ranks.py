@@ -1,0 +1,102 @@
+"""``run_with_ranks``: run a function on N gloo ranks in fresh processes, collect the results.
+
+Children come from a forkserver that has imported torch once, so a rank starts in a fraction of a
+second and never inherits the test process's threads. Each child joins a TCP-store process group
+on loopback, runs ``fn(rank, world, *args)`` and reports its return value or its exception
+(as text, with the traceback). A child may also end itself (``os._exit``) to play a dead rank.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "shardckpt"])
+    return _CTX
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RankResult:
+    rank: int
+    value: Any = None
+    error: str | None = None        # "TypeName: message"
+    error_type: str | None = None
+    traceback: str | None = None
+    exitcode: int | None = None
+
+
+def _child(fn, rank, world, port, args, queue):
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        queue.put(RankResult(rank, value=fn(rank, world, *args)))
+    except BaseException as exc:  # reported to the parent, which decides
+        queue.put(RankResult(rank, error=f"{type(exc).__name__}: {exc}",
+                             error_type=type(exc).__name__, traceback=traceback.format_exc()))
+    queue.close()
+    queue.join_thread()  # the result must leave before the hard exit below
+    # Skip interpreter teardown: a peer that died mid-test must not make this rank hang in
+    # process-group destruction.
+    os._exit(0)
+
+
+def run_with_ranks(world: int, fn: Callable, *args, timeout: float = 120.0,
+                   expect_errors: bool = False) -> list[RankResult]:
+    """Run ``fn(rank, world, *args)`` on ``world`` ranks; their results in rank order.
+
+    ``fn`` must be importable (a module-level function). Unless ``expect_errors``, any rank's
+    exception or abnormal exit fails with every rank's traceback.
+    """
+    ctx = _context()
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, RankResult] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < world and time.monotonic() < deadline:
+        try:
+            res = queue.get(timeout=0.1)
+            results[res.rank] = res
+        except queue_mod.Empty:
+            if not any(p.is_alive() for p in procs) and queue.empty():
+                break
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 1.0))
+        if p.is_alive():
+            p.kill()
+            p.join()
+    out = []
+    for r, p in enumerate(procs):
+        res = results.get(r, RankResult(r, error=f"exited with code {p.exitcode} without a "
+                                                 "result", error_type="Died"))
+        res.exitcode = p.exitcode
+        out.append(res)
+    if not expect_errors and any(res.error for res in out):
+        raise AssertionError("\n".join(f"rank {res.rank}: {res.error}\n{res.traceback or ''}"
+                                       for res in out if res.error))
+    return out
