@@ -41,6 +41,17 @@ class Faults:
             raise OSError(5, "injected failure before the manifest")
         self.mp.setattr(commit.RenameCommit, "commit", failing_commit)
 
+    def die_in_write(self, exitcode: int = 3) -> None:
+        """End this process (``os._exit``, no cleanup) right after it wrote its data file, before
+        it reports: a rank that dies in the middle of a distributed save."""
+        from shardckpt import saver
+        real = saver.write_data_file
+
+        def dying(*args, **kwargs):
+            real(*args, **kwargs)
+            os._exit(exitcode)
+        self.mp.setattr(saver, "write_data_file", dying)
+
     def write_status(self, code: int, message: str = "injected", err: int = 0) -> None:
         """Make the codec backend's next ``write_file`` report ``code`` (see status.py)."""
         from shardckpt import codecs

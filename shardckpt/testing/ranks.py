@@ -44,6 +44,46 @@ class RankResult:
     exitcode: int | None = None
 
 
+@dataclass
+class _TensorBytes:
+    """A tensor sent by value: torch would otherwise share its memory through a file descriptor
+    that dies with the child."""
+
+    dtype: str
+    shape: tuple
+    data: bytes
+
+    def unpack(self):
+        import torch
+        dtype = getattr(torch, self.dtype)
+        flat = torch.frombuffer(bytearray(self.data), dtype=torch.uint8) if self.data else \
+            torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape(self.shape).clone()
+
+
+def _pack(obj):
+    import torch
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return _TensorBytes(str(t.dtype).removeprefix("torch."), tuple(t.shape), data)
+    if isinstance(obj, dict):
+        return {k: _pack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pack(v) for v in obj)
+    return obj
+
+
+def _unpack(obj):
+    if isinstance(obj, _TensorBytes):
+        return obj.unpack()
+    if isinstance(obj, dict):
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unpack(v) for v in obj)
+    return obj
+
+
 def _child(fn, rank, world, port, args, queue):
     import torch
     import torch.distributed as dist
@@ -52,7 +92,7 @@ def _child(fn, rank, world, port, args, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             init_method=f"tcp://127.0.0.1:{port}")
     try:
-        queue.put(RankResult(rank, value=fn(rank, world, *args)))
+        queue.put(RankResult(rank, value=_pack(fn(rank, world, *args))))
     except BaseException as exc:  # reported to the parent, which decides
         queue.put(RankResult(rank, error=f"{type(exc).__name__}: {exc}",
                              error_type=type(exc).__name__, traceback=traceback.format_exc()))
@@ -81,6 +121,7 @@ def run_with_ranks(world: int, fn: Callable, *args, timeout: float = 120.0,
     while len(results) < world and time.monotonic() < deadline:
         try:
             res = queue.get(timeout=0.1)
+            res.value = _unpack(res.value)
             results[res.rank] = res
         except queue_mod.Empty:
             if not any(p.is_alive() for p in procs) and queue.empty():
