@@ -84,11 +84,17 @@ class ReadPlan:
             self.by_file[c.file].append(ChunkRead(c, c.count * itemsize, kind, shuffle_size,
                                                   dest, key, i))
 
-    def into(self, key: str, target: torch.Tensor) -> None:
-        """Fill ``target`` (tensor ``key``, same global shape and dtype; for a DTensor, its local
-        shard) from every saved shard that overlaps it."""
+    def into(self, key: str, target: torch.Tensor, offsets: tuple | None = None) -> None:
+        """Fill ``target`` from every saved shard of tensor ``key`` that overlaps it.
+
+        ``target`` is the whole tensor, a DTensor (its local shard is filled), or with
+        ``offsets`` any box of the global tensor starting there.
+        """
         entry = self.m.tensors[key]
-        local, _, offsets, _ = local_box(target)
+        if offsets is None:
+            local, _, offsets, _ = local_box(target)
+        else:
+            local, offsets = target, tuple(offsets)
         shape = tuple(local.shape)
         direct = (local.device.type == "cpu" and local.is_contiguous()
                   and not local.is_conj() and not local.is_neg())
