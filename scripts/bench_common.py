@@ -166,10 +166,17 @@ def fmt(value, spec: str) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table: first column left-aligned, the numbers right-aligned."""
-    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
+    """A plain-text table: first column left-aligned, the numbers right-aligned.
+
+    A row shorter than the headers (an error message) prints its cells after the first column
+    without shaping the widths.
+    """
+    full = [headers] + [r for r in rows if len(r) == len(headers)]
+    widths = [max(len(str(r[i])) for r in full) for i in range(len(headers))]
 
     def line(cells):
+        if len(cells) < len(headers):
+            return "  ".join([str(cells[0]).ljust(widths[0])] + [str(c) for c in cells[1:]])
         out = [str(cells[0]).ljust(widths[0])]
         out += [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:])]
         return "  ".join(out).rstrip()

@@ -45,6 +45,11 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # n
 from torch.distributed.checkpoint._extension import ZStandard  # noqa: E402
 
 CORES = os.cpu_count() or 1
+# Memory a contender allocates (clones, loaded states) is held until that contender's next
+# turn: this VM hands freed memory back to the host and the first touch of such a page is slow,
+# so a 1 GiB free would otherwise be paid for by whoever runs next. Savers hand it over as HOLD.
+HOLD = "_hold"
+HELD: dict[str, object] = {}
 DCP_DEFAULT = "DCP defaults"
 RAW_FLOOR = "raw write+fsync (floor)"
 
@@ -52,8 +57,7 @@ RAW_FLOOR = "raw write+fsync (floor)"
 # ---- savers: each writes ``state`` to ``path`` durably and returns extra facts (or None) -------
 
 def save_memcpy(state, path):
-    clones = [t.clone() for t in bc.tensors_of(state)]
-    del clones  # freeing is outside what a checkpoint costs, but cheap next to the copy
+    return {HOLD: [t.clone() for t in bc.tensors_of(state)]}
 
 
 def write_all(f, buf) -> None:
@@ -182,16 +186,18 @@ def remove(path: str) -> None:
 
 def measure_save(saver: Saver, state, path: str) -> dict:
     """One timed save; an exception becomes an error record rather than ending the run."""
+    HELD.pop(saver.name, None)
     os.sync()  # the previous contender's deletions must not be flushed on this one's clock
     try:
         t0 = time.perf_counter()
-        extra = saver.fn(state, path)
+        extra = saver.fn(state, path) or {}
         wall = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
         remove(path)
         return {"error": f"{type(exc).__name__}: {exc}"}
+    HELD[saver.name] = extra.pop(HOLD, None)
     record = {"wall": wall, "disk_bytes": bc.disk_bytes(path) if os.path.exists(path) else None}
-    record.update(extra or {})
+    record.update(extra)
     return record
 
 
@@ -228,6 +234,7 @@ def run_saves(label: str, state, workdir: str, reps: int) -> tuple[dict, dict]:
                 kept[saver.name] = path
             else:
                 remove(path)
+    HELD.clear()
     return results, kept
 
 
@@ -258,6 +265,9 @@ class LoadContext:
 
 
 def timed_load(loader: Loader, ctx: LoadContext, cold: bool, check: bool) -> dict:
+    # Release the previous result first: pages that a live mmap (safetensors) still maps
+    # survive a cache drop, and the "cold" load would read them from memory.
+    HELD.pop(loader.name, None)
     if loader.in_place:
         for t in bc.tensors_of(ctx.target):
             t.zero_()  # a loader that silently skips a tensor must not pass the check
@@ -272,6 +282,8 @@ def timed_load(loader: Loader, ctx: LoadContext, cold: bool, check: bool) -> dic
     if check:
         problem = bc.first_difference(ctx.expected, bc.flat_tensors(result)[0])
         record["check"] = problem or "ok"
+    if not loader.in_place:
+        HELD[loader.name] = result  # see HOLD
     return record
 
 
@@ -299,6 +311,7 @@ def run_loads(label: str, state, kept: dict, reps: int, cold_ok: bool) -> dict:
             msg = record.get("error") or (f"cold {record['cold']['wall']:.2f} s, "
                                           f"warm {record['warm']['wall']:.2f} s")
             bc.log(f"({label}) load rep {rep + 1}/{reps} {loader.name}: {msg}")
+    HELD.clear()
     return results
 
 
@@ -312,6 +325,12 @@ def med(records: list, *keys) -> float | None:
             r = r.get(k) if isinstance(r, dict) else None
         values.append(r)
     return bc.median(values)
+
+
+def spread(records: list, *keys) -> str:
+    """``min-max`` of the repetitions: how far to trust a median on a noisy machine."""
+    values = [v for v in (med([r], *keys) for r in records) if v is not None]
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
 
 
 def first_error(records: list) -> str | None:
@@ -331,7 +350,7 @@ def save_rows(saves: dict, raw_bytes: int) -> list[list[str]]:
         if wall is None:
             rows.append([name, "ERROR: " + (first_error(records) or "?")[:90]])
             continue
-        rows.append([name, f"{wall:.3f}", f"{raw_bytes / wall / 1e9:.2f}",
+        rows.append([name, f"{wall:.3f}", spread(records, "wall"), f"{raw_bytes / wall / 1e9:.2f}",
                      bc.fmt(size and int(size), ",d"), bc.fmt(ratio(size, dcp_bytes), ".3f"),
                      bc.fmt(ratio(wall, dcp_wall), ".2f"), bc.fmt(ratio(wall, floor), ".2f")])
         if first_error(records):
@@ -347,7 +366,8 @@ def load_rows(loads: dict, raw_bytes: int) -> list[list[str]]:
         if cold is None or first_error(records):
             rows.append([name, "ERROR: " + (first_error(records) or "?")[:90]])
             continue
-        rows.append([name, f"{cold:.3f}", f"{raw_bytes / cold / 1e9:.2f}",
+        rows.append([name, f"{cold:.3f}", spread(records, "cold", "wall"),
+                     f"{raw_bytes / cold / 1e9:.2f}",
                      bc.fmt(ratio(cold, dcp_cold), ".2f"), f"{warm:.3f}",
                      f"{raw_bytes / warm / 1e9:.2f}", bc.fmt(ratio(warm, dcp_warm), ".2f")])
     return rows
@@ -359,11 +379,12 @@ def print_state_report(label: str, run: dict, cold_ok: bool) -> None:
     print(f"    {raw:,} bytes in {run['tensors']} tensors ({raw / bc.GIB:.3f} GiB); "
           f"{run['zero_fraction']:.1%} of the bytes are zero")
     print(f"\nSAVE ({label}), median of {run['reps']} reps; GB/s = state bytes / wall")
-    print(bc.table(["contender", "wall s", "GB/s", "bytes on disk", "disk/DCP", "x DCP",
-                    "x floor"], save_rows(run["saves"], raw)))
+    print(bc.table(["contender", "wall s", "min-max", "GB/s", "bytes on disk", "disk/DCP",
+                    "x DCP", "x floor"], save_rows(run["saves"], raw)))
     cold = "cold" if cold_ok else "'cold' (CACHE NOT DROPPED: warm cache)"
     print(f"\nLOAD ({label}), median of {run['reps']} reps; {cold} = after a page-cache drop")
-    print(bc.table(["contender", "cold s", "GB/s", "x DCP", "warm s", "GB/s", "x DCP"],
+    print(bc.table(["contender", "cold s", "min-max", "GB/s", "x DCP", "warm s", "GB/s",
+                    "x DCP"],
                    load_rows(run["loads"], raw)))
 
 
