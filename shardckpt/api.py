@@ -88,7 +88,7 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     metadata = _check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
-    stored = report["file"]["size"] - HEADER_BYTES if report["file"] else 0
+    stored = sum(f["size"] - HEADER_BYTES for f in report["files"])
     return SaveInfo(storage.local_path(name), len(report["shards"]), report["raw_bytes"], stored,
                     time.perf_counter() - t0, report.get("stats", {}))
 

@@ -35,7 +35,7 @@ from .storage import open_checkpoint
 from .tree import build, dict_items, flatten, node_kind
 from .types import (DATA_DIR, DTYPE_BY_TORCH, ChunkRef, FileEntry, Manifest, ShardEntry,
                     TensorEntry, TensorItem)
-from .write import CodecTable, WriteOptions, write_data_file
+from .write import CodecTable, WriteOptions, write_data_files
 
 
 def _done(value) -> Future:
@@ -90,8 +90,8 @@ class Writer(StorageWriter):
         rel = f"{DATA_DIR}/rank-{self.rank:05d}.bin"
         sources, _hosts = plan_chunks([t for _, t in tensors], self.opts.chunk_bytes)
         table = CodecTable()
-        refs, size, _ = write_data_file(storage.local_path(f"{tmp}/{rel}"), rel, 0, sources,
-                                        self.opts, table)
+        refs, (size,), _ = write_data_files([(storage.local_path(f"{tmp}/{rel}"), rel)],
+                                            sources, self.opts, table)
         by_key = {t.key: [] for _, t in tensors}
         for src, ref in zip(sources, refs):
             by_key[src.key].append(ref.as_list())

@@ -34,6 +34,10 @@ KNOBS = {
     "write_threads": Knob("SHARDCKPT_WRITE_THREADS", 1,
                           "Writer threads per data file. One saturates a local disk; object "
                           "stores and network file systems like more."),
+    "files_per_rank": Knob("SHARDCKPT_FILES_PER_RANK", 2,
+                           "Data files each rank writes concurrently. A file system serializes "
+                           "buffered writes to one file, so two files fill the page cache from "
+                           "two cores; more only help on many-core hosts or remote stores."),
     "read_threads": Knob("SHARDCKPT_READ_THREADS", 0,
                          "Threads reading and decoding chunks on load; 0 = one per core."),
     "dist_timeout": Knob("SHARDCKPT_DIST_TIMEOUT", 600.0,

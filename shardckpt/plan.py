@@ -68,9 +68,10 @@ def _replica_crc(item: TensorItem, limit: int):
     return codecs.backend.crc32c(tensor_bytes(host_contiguous(t)))
 
 
-def local_plan(tree: dict, items: list[TensorItem]) -> dict:
-    """This rank's plan as JSON: its tree and, per tensor, what piece of what it holds."""
-    limit = knobs.get("replica_check_bytes")
+def local_plan(tree: dict, items: list[TensorItem], world: int) -> dict:
+    """This rank's plan as JSON: its tree and, per tensor, what piece of what it holds
+    (replica checksums only where there are other ranks to compare with)."""
+    limit = knobs.get("replica_check_bytes") if world > 1 else -1
     rows = [[it.key, DTYPE_BY_TORCH[it.tensor.dtype].name, list(it.global_shape),
              list(it.offsets), list(it.tensor.shape), it.dtensor, _replica_crc(it, limit)]
             for it in items]

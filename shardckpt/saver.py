@@ -19,7 +19,7 @@ from .plan import local_plan, merge_plans, plan_chunks
 from .tree import flatten, rename_tensors
 from .types import (DATA_DIR, DTYPES, ChunkRef, FileEntry, Manifest, ShardEntry, TensorEntry,
                     TensorItem)
-from .write import CodecTable, WriteOptions, write_data_file
+from .write import CodecTable, WriteOptions, write_data_files
 
 
 class Coordinator:
@@ -52,13 +52,11 @@ def build_manifest(gp, plans: dict[int, dict], results: dict[int, dict], metadat
     files, table, shards = [], CodecTable(), {}
     for rank in sorted(results):
         res = results[rank]
-        if res["file"] is None:
-            continue
-        index = len(files)
-        files.append(FileEntry(res["file"]["path"], res["file"]["size"], rank))
+        base = len(files)
+        files += [FileEntry(f["path"], f["size"], rank) for f in res["files"]]
         remap = [table.intern(tuple(c)) for c in res["codecs"]]
         for key, offsets, shape, chunks in res["shards"]:
-            refs = tuple(ChunkRef(index, c[1], c[2], c[3], c[4], remap[c[5]], c[6])
+            refs = tuple(ChunkRef(base + c[0], c[1], c[2], c[3], c[4], remap[c[5]], c[6])
                          for c in chunks)
             shards.setdefault(key, []).append(ShardEntry(tuple(offsets), tuple(shape), refs))
     tensors = {key: TensorEntry(DTYPES[dtype], tuple(shape), tuple(shards.get(key, ())))
@@ -75,18 +73,20 @@ def write_rank(storage, tmp: str, rank: int, items: list[TensorItem], assigned,
                opts: WriteOptions) -> dict:
     """Write the pieces assigned to this rank into its data file; its chunk table as JSON."""
     if not assigned:
-        return {"file": None, "codecs": [], "shards": [], "raw_bytes": 0}
+        return {"files": [], "codecs": [], "shards": [], "raw_bytes": 0}
     chosen = [replace(items[index], key=key) for index, key in assigned]
-    rel = f"{DATA_DIR}/rank-{rank:05d}.bin"
+    rels = [f"{DATA_DIR}/rank-{rank:05d}" + (f".{i}" if i else "") + ".bin"
+            for i in range(opts.files_per_rank)]
     sources, _hosts = plan_chunks(chosen, opts.chunk_bytes)  # hosts live until written
     table = CodecTable()
-    refs, size, stats = write_data_file(storage.local_path(f"{tmp}/{rel}"), rel, 0, sources,
-                                        opts, table)
+    refs, sizes, stats = write_data_files([(storage.local_path(f"{tmp}/{r}"), r) for r in rels],
+                                          sources, opts, table)
     by_key = {item.key: [] for item in chosen}
     for src, ref in zip(sources, refs):
         by_key[src.key].append(ref.as_list())
     shards = [[it.key, list(it.offsets), list(it.tensor.shape), by_key[it.key]] for it in chosen]
-    return {"file": {"path": rel, "size": size}, "codecs": [list(c) for c in table.chains],
+    return {"files": [{"path": r, "size": n} for r, n in zip(rels, sizes)],
+            "codecs": [list(c) for c in table.chains],
             "shards": shards, "raw_bytes": sum(s.nbytes for s in sources), "stats": stats}
 
 
@@ -100,7 +100,7 @@ def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, over
         items, plan, error = [], None, None
         try:
             tree, items = flatten(state)
-            plan = local_plan(tree, items)
+            plan = local_plan(tree, items, ex.world)
         except Exception as exc:
             error = exc
         answer = ex.round("plan", plan, error, coord and coord.plan)

@@ -8,6 +8,7 @@ the resulting codec chains into the manifest's codec table and names failures.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import codecs, knobs
@@ -25,19 +26,20 @@ class WriteOptions:
     pool_bytes: int = 256 << 20
     encode_threads: int = 0
     write_threads: int = 1
+    files_per_rank: int = 2
     durable: bool = True
 
     @classmethod
     def resolve(cls, **overrides) -> "WriteOptions":
         values = {name: knobs.get(name if name != "level" else "zstd_level")
                   for name in ("codec", "level", "chunk_bytes", "pool_bytes", "encode_threads",
-                               "write_threads")}
+                               "write_threads", "files_per_rank")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         opts = cls(**values)
         if opts.codec not in codecs.POLICIES:
             raise ValueError(f"codec must be one of {codecs.POLICIES}, not {opts.codec!r}")
-        if opts.chunk_bytes < 1 or opts.pool_bytes < 1:
-            raise ValueError("chunk_bytes and pool_bytes must be positive")
+        if opts.chunk_bytes < 1 or opts.pool_bytes < 1 or opts.files_per_rank < 1:
+            raise ValueError("chunk_bytes, pool_bytes and files_per_rank must be positive")
         return opts
 
 
@@ -56,21 +58,53 @@ class CodecTable:
         return self._index[key]
 
 
-def write_data_file(path: str, rel: str, file_index: int, sources: list[ChunkSource],
-                    opts: WriteOptions, table: CodecTable) -> tuple[list[ChunkRef], int, dict]:
-    """Write ``sources`` into a new file at ``path``; ``(refs, file_size, stats)``.
-
-    ``rel`` is the file's checkpoint-relative name for error messages. Raises DiskFullError,
-    StorageError.
-    """
+def _write_one(path: str, rel: str, sources: list[ChunkSource], opts: WriteOptions,
+               pool_bytes: int, encode_threads: int) -> tuple[list, int, dict]:
     chunks = [(s.ptr, s.nbytes, s.shuffle_size) for s in sources]
     status, records, stats = codecs.backend.write_file(
-        path, chunks, opts.codec, opts.level, opts.encode_threads, opts.write_threads,
-        opts.pool_bytes, opts.durable, FILE_HEADER)
+        path, chunks, opts.codec, opts.level, encode_threads, opts.write_threads, pool_bytes,
+        opts.durable, FILE_HEADER)
     raise_for(status, file=rel, describe=lambda i: (sources[i].key, None))
-    refs = []
-    for src, (offset, length, kind, crc) in zip(sources, records):
-        codec = table.intern(codecs.chain_for(kind, src.shuffle_size, opts.level))
-        refs.append(ChunkRef(file_index, offset, length, src.start, src.count, codec, crc))
-    size = stats.get("file_size") or os.path.getsize(path)
-    return refs, size, stats
+    return records, stats.get("file_size") or os.path.getsize(path), stats
+
+
+def _split(sources: list[ChunkSource], n: int) -> list[list[int]]:
+    """Chunk indices for ``n`` files, balanced by bytes (each chunk to the lightest file)."""
+    groups, load = [[] for _ in range(n)], [0] * n
+    for i, src in enumerate(sources):
+        j = load.index(min(load))
+        groups[j].append(i)
+        load[j] += src.nbytes
+    return [g for g in groups if g]
+
+
+def write_data_files(files: list[tuple[str, str]], sources: list[ChunkSource],
+                     opts: WriteOptions, table: CodecTable) -> tuple[list[ChunkRef], list[int], dict]:
+    """Write ``sources`` into up to ``len(files)`` new files concurrently.
+
+    ``files`` holds ``(real path, checkpoint-relative name)`` pairs. Returns the chunk refs (in
+    the order of ``sources``; ``ChunkRef.file`` indexes ``files``), each used file's size (unused
+    trailing files are not created: their size list is shorter) and summed statistics. Several
+    files fill the page cache from several cores (a file system serializes buffered writes to
+    one file); the pool budget and the cores are shared out between them. Raises DiskFullError,
+    StorageError.
+    """
+    groups = _split(sources, len(files)) or [[]]
+    pool = max(opts.pool_bytes // len(groups), 1)
+    threads = opts.encode_threads or max(1, (os.cpu_count() or 1) // len(groups))
+    with ThreadPoolExecutor(len(groups)) as ex:  # the native calls release the GIL
+        futures = [ex.submit(_write_one, *files[i], [sources[k] for k in g], opts, pool, threads)
+                   for i, g in enumerate(groups)]
+        results = [f.result() for f in futures]
+    refs: list = [None] * len(sources)
+    for file_index, (group, (records, _, _)) in enumerate(zip(groups, results)):
+        for k, (offset, length, kind, crc) in zip(group, records):
+            src = sources[k]
+            codec = table.intern(codecs.chain_for(kind, src.shuffle_size, opts.level))
+            refs[k] = ChunkRef(file_index, offset, length, src.start, src.count, codec, crc)
+    stats: dict = {}
+    for _, _, st in results:
+        for key, value in st.items():
+            stats[key] = max(stats.get(key, 0), value) if key == "wall_seconds" else \
+                stats.get(key, 0) + value
+    return refs, [size for _, size, _ in results], stats

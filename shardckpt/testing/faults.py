@@ -45,12 +45,12 @@ class Faults:
         """End this process (``os._exit``, no cleanup) right after it wrote its data file, before
         it reports: a rank that dies in the middle of a distributed save."""
         from shardckpt import saver
-        real = saver.write_data_file
+        real = saver.write_data_files
 
         def dying(*args, **kwargs):
             real(*args, **kwargs)
             os._exit(exitcode)
-        self.mp.setattr(saver, "write_data_file", dying)
+        self.mp.setattr(saver, "write_data_files", dying)
 
     def write_status(self, code: int, message: str = "injected", err: int = 0) -> None:
         """Make the codec backend's next ``write_file`` report ``code`` (see status.py)."""
