@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -132,6 +133,18 @@ def fsync_tree(path: str) -> None:
             os.close(fd)
 
 
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def slug(name: str) -> str:
+    """``name`` as a file-name fragment."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
 def disk_bytes(path: str) -> int:
     """Total size of the files at ``path`` (what a user pays for on disk, metadata included)."""
     if os.path.isfile(path):
@@ -159,6 +172,49 @@ def drop_page_cache() -> bool:
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def rotated(items: list, rep: int) -> list:
+    """Start each repetition at the next contender, so none always runs first or last."""
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
+def dig(record, *keys):
+    """``record[k1][k2]...`` through dicts (str keys) and lists (int keys); None where absent."""
+    for k in keys:
+        if isinstance(record, dict):
+            record = record.get(k)
+        elif isinstance(record, list) and isinstance(k, int) and -len(record) <= k < len(record):
+            record = record[k]
+        else:
+            return None
+    return record
+
+
+def med(records: list, *keys) -> float | None:
+    """Median of ``record[k1][k2]...`` over the records that have it (errors are skipped)."""
+    return median([dig(r, *keys) for r in records])
+
+
+def spread(records: list, *keys) -> str:
+    """``min-max`` of the repetitions: how far to trust a median on a noisy machine."""
+    values = [v for v in (med([r], *keys) for r in records) if v is not None]
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+
+
+def first_error(records: list) -> str | None:
+    return next((r["error"] for r in records if "error" in r), None)
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def check(what: str, value, limit: float | None) -> dict:
+    """A target as ``measured <= limit``; ``limit=None`` makes it an info line."""
+    ok = None if limit is None else (value is not None and value <= limit)
+    return {"check": what, "value": value, "limit": limit, "pass": ok}
 
 
 def fmt(value, spec: str) -> str:

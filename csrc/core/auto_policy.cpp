@@ -18,8 +18,13 @@ bool AutoPolicy::backlog_covers(uint64_t nbytes, uint64_t backlog_bytes) const {
   double high_water = static_cast<double>(bootstrap_high_water_);
   std::lock_guard<std::mutex> lk(mu_);
   const double write = write_rate_.per_second(), compress = compress_rate_.per_second();
-  if (write > 0 && compress > 0)
+  if (write > 0 && compress > 0) {
+    // A queue full of raw chunks does not mean compression would help: raw chunks are ready
+    // almost at once, so the queue is full whenever the writers are busy. Compression raises
+    // throughput only if the compressing threads together outrun the writers.
+    if (max_compressing_ * compress <= writers_ * write) return false;
     high_water = writers_ * write * (static_cast<double>(nbytes) / compress);
+  }
   return static_cast<double>(backlog_bytes) >= high_water;
 }
 

@@ -3,7 +3,10 @@
 // Compressing a chunk costs an encoder thread time and saves the writers time. That trade pays
 // only while the writers have enough queued work to keep the disk busy until the compressed chunk
 // is ready; otherwise the disk idles while an encoder compresses, and storing raw is faster.
-// So a chunk is compressed when the writers' backlog (bytes encoded, not yet written) reaches
+// First, compression can only raise throughput when the compressing threads together are faster
+// than the writers (max_compressing * compress_rate > writers * write_rate); on a fast local disk
+// they are not, and `auto` then writes raw. When they are, a chunk is compressed when the writers'
+// backlog (bytes encoded, not yet written) reaches
 //
 //     high_water = writers * write_rate * (chunk bytes / compress_rate)
 //
