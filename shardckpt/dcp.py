@@ -33,8 +33,7 @@ from .plan import plan_chunks
 from .read import ReadPlan, data_paths, open_manifest
 from .storage import open_checkpoint
 from .tree import build, dict_items, flatten, node_kind
-from .types import (DATA_DIR, DTYPE_BY_TORCH, ChunkRef, FileEntry, Manifest, ShardEntry,
-                    TensorEntry, TensorItem)
+from .types import DATA_DIR, DTYPE_BY_TORCH, FileEntry, Manifest, TensorEntry, TensorItem
 from .write import CodecTable, WriteOptions, write_data_files
 
 
@@ -139,17 +138,17 @@ def _manifest_from_dcp(metadata: Metadata, results: list[WriteResult]) -> Manife
             file_index[f["path"]] = len(files)
             files.append(FileEntry(f["path"], f["size"], f["rank"]))
         remap = [table.intern(tuple(c)) for c in data["codecs"]]
-        refs = tuple(ChunkRef(file_index[f["path"]], c[1], c[2], c[3], c[4], remap[c[5]], c[6])
-                     for c in data["chunks"])
+        rows = [[file_index[f["path"]], c[1], c[2], c[3], c[4], remap[c[5]], c[6]]
+                for c in data["chunks"]]
         offsets = tuple(res.index.offset)
         sizes = next(tuple(c.sizes) for c in metadata.state_dict_metadata[fqn].chunks
                      if tuple(c.offsets) == offsets)
-        shards.setdefault(fqn, []).append(ShardEntry(offsets, sizes, refs))
+        shards.setdefault(fqn, []).append((offsets, sizes, rows))
     tensors, tree = {}, []
     for fqn, meta in metadata.state_dict_metadata.items():
         if isinstance(meta, TensorStorageMetadata):
-            tensors[fqn] = TensorEntry(DTYPE_BY_TORCH[meta.properties.dtype], tuple(meta.size),
-                                       tuple(shards.get(fqn, ())))
+            tensors[fqn] = TensorEntry.build(DTYPE_BY_TORCH[meta.properties.dtype],
+                                             tuple(meta.size), shards.get(fqn, []))
             tree.append([fqn, {"tensor": fqn}])
         else:
             tree.append([fqn, values[fqn]])

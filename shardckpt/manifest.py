@@ -11,12 +11,14 @@ import json
 import math
 import re
 
-from . import codecs, knobs
+import numpy as np
+
+from . import codecs, tables
 from ._version import __version__
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 from .tree import tensor_keys
-from .types import (DTYPES, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, ChunkRef,
-                    FileEntry, Manifest, ShardEntry, TensorEntry)
+from .types import (DTYPES, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, FileEntry,
+                    Manifest, TensorEntry)
 
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NUMEL = 1 << 53
@@ -34,10 +36,7 @@ def to_json(m: Manifest) -> bytes:
         "checksum": "crc32c",
         "files": [{"path": f.path, "size": f.size, "rank": f.rank} for f in m.files],
         "codecs": [list(c) for c in m.codecs],
-        "tensors": {key: {"dtype": t.dtype.name, "shape": list(t.shape),
-                          "shards": [{"offsets": list(s.offsets), "shape": list(s.shape),
-                                      "chunks": [c.as_list() for c in s.chunks]}
-                                     for s in t.shards]}
+        "tensors": {key: {"dtype": t.dtype.name, "shape": list(t.shape), **tables.encode_entry(t)}
                     for key, t in m.tensors.items()},
         "tree": m.tree,
         "metadata": m.metadata,
@@ -97,80 +96,17 @@ def _parse_files(raw) -> tuple[FileEntry, ...]:
     return tuple(files)
 
 
-def _parse_chunk(raw, files, ncodecs, where) -> ChunkRef:
-    if not isinstance(raw, list) or len(raw) != 7:
-        raise _unsafe(f"{where}: a chunk is a list of 7 integers")
-    file = _int(raw[0], f"{where} file", 0, len(files) - 1)
-    c = ChunkRef(file, _int(raw[1], f"{where} offset", HEADER_BYTES),
-                 _int(raw[2], f"{where} length", 1), _int(raw[3], f"{where} start"),
-                 _int(raw[4], f"{where} count", 1), _int(raw[5], f"{where} codec", 0, ncodecs - 1),
-                 _int(raw[6], f"{where} crc32c", 0, 0xFFFFFFFF))
-    if c.offset + c.length > files[file].size:
-        raise _unsafe(f"{where}: bytes [{c.offset}, {c.offset + c.length}) lie outside "
-                      f"{files[file].path} ({files[file].size} bytes)")
-    return c
-
-
-def _check_tiling(chunks, numel: int, itemsize: int, chains, where: str) -> None:
-    end = 0
-    limit = knobs.get("max_chunk_bytes")
-    for c in sorted(chunks, key=lambda c: c.start):
-        if c.start != end:
-            raise _unsafe(f"{where}: chunks do not tile the shard (gap or overlap at {end})")
-        end += c.count
-        raw = c.count * itemsize
-        if raw > limit:
-            raise _unsafe(f"{where}: a chunk of {raw} bytes exceeds the {limit}-byte limit")
-        kind, shuffle_size = chains[c.codec]
-        if kind in (codecs.RAW, codecs.SHUFFLE) and c.length != raw:
-            raise _unsafe(f"{where}: an unencoded chunk must store {raw} bytes, not {c.length}")
-        if kind in (codecs.SHUFFLE, codecs.SHUFFLE_ZSTD) and raw % shuffle_size:
-            raise _unsafe(f"{where}: chunk length {raw} is not a multiple of the shuffle size")
-    if end != numel:
-        raise _unsafe(f"{where}: chunks cover {end} of {numel} elements")
-
-
-def _parse_shard(raw, tensor_shape, itemsize, files, chains, where) -> ShardEntry:
-    if not isinstance(raw, dict) or set(raw) != {"offsets", "shape", "chunks"}:
-        raise _unsafe(f"{where}: a shard has exactly offsets, shape, chunks")
-    offsets, shape = _ints(raw["offsets"], f"{where} offsets"), _ints(raw["shape"], f"{where} shape")
-    if len(offsets) != len(tensor_shape) or len(shape) != len(tensor_shape) or any(
-            o + s > g for o, s, g in zip(offsets, shape, tensor_shape)):
-        raise _unsafe(f"{where}: box {offsets}+{shape} is not inside the shape {tensor_shape}")
-    if not isinstance(raw["chunks"], list):
-        raise _unsafe(f"{where}: chunks must be a list")
-    chunks = tuple(_parse_chunk(c, files, len(chains), where) for c in raw["chunks"])
-    _check_tiling(chunks, math.prod(shape), itemsize, chains, where)
-    return ShardEntry(offsets, shape, chunks)
-
-
-def _check_cover(shards, shape, where) -> None:
-    """The shards cover the global tensor exactly once: in bounds, no overlap, volumes add up."""
-    if sum(math.prod(s.shape) for s in shards) != math.prod(shape):
-        raise _unsafe(f"{where}: shards do not cover the tensor exactly")
-    boxes = [(s.offsets, s.shape) for s in shards if math.prod(s.shape)]
-    for i, (oa, sa) in enumerate(boxes):
-        for ob, sb in boxes[i + 1:]:
-            if all(a < b + lb and b < a + la for a, la, b, lb in zip(oa, sa, ob, sb)):
-                raise _unsafe(f"{where}: shards {oa}+{sa} and {ob}+{sb} overlap")
-
-
-def _parse_tensor(key, raw, files, chains) -> TensorEntry:
+def _parse_tensor(key, raw, file_sizes, chains) -> TensorEntry:
     where = f"tensor {key!r}"
-    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "shards"}:
-        raise _unsafe(f"{where}: an entry has exactly dtype, shape, shards")
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "shards", "chunks"}:
+        raise _unsafe(f"{where}: an entry has exactly dtype, shape, shards, chunks")
     dtype = DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
     if dtype is None:
         raise _unsafe(f"{where}: unknown dtype {raw['dtype']!r:.40}")
     shape = _ints(raw["shape"], f"{where} shape")
-    if math.prod(shape) > MAX_NUMEL:
+    if math.prod(shape) > MAX_NUMEL or any(d > MAX_NUMEL for d in shape):
         raise _unsafe(f"{where}: absurd shape {shape}")
-    if not isinstance(raw["shards"], list) or not raw["shards"] and math.prod(shape):
-        raise _unsafe(f"{where}: shards must be a non-empty list")
-    shards = tuple(_parse_shard(s, shape, dtype.itemsize, files, chains, f"{where} shard {i}")
-                   for i, s in enumerate(raw["shards"]))
-    _check_cover(shards, shape, where)
-    return TensorEntry(dtype, shape, shards)
+    return tables.decode_entry(key, raw, dtype, shape, file_sizes, chains)
 
 
 def parse(data: bytes) -> Manifest:
@@ -199,7 +135,8 @@ def parse(data: bytes) -> Manifest:
                                      file=MANIFEST_NAME)
     files = _parse_files(doc["files"])
     chains = [codecs.kind_of(c) for c in doc["codecs"]]
-    tensors = {k: _parse_tensor(k, v, files, chains) for k, v in doc["tensors"].items()}
+    sizes = np.array([f.size for f in files], dtype=np.int64)
+    tensors = {k: _parse_tensor(k, v, sizes, chains) for k, v in doc["tensors"].items()}
     world_size = _int(doc["world_size"], "world_size", 1, 1 << 24)
     rank_trees = doc.get("rank_trees")
     if rank_trees is not None and (not isinstance(rank_trees, list)

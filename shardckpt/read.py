@@ -13,6 +13,7 @@ import os
 from collections import defaultdict
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import codecs, knobs, manifest as manifest_mod
@@ -21,8 +22,8 @@ from .errors import (CheckpointNotFoundError, CorruptCheckpointError, Incomplete
 from .status import raise_for
 from .storage import Storage
 from .tree import local_box
-from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, Manifest, ShardEntry,
-                    TensorEntry)
+from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRef, Manifest,
+                    ShardEntry, TensorEntry)
 
 
 def open_manifest(storage: Storage, name: str) -> Manifest:
@@ -76,13 +77,16 @@ class ReadPlan:
                first: int = 0, last: int | None = None) -> None:
         """Read the chunks of ``shard`` that overlap elements ``[first, last)`` into ``base``."""
         itemsize = entry.dtype.itemsize
-        for i, c in enumerate(shard.chunks):
-            if c.start + c.count <= first or (last is not None and c.start >= last):
-                continue
+        starts, counts = shard.chunks[:, 3], shard.chunks[:, 4]
+        wanted = starts + counts > first
+        if last is not None:
+            wanted &= starts < last
+        for i in np.flatnonzero(wanted):
+            c = ChunkRef(*(int(v) for v in shard.chunks[i]))
             kind, shuffle_size = self.kinds[c.codec]
             dest = base + c.start * itemsize if base else 0
             self.by_file[c.file].append(ChunkRead(c, c.count * itemsize, kind, shuffle_size,
-                                                  dest, key, i))
+                                                  dest, key, int(i)))
 
     def into(self, key: str, target: torch.Tensor, offsets: tuple | None = None) -> None:
         """Fill ``target`` from every saved shard of tensor ``key`` that overlaps it.
@@ -98,12 +102,13 @@ class ReadPlan:
         shape = tuple(local.shape)
         direct = (local.device.type == "cpu" and local.is_contiguous()
                   and not local.is_conj() and not local.is_neg())
-        for shard in entry.shards:
+        if not local.numel():
+            return
+        for index in entry.overlapping(offsets, tuple(o + n for o, n in zip(offsets, shape))):
+            shard = entry.shard(index)
             lo = tuple(max(a, b) for a, b in zip(shard.offsets, offsets))
             hi = tuple(min(a + n, b + m) for a, n, b, m in
                        zip(shard.offsets, shard.shape, offsets, shape))
-            if any(h <= low for low, h in zip(lo, hi)) or not math.prod(shard.shape):
-                continue  # no overlap (a 0-dim tensor always overlaps: no dimensions)
             whole = lo == shard.offsets and hi == tuple(o + n for o, n in
                                                         zip(shard.offsets, shard.shape))
             if direct and whole and _contiguous_within(shard.shape, shape):
@@ -127,8 +132,8 @@ class ReadPlan:
     def verify_all(self) -> None:
         """Plan a read of every chunk that only checks and decodes (no destination)."""
         for key, entry in self.m.tensors.items():
-            for shard in entry.shards:
-                self._shard(key, entry, shard, 0)
+            for index in range(len(entry.boxes)):
+                self._shard(key, entry, entry.shard(index), 0)
 
     def run(self, paths: list[str], threads: int | None = None) -> None:
         """Fetch, verify and decode every planned chunk, then do the copies."""

@@ -17,8 +17,7 @@ from .commit import RenameCommit
 from .dist import exchange
 from .plan import local_plan, merge_plans, plan_chunks
 from .tree import flatten, rename_tensors
-from .types import (DATA_DIR, DTYPES, ChunkRef, FileEntry, Manifest, ShardEntry, TensorEntry,
-                    TensorItem)
+from .types import DATA_DIR, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
 from .write import CodecTable, WriteOptions, write_data_files
 
 
@@ -56,10 +55,9 @@ def build_manifest(gp, plans: dict[int, dict], results: dict[int, dict], metadat
         files += [FileEntry(f["path"], f["size"], rank) for f in res["files"]]
         remap = [table.intern(tuple(c)) for c in res["codecs"]]
         for key, offsets, shape, chunks in res["shards"]:
-            refs = tuple(ChunkRef(base + c[0], c[1], c[2], c[3], c[4], remap[c[5]], c[6])
-                         for c in chunks)
-            shards.setdefault(key, []).append(ShardEntry(tuple(offsets), tuple(shape), refs))
-    tensors = {key: TensorEntry(DTYPES[dtype], tuple(shape), tuple(shards.get(key, ())))
+            rows = [[base + c[0], c[1], c[2], c[3], c[4], remap[c[5]], c[6]] for c in chunks]
+            shards.setdefault(key, []).append((offsets, shape, rows))
+    tensors = {key: TensorEntry.build(DTYPES[dtype], tuple(shape), shards.get(key, []))
                for key, (dtype, shape) in gp.tensors.items()}
     trees = [rename_tensors(plans[r]["tree"], gp.renames[r]) if gp.renames[r]
              else plans[r]["tree"] for r in sorted(plans)]

@@ -7,8 +7,10 @@ Save: plan (``TensorItem`` -> ``ChunkSource``) -> encode/write (``ChunkRef``) ->
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 FORMAT_NAME = "shardckpt"
@@ -55,6 +57,9 @@ class FileEntry:
     rank: int
 
 
+CHUNK_COLUMNS = ("file", "offset", "length", "start", "count", "codec", "crc32c")
+
+
 @dataclass(frozen=True)
 class ChunkRef:
     """One stored chunk (FORMAT.md 3.3): where its bytes are and how to decode them."""
@@ -73,16 +78,60 @@ class ChunkRef:
 
 @dataclass(frozen=True)
 class ShardEntry:
+    """One saved piece of a tensor: a box of the global tensor and its chunk rows."""
+
     offsets: tuple[int, ...]
     shape: tuple[int, ...]
-    chunks: tuple[ChunkRef, ...]
+    chunks: np.ndarray  # (n, 7) int64 rows in CHUNK_COLUMNS order
+
+    def refs(self):
+        return [ChunkRef(*(int(v) for v in row)) for row in self.chunks]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorEntry:
+    """A saved tensor, its shards kept as arrays so that a table of millions of shards costs
+    vectorized work, not a Python object per shard (FORMAT.md 3.3)."""
+
     dtype: DType
     shape: tuple[int, ...]
-    shards: tuple[ShardEntry, ...]
+    boxes: np.ndarray   # (S, 2 * ndim) int64: each shard's offsets, then its shape
+    counts: np.ndarray  # (S,) int64: chunks per shard
+    chunks: np.ndarray  # (C, 7) int64: the chunk rows, shard after shard
+
+    @classmethod
+    def build(cls, dtype: DType, shape, shards: list[tuple]) -> "TensorEntry":
+        """From ``(offsets, shape, chunk rows)`` triples."""
+        nd = len(shape)
+        boxes = np.array([list(o) + list(s) for o, s, _ in shards], dtype=np.int64).reshape(
+            len(shards), 2 * nd)
+        rows = [np.asarray(c, dtype=np.int64).reshape(-1, 7) for _, _, c in shards]
+        chunks = np.concatenate(rows) if rows else np.empty((0, 7), np.int64)
+        counts = np.array([len(r) for r in rows], dtype=np.int64)
+        return cls(dtype, tuple(shape), boxes, counts, chunks)
+
+    @cached_property
+    def first(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)])
+
+    def shard(self, i: int) -> ShardEntry:
+        nd = len(self.shape)
+        box = self.boxes[i]
+        return ShardEntry(tuple(int(v) for v in box[:nd]), tuple(int(v) for v in box[nd:]),
+                          self.chunks[self.first[i]:self.first[i + 1]])
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return [self.shard(i) for i in range(len(self.boxes))]
+
+    def overlapping(self, lo, hi) -> np.ndarray:
+        """Indices of the non-empty shards that intersect the box ``[lo, hi)``."""
+        nd = len(self.shape)
+        starts, sizes = self.boxes[:, :nd], self.boxes[:, nd:]
+        hit = (np.all(starts < np.asarray(hi, np.int64), axis=1)
+               & np.all(starts + sizes > np.asarray(lo, np.int64), axis=1)
+               & np.all(sizes > 0, axis=1))
+        return np.flatnonzero(hit)
 
 
 @dataclass(frozen=True)

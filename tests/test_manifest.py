@@ -1,8 +1,10 @@
 """The manifest is untrusted input: every damaged or hostile manifest gets a typed error."""
 
+import base64
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -26,6 +28,24 @@ def resign(doc: dict) -> bytes:
     doc = {k: v for k, v in doc.items() if k != "manifest_crc32c"}
     body = json.dumps(doc, separators=(",", ":")).encode()[:-1]
     return body + manifest.CRC_MEMBER + str(shardckpt.codecs.backend.crc32c(body)).encode() + b"}"
+
+
+def table(doc, key, field, columns, edit):
+    """Apply ``edit`` to a tensor's decoded shard or chunk table and encode it back."""
+    rows = np.frombuffer(base64.b64decode(doc["tensors"][key][field]), "<i8").reshape(-1, columns)
+    doc["tensors"][key][field] = base64.b64encode(edit(rows.copy()).astype("<i8").tobytes()).decode()
+
+
+def set_cell(row, col, value):
+    def edit(rows):
+        rows[row, col] = value
+        return rows
+    return edit
+
+
+def drop_last_chunk(doc):
+    table(doc, "w", "chunks", 7, lambda rows: rows[:-1])
+    table(doc, "w", "shards", 5, lambda rows: rows - np.array([0, 0, 0, 0, 1]))
 
 
 def rewrite(path, mutate) -> None:
@@ -68,9 +88,16 @@ def test_symlink_out_of_the_checkpoint_is_refused(saved, tmp_path):
     (lambda d: d["files"][0].update(size=-1), UnsafeCheckpointError),
     (lambda d: d["files"][0].update(base="../step-1"), UnsafeCheckpointError),
     (lambda d: d["tensors"]["w"].update(shape=[1 << 40, 1 << 40]), UnsafeCheckpointError),
-    (lambda d: d["tensors"]["w"]["shards"][0]["chunks"][0].__setitem__(2, 1 << 40),
-     UnsafeCheckpointError),
-    (lambda d: d["tensors"]["w"]["shards"][0]["chunks"].pop(), UnsafeCheckpointError),
+    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 2, 1 << 40)), UnsafeCheckpointError),
+    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 1, 3)), UnsafeCheckpointError),
+    (lambda d: table(d, "w", "chunks", 7, set_cell(1, 3, 0)), UnsafeCheckpointError),
+    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 0, 5)), UnsafeCheckpointError),
+    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 5, -1)), UnsafeCheckpointError),
+    (lambda d: table(d, "w", "shards", 5, set_cell(0, 0, 1)), UnsafeCheckpointError),
+    (lambda d: table(d, "w", "shards", 5, set_cell(0, 2, 65)), UnsafeCheckpointError),
+    (drop_last_chunk, UnsafeCheckpointError),
+    (lambda d: d["tensors"]["w"].update(chunks="not base64!"), CorruptCheckpointError),
+    (lambda d: d["tensors"]["w"].update(chunks="AAAA"), CorruptCheckpointError),
     (lambda d: d["tensors"]["w"].update(dtype="object"), UnsafeCheckpointError),
     (lambda d: d.update(tree={"pickle": "cos\nsystem\n"}), CorruptCheckpointError),
     (lambda d: d.update(tree={"tensor": "nope"}), CorruptCheckpointError),

@@ -1,6 +1,5 @@
 """A failing or dying rank: every surviving rank raises within the timeout, nothing commits."""
 
-import json
 import os
 import time
 
@@ -73,15 +72,13 @@ def _save_plain(rank, world, path):
 def test_corrupt_chunk_during_resharding_load_is_named(tmp_path):
     path = str(tmp_path / "ckpt")
     run_with_ranks(2, _save_plain, path)
-    m = json.load(open(os.path.join(path, "manifest.json")))
-    rank1_file = next(i for i, f in enumerate(m["files"]) if f["rank"] == 1)
-    shard = next(s for s in m["tensors"]["model/s0"]["shards"]
-                 if s["chunks"][0][0] == rank1_file)
-    chunk = shard["chunks"][0]
-    flip_byte(os.path.join(path, m["files"][rank1_file]["path"]), chunk[1] + 3)
+    m = shardckpt.read.open_manifest(*shardckpt.storage.open_checkpoint(path))
+    chunks = m.tensors["model/s0"].chunks
+    row = next(r for r in chunks if m.files[r[0]].rank == 1)  # a chunk rank 1 wrote
+    bad_file = m.files[row[0]].path
+    flip_byte(os.path.join(path, bad_file), int(row[1]) + 3)
     results = [r.value for r in run_with_ranks(3, _load_corrupt, path)]
     corrupt = [v for v in results if v[0] == "corrupt"]
-    assert corrupt and all(v[1:] == (m["files"][rank1_file]["path"], "model/s0")
-                           for v in corrupt)
+    assert corrupt and all(v[1:] == (bad_file, "model/s0") for v in corrupt)
     assert all(v[0] in ("corrupt", "rank failure") for v in results)
     assert any(v[0] == "rank failure" for v in results) or len(corrupt) == 3
