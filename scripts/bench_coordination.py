@@ -3,8 +3,8 @@
 Usage:
     python scripts/bench_coordination.py [--ranks 256,1024,4096] [--tensors 500] [--reps 1]
 
-Each simulated rank holds a Shard(0) piece of every tensor (uneven sizes) plus a few replicated
-plain tensors, exactly as ``plan.local_plan`` describes it. Timed, as the coordinator (rank 0)
+Each simulated rank holds a Shard(0) piece of every tensor (uneven sizes), a few replicated plain
+tensors and a per-rank data position, described as ``plan.local_plan`` does it. Timed, as the coordinator (rank 0)
 does it: parsing every rank's JSON plan, ``merge_plans`` (replica dedup, write assignment),
 parsing every rank's JSON write report, ``build_manifest`` and serializing it, and writing it
 with fsync. Not timed: what each rank does for itself in parallel (its own plan and report),
@@ -23,42 +23,57 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from shardckpt import manifest as manifest_mod  # noqa: E402
-from shardckpt.plan import merge_plans  # noqa: E402
-from shardckpt.saver import build_manifest  # noqa: E402
+import numpy as np  # noqa: E402
+
+from shardckpt import manifest as manifest_mod, tables  # noqa: E402
+from shardckpt.merge import build_manifest, merge_plans  # noqa: E402
+from shardckpt.tree import split_values  # noqa: E402
 
 REPLICATED = 10  # of the tensors, how many are plain replicated tensors (norms, counters)
 
 
 def rank_plan(rank: int, ranks: int, tensors: int) -> dict:
-    """What ``local_plan`` sends for this rank: tree + one row per tensor piece."""
-    rows, tree = [], []
+    """What ``plan.local_plan`` sends for this rank (built with its own helpers): the layout,
+    the tree's skeleton and values (the data position differs per rank), boxes, checksums."""
+    layout, boxes, crcs, tree = [], [], [], []
     for t in range(tensors):
         key = f"model/layers.{t // 8}.w{t % 8}"
         if t < REPLICATED:
-            rows.append([key, "float32", [4096], [0], [4096], False, 12345 + t])
+            layout.append([key, "float32", [4096], False])
+            boxes.append([0, 0, 4096, 0])
+            crcs.append(12345 + t)
         else:
             rows_total = ranks * 3 + t % 7  # uneven: some ranks hold one row more
             per, extra = divmod(rows_total, ranks)
             start = rank * per + min(rank, extra)
-            n = per + (rank < extra)
-            rows.append([key, "bfloat16", [rows_total, 512], [start, 0], [n, 512], True, None])
+            layout.append([key, "bfloat16", [rows_total, 512], True])
+            boxes.append([start, 0, per + (rank < extra), 512])
+            crcs.append(-1)
         tree.append([key.split("/", 1)[1], {"tensor": key}])
-    return {"tree": {"dict": [["model", {"dict": tree}], ["step", {"int": 100}]]},
-            "items": rows}
+    state_tree = {"dict": [["model", {"dict": tree}], ["step", {"int": 100}],
+                           ["data", {"dict": [["position", {"int": 1000 + rank}]]}]]}
+    skeleton, values = split_values(state_tree)
+    text = tables.pack_text
+    return {"layout": text(layout), "skeleton": text(skeleton), "values": text(values),
+            "width": 2, "boxes": tables.encode(np.array(boxes, np.int64)),
+            "crc": tables.encode(np.array(crcs, np.int64))}
 
 
-def rank_report(rank: int, plan: dict, assigned: list) -> dict:
-    """What ``write_rank`` sends back: one chunk per assigned piece, in one file."""
-    shards, offset = [], 16
-    for index, key in assigned:
-        _, dtype, _, offsets, shape, _, _ = plan["items"][index]
-        count = shape[0] * (shape[1] if len(shape) > 1 else 1)
+def rank_report(rank: int, plan: dict, assigned: np.ndarray) -> dict:
+    """What ``saver.write_rank`` sends back: one chunk per assigned piece, in one file."""
+    layout = tables.unpack_text(plan["layout"], "plan")
+    box = tables.decode(plan["boxes"], 4, "plan")
+    pieces, chunks, offset = [], [], 16
+    for index in assigned:
+        _, dtype, _, _ = layout[index]
+        count = int(box[index, 2] * (box[index, 3] or 1))
         length = count * (2 if dtype == "bfloat16" else 4)
-        shards.append([key, offsets, shape, [[0, offset, length, 0, count, 0, 0xDEADBEEF]]])
+        pieces.append([index, 1])
+        chunks.append([0, offset, length, 0, count, 0, 0xDEADBEEF])
         offset += length
     return {"files": [{"path": f"data/rank-{rank:05d}.bin", "size": offset}], "codecs": [[]],
-            "shards": shards, "raw_bytes": offset - 16}
+            "pieces": tables.encode(np.array(pieces, np.int64)),
+            "chunks": tables.encode(np.array(chunks, np.int64)), "raw_bytes": offset - 16}
 
 
 def simulate(ranks: int, tensors: int, workdir: str) -> dict:
@@ -69,7 +84,9 @@ def simulate(ranks: int, tensors: int, workdir: str) -> dict:
     t0 = time.perf_counter()
     plans = {r: json.loads(text) for r, text in enumerate(plan_texts)}
     gp = merge_plans(plans)
+    answers = {r: json.dumps({"assign": tables.encode(a)}) for r, a in gp.assign.items()}
     t_plan = time.perf_counter() - t0
+    assert len(answers) == ranks
 
     reports = [json.dumps(rank_report(r, plans[r], gp.assign[r])) for r in range(ranks)]
     t0 = time.perf_counter()

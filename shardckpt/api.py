@@ -21,7 +21,7 @@ from .place import match
 from .read import ReadPlan, data_paths, open_manifest
 from .saver import run_save
 from .storage import open_checkpoint
-from .tree import build, differences
+from .tree import build, escape, with_overrides
 from .types import HEADER_BYTES, Manifest
 from .write import WriteOptions
 
@@ -89,7 +89,7 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     storage, name = open_checkpoint(path, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
     stored = sum(f["size"] - HEADER_BYTES for f in report["files"])
-    return SaveInfo(storage.local_path(name), len(report["shards"]), report["raw_bytes"], stored,
+    return SaveInfo(storage.local_path(name), report["tensors"], report["raw_bytes"], stored,
                     time.perf_counter() - t0, report.get("stats", {}))
 
 
@@ -148,19 +148,27 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
 
 def tree_for(m: Manifest, rank: int, world: int, per_rank: str):
     """The saved tree this rank loads (FORMAT.md 3.5), by the ``per_rank`` rule."""
-    if m.rank_trees is None:
-        return m.tree
-    if world == m.world_size:
-        return m.rank_trees[rank]
-    if per_rank == "rank0":
-        return m.rank_trees[0]
-    if per_rank == "modulo":
-        return m.rank_trees[rank % m.world_size]
-    if per_rank != "error":
+    if per_rank not in ("error", "rank0", "modulo"):
         raise ValueError(f"per_rank must be 'error', 'rank0' or 'modulo', not {per_rank!r}")
-    why = (f"differs between the {m.world_size} saving ranks and this load runs on {world}; "
-           "pass per_rank='rank0' or per_rank='modulo', or leave it out of the state")
-    raise StateMismatchError(mismatched=[(p, why) for p in differences(list(m.rank_trees))])
+    if not m.rank_overrides:
+        return m.tree
+    if world != m.world_size and per_rank == "error":
+        why = (f"differs between the {m.world_size} saving ranks and this load runs on {world};"
+               " pass per_rank='rank0' or per_rank='modulo', or leave it out of the state")
+        paths = dict.fromkeys("/".join(escape(s) for s in path) or "<root>"
+                              for _, own in m.rank_overrides for path, _ in own)
+        raise StateMismatchError(mismatched=[(p, why) for p in paths])
+    source = rank if world == m.world_size else 0 if per_rank == "rank0" else \
+        rank % m.world_size
+    return saved_tree(m, source)
+
+
+def saved_tree(m: Manifest, rank: int):
+    """Saving rank ``rank``'s tree: the manifest's tree with that rank's overrides."""
+    if not 0 <= rank < m.world_size:
+        raise ValueError(f"rank {rank} is not among the {m.world_size} saving ranks")
+    own = dict(m.rank_overrides or ()).get(rank, [])
+    return with_overrides(m.tree, own)
 
 
 def load_full(path, *, rank: int = 0, threads: int | None = None,
@@ -182,10 +190,7 @@ def load_full(path, *, rank: int = 0, threads: int | None = None,
             plan.into(key, t)
         return made[key]
 
-    trees = m.rank_trees or (m.tree,)
-    if not 0 <= rank < len(trees):
-        raise ValueError(f"rank {rank} is not among the {m.world_size} saving ranks")
-    state = build(trees[rank], tensor)
+    state = build(saved_tree(m, rank), tensor)
     plan.run(paths, threads)
     return state
 

@@ -41,8 +41,8 @@ def to_json(m: Manifest) -> bytes:
         "tree": m.tree,
         "metadata": m.metadata,
     }
-    if m.rank_trees is not None:
-        doc["rank_trees"] = list(m.rank_trees)
+    if m.rank_overrides:
+        doc["rank_overrides"] = [list(o) for o in m.rank_overrides]
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()[:-1]
     return body + CRC_MEMBER + str(codecs.backend.crc32c(body)).encode() + b"}"
 
@@ -138,12 +138,8 @@ def parse(data: bytes) -> Manifest:
     sizes = np.array([f.size for f in files], dtype=np.int64)
     tensors = {k: _parse_tensor(k, v, sizes, chains) for k, v in doc["tensors"].items()}
     world_size = _int(doc["world_size"], "world_size", 1, 1 << 24)
-    rank_trees = doc.get("rank_trees")
-    if rank_trees is not None and (not isinstance(rank_trees, list)
-                                   or len(rank_trees) != world_size):
-        raise CorruptCheckpointError("rank_trees must hold one tree per saving rank",
-                                     file=MANIFEST_NAME)
-    for tree in [doc["tree"]] + (rank_trees or []):
+    overrides = _parse_overrides(doc.get("rank_overrides"), world_size)
+    for tree in [doc["tree"]] + [node for _, own in overrides or () for _, node in own]:
         missing = {k for k in tensor_keys(tree) if k not in tensors}
         if missing:
             raise CorruptCheckpointError(f"state tree names unknown tensors "
@@ -153,7 +149,27 @@ def parse(data: bytes) -> Manifest:
                     tree=doc["tree"], metadata=doc["metadata"],
                     writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
                     created_unix=doc.get("created_unix", 0.0),
-                    rank_trees=tuple(rank_trees) if rank_trees is not None else None)
+                    rank_overrides=overrides)
+
+
+def _parse_overrides(raw, world_size: int):
+    """``rank_overrides`` (FORMAT.md 3.5): ``[[rank, [[path, node], ...]], ...]``."""
+    if raw is None:
+        return None
+    bad = CorruptCheckpointError("rank_overrides must be [[rank, [[path, node], ...]], ...] "
+                                 "with distinct ranks below world_size", file=MANIFEST_NAME)
+    if not isinstance(raw, list):
+        raise bad
+    seen = set()
+    for entry in raw:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                and not isinstance(entry[0], bool) and 0 <= entry[0] < world_size
+                and entry[0] not in seen and isinstance(entry[1], list)
+                and all(isinstance(o, list) and len(o) == 2 and isinstance(o[0], list)
+                        for o in entry[1])):
+            raise bad
+        seen.add(entry[0])
+    return tuple((r, own) for r, own in raw)
 
 
 def _refuse_constant(name: str):

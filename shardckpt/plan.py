@@ -1,20 +1,18 @@
 """Plan a save: who writes which piece of which tensor, and which bytes become which chunks.
 
-Locally, each tensor becomes a contiguous CPU buffer (a copy only where it is not already one)
-cut into element-aligned chunks of about ``chunk_bytes``. Globally, the coordinator merges the
-ranks' local plans and assigns each distinct piece to exactly one rank.
+Each tensor becomes a contiguous CPU buffer (a copy only where it is not already one) cut into
+element-aligned chunks of about ``chunk_bytes``; ``local_plan`` describes what this rank holds
+for the coordinator, which merges all ranks' plans (merge.py).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
+import numpy as np
 import torch
 
-from . import codecs, knobs
-from .errors import UnsupportedValueError
-from .types import DTYPE_BY_TORCH, DTYPES, ChunkSource, TensorItem
+from . import codecs, knobs, tables
+from .tree import split_values
+from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -69,70 +67,19 @@ def _replica_crc(item: TensorItem, limit: int):
 
 
 def local_plan(tree: dict, items: list[TensorItem], world: int) -> dict:
-    """This rank's plan as JSON: its tree and, per tensor, what piece of what it holds
-    (replica checksums only where there are other ranks to compare with)."""
+    """This rank's plan as JSON text fields and int64 tables, cheap for the coordinator to
+    compare across thousands of ranks (merge.py): the tensor layout (key, dtype, global shape,
+    is-DTensor), the tree's skeleton and its values, each piece's box and replica checksum."""
     limit = knobs.get("replica_check_bytes") if world > 1 else -1
-    rows = [[it.key, DTYPE_BY_TORCH[it.tensor.dtype].name, list(it.global_shape),
-             list(it.offsets), list(it.tensor.shape), it.dtensor, _replica_crc(it, limit)]
-            for it in items]
-    return {"tree": tree, "items": rows}
-
-
-@dataclass
-class GlobalPlan:
-    """The coordinator's decision: who writes what under which key, and the tensor table."""
-
-    assign: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # rank -> (item, key)
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # dtype, shape
-    renames: dict[int, dict[str, str]] = field(default_factory=dict)  # per-rank tensor keys
-
-
-def _pieces(plans: dict[int, dict]):
-    """``{key: [(rank, index, dtype, global_shape, offsets, shape, dtensor, crc)]}``."""
-    pieces: dict[str, list] = {}
-    for rank, plan in sorted(plans.items()):
-        for index, (key, dtype, gshape, offsets, shape, dtensor, crc) in enumerate(plan["items"]):
-            pieces.setdefault(key, []).append(
-                (rank, index, dtype, tuple(gshape), tuple(offsets), tuple(shape), dtensor, crc))
-    return pieces
-
-
-def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
-    """Assign every distinct piece to one holder, balancing bytes; keep per-rank copies apart.
-
-    A DTensor piece held by several ranks (a replica) and a plain tensor whose copies agree are
-    written once, by the least-loaded holder. Plain tensors whose copies differ (per-rank RNG,
-    counters) are written by every holder under ``<key>@rank<r>``. Cost is linear in ranks x
-    tensors.
-    """
-    gp = GlobalPlan(assign={r: [] for r in plans}, renames={r: {} for r in plans})
-    boxes: dict[tuple, list] = {}
-    for key, held in _pieces(plans).items():
-        kinds = {(p[2], p[3], p[6]) for p in held}
-        if len(kinds) == 1 and held[0][6]:  # DTensor pieces: one global tensor
-            gp.tensors[key] = (held[0][2], held[0][3])
-            for p in held:
-                boxes.setdefault((key, p[4], p[5]), []).append(p)
-        elif len(kinds) == 1 and len({p[7] for p in held}) == 1:  # agreeing plain copies
-            gp.tensors[key] = (held[0][2], held[0][3])
-            boxes[(key, held[0][4], held[0][5])] = held
-        elif any(p[6] for p in held):
-            raise UnsupportedValueError(f"{key}: ranks disagree on this DTensor's dtype, shape "
-                                        f"or kind: {sorted(kinds)}")
-        else:  # per-rank values: each holder writes its own under its own key
-            for rank, index, dtype, gshape, *_ in held:
-                own = f"{key}@rank{rank}"
-                gp.tensors[own] = (dtype, gshape)
-                gp.renames[rank][key] = own
-                gp.assign[rank].append((index, own))
-    load = {r: 0 for r in plans}
-    sized = sorted(boxes.items(), key=lambda kv: -math.prod(kv[0][2]) * _itemsize(kv[1][0][2]))
-    for (key, _, shape), held in sized:
-        rank, index = min(((p[0], p[1]) for p in held), key=lambda ri: (load[ri[0]], ri[0]))
-        load[rank] += math.prod(shape) * _itemsize(held[0][2])
-        gp.assign[rank].append((index, key))
-    return gp
-
-
-def _itemsize(dtype_name: str) -> int:
-    return DTYPES[dtype_name].itemsize
+    layout = [[it.key, DTYPE_BY_TORCH[it.tensor.dtype].name, list(it.global_shape), it.dtensor]
+              for it in items]
+    width = max((len(it.global_shape) for it in items), default=0)
+    boxes = np.zeros((len(items), 2 * width), dtype=np.int64)
+    for i, it in enumerate(items):
+        nd = len(it.global_shape)
+        boxes[i, :nd], boxes[i, width:width + nd] = it.offsets, tuple(it.tensor.shape)
+    crcs = [_replica_crc(it, limit) for it in items]
+    skeleton, values = split_values(tree)
+    return {"layout": tables.pack_text(layout), "skeleton": tables.pack_text(skeleton),
+            "values": tables.pack_text(values), "width": width, "boxes": tables.encode(boxes),
+            "crc": tables.encode(np.array([-1 if c is None else c for c in crcs], np.int64))}

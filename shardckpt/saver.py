@@ -1,23 +1,25 @@
 """The save pipeline across ranks: plan -> write -> commit, as rounds of ``dist.Exchange``.
 
 Round ``plan``: every rank flattens its state and describes the pieces it holds; the coordinator
-merges the plans (``plan.merge_plans``), creates the temporary folder and answers who writes
-what. Round ``write``: every rank encodes and writes its pieces into its own data file and reports
-its chunk table; the coordinator builds the manifest and commits. A single process runs the same
-rounds through ``LocalExchange``.
+merges the plans (merge.py), creates the temporary folder and answers who writes what. Round
+``write``: every rank encodes and writes its pieces into its own data files and reports its chunk
+table; the coordinator builds the manifest and commits. A single process runs the same rounds
+through ``LocalExchange``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
-from . import manifest as manifest_mod
+import numpy as np
+
+from . import manifest as manifest_mod, tables
 from .commit import RenameCommit
 from .dist import exchange
-from .plan import local_plan, merge_plans, plan_chunks
-from .tree import flatten, rename_tensors
-from .types import DATA_DIR, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
+from .merge import build_manifest, merge_plans
+from .plan import local_plan, plan_chunks
+from .tree import flatten
+from .types import DATA_DIR, TensorItem
 from .write import CodecTable, WriteOptions, write_data_files
 
 
@@ -33,7 +35,8 @@ class Coordinator:
         self.plans, self.gp = plans, merge_plans(plans)
         self.tx.begin()
         self.begun = True
-        return {"tmp": self.tx.tmp, "assign": {str(r): a for r, a in self.gp.assign.items()}}
+        return {"tmp": self.tx.tmp,
+                "assign": {str(r): tables.encode(a) for r, a in self.gp.assign.items()}}
 
     def commit(self, results: dict[int, dict]) -> dict:
         m = build_manifest(self.gp, self.plans, results, self.metadata)
@@ -45,47 +48,31 @@ class Coordinator:
             self.tx.close()
 
 
-def build_manifest(gp, plans: dict[int, dict], results: dict[int, dict], metadata: dict
-                   ) -> Manifest:
-    """The global manifest from every rank's chunk table, with one codec table for all."""
-    files, table, shards = [], CodecTable(), {}
-    for rank in sorted(results):
-        res = results[rank]
-        base = len(files)
-        files += [FileEntry(f["path"], f["size"], rank) for f in res["files"]]
-        remap = [table.intern(tuple(c)) for c in res["codecs"]]
-        for key, offsets, shape, chunks in res["shards"]:
-            rows = [[base + c[0], c[1], c[2], c[3], c[4], remap[c[5]], c[6]] for c in chunks]
-            shards.setdefault(key, []).append((offsets, shape, rows))
-    tensors = {key: TensorEntry.build(DTYPES[dtype], tuple(shape), shards.get(key, []))
-               for key, (dtype, shape) in gp.tensors.items()}
-    trees = [rename_tensors(plans[r]["tree"], gp.renames[r]) if gp.renames[r]
-             else plans[r]["tree"] for r in sorted(plans)]
-    same = all(t == trees[0] for t in trees[1:])
-    return Manifest(world_size=len(plans), files=tuple(files), codecs=tuple(table.chains),
-                    tensors=tensors, tree=trees[0], metadata=metadata, created_unix=time.time(),
-                    rank_trees=None if same else tuple(trees))
-
-
-def write_rank(storage, tmp: str, rank: int, items: list[TensorItem], assigned,
+def write_rank(storage, tmp: str, rank: int, items: list[TensorItem], assigned: np.ndarray,
                opts: WriteOptions) -> dict:
-    """Write the pieces assigned to this rank into its data file; its chunk table as JSON."""
-    if not assigned:
-        return {"files": [], "codecs": [], "shards": [], "raw_bytes": 0}
-    chosen = [replace(items[index], key=key) for index, key in assigned]
+    """Write the pieces (item indices) assigned to this rank into its data files; the report:
+    files, codec chains, ``[item, nchunks]`` per piece and the chunk rows, as int64 tables."""
+    chosen = [replace(items[int(i)], key=str(int(i))) for i in assigned]
     rels = [f"{DATA_DIR}/rank-{rank:05d}" + (f".{i}" if i else "") + ".bin"
             for i in range(opts.files_per_rank)]
     sources, _hosts = plan_chunks(chosen, opts.chunk_bytes)  # hosts live until written
     table = CodecTable()
-    refs, sizes, stats = write_data_files([(storage.local_path(f"{tmp}/{r}"), r) for r in rels],
-                                          sources, opts, table)
-    by_key = {item.key: [] for item in chosen}
+    refs, sizes = [], []
+    if sources:
+        refs, sizes, stats = write_data_files(
+            [(storage.local_path(f"{tmp}/{r}"), r) for r in rels], sources, opts, table)
+    else:
+        stats = {}
+    rows = {item.key: [] for item in chosen}
     for src, ref in zip(sources, refs):
-        by_key[src.key].append(ref.as_list())
-    shards = [[it.key, list(it.offsets), list(it.tensor.shape), by_key[it.key]] for it in chosen]
+        rows[src.key].append(ref.as_list())
+    pieces = np.array([[int(it.key), len(rows[it.key])] for it in chosen], np.int64)
+    chunks = np.array([r for it in chosen for r in rows[it.key]], np.int64).reshape(-1, 7)
     return {"files": [{"path": r, "size": n} for r, n in zip(rels, sizes)],
-            "codecs": [list(c) for c in table.chains],
-            "shards": shards, "raw_bytes": sum(s.nbytes for s in sources), "stats": stats}
+            "codecs": [list(c) for c in table.chains], "pieces": tables.encode(pieces),
+            "chunks": tables.encode(chunks), "raw_bytes": sum(s.nbytes for s in sources),
+            "tensors": len(chosen),
+            "stats": stats}
 
 
 def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
@@ -104,8 +91,8 @@ def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, over
         answer = ex.round("plan", plan, error, coord and coord.plan)
         report, error = None, None
         try:
-            report = write_rank(storage, answer["tmp"], ex.rank, items,
-                                answer["assign"].get(str(ex.rank), []), opts)
+            assigned = tables.decode(answer["assign"][str(ex.rank)], 1, "assignment")[:, 0]
+            report = write_rank(storage, answer["tmp"], ex.rank, items, assigned, opts)
         except Exception as exc:
             error = exc
         ex.round("write", {k: v for k, v in (report or {}).items() if k != "stats"}, error,

@@ -1,17 +1,21 @@
-"""A tensor's shard and chunk tables (FORMAT.md 3.3): base64 of little-endian int64 rows.
+"""A tensor's shard and chunk tables (FORMAT.md 3.3): base64 of a zstd frame of int64 rows.
 
 A checkpoint of thousands of ranks holds millions of shards; kept as arrays they are encoded,
-decoded and validated with vectorized numpy work instead of a Python object per shard. Decoding
-treats the tables as untrusted: every rule of FORMAT.md 3.3 is checked before any data is read.
+decoded and validated with vectorized numpy work instead of a Python object per shard, and zstd
+shrinks them about 8x (small integers, repeated sizes). Decoding treats the tables as
+untrusted: every rule of FORMAT.md 3.3 is checked before any data is read.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+import threading
 
 import numpy as np
+import zstandard
 
 from . import codecs, knobs
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -22,8 +26,37 @@ PAIRWISE_LIMIT = 64  # up to this many shards, overlaps are checked pairwise
 MAX_GRID_CELLS = 1 << 24
 
 
+MAX_TABLE_BYTES = 1 << 33  # decoded size of one table a reader accepts
+
+
+_local = threading.local()  # zstd contexts are reused per thread (a merge decodes thousands)
+
+
+def _zstd():
+    if not hasattr(_local, "c"):
+        _local.c = zstandard.ZstdCompressor(level=1, write_content_size=True)
+        _local.d = zstandard.ZstdDecompressor()
+    return _local.c, _local.d
+
+
 def encode(rows: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(rows, dtype="<i8").tobytes()).decode("ascii")
+    raw = np.ascontiguousarray(rows, dtype="<i8").tobytes()
+    return base64.b64encode(_zstd()[0].compress(raw)).decode("ascii")
+
+
+def pack_text(obj) -> str:
+    """JSON text of ``obj``, zstd-compressed and base64-encoded: a compact, escape-free field
+    that the coordinator compares as a string across ranks and parses only when it differs."""
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return base64.b64encode(_zstd()[0].compress(text)).decode("ascii")
+
+
+def unpack_text(field: str, where: str):
+    """The object ``pack_text`` packed (the coordinator's own ranks wrote it)."""
+    try:
+        return json.loads(_zstd()[1].decompress(base64.b64decode(field, validate=True)))
+    except (binascii.Error, ValueError, zstandard.ZstdError) as exc:
+        raise CorruptCheckpointError(f"{where}: damaged packed field ({exc})") from None
 
 
 def encode_entry(t: TensorEntry) -> dict:
@@ -32,13 +65,21 @@ def encode_entry(t: TensorEntry) -> dict:
     return {"shards": encode(shards), "chunks": encode(t.chunks)}
 
 
-def _decode(text, columns: int, where: str) -> np.ndarray:
+def decode(text, columns: int, where: str) -> np.ndarray:
+    """An int64 table from base64 text; CorruptCheckpointError names ``where`` if malformed."""
     if not isinstance(text, str):
         raise CorruptCheckpointError(f"{where} is not a base64 string", file=MANIFEST_NAME)
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise CorruptCheckpointError(f"{where} is not valid base64", file=MANIFEST_NAME) from None
+        packed = base64.b64decode(text, validate=True)
+        size = zstandard.get_frame_parameters(packed).content_size
+        if size > MAX_TABLE_BYTES:  # also ZSTD_CONTENTSIZE_UNKNOWN, a huge sentinel
+            raise ValueError(f"declares {size} bytes")
+        raw = _zstd()[1].decompress(packed, max_output_size=size)
+        if len(raw) != size:
+            raise ValueError("decoded size differs from the declared one")
+    except (binascii.Error, ValueError, zstandard.ZstdError) as exc:
+        raise CorruptCheckpointError(f"{where} is not a base64 zstd frame of the table: {exc}",
+                                     file=MANIFEST_NAME) from None
     if len(raw) % (8 * columns):
         raise CorruptCheckpointError(f"{where} is not a table of {columns} int64 columns",
                                      file=MANIFEST_NAME)
@@ -53,8 +94,8 @@ def decode_entry(key: str, raw: dict, dtype: DType, shape: tuple, file_sizes: np
                  chains: list[tuple[int, int]]) -> TensorEntry:
     """A validated TensorEntry from the manifest's JSON entry."""
     where, nd = f"tensor {key!r}", len(shape)
-    shards = _decode(raw["shards"], 2 * nd + 1, f"{where} shards")
-    chunks = _decode(raw["chunks"], 7, f"{where} chunks")
+    shards = decode(raw["shards"], 2 * nd + 1, f"{where} shards")
+    chunks = decode(raw["chunks"], 7, f"{where} chunks")
     entry = TensorEntry(dtype, shape, shards[:, :2 * nd], shards[:, 2 * nd], chunks)
     _check_shards(entry, where)
     _check_chunks(entry, file_sizes, chains, where)

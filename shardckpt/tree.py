@@ -202,38 +202,70 @@ def tensor_keys(node, depth: int = 0):
 
 
 
-def rename_tensors(node, names: dict, depth: int = 0):
-    """A copy of a tree whose tensor leaves are renamed by ``names`` (others kept)."""
-    kind, payload = node_kind(node)
-    if kind == "tensor":
-        return {"tensor": names.get(payload, payload)}
-    if kind == "dict":
-        return {"dict": [[k, rename_tensors(v, names, depth + 1)] for k, v in payload]}
-    if kind in ("list", "tuple"):
-        return {kind: [rename_tensors(v, names, depth + 1) for v in payload]}
+LEAF_KINDS = ("int", "float", "str", "bool", "none", "dtype")
+
+
+def split_values(node) -> tuple[dict, list]:
+    """``(skeleton, values)``: the tree with each non-tensor leaf replaced by ``{"value": i}``,
+    and those leaves in order. Ranks' skeletons are usually equal even where values differ."""
+    values: list = []
+
+    def walk(n):
+        kind, payload = node_kind(n)
+        if kind in LEAF_KINDS:
+            values.append(n)
+            return {"value": len(values) - 1}
+        if kind == "dict":
+            return {"dict": [[k, walk(v)] for k, v in payload]}
+        if kind in ("list", "tuple"):
+            return {kind: [walk(v) for v in payload]}
+        return n
+    return walk(node), values
+
+
+def fill_values(skeleton, values: list | None) -> tuple[dict, dict, dict]:
+    """``(tree, value_paths, tensor_paths)``: the skeleton with its values put back (left as
+    placeholders when ``values`` is None), the path of each value by index, and the path of
+    each tensor key's first leaf."""
+    value_paths: dict = {}
+    tensor_paths: dict = {}
+
+    def walk(n, path):
+        kind, payload = node_kind(n)
+        if kind == "value":
+            value_paths[payload] = list(path)
+            return n if values is None else values[payload]
+        if kind == "tensor":
+            tensor_paths.setdefault(payload, list(path))
+            return n
+        if kind == "dict":
+            return {"dict": [[k, walk(v, path + (k,))] for k, v in payload]}
+        return {kind: [walk(v, path + (i,)) for i, v in enumerate(payload)]}
+    return walk(skeleton, ()), value_paths, tensor_paths
+
+
+def with_overrides(node, overrides: list):
+    """A copy of a tree with ``[path, node]`` overrides applied (paths from the root)."""
+    for path, value in overrides:
+        node = _replace(node, list(path), value)
     return node
 
 
-def differences(trees: list, path: tuple = ()) -> list[str]:
-    """Paths at which the trees (one per saved rank) hold different values or structure."""
-    first = trees[0]
-    if all(t == first for t in trees[1:]):
-        return []
-    kinds = {node_kind(t)[0] for t in trees}
-    where = "/".join(escape(s) for s in path) or "<root>"
-    if kinds == {"dict"}:
-        maps = [dict(dict_items(node_kind(t)[1])) for t in trees]
-        keys = list(dict.fromkeys(k for m in maps for k in m))
-        out = []
-        for k in keys:
-            if not all(k in m for m in maps):
-                out.append("/".join(escape(s) for s in path + (k,)))
-            else:
-                out.extend(differences([m[k] for m in maps], path + (k,)))
-        return out
-    if len(kinds) == 1 and kinds <= {"list", "tuple"}:
-        items = [node_kind(t)[1] for t in trees]
-        if len({len(i) for i in items}) == 1:
-            return [p for i in range(len(items[0]))
-                    for p in differences([it[i] for it in items], path + (i,))]
-    return [where]
+def _replace(node, path: list, value):
+    if not path:
+        return value
+    kind, payload = node_kind(node)
+    head = path[0]
+    if kind == "dict":
+        items = dict_items(payload)
+        if head not in (k for k, _ in items):
+            raise CorruptCheckpointError(f"per-rank override names a missing key {head!r}",
+                                         file="manifest.json")
+        return {"dict": [[k, _replace(v, path[1:], value) if k == head else v]
+                         for k, v in items]}
+    if kind in ("list", "tuple") and isinstance(payload, list) and isinstance(head, int) \
+            and not isinstance(head, bool) and 0 <= head < len(payload):
+        return {kind: [_replace(v, path[1:], value) if i == head else v
+                       for i, v in enumerate(payload)]}
+    raise CorruptCheckpointError(f"per-rank override path step {head!r} does not exist",
+                                 file="manifest.json")

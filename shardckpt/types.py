@@ -144,7 +144,7 @@ class Manifest:
     metadata: dict
     writer: dict = field(default_factory=dict)
     created_unix: float = 0.0
-    rank_trees: tuple | None = None  # one tree per saving rank, where ranks' states differ
+    rank_overrides: tuple | None = None  # [rank, [[path, node], ...]] where ranks differed
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import manifest
+from shardckpt import manifest, tables
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 
@@ -32,8 +32,8 @@ def resign(doc: dict) -> bytes:
 
 def table(doc, key, field, columns, edit):
     """Apply ``edit`` to a tensor's decoded shard or chunk table and encode it back."""
-    rows = np.frombuffer(base64.b64decode(doc["tensors"][key][field]), "<i8").reshape(-1, columns)
-    doc["tensors"][key][field] = base64.b64encode(edit(rows.copy()).astype("<i8").tobytes()).decode()
+    rows = tables.decode(doc["tensors"][key][field], columns, field)
+    doc["tensors"][key][field] = tables.encode(edit(rows.copy()))
 
 
 def set_cell(row, col, value):
@@ -98,6 +98,8 @@ def test_symlink_out_of_the_checkpoint_is_refused(saved, tmp_path):
     (drop_last_chunk, UnsafeCheckpointError),
     (lambda d: d["tensors"]["w"].update(chunks="not base64!"), CorruptCheckpointError),
     (lambda d: d["tensors"]["w"].update(chunks="AAAA"), CorruptCheckpointError),
+    (lambda d: d["tensors"]["w"].update(chunks=base64.b64encode(  # declares 16 GiB
+        bytes.fromhex("28b52ffde00000000004000000")).decode()), CorruptCheckpointError),
     (lambda d: d["tensors"]["w"].update(dtype="object"), UnsafeCheckpointError),
     (lambda d: d.update(tree={"pickle": "cos\nsystem\n"}), CorruptCheckpointError),
     (lambda d: d.update(tree={"tensor": "nope"}), CorruptCheckpointError),

@@ -1,0 +1,247 @@
+"""The coordinator's merge of every rank's plan, and the manifest built from their reports.
+
+Work is linear in ranks x tensors and vectorized: ranks with the same tensor layout or tree
+skeleton (the usual case) share one parsed copy, pieces are numpy rows, replicas are found by
+sorting 64-bit fingerprints of their boxes (checked exactly), and only pieces held by several
+ranks are assigned one at a time (to the least-loaded holder). ``scripts/bench_coordination.py``
+measures it at 4096 ranks x 500 tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import tables
+from .errors import UnsupportedValueError
+from .tree import fill_values, with_overrides
+from .types import DTYPES, FileEntry, Manifest, TensorEntry
+
+
+@dataclass
+class GlobalPlan:
+    """What the coordinator decided and needs again to build the manifest."""
+
+    keys: list[str] = field(default_factory=list)       # tensor table, by key id
+    dtypes: list[str] = field(default_factory=list)
+    shapes: list[tuple] = field(default_factory=list)
+    width: int = 0                                       # box columns: offsets, then shapes
+    assign: dict[int, np.ndarray] = field(default_factory=dict)  # rank -> item indices to write
+    kids: dict[int, np.ndarray] = field(default_factory=dict)    # rank -> key id of each item
+    layout_kids: dict[int, np.ndarray] = field(default_factory=dict)  # ... before renames
+    boxes: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> (items, 2 * width)
+
+
+class _Keys:
+    """The tensor table: key -> id with dtype, global shape and kind."""
+
+    def __init__(self, gp: GlobalPlan):
+        self.gp, self.ids, self.dtensor, self.clash = gp, {}, [], set()
+
+    def add(self, key: str, dtype: str, shape, dtensor: bool) -> int:
+        kid = self.ids.get(key)
+        if kid is None:
+            kid = self.ids[key] = len(self.gp.keys)
+            self.gp.keys.append(key)
+            self.gp.dtypes.append(dtype)
+            self.gp.shapes.append(tuple(shape))
+            self.dtensor.append(dtensor)
+        elif (self.gp.dtypes[kid], self.gp.shapes[kid], self.dtensor[kid]) != \
+                (dtype, tuple(shape), dtensor):
+            if dtensor or self.dtensor[kid]:
+                raise UnsupportedValueError(f"{key}: ranks disagree on this DTensor's dtype, "
+                                            "shape or kind")
+            self.clash.add(kid)  # plain tensors of different shapes: per-rank values
+        return kid
+
+
+def _pieces(plans: dict[int, dict], keys: _Keys):
+    """Every piece as parallel arrays: rank, item, key id, box row, replica checksum."""
+    parsed: dict[str, np.ndarray] = {}
+    ranks, items, kids, boxes, crcs = [], [], [], [], []
+    width = max(p["width"] for p in plans.values())
+    for rank, p in sorted(plans.items()):
+        if p["layout"] not in parsed:
+            layout = tables.unpack_text(p["layout"], f"rank {rank} plan")
+            parsed[p["layout"]] = np.array([keys.add(*row) for row in layout], dtype=np.int64)
+        kid = parsed[p["layout"]]
+        box = (tables.decode(p["boxes"], 2 * p["width"], f"rank {rank} plan") if p["width"]
+               else np.zeros((len(kid), 0), np.int64))
+        if p["width"] < width:  # pad offsets and shapes separately to the common width
+            pad = np.zeros((len(box), width - p["width"]), np.int64)
+            box = np.hstack([box[:, :p["width"]], pad, box[:, p["width"]:], pad])
+        ranks.append(np.full(len(kid), rank, np.int64))
+        items.append(np.arange(len(kid), dtype=np.int64))
+        kids.append(kid)
+        boxes.append(box)
+        crcs.append(tables.decode(p["crc"], 1, f"rank {rank} plan")[:, 0])
+        keys.gp.layout_kids[rank], keys.gp.kids[rank], keys.gp.boxes[rank] = kid, kid.copy(), box
+    cat = (lambda a: np.concatenate(a)) if ranks else (lambda a: np.zeros(0, np.int64))
+    return (cat(ranks), cat(items), cat(kids),
+            np.concatenate(boxes) if boxes else np.zeros((0, 2 * width), np.int64),
+            cat(crcs), width)
+
+
+def _fingerprint(rows: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per row (wrapping multiply-add); equal rows give equal fingerprints."""
+    h = np.zeros(len(rows), np.uint64)
+    with np.errstate(over="ignore"):
+        for col in rows.T.astype(np.uint64):
+            h = (h ^ col) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)
+    return h
+
+
+def _groups(rows: np.ndarray):
+    """``(order, starts)``: rows sorted so that equal rows are adjacent, and where each run of
+    equal rows begins. Fingerprints do the sorting; equality is then checked exactly."""
+    fp = _fingerprint(rows)
+    order = np.argsort(fp)
+    srt, fp = rows[order], fp[order]
+    new = np.ones(len(srt), bool)
+    new[1:] = np.any(srt[1:] != srt[:-1], axis=1)
+    if (new[1:] & (fp[1:] == fp[:-1])).any():  # a hash collision split a run: sort exactly
+        order = np.lexsort(rows.T[::-1])
+        srt = rows[order]
+        new[1:] = np.any(srt[1:] != srt[:-1], axis=1)
+    return order, np.flatnonzero(new)
+
+
+def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
+    """Assign each distinct piece to exactly one holder.
+
+    A DTensor piece held by several ranks (a replica) and a plain tensor whose copies agree are
+    written once, by the least-loaded holder. Plain tensors whose copies differ (per-rank RNG)
+    are written by every holder under ``<key>@rank<r>`` (tree overrides point there).
+    """
+    gp = GlobalPlan()
+    keys = _Keys(gp)
+    rank, item, kid, box, crc, gp.width = _pieces(plans, keys)
+    dtensor = np.array(keys.dtensor, bool)[kid] if len(kid) else np.zeros(0, bool)
+    itemsize = np.array([DTYPES[d].itemsize for d in gp.dtypes], np.int64)
+    nbytes = np.prod(box[:, gp.width:], axis=1) * itemsize[kid] if len(kid) else kid
+    # Plain tensors whose copies differ become per-rank keys.
+    plain = ~dtensor
+    order, starts = _groups(np.stack([kid[plain], crc[plain]], axis=1))
+    kids_plain = kid[plain][order]
+    per_key_runs = np.bincount(kids_plain[starts], minlength=len(gp.keys))
+    differ = (per_key_runs > 1) | np.isin(np.arange(len(gp.keys)), list(keys.clash))
+    own = plain & differ[kid]
+    for r, i, k in zip(rank[own], item[own], kid[own]):
+        new = keys.add(f"{gp.keys[k]}@rank{r}", gp.dtypes[k], gp.shapes[k], False)
+        gp.kids[int(r)][i] = new
+    # Everything else: group identical (key, box) pieces; single holders are forced.
+    shared = ~own
+    rows = np.concatenate([kid[shared, None], box[shared]], axis=1)
+    order, starts = _groups(rows)
+    holders = np.diff(np.append(starts, len(order)))
+    idx = np.flatnonzero(shared)[order]
+    single = holders == 1
+    pick = [idx[starts[single]]]
+    load = np.bincount(rank[pick[0]], weights=nbytes[pick[0]], minlength=max(plans) + 1)
+    multi = np.flatnonzero(~single)
+    for g in multi[np.argsort(-nbytes[idx[starts[multi]]], kind="stable")]:
+        members = idx[starts[g]:starts[g] + holders[g]]
+        best = members[np.argmin(load[rank[members]])]
+        load[rank[best]] += nbytes[best]
+        pick.append(np.array([best]))
+    chosen = np.concatenate(pick + [np.flatnonzero(own)])
+    chosen.sort()
+    for r in plans:
+        gp.assign[r] = np.zeros(0, np.int64)
+    bounds = np.searchsorted(rank[chosen], np.arange(len(load) + 1))
+    for r in plans:
+        gp.assign[r] = item[chosen[bounds[r]:bounds[r + 1]]]
+    return gp
+
+
+def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
+    """``(tree, overrides)``: saving rank 0's tree, and ``[rank, [[path, node], ...]]`` for
+    every rank whose values, skeleton or per-rank tensors differ from it (FORMAT.md 3.5).
+    Ranks sharing rank 0's skeleton cost a comparison of their values' text."""
+    paths: dict[str, tuple] = {}
+
+    def unpack(r, field):
+        return tables.unpack_text(plans[r][field], f"rank {r} plan")
+
+    def skeleton_paths(r):
+        if plans[r]["skeleton"] not in paths:
+            paths[plans[r]["skeleton"]] = fill_values(unpack(r, "skeleton"), None)[1:]
+        return paths[plans[r]["skeleton"]]
+    base_skeleton, base_text = plans[0]["skeleton"], plans[0]["values"]
+    base_values = unpack(0, "values")
+    tree = fill_values(unpack(0, "skeleton"), base_values)[0]
+    overrides = []
+    for r in sorted(plans):
+        own, p = [], plans[r]
+        if r and p["skeleton"] != base_skeleton:
+            own.append([[], fill_values(unpack(r, "skeleton"), unpack(r, "values"))[0]])
+        elif r and p["values"] != base_text:
+            value_paths = skeleton_paths(r)[0]
+            own += [[value_paths[i], v] for i, v in enumerate(unpack(r, "values"))
+                    if v != base_values[i]]
+        renamed = np.flatnonzero(gp.layout_kids[r] != gp.kids[r])
+        if len(renamed):
+            tensor_paths = skeleton_paths(r)[1]
+            own += [[tensor_paths[gp.keys[gp.layout_kids[r][i]]],
+                     {"tensor": gp.keys[gp.kids[r][i]]}] for i in renamed]
+        if r == 0:
+            tree = with_overrides(tree, own)  # rank 0's own per-rank tensors
+        elif own:
+            overrides.append([r, own])
+    return tree, overrides
+
+
+def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, dict],
+                   metadata: dict) -> Manifest:
+    """The global manifest from every rank's report (files, codecs, pieces, chunk rows)."""
+    files, chains, chain_ids = [], [], {}
+    piece_kid, piece_box, piece_count, chunk_rows = [], [], [], []
+    for rank in sorted(results):
+        res = results[rank]
+        base = len(files)
+        files += [FileEntry(f["path"], f["size"], rank) for f in res["files"]]
+        remap = np.array([chain_ids.setdefault(json.dumps(c), len(chain_ids)) for c in
+                          res["codecs"]] or [0], np.int64)
+        pieces = tables.decode(res["pieces"], 2, f"rank {rank} report")
+        rows = tables.decode(res["chunks"], 7, f"rank {rank} report")
+        rows[:, 0] += base
+        rows[:, 5] = remap[rows[:, 5]]
+        piece_kid.append(gp.kids[rank][pieces[:, 0]])
+        piece_box.append(gp.boxes[rank][pieces[:, 0]])
+        piece_count.append(pieces[:, 1])
+        chunk_rows.append(rows)
+    chains = [tuple(json.loads(c)) for c in chain_ids]
+    tensors = _tensor_entries(gp, np.concatenate(piece_kid), np.concatenate(piece_box),
+                              np.concatenate(piece_count), np.concatenate(chunk_rows))
+    tree, overrides = rank_trees(plans, gp)
+    return Manifest(world_size=len(plans), files=tuple(files), codecs=tuple(chains),
+                    tensors=tensors, tree=tree, metadata=metadata, created_unix=time.time(),
+                    rank_overrides=tuple(overrides) or None)
+
+
+def _tensor_entries(gp: GlobalPlan, kid, box, count, rows) -> dict[str, TensorEntry]:
+    """Per key: its pieces' boxes, chunk counts and chunk rows, by a stable sort on key id."""
+    first = np.concatenate([[0], np.cumsum(count)])
+    order = np.argsort(kid, kind="stable")
+    # Chunk rows follow their pieces: gather each piece's run of rows in the new order.
+    run_start = np.repeat(first[:-1][order], count[order])
+    within = np.arange(len(run_start)) - np.repeat(np.cumsum(count[order]) - count[order],
+                                                   count[order])
+    rows = rows[run_start + within]
+    kid, box, count = kid[order], box[order], count[order]
+    piece_at = np.searchsorted(kid, np.arange(len(gp.keys) + 1))
+    chunk_at = np.concatenate([[0], np.cumsum(count)])[piece_at]
+    out, w = {}, gp.width
+    for k, key in enumerate(gp.keys):
+        if piece_at[k] == piece_at[k + 1]:
+            continue  # every copy went to <key>@rank<r>
+        nd = len(gp.shapes[k])
+        b = box[piece_at[k]:piece_at[k + 1]]
+        out[key] = TensorEntry(DTYPES[gp.dtypes[k]], gp.shapes[k],
+                               np.concatenate([b[:, :nd], b[:, w:w + nd]], axis=1),
+                               count[piece_at[k]:piece_at[k + 1]].copy(),
+                               rows[chunk_at[k]:chunk_at[k + 1]])
+    return out
