@@ -149,8 +149,6 @@ def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
         pick.append(np.array([best]))
     chosen = np.concatenate(pick + [np.flatnonzero(own)])
     chosen.sort()
-    for r in plans:
-        gp.assign[r] = np.zeros(0, np.int64)
     bounds = np.searchsorted(rank[chosen], np.arange(len(load) + 1))
     for r in plans:
         gp.assign[r] = item[chosen[bounds[r]:bounds[r + 1]]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -73,20 +74,23 @@ class ReadPlan:
         self.after: list[Callable[[], None]] = []
         self._keep: list[torch.Tensor] = []
 
+    def _add(self, key: str, entry: TensorEntry, shard: ShardEntry, i: int, dest: int) -> None:
+        c = ChunkRef(*(int(v) for v in shard.chunks[i]))
+        kind, shuffle_size = self.kinds[c.codec]
+        self.by_file[c.file].append(ChunkRead(c, c.count * entry.dtype.itemsize, kind,
+                                              shuffle_size, dest, key, int(i)))
+
     def _shard(self, key: str, entry: TensorEntry, shard: ShardEntry, base: int,
                first: int = 0, last: int | None = None) -> None:
-        """Read the chunks of ``shard`` that overlap elements ``[first, last)`` into ``base``."""
-        itemsize = entry.dtype.itemsize
+        """Read the chunks of ``shard`` that overlap elements ``[first, last)`` into ``base``
+        (0: verify only)."""
         starts, counts = shard.chunks[:, 3], shard.chunks[:, 4]
         wanted = starts + counts > first
         if last is not None:
             wanted &= starts < last
         for i in np.flatnonzero(wanted):
-            c = ChunkRef(*(int(v) for v in shard.chunks[i]))
-            kind, shuffle_size = self.kinds[c.codec]
-            dest = base + c.start * itemsize if base else 0
-            self.by_file[c.file].append(ChunkRead(c, c.count * itemsize, kind, shuffle_size,
-                                                  dest, key, int(i)))
+            self._add(key, entry, shard, i, base + int(starts[i]) * entry.dtype.itemsize
+                      if base else 0)
 
     def into(self, key: str, target: torch.Tensor, offsets: tuple | None = None) -> None:
         """Fill ``target`` from every saved shard of tensor ``key`` that overlaps it.
@@ -107,26 +111,47 @@ class ReadPlan:
         for index in entry.overlapping(offsets, tuple(o + n for o, n in zip(offsets, shape))):
             shard = entry.shard(index)
             lo = tuple(max(a, b) for a, b in zip(shard.offsets, offsets))
-            hi = tuple(min(a + n, b + m) for a, n, b, m in
-                       zip(shard.offsets, shard.shape, offsets, shape))
-            whole = lo == shard.offsets and hi == tuple(o + n for o, n in
-                                                        zip(shard.offsets, shard.shape))
-            if direct and whole and _contiguous_within(shard.shape, shape):
-                at = _flat(tuple(a - b for a, b in zip(shard.offsets, offsets)), shape)
-                self._shard(key, entry, shard, local.data_ptr() + at * entry.dtype.itemsize)
-                continue
-            self._via_buffer(key, entry, shard, local, offsets, lo, hi)
+            box = tuple(min(a + n, b + m) - low for a, n, b, m, low in
+                        zip(shard.offsets, shard.shape, offsets, shape, lo))
+            if direct and _contiguous_within(box, shard.shape) and _contiguous_within(box, shape):
+                self._run(key, entry, shard, local, offsets, lo, box)
+            else:
+                self._via_buffer(key, entry, shard, local, offsets, lo, box)
 
-    def _via_buffer(self, key, entry, shard, local, offsets, lo, hi) -> None:
+    def _run(self, key, entry, shard, local, offsets, lo, box) -> None:
+        """The overlap is one contiguous run in both the saved shard and the target (same
+        layout, or Shard(0) pieces of another world size): chunks inside it decode straight
+        into the target; the (at most two) chunks straddling its ends go through their own
+        chunk-sized buffers."""
+        itemsize = entry.dtype.itemsize
+        first = _flat(tuple(a - b for a, b in zip(lo, shard.offsets)), shard.shape)
+        last = first + math.prod(box)
+        at = _flat(tuple(a - b for a, b in zip(lo, offsets)), tuple(local.shape))
+        base = local.data_ptr() + (at - first) * itemsize  # where shard element 0 would land
+        starts, counts = shard.chunks[:, 3], shard.chunks[:, 4]
+        inside = (starts >= first) & (starts + counts <= last)
+        for i in np.flatnonzero(inside):
+            self._add(key, entry, shard, i, base + int(starts[i]) * itemsize)
+        flat = local.view(-1)
+        for i in np.flatnonzero(~inside & (starts < last) & (starts + counts > first)):
+            start, count = int(starts[i]), int(counts[i])
+            buf = torch.empty(count, dtype=entry.dtype.torch)
+            self._keep.append(buf)
+            self._add(key, entry, shard, i, buf.data_ptr())
+            a, b = max(start, first), min(start + count, last)
+            dst, src = flat[at + a - first:at + b - first], buf[a - start:b - start]
+            self.after.append(lambda dst=dst, src=src: dst.copy_(src))
+
+    def _via_buffer(self, key, entry, shard, local, offsets, lo, box) -> None:
         """Decode the chunks covering the overlap into a shard-sized buffer, then copy the box."""
         buf = torch.empty(shard.shape, dtype=entry.dtype.torch)
         self._keep.append(buf)
         start = tuple(a - b for a, b in zip(lo, shard.offsets))
-        end = tuple(a - 1 - b for a, b in zip(hi, shard.offsets))
+        end = tuple(a + n - 1 for a, n in zip(start, box))
         self._shard(key, entry, shard, buf.data_ptr(), _flat(start, shard.shape),
                     _flat(end, shard.shape) + 1)
-        src = buf[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, shard.offsets))]
-        dst = local[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+        src = buf[tuple(slice(a, a + n) for a, n in zip(start, box))]
+        dst = local[tuple(slice(a - o, a - o + n) for a, o, n in zip(lo, offsets, box))]
         self.after.append(lambda: dst.copy_(src))
 
     def verify_all(self) -> None:
@@ -138,10 +163,14 @@ class ReadPlan:
     def run(self, paths: list[str], threads: int | None = None) -> None:
         """Fetch, verify and decode every planned chunk, then do the copies."""
         threads = knobs.get("read_threads") if threads is None else threads
-        for file_index, reads in sorted(self.by_file.items()):
-            args = [(r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size, r.ref.crc,
-                     r.dest) for r in reads]
-            status = codecs.backend.read_chunks(paths[file_index], args, threads)
+        files = sorted(self.by_file.items())
+        # Files are read concurrently (the native reads release the GIL), threads shared out.
+        per_file = threads or max(1, (os.cpu_count() or 1) // max(len(files), 1))
+        with ThreadPoolExecutor(max(len(files), 1)) as pool:
+            statuses = list(pool.map(lambda fr: codecs.backend.read_chunks(
+                paths[fr[0]], [(r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size,
+                                r.ref.crc, r.dest) for r in fr[1]], per_file), files))
+        for (file_index, reads), status in zip(files, statuses):
             raise_for(status, file=self.m.files[file_index].path,
                       describe=lambda i, reads=reads: (reads[i].tensor, reads[i].chunk_index))
         with torch.no_grad():
