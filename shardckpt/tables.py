@@ -122,25 +122,24 @@ def _check_chunks(t: TensorEntry, file_sizes: np.ndarray, chains, where: str) ->
         return
     file, offset, length, start, count, codec, crc = t.chunks.T
     limit = knobs.get("max_chunk_bytes")
-    if ((file < 0) | (file >= len(file_sizes))).any() or \
-            ((codec < 0) | (codec >= len(chains))).any():
-        raise _unsafe(where, "a chunk names a file or codec that does not exist")
-    if (offset < HEADER_BYTES).any() or (length < 1).any() or (start < 0).any() or \
-            (count < 1).any() or ((crc < 0) | (crc > 0xFFFFFFFF)).any() or \
-            (offset > MAX_VALUE).any() or (length > MAX_VALUE).any():
-        raise _unsafe(where, "a chunk has a negative, zero or absurd field")
+    # One combined test first (cheap for the many small tensors); the message comes after.
+    known = (file >= 0) & (file < len(file_sizes)) & (codec >= 0) & (codec < len(chains))
+    fields = ((offset >= HEADER_BYTES) & (length >= 1) & (start >= 0) & (count >= 1)
+              & (crc >= 0) & (crc <= 0xFFFFFFFF) & (offset <= MAX_VALUE)
+              & (length <= MAX_VALUE) & (count <= limit // t.dtype.itemsize))
+    if not (known & fields).all():
+        raise _unsafe(where, "a chunk names a missing file or codec, or has a negative, zero "
+                             f"or absurd field (decoded chunks are limited to {limit} bytes)")
     if (offset + length > file_sizes[file]).any():
         raise _unsafe(where, "a chunk's bytes lie outside its data file")
-    if (count > limit // t.dtype.itemsize).any():
-        raise _unsafe(where, f"a chunk decodes to more than the {limit}-byte limit")
     kinds = np.array([k for k, _ in chains], np.int64)[codec]
     shuffle = np.array([s for _, s in chains], np.int64)[codec]
     raw = count * t.dtype.itemsize
     plain = (kinds == codecs.RAW) | (kinds == codecs.SHUFFLE)
-    if (length[plain] != raw[plain]).any():
+    if (plain & (length != raw)).any():
         raise _unsafe(where, "an unencoded chunk does not store exactly its raw bytes")
     shuffled = (kinds == codecs.SHUFFLE) | (kinds == codecs.SHUFFLE_ZSTD)
-    if (raw[shuffled] % shuffle[shuffled]).any():
+    if (shuffled & (raw % shuffle != 0)).any():
         raise _unsafe(where, "a shuffled chunk is not a whole number of elements")
 
 
