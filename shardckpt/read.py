@@ -108,6 +108,9 @@ class ReadPlan:
                   and not local.is_conj() and not local.is_neg())
         if not local.numel():
             return
+        if direct and len(entry.boxes) == 1 and shape == entry.shape:
+            self._whole(key, entry, local)  # the common single-process case, without numpy
+            return
         for index in entry.overlapping(offsets, tuple(o + n for o, n in zip(offsets, shape))):
             shard = entry.shard(index)
             lo = tuple(max(a, b) for a, b in zip(shard.offsets, offsets))
@@ -117,6 +120,15 @@ class ReadPlan:
                 self._run(key, entry, shard, local, offsets, lo, box)
             else:
                 self._via_buffer(key, entry, shard, local, offsets, lo, box)
+
+    def _whole(self, key: str, entry: TensorEntry, local: torch.Tensor) -> None:
+        """One saved shard, the whole tensor, into a dense CPU target: every chunk in place."""
+        itemsize, base = entry.dtype.itemsize, local.data_ptr()
+        for i, row in enumerate(entry.chunks.tolist()):
+            c = ChunkRef(*row)
+            kind, shuffle_size = self.kinds[c.codec]
+            self.by_file[c.file].append(ChunkRead(c, c.count * itemsize, kind, shuffle_size,
+                                                  base + c.start * itemsize, key, i))
 
     def _run(self, key, entry, shard, local, offsets, lo, box) -> None:
         """The overlap is one contiguous run in both the saved shard and the target (same
