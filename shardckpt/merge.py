@@ -147,8 +147,9 @@ def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
         best = members[np.argmin(load[rank[members]])]
         load[rank[best]] += nbytes[best]
         pick.append(np.array([best]))
-    chosen = np.concatenate(pick + [np.flatnonzero(own)])
-    chosen.sort()
+    mask = own.copy()
+    mask[np.concatenate(pick)] = True
+    chosen = np.flatnonzero(mask)  # already in (rank, item) order: no sort
     bounds = np.searchsorted(rank[chosen], np.arange(len(load) + 1))
     for r in plans:
         gp.assign[r] = item[chosen[bounds[r]:bounds[r + 1]]]
@@ -220,10 +221,17 @@ def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, di
                     rank_overrides=tuple(overrides) or None)
 
 
+def _stable_order(values: np.ndarray) -> np.ndarray:
+    """A stable argsort; small non-negative ids take numpy's linear-time radix sort."""
+    if len(values) and values.max() < 1 << 16:
+        return np.argsort(values.astype(np.uint16), kind="stable")
+    return np.argsort(values, kind="stable")
+
+
 def _tensor_entries(gp: GlobalPlan, kid, box, count, rows) -> dict[str, TensorEntry]:
     """Per key: its pieces' boxes, chunk counts and chunk rows, by a stable sort on key id."""
     first = np.concatenate([[0], np.cumsum(count)])
-    order = np.argsort(kid, kind="stable")
+    order = _stable_order(kid)
     # Chunk rows follow their pieces: gather each piece's run of rows in the new order.
     run_start = np.repeat(first[:-1][order], count[order])
     within = np.arange(len(run_start)) - np.repeat(np.cumsum(count[order]) - count[order],
