@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 import shardckpt
 from tests.data.golden.make_golden import golden_state
