@@ -29,6 +29,14 @@ class RemoteError(CheckpointError):
     """An exception raised on another rank, as that rank described it."""
 
 
+class PerRank:
+    """A decision with a part for each rank: every rank receives ``common`` with its own part
+    under ``"mine"``, each part through its own store key (a rank never downloads the others')."""
+
+    def __init__(self, common: dict, parts: dict[int, Any]):
+        self.common, self.parts = common, parts
+
+
 def _describe(exc: BaseException) -> dict:
     return {"type": type(exc).__name__, "message": str(exc)}
 
@@ -90,6 +98,10 @@ class Exchange:
         if "failures" in answer:
             self._raise({int(r): RemoteError(f"{f['type']}: {f['message']}")
                          for r, f in answer["failures"].items()}, error)
+        if answer.get("per_rank"):
+            mine = f"{prefix}/answer/{self.rank}"
+            answer["ok"]["mine"] = json.loads(self.store.get(mine))
+            self.store.delete_key(mine)
         return answer["ok"]
 
     def _coordinate(self, prefix: str, decide, deadline: float) -> None:
@@ -102,6 +114,7 @@ class Exchange:
                                f"within {self.timeout:.0f} s (dead or stuck)"}
                 continue
             post = json.loads(self.store.get(f"{prefix}/{r}"))
+            self.store.delete_key(f"{prefix}/{r}")  # read once; the store must not grow per save
             if "error" in post:
                 failures[r] = post["error"]
             else:
@@ -112,6 +125,10 @@ class Exchange:
                 answer = {"ok": decide(payloads)}
             except Exception as exc:  # the coordinator's own failure is a rank failure too
                 answer = {"failures": {COORDINATOR: _describe(exc)}}
+        if isinstance(answer.get("ok"), PerRank):
+            for r, part in answer["ok"].parts.items():  # before the answer that announces them
+                self.store.set(f"{prefix}/answer/{r}", json.dumps(part))
+            answer = {"ok": answer["ok"].common, "per_rank": True}
         self.store.set(f"{prefix}/answer", json.dumps(answer))
 
     def _raise(self, failures: dict[int, BaseException], own: BaseException | None):
@@ -129,7 +146,10 @@ class LocalExchange:
               raise_own: bool = False) -> Any:
         if error is not None:
             raise error
-        return decide({0: json.loads(json.dumps(payload))})
+        answer = decide({0: json.loads(json.dumps(payload))})
+        if isinstance(answer, PerRank):
+            return {**answer.common, "mine": answer.parts[0]}
+        return answer
 
 
 def exchange(timeout: float | None = None):

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import manifest as manifest_mod, tables
 from .commit import RenameCommit
-from .dist import exchange
+from .dist import PerRank, exchange
 from .merge import build_manifest, merge_plans
 from .plan import local_plan, plan_chunks
 from .tree import flatten
@@ -35,8 +35,8 @@ class Coordinator:
         self.plans, self.gp = plans, merge_plans(plans)
         self.tx.begin()
         self.begun = True
-        return {"tmp": self.tx.tmp,
-                "assign": {str(r): tables.encode(a) for r, a in self.gp.assign.items()}}
+        return PerRank({"tmp": self.tx.tmp},
+                       {r: tables.encode(a) for r, a in self.gp.assign.items()})
 
     def commit(self, results: dict[int, dict]) -> dict:
         m = build_manifest(self.gp, self.plans, results, self.metadata)
@@ -91,7 +91,7 @@ def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, over
         answer = ex.round("plan", plan, error, coord and coord.plan)
         report, error = None, None
         try:
-            assigned = tables.decode(answer["assign"][str(ex.rank)], 1, "assignment")[:, 0]
+            assigned = tables.decode(answer["mine"], 1, "assignment")[:, 0]
             report = write_rank(storage, answer["tmp"], ex.rank, items, assigned, opts)
         except Exception as exc:
             error = exc
