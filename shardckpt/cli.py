@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import codecs, read, storage
@@ -55,6 +56,9 @@ def main(argv=None) -> int:
     except CheckpointError as exc:
         print(f"shardckpt: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `shardckpt inspect PATH | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":
