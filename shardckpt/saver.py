@@ -48,37 +48,84 @@ class Coordinator:
             self.tx.close()
 
 
-def write_rank(storage, tmp: str, rank: int, items: list[TensorItem], assigned: np.ndarray,
+def _rels(rank: int, batch: int, files: int) -> list[str]:
+    stem = f"{DATA_DIR}/rank-{rank:05d}" + (f".b{batch}" if batch else "")
+    return [stem + (f".{i}" if i else "") + ".bin" for i in range(files)]
+
+
+def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
                opts: WriteOptions) -> dict:
-    """Write the pieces (item indices) assigned to this rank into its data files; the report:
-    files, codec chains, ``[item, nchunks]`` per piece and the chunk rows, as int64 tables."""
-    chosen = [replace(items[int(i)], key=str(int(i))) for i in assigned]
-    rels = [f"{DATA_DIR}/rank-{rank:05d}" + (f".{i}" if i else "") + ".bin"
-            for i in range(opts.files_per_rank)]
-    sources, _hosts = plan_chunks(chosen, opts.chunk_bytes)  # hosts live until written
-    table = CodecTable()
-    refs, sizes = [], []
-    if sources:
-        refs, sizes, stats = write_data_files(
-            [(storage.local_path(f"{tmp}/{r}"), r) for r in rels], sources, opts, table)
-    else:
-        stats = {}
-    rows = {item.key: [] for item in chosen}
-    for src, ref in zip(sources, refs):
-        rows[src.key].append(ref.as_list())
-    pieces = np.array([[int(it.key), len(rows[it.key])] for it in chosen], np.int64)
-    chunks = np.array([r for it in chosen for r in rows[it.key]], np.int64).reshape(-1, 7)
-    return {"files": [{"path": r, "size": n} for r, n in zip(rels, sizes)],
-            "codecs": [list(c) for c in table.chains], "pieces": tables.encode(pieces),
-            "chunks": tables.encode(chunks), "raw_bytes": sum(s.nbytes for s in sources),
-            "tensors": len(chosen),
-            "stats": stats}
+    """Write this rank's pieces into its data files, batch after batch; the report: files,
+    codec chains, ``[item, nchunks]`` per piece and the chunk rows, as int64 tables.
+
+    ``batches`` yields ``(sources, done)``: chunk sources whose ``key`` is the item index as
+    text, and a callback run once they are written (it frees a staging buffer), or None.
+    ``pieces`` lists every piece's key (an empty tensor has no chunks, but is a piece).
+    """
+    files, table, stats, raw = [], CodecTable(), {}, 0
+    rows: dict[str, list] = {key: [] for key in pieces}
+    for batch, (sources, done) in enumerate(batches):
+        rels = _rels(rank, batch, opts.files_per_rank)
+        refs, sizes = [], []
+        if sources:
+            refs, sizes, stats = write_data_files(
+                [(storage.local_path(f"{tmp}/{r}"), r) for r in rels], sources, opts, table)
+        for src, ref in zip(sources, refs):
+            row = ref.as_list()
+            row[0] += len(files)
+            rows[src.key].append(row)
+        files += [{"path": r, "size": n} for r, n in zip(rels, sizes)]
+        raw += sum(s.nbytes for s in sources)
+        if done is not None:
+            done()
+    counts = np.array([[int(k), len(v)] for k, v in rows.items()], np.int64).reshape(-1, 2)
+    chunks = np.array([r for v in rows.values() for r in v], np.int64).reshape(-1, 7)
+    return {"files": files, "codecs": [list(c) for c in table.chains],
+            "pieces": tables.encode(counts), "chunks": tables.encode(chunks), "raw_bytes": raw,
+            "tensors": len(rows), "stats": stats}
 
 
-def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
-             timeout: float | None) -> dict:
-    """Every rank's save; returns this rank's write report. Raises RankFailureError (several
-    ranks) or the error itself (one process)."""
+class PlannedSave:
+    """A save whose plan round is done: this rank knows what it writes and where."""
+
+    def __init__(self, ex, coord, storage, answer: dict, items: list[TensorItem], opts):
+        self.ex, self.coord, self.storage, self.opts = ex, coord, storage, opts
+        self.tmp, self.items = answer["tmp"], items
+        self.assigned = tables.decode(answer["mine"], 1, "assignment")[:, 0]
+
+    def pieces(self) -> list[TensorItem]:
+        """The items this rank writes, keyed by their item index."""
+        return [replace(self.items[int(i)], key=str(int(i))) for i in self.assigned]
+
+    def finish(self, batches=None) -> dict:
+        """The write round and the commit; returns this rank's report. ``batches`` as for
+        ``write_rank`` (default: every piece at once, from the tensors themselves)."""
+        try:
+            report, error = None, None
+            try:
+                if batches is None:
+                    sources, hosts = plan_chunks(self.pieces(), self.opts.chunk_bytes)
+                    batches = [(sources, hosts.clear)]  # hosts live until written
+                keys = [str(int(i)) for i in self.assigned]
+                report = write_rank(self.storage, self.tmp, self.ex.rank, keys, batches,
+                                    self.opts)
+            except Exception as exc:
+                error = exc
+            self.ex.round("write", {k: v for k, v in (report or {}).items() if k != "stats"},
+                          error, self.coord and self.coord.commit)
+            return report
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.coord is not None:
+            self.coord.close()
+
+
+def plan_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
+              timeout: float | None) -> PlannedSave:
+    """Flatten the state and run the plan round (collective). Raises RankFailureError (several
+    ranks) or the error itself (one process); then nothing was created."""
     ex = exchange(timeout)
     coord = Coordinator(storage, name, overwrite, metadata) if ex.rank == 0 else None
     try:
@@ -89,15 +136,14 @@ def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, over
         except Exception as exc:
             error = exc
         answer = ex.round("plan", plan, error, coord and coord.plan)
-        report, error = None, None
-        try:
-            assigned = tables.decode(answer["mine"], 1, "assignment")[:, 0]
-            report = write_rank(storage, answer["tmp"], ex.rank, items, assigned, opts)
-        except Exception as exc:
-            error = exc
-        ex.round("write", {k: v for k, v in (report or {}).items() if k != "stats"}, error,
-                 coord and coord.commit)
-        return report
-    finally:
+        return PlannedSave(ex, coord, storage, answer, items, opts)
+    except BaseException:
         if coord is not None:
             coord.close()
+        raise
+
+
+def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
+             timeout: float | None) -> dict:
+    """Every rank's synchronous save; returns this rank's write report."""
+    return plan_save(state, storage, name, opts, metadata, overwrite, timeout).finish()
