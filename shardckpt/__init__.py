@@ -6,13 +6,15 @@ The public surface is small: ``save``, ``load``, ``load_full``, ``verify`` and t
 
 from ._version import __version__
 from .api import SaveInfo, VerifyReport, load, load_full, save, verify
+from .asyncsave import SaveHandle, SaveInProgressError, async_save
 from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError,
                      CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
                      RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
                      UnsupportedValueError)
 
 __all__ = [
-    "__version__", "save", "load", "load_full", "verify", "SaveInfo", "VerifyReport",
+    "__version__", "save", "async_save", "load", "load_full", "verify", "SaveInfo",
+    "SaveHandle", "SaveInProgressError", "VerifyReport",
     "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",

@@ -62,6 +62,17 @@ class Faults:
             return (code, message, 0, err), [], {}
         self.mp.setattr(codecs.backend, "write_file", failing)
 
+    def slow_writes(self, seconds: float) -> None:
+        """Make every data file write take ``seconds`` longer (a slow disk)."""
+        import time
+        from shardckpt import codecs
+        real = codecs.backend.write_file
+
+        def slow(*args):
+            time.sleep(seconds)
+            return real(*args)
+        self.mp.setattr(codecs.backend, "write_file", slow)
+
     def use_reference_codec(self) -> None:
         """Run the pure-Python reference codec instead of the native core."""
         from shardckpt import codecs
