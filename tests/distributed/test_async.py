@@ -1,7 +1,6 @@
 """async_save on several ranks: snapshot at the call, commit in the background, failures on all."""
 
 import pytest
-import torch
 
 import shardckpt
 from shardckpt import status
