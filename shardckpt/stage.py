@@ -76,20 +76,24 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1)
 
 
-def _batches(pieces: list[TensorItem], chunk_bytes: int, slot_bytes: int):
-    """Lists of ``(piece, flat tensor, start, count)`` chunks, each list <= ``slot_bytes``."""
+def _batches(pieces: list[TensorItem], slot_bytes: int):
+    """Lists of ``(piece, flat tensor, start, count)`` runs, each list <= ``slot_bytes``: a
+    piece is one run when it fits, else it is cut where the slot is full. Empty pieces have
+    nothing to stage."""
     batch, used = [], 0
     for piece in pieces:
         flat = _flat(piece.tensor)
-        itemsize = flat.element_size()
-        size = max(itemsize, min(chunk_bytes, slot_bytes - ALIGN))
-        for start, count in chunk_ranges(flat.numel(), itemsize, size):
-            need = -(-count * itemsize // ALIGN) * ALIGN
-            if batch and used + need > slot_bytes:
+        itemsize, start = flat.element_size(), 0
+        while start < flat.numel():
+            room = (slot_bytes - used) // itemsize
+            if room < 1:  # this slot is full: the rest goes to the next one
                 yield batch
                 batch, used = [], 0
+                continue
+            count = min(flat.numel() - start, room)
             batch.append((piece, flat, start, count))
-            used += need
+            used += -(-count * itemsize // ALIGN) * ALIGN
+            start += count
     if batch:
         yield batch
 
@@ -119,7 +123,7 @@ class Stager:
     def run(self) -> None:
         """Copy every chunk; blocks while both slots wait to be written (streaming)."""
         try:
-            for n, batch in enumerate(_batches(self.pieces, self.chunk_bytes, self.slot_bytes)):
+            for n, batch in enumerate(_batches(self.pieces, self.slot_bytes)):
                 slot = self.slots[n % len(self.slots)]
                 slot.free.wait()
                 if self.aborted:  # the writer failed: nothing more to copy
@@ -130,14 +134,17 @@ class Stager:
             self.queue.put(None)
 
     def _copy(self, batch, memory: torch.Tensor) -> list[ChunkSource]:
+        """One copy per run, then the run is cut into chunks of about ``chunk_bytes``."""
         sources, offset = [], 0
         for piece, flat, start, count in batch:
             dtype = DTYPE_BY_TORCH[flat.dtype]
             nbytes = count * dtype.itemsize
             dst = memory[offset:offset + nbytes].view(flat.dtype)
             self._copy_one(dst, flat[start:start + count])
-            sources.append(ChunkSource(piece.key, dst.data_ptr(), nbytes, dtype.shuffle_size,
-                                       start, count))
+            base = dst.data_ptr()
+            for at, n in chunk_ranges(count, dtype.itemsize, self.chunk_bytes):
+                sources.append(ChunkSource(piece.key, base + at * dtype.itemsize,
+                                           n * dtype.itemsize, dtype.shuffle_size, start + at, n))
             offset += -(-nbytes // ALIGN) * ALIGN
         if self.device_stream is not None:
             self.device_stream.synchronize()  # the batch's device copies have landed
