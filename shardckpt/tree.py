@@ -192,6 +192,9 @@ def tensor_keys(node, depth: int = 0):
         raise CorruptCheckpointError("state tree nested too deeply", file="manifest.json")
     kind, payload = node_kind(node)
     if kind == "tensor":
+        if not isinstance(payload, str):
+            raise CorruptCheckpointError(f"tensor node names {payload!r:.40}, not a key",
+                                         file="manifest.json")
         yield payload
     elif kind == "dict":
         for _, v in dict_items(payload):

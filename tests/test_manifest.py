@@ -103,6 +103,8 @@ def test_symlink_out_of_the_checkpoint_is_refused(saved, tmp_path):
     (lambda d: d["tensors"]["w"].update(dtype="object"), UnsafeCheckpointError),
     (lambda d: d.update(tree={"pickle": "cos\nsystem\n"}), CorruptCheckpointError),
     (lambda d: d.update(tree={"tensor": "nope"}), CorruptCheckpointError),
+    (lambda d: d.update(tree={"dict": [["a", {"tensor": None}], ["b", {"tensor": 0}]]}),
+     CorruptCheckpointError),  # found by the fuzz test below
 ])
 def test_hostile_manifests_are_refused(saved, mutate, error):
     rewrite(saved, mutate)
