@@ -32,6 +32,7 @@ class GlobalPlan:
     assign: dict[int, np.ndarray] = field(default_factory=dict)  # rank -> item indices to write
     kids: dict[int, np.ndarray] = field(default_factory=dict)    # rank -> key id of each item
     layout_kids: dict[int, np.ndarray] = field(default_factory=dict)  # ... before renames
+    layouts: dict[int, list] = field(default_factory=dict)  # rank -> [key, dtype, shape, dt]
     boxes: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> (items, 2 * width)
 
 
@@ -60,14 +61,15 @@ class _Keys:
 
 def _pieces(plans: dict[int, dict], keys: _Keys):
     """Every piece as parallel arrays: rank, item, key id, box row, replica checksum."""
-    parsed: dict[str, np.ndarray] = {}
+    parsed: dict[str, tuple] = {}
     ranks, items, kids, boxes, crcs = [], [], [], [], []
     width = max(p["width"] for p in plans.values())
     for rank, p in sorted(plans.items()):
         if p["layout"] not in parsed:
             layout = tables.unpack_text(p["layout"], f"rank {rank} plan")
-            parsed[p["layout"]] = np.array([keys.add(*row) for row in layout], dtype=np.int64)
-        kid = parsed[p["layout"]]
+            parsed[p["layout"]] = (np.array([keys.add(*row) for row in layout], np.int64),
+                                   layout)
+        kid, keys.gp.layouts[rank] = parsed[p["layout"]]
         box = (tables.decode(p["boxes"], 2 * p["width"], f"rank {rank} plan") if p["width"]
                else np.zeros((len(kid), 0), np.int64))
         if p["width"] < width:  # pad offsets and shapes separately to the common width
@@ -130,7 +132,8 @@ def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
     differ = (per_key_runs > 1) | np.isin(np.arange(len(gp.keys)), list(keys.clash))
     own = plain & differ[kid]
     for r, i, k in zip(rank[own], item[own], kid[own]):
-        new = keys.add(f"{gp.keys[k]}@rank{r}", gp.dtypes[k], gp.shapes[k], False)
+        _, dtype, shape, _ = gp.layouts[int(r)][i]  # this rank's own dtype and shape
+        new = keys.add(f"{gp.keys[k]}@rank{r}", dtype, shape, False)
         gp.kids[int(r)][i] = new
     # Everything else: group identical (key, box) pieces; single holders are forced.
     shared = ~own

@@ -107,3 +107,16 @@ def test_replicated_tensors_are_written_once(saved):
     assert raw == want  # one copy of everything replicated, plus the per-rank RNG copies
     assert len({f.rank for f in m.files}) >= 2  # the writes were spread over ranks
     shardckpt.verify(path)
+
+
+def _save_uneven_per_rank(rank, world, path):
+    state = {"buf": torch.arange(rank + 2, dtype=torch.float64 if rank else torch.float32)}
+    shardckpt.save(state, path, timeout=30)
+
+
+def test_per_rank_tensors_of_different_shapes_and_dtypes(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_with_ranks(2, _save_uneven_per_rank, path)
+    assert torch.equal(shardckpt.load_full(path)["buf"], torch.arange(2, dtype=torch.float32))
+    assert torch.equal(shardckpt.load_full(path, rank=1)["buf"],
+                       torch.arange(3, dtype=torch.float64))
