@@ -18,10 +18,10 @@ import torch
 from .dist import exchange
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
-from .read import ReadPlan, data_paths, open_manifest
+from .read import ReadPlan, open_for_read
 from .saver import run_save
 from .storage import open_checkpoint
-from .tree import build, escape, with_overrides
+from .tree import build, path_text, with_overrides
 from .types import HEADER_BYTES, Manifest
 from .write import WriteOptions
 
@@ -36,6 +36,13 @@ class SaveInfo:
     stored_bytes: int
     seconds: float
     stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_report(cls, path: str, report: dict, seconds: float) -> "SaveInfo":
+        """From this rank's write report (saver.write_rank)."""
+        stored = sum(f["size"] - HEADER_BYTES for f in report["files"])
+        return cls(path, report["tensors"], report["raw_bytes"], stored, seconds,
+                   report.get("stats", {}))
 
 
 def _check_metadata(metadata) -> dict:
@@ -71,7 +78,8 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
         durable: fsync data and manifest before the commit (leave on outside benchmarks).
         storage_options: reserved for fsspec backends.
         timeout: seconds to wait for the slowest rank (default: knob ``dist_timeout``).
-        **tuning: ``chunk_bytes``, ``pool_bytes``, ``encode_threads``, ``write_threads``.
+        **tuning: ``chunk_bytes``, ``pool_bytes``, ``encode_threads``, ``write_threads``,
+            ``files_per_rank`` (knobs.py).
 
     Returns:
         SaveInfo with this rank's sizes and the pipeline's statistics.
@@ -88,9 +96,7 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     metadata = _check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
-    stored = sum(f["size"] - HEADER_BYTES for f in report["files"])
-    return SaveInfo(storage.local_path(name), report["tensors"], report["raw_bytes"], stored,
-                    time.perf_counter() - t0, report.get("stats", {}))
+    return SaveInfo.from_report(storage.local_path(name), report, time.perf_counter() - t0)
 
 
 def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
@@ -123,9 +129,7 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     ex = exchange(timeout)
     error = None
     try:
-        storage, name = open_checkpoint(path, storage_options)
-        m = open_manifest(storage, name)
-        paths = data_paths(storage, name, m)
+        m, paths = open_for_read(path, storage_options)
         result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict)
         if placement.missing or placement.unexpected or placement.mismatched:
             raise StateMismatchError(placement.missing, placement.unexpected,
@@ -155,8 +159,7 @@ def tree_for(m: Manifest, rank: int, world: int, per_rank: str):
     if world != m.world_size and per_rank == "error":
         why = (f"differs between the {m.world_size} saving ranks and this load runs on {world};"
                " pass per_rank='rank0' or per_rank='modulo', or leave it out of the state")
-        paths = dict.fromkeys("/".join(escape(s) for s in path) or "<root>"
-                              for _, own in m.rank_overrides for path, _ in own)
+        paths = dict.fromkeys(path_text(path) for _, own in m.rank_overrides for path, _ in own)
         raise StateMismatchError(mismatched=[(p, why) for p in paths])
     source = rank if world == m.world_size else 0 if per_rank == "rank0" else \
         rank % m.world_size
@@ -178,9 +181,7 @@ def load_full(path, *, rank: int = 0, threads: int | None = None,
     A sharded checkpoint is consolidated; where saving ranks held different values, ``rank``
     picks whose (default 0).
     """
-    storage, name = open_checkpoint(path, storage_options)
-    m = open_manifest(storage, name)
-    paths = data_paths(storage, name, m)
+    m, paths = open_for_read(path, storage_options)
     plan, made = ReadPlan(m), {}
 
     def tensor(key):
@@ -211,13 +212,12 @@ def verify(path, *, threads: int | None = None, storage_options: dict | None = N
     Raises:
         CheckpointError subclasses naming the file, tensor and chunk at fault.
     """
-    storage, name = open_checkpoint(path, storage_options)
-    m = open_manifest(storage, name)
-    paths = data_paths(storage, name, m)
+    m, paths = open_for_read(path, storage_options)
     plan = ReadPlan(m)
     plan.verify_all()
     plan.run(paths, threads)
     tensors = m.tensors.values()
+    storage, name = open_checkpoint(path, storage_options)
     return VerifyReport(storage.local_path(name), len(m.tensors),
                         sum(len(e.chunks) for e in tensors),
                         sum(int(e.chunks[:, 2].sum()) for e in tensors),

@@ -17,7 +17,6 @@ from .api import SaveInfo, _check_metadata
 from .errors import CheckpointError
 from .saver import plan_save
 from .storage import open_checkpoint
-from .types import HEADER_BYTES
 from .write import WriteOptions
 
 
@@ -56,9 +55,8 @@ class SaveHandle:
     def _run(self, planned, stager) -> None:
         try:
             report = planned.finish(stager.batches())
-            stored = sum(f["size"] - HEADER_BYTES for f in report["files"])
-            self._info = SaveInfo(self.path, report["tensors"], report["raw_bytes"], stored,
-                                  time.perf_counter() - self._started, report.get("stats", {}))
+            self._info = SaveInfo.from_report(self.path, report,
+                                              time.perf_counter() - self._started)
         except BaseException as exc:  # kept for result() and the next async_save
             self._error = exc
         finally:

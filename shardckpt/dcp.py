@@ -30,7 +30,7 @@ from . import manifest as manifest_mod
 from .commit import RenameCommit
 from .errors import UnsupportedValueError
 from .plan import plan_chunks
-from .read import ReadPlan, data_paths, open_manifest
+from .read import ReadPlan, open_for_read
 from .storage import open_checkpoint
 from .tree import build, dict_items, flatten, node_kind
 from .types import DATA_DIR, DTYPE_BY_TORCH, FileEntry, Manifest, TensorEntry, TensorItem
@@ -171,9 +171,7 @@ class Reader(StorageReader):
             self.path = checkpoint_id
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        storage, name = open_checkpoint(self.path)
-        self.m = open_manifest(storage, name)
-        self.paths = data_paths(storage, name, self.m)
+        self.m, self.paths = open_for_read(self.path)
         self.leaves = dict(_dotted_leaves(self.m.tree))
         meta = {}
         for fqn, node in self.leaves.items():

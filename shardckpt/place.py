@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .tree import build, dict_items, escape, is_stateful, node_kind
+from .tree import build, dict_items, is_stateful, node_kind, path_text
 from .types import Manifest
 
 
@@ -121,8 +121,7 @@ class _Matcher:
         return self.saved_value(node)  # a plain leaf: the checkpoint's value replaces it
 
 
-def _where(path: tuple) -> str:
-    return "/".join(escape(s) for s in path) or "<root>"
+_where = path_text
 
 
 def match(target: Any, manifest: Manifest, tree, strict: bool = True

@@ -15,16 +15,20 @@ from .tree import split_values
 from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
 
-def host_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s values as a dense row-major CPU tensor; ``t`` itself when it already is one."""
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a dense row-major tensor on its device; ``t`` itself when it already
+    is one (conjugate and negative views resolved)."""
     t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
     return t.contiguous()
+
+
+def host_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a dense row-major CPU tensor; ``t`` itself when it already is one."""
+    return dense(t if t.device.type == "cpu" else t.detach().cpu())
 
 
 def chunk_ranges(numel: int, itemsize: int, chunk_bytes: int):

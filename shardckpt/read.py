@@ -21,7 +21,7 @@ from . import codecs, knobs, manifest as manifest_mod
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
                      UnsafeCheckpointError)
 from .status import raise_for
-from .storage import Storage
+from .storage import Storage, open_checkpoint
 from .tree import local_box
 from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRef, Manifest,
                     ShardEntry, TensorEntry)
@@ -64,6 +64,13 @@ def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
     return paths
 
 
+def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, list[str]]:
+    """The validated manifest and checked data file paths of the checkpoint at ``path``."""
+    storage, name = open_checkpoint(path, storage_options)
+    m = open_manifest(storage, name)
+    return m, data_paths(storage, name, m)
+
+
 class ReadPlan:
     """Chunk reads grouped by file, and the copies that follow them."""
 
@@ -74,8 +81,9 @@ class ReadPlan:
         self.after: list[Callable[[], None]] = []
         self._keep: list[torch.Tensor] = []
 
-    def _add(self, key: str, entry: TensorEntry, shard: ShardEntry, i: int, dest: int) -> None:
-        c = ChunkRef(*(int(v) for v in shard.chunks[i]))
+    def _add(self, key: str, entry: TensorEntry, row: list[int], i: int, dest: int) -> None:
+        """Plan chunk ``i`` (its table row as ints) into ``dest`` (0: verify only)."""
+        c = ChunkRef(*row)
         kind, shuffle_size = self.kinds[c.codec]
         self.by_file[c.file].append(ChunkRead(c, c.count * entry.dtype.itemsize, kind,
                                               shuffle_size, dest, key, int(i)))
@@ -89,8 +97,8 @@ class ReadPlan:
         if last is not None:
             wanted &= starts < last
         for i in np.flatnonzero(wanted):
-            self._add(key, entry, shard, i, base + int(starts[i]) * entry.dtype.itemsize
-                      if base else 0)
+            self._add(key, entry, shard.chunks[i].tolist(), i,
+                      base + int(starts[i]) * entry.dtype.itemsize if base else 0)
 
     def into(self, key: str, target: torch.Tensor, offsets: tuple | None = None) -> None:
         """Fill ``target`` from every saved shard of tensor ``key`` that overlaps it.
@@ -125,10 +133,7 @@ class ReadPlan:
         """One saved shard, the whole tensor, into a dense CPU target: every chunk in place."""
         itemsize, base = entry.dtype.itemsize, local.data_ptr()
         for i, row in enumerate(entry.chunks.tolist()):
-            c = ChunkRef(*row)
-            kind, shuffle_size = self.kinds[c.codec]
-            self.by_file[c.file].append(ChunkRead(c, c.count * itemsize, kind, shuffle_size,
-                                                  base + c.start * itemsize, key, i))
+            self._add(key, entry, row, i, base + row[3] * itemsize)
 
     def _run(self, key, entry, shard, local, offsets, lo, box) -> None:
         """The overlap is one contiguous run in both the saved shard and the target (same
@@ -143,13 +148,13 @@ class ReadPlan:
         starts, counts = shard.chunks[:, 3], shard.chunks[:, 4]
         inside = (starts >= first) & (starts + counts <= last)
         for i in np.flatnonzero(inside):
-            self._add(key, entry, shard, i, base + int(starts[i]) * itemsize)
+            self._add(key, entry, shard.chunks[i].tolist(), i, base + int(starts[i]) * itemsize)
         flat = local.view(-1)
         for i in np.flatnonzero(~inside & (starts < last) & (starts + counts > first)):
             start, count = int(starts[i]), int(counts[i])
             buf = torch.empty(count, dtype=entry.dtype.torch)
             self._keep.append(buf)
-            self._add(key, entry, shard, i, buf.data_ptr())
+            self._add(key, entry, shard.chunks[i].tolist(), i, buf.data_ptr())
             a, b = max(start, first), min(start + count, last)
             dst, src = flat[at + a - first:at + b - first], buf[a - start:b - start]
             self.after.append(lambda dst=dst, src=src: dst.copy_(src))

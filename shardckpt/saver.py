@@ -20,7 +20,7 @@ from .merge import build_manifest, merge_plans
 from .plan import local_plan, plan_chunks
 from .tree import flatten
 from .types import DATA_DIR, TensorItem
-from .write import CodecTable, WriteOptions, write_data_files
+from .write import CodecTable, WriteOptions, add_stats, write_data_files
 
 
 class Coordinator:
@@ -68,8 +68,9 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
         rels = _rels(rank, batch, opts.files_per_rank)
         refs, sizes = [], []
         if sources:
-            refs, sizes, stats = write_data_files(
+            refs, sizes, batch_stats = write_data_files(
                 [(storage.local_path(f"{tmp}/{r}"), r) for r in rels], sources, opts, table)
+            add_stats(stats, batch_stats, concurrent=False)  # batches run one after another
         for src, ref in zip(sources, refs):
             row = ref.as_list()
             row[0] += len(files)

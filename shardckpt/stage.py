@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from .plan import chunk_ranges
+from .plan import chunk_ranges, dense
 from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
 ALIGN = 64  # every staged chunk starts at a multiple of this (any dtype view is aligned)
@@ -67,22 +67,13 @@ class _Slot:
         self.free.set()
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t.contiguous().reshape(-1)
-
-
 def _batches(pieces: list[TensorItem], slot_bytes: int):
     """Lists of ``(piece, flat tensor, start, count)`` runs, each list <= ``slot_bytes``: a
     piece is one run when it fits, else it is cut where the slot is full. Empty pieces have
     nothing to stage."""
     batch, used = [], 0
     for piece in pieces:
-        flat = _flat(piece.tensor)
+        flat = dense(piece.tensor).reshape(-1)  # stays on its device: copied from there
         itemsize, start = flat.element_size(), 0
         while start < flat.numel():
             room = (slot_bytes - used) // itemsize

@@ -28,6 +28,11 @@ def escape(segment) -> str:
     return str(segment).replace("~", "~0").replace("/", "~1")
 
 
+def path_text(path) -> str:
+    """A key path as text (FORMAT.md 3.3 escaping), ``<root>`` for the empty path."""
+    return "/".join(escape(s) for s in path) or "<root>"
+
+
 def dtensor_type():
     """``DTensor``, or None where torch has no distributed tensors."""
     try:
@@ -70,7 +75,7 @@ class _Flattener:
         return key
 
     def tensor(self, t: torch.Tensor, path: tuple) -> dict:
-        where = "/".join(escape(s) for s in path) or "<root>"
+        where = path_text(path)
         if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
             raise UnsupportedValueError(f"{where}: cannot save a {t.layout} / {t.device.type} "
                                         f"tensor (only dense, materialized tensors)")
@@ -103,14 +108,14 @@ class _Flattener:
             return {"none": None}
         if isinstance(obj, torch.dtype):
             if obj not in DTYPE_BY_TORCH:
-                raise UnsupportedValueError(f"{'/'.join(map(escape, path))}: dtype {obj}")
+                raise UnsupportedValueError(f"{path_text(path)}: dtype {obj}")
             return {"dtype": DTYPE_BY_TORCH[obj].name}
         if isinstance(obj, dict):
             items = []
             for k, v in obj.items():
                 if isinstance(k, bool) or not isinstance(k, (str, int)):
                     raise UnsupportedValueError(
-                        f"{'/'.join(map(escape, path)) or '<root>'}: dict key {k!r} is not a "
+                        f"{path_text(path)}: dict key {k!r} is not a "
                         "str or int")
                 items.append([k, self.node(v, path + (k,), depth + 1)])
             return {"dict": items}
@@ -120,7 +125,7 @@ class _Flattener:
         if is_stateful(obj):
             return self.node(obj.state_dict(), path, depth + 1)
         raise UnsupportedValueError(
-            f"{'/'.join(map(escape, path)) or '<root>'}: cannot save a {type(obj).__name__} "
+            f"{path_text(path)}: cannot save a {type(obj).__name__} "
             "without pickling; convert it to tensors, numbers, strings, lists or dicts")
 
 

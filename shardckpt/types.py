@@ -84,9 +84,6 @@ class ShardEntry:
     shape: tuple[int, ...]
     chunks: np.ndarray  # (n, 7) int64 rows in CHUNK_COLUMNS order
 
-    def refs(self):
-        return [ChunkRef(*(int(v) for v in row)) for row in self.chunks]
-
 
 @dataclass(frozen=True, eq=False)
 class TensorEntry:

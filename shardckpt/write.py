@@ -104,7 +104,15 @@ def write_data_files(files: list[tuple[str, str]], sources: list[ChunkSource],
             refs[k] = ChunkRef(file_index, offset, length, src.start, src.count, codec, crc)
     stats: dict = {}
     for _, _, st in results:
-        for key, value in st.items():
-            stats[key] = max(stats.get(key, 0), value) if key == "wall_seconds" else \
-                stats.get(key, 0) + value
+        add_stats(stats, st, concurrent=True)
     return refs, [size for _, size, _ in results], stats
+
+
+def add_stats(total: dict, more: dict, concurrent: bool) -> None:
+    """Sum pipeline statistics into ``total``; wall time is the longest of concurrent calls
+    and the sum of consecutive ones."""
+    for key, value in more.items():
+        if key == "wall_seconds" and concurrent:
+            total[key] = max(total.get(key, 0), value)
+        else:
+            total[key] = total.get(key, 0) + value

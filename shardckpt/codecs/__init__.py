@@ -15,9 +15,6 @@ from ..errors import UnsafeCheckpointError
 RAW, SHUFFLE, ZSTD, SHUFFLE_ZSTD = 0, 1, 2, 3
 POLICIES = ("raw", "zstd", "auto")
 
-# Registry: codec id -> version of its definition in FORMAT.md.
-CODEC_VERSIONS = {"shuffle": 1, "zstd": 1}
-
 
 def chain_for(kind: int, shuffle_size: int, level: int) -> tuple[dict, ...]:
     """The manifest chain for a chunk encoded as ``kind``."""

@@ -72,10 +72,3 @@ class Faults:
             time.sleep(seconds)
             return real(*args)
         self.mp.setattr(codecs.backend, "write_file", slow)
-
-    def use_reference_codec(self) -> None:
-        """Run the pure-Python reference codec instead of the native core."""
-        from shardckpt import codecs
-        from shardckpt.codecs import reference
-        self.mp.setattr(codecs, "backend", reference)
-        self.mp.setattr(codecs, "BACKEND", "reference")
