@@ -1,84 +1,152 @@
-"""A small preemptible training job that checkpoints with shardckpt.
+"""Preemptible GPT-style language-model training that checkpoints with shardckpt.
 
 Usage:
-    python launch/train.py --checkpoint-dir DIR [--steps 300] [--save-every 40] [--keep 3]
+    python launch/train.py --checkpoint-dir DIR [--max-steps 200] [--save-every 50]
+    torchrun --nproc-per-node 2 launch/train.py --checkpoint-dir DIR [--parallel fsdp|ddp]
+    (or launch/torchrun.sh, launch/slurm.sbatch)
 
-Trains a tiny causal transformer language model on a synthetic, seeded token stream. Every
-``--save-every`` steps it saves the whole training state (model, AdamW, RNG, data position, step)
-to ``DIR/step-XXXXXXXX``; on SIGTERM it saves at the end of the current step and exits 0. On
-start it resumes from the newest checkpoint that loads (skipping broken ones), so killing it at
-any moment and starting it again continues the run exactly: the final weights are bit-identical
-to an uninterrupted run's.
+A small decoder-only transformer (about 3.3 M parameters by default) learns to predict the next
+byte of real text: the Python standard library's own source files, which every machine with
+Python has. Under torchrun it shards the model with FSDP2 (``fully_shard``, default) or
+replicates it with DDP; gloo on CPUs, NCCL when every rank has a GPU.
+
+Checkpointing goes through ``shardckpt.CheckpointManager``: an async save every
+``--save-every`` steps, retention (``--keep-last``, ``--keep-best`` by loss), and preemption: on
+SIGTERM every rank saves at the end of the current step, commits and exits with status 75. On
+start it resumes from the newest checkpoint that loads: model, optimizer, LR schedule, RNG and
+data position, on any world size (the global batch is fixed, so the math does not depend on the
+number of ranks).
+
+Rank 0 prints ``step=<n> loss=<float>`` once per step (other lines start with ``[train]``). On
+the CPU the run is deterministic: a run preempted and resumed on the same world size prints the
+same lines as an uninterrupted one.
+
+Exit status: 0 finished; 75 preempted after committing a checkpoint (restart it); 76 preempted
+but the checkpoint missed the grace period (restart it: the previous checkpoint is intact);
+anything else is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import math
 import os
-import re
-import shutil
-import signal
 import sys
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 import shardckpt
 
-STEP_DIR = re.compile(r"step-(\d{8})")
+
+# ------------------------------------------------------------------------------------ model
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention, then an MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
 
 
-class TinyLM(nn.Module):
-    def __init__(self, vocab=512, dim=128, layers=2, heads=4, seq=64):
+class GPT(nn.Module):
+    def __init__(self, vocab: int, seq: int, dim: int, layers: int, heads: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(torch.zeros(seq, dim))
-        block = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True)
-        self.blocks = nn.TransformerEncoder(block, layers)
+        self.pos = nn.Parameter(torch.randn(seq, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.embed.weight  # tied weights: saved once, restored tied
-        nn.init.normal_(self.embed.weight, std=0.02)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq))
 
     def forward(self, tokens):
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
-        return self.head(self.blocks(x, mask=self.mask[: tokens.shape[1], : tokens.shape[1]],
-                                     is_causal=True))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
 
 
-class TokenStream:
-    """A seeded synthetic corpus read in a shuffled order; its position is part of the state."""
+# ------------------------------------------------------------------------------------ data
+def stdlib_corpus(limit: int) -> torch.Tensor:
+    """The bytes of the standard library's top-level ``.py`` files, in name order."""
+    parts, total = [], 0
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        parts.append(data[: limit - total])
+        total += len(parts[-1])
+        if total >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).long()
 
-    def __init__(self, seed: int, vocab=512, seq=64, batch=16, samples=4096):
-        g = torch.Generator().manual_seed(seed)
-        # Sequences with structure (a noisy arithmetic progression) so the loss actually falls.
-        start = torch.randint(0, vocab, (samples, 1), generator=g)
-        stride = torch.randint(1, 8, (samples, 1), generator=g)
-        self.data = (start + stride * torch.arange(seq + 1)) % vocab
-        self.seed, self.batch, self.epoch, self.index = seed, batch, 0, 0
 
-    def order(self):
-        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(
-            self.seed * 1000 + self.epoch))
+class Batches:
+    """Non-overlapping windows of the corpus in a seeded order per epoch.
 
-    def next(self):
-        if self.index + self.batch > len(self.data):
-            self.epoch, self.index = self.epoch + 1, 0
-        rows = self.order()[self.index: self.index + self.batch]
-        self.index += self.batch
-        seqs = self.data[rows]
-        return seqs[:, :-1], seqs[:, 1:]
+    The position counts samples of the whole job; each global batch is split among the ranks,
+    so a run on any world size sees the same samples per step.
+    """
+
+    def __init__(self, corpus: torch.Tensor, seq: int, global_batch: int, seed: int):
+        self.windows = corpus[: len(corpus) // (seq + 1) * (seq + 1)].view(-1, seq + 1)
+        self.global_batch, self.seed, self.position = global_batch, seed, 0
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def _sample(self, g: int) -> torch.Tensor:
+        epoch, i = divmod(g, len(self.windows))
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.windows), generator=gen))
+        return self.windows[self._order[1][i]]
+
+    def next(self, rank: int, world: int):
+        per_rank = self.global_batch // world
+        first = self.position + rank * per_rank
+        rows = torch.stack([self._sample(g) for g in range(first, first + per_rank)])
+        self.position += self.global_batch
+        return rows[:, :-1], rows[:, 1:]
 
     def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return {"position": self.position, "seed": self.seed}
 
     def load_state_dict(self, sd):
-        self.epoch, self.index, self.seed = sd["epoch"], sd["index"], sd["seed"]
+        self.position, self.seed = sd["position"], sd["seed"]
+
+
+# ------------------------------------------------------------------------------------ state
+class ModelAndOptimizer:
+    """Model and optimizer through torch's distributed state-dict helpers: keys are parameter
+    names (FQNs) whatever the wrapping (FSDP2, DDP, none), so any world size can resume."""
+
+    def __init__(self, model, optim):
+        self.model, self.optim = model, optim
+
+    def state_dict(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(self.model, self.optim)
+        return {"model": msd, "optim": osd}
+
+    def load_state_dict(self, sd):
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        set_state_dict(self.model, self.optim, model_state_dict=sd["model"],
+                       optim_state_dict=sd["optim"])
 
 
 class RNG:
-    """The global torch RNG (dropout) as a stateful object."""
+    """The global torch RNG as a stateful object."""
 
     def state_dict(self):
         return {"torch": torch.get_rng_state()}
@@ -87,77 +155,134 @@ class RNG:
         torch.set_rng_state(sd["torch"])
 
 
-def checkpoints(root: str) -> list[int]:
-    found = [int(m.group(1)) for n in os.listdir(root) if (m := STEP_DIR.fullmatch(n))]
-    return sorted(found)
-
-
-def restore(root: str, state: dict) -> int:
-    """Load the newest checkpoint that loads cleanly; its step, or 0."""
-    for step in reversed(checkpoints(root)):
-        path = os.path.join(root, f"step-{step:08d}")
-        try:
-            shardckpt.load(state, path)
-            print(f"[train] resumed from {path}", flush=True)
-            return state["step"]
-        except shardckpt.CheckpointError as exc:
-            print(f"[train] skipping {path}: {type(exc).__name__}: {exc}", flush=True)
-    return 0
-
-
-def save(root: str, state: dict, step: int, keep: int) -> None:
-    state["step"] = step
-    info = shardckpt.save(state, os.path.join(root, f"step-{step:08d}"),
-                          metadata={"loss": state["loss"]})
-    print(f"[train] saved step {step}: {info.raw_bytes / 2**20:.1f} MiB -> "
-          f"{info.stored_bytes / 2**20:.1f} MiB in {info.seconds * 1e3:.0f} ms", flush=True)
-    for old in checkpoints(root)[:-keep]:
-        shutil.rmtree(os.path.join(root, f"step-{old:08d}"), ignore_errors=True)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# ------------------------------------------------------------------------------------ setup
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint-dir", required=True)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--save-every", type=int, default=40)
-    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=50, help="steps between saves (0: never)")
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--keep-best", type=int, default=1, help="also keep the N lowest-loss ones")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--global-batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp")
+    p.add_argument("--sync-save", action="store_true", help="save in the foreground")
+    p.add_argument("--corpus-bytes", type=int, default=4 << 20)
     p.add_argument("--step-sleep", type=float, default=0.0,
                    help="seconds to sleep per step (lets a demo interrupt a fast run)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cpu")
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wrap(model: nn.Module, parallel: str, world: int, device) -> nn.Module:
+    if world == 1 and not dist.is_initialized():
+        return model
+    if parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def lr_lambda(warmup: int, total: int):
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return scale
+
+
+def global_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    if args.global_batch_size % world:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                         f"the world size {world}")
     torch.manual_seed(args.seed)
-    torch.set_num_threads(1)  # the same kernels every run, so resumed runs are bit-exact
-    os.makedirs(args.checkpoint_dir, exist_ok=True)
-    model = TinyLM()
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data = TokenStream(args.seed)
-    state = {"model": model, "optim": optim, "data": data, "rng": RNG(), "step": 0, "loss": None}
-    step = restore(args.checkpoint_dir, state)
+    torch.set_num_threads(1)  # the same kernels every run: resumed runs are bit-exact
+    model = GPT(256, args.seq_len, args.dim, args.layers, args.heads).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    model = wrap(model, args.parallel, world, device)
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(args.warmup, args.max_steps))
+    data = Batches(stdlib_corpus(args.corpus_bytes), args.seq_len, args.global_batch_size,
+                   args.seed)
+    state = {"train": ModelAndOptimizer(model, optim), "sched": sched, "data": data,
+             "rng": RNG(), "step": 0}
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    say(f"[train] {params / 1e6:.2f} M parameters, world size {world} ({args.parallel}), "
+        f"{len(data.windows)} windows of {args.seq_len} bytes")
 
-    stop = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-    t0 = time.time()
-    while step < args.steps:
-        tokens, targets = data.next()
-        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        step += 1
-        state["loss"] = loss.item()
-        if step % 20 == 0:
-            print(f"[train] step {step} loss {state['loss']:.4f}", flush=True)
-        if stop["signal"] is not None:
-            save(args.checkpoint_dir, state, step, args.keep)
-            print(f"[train] preempted (signal {stop['signal']}) at step {step}: saved, exiting",
-                  flush=True)
-            return 0
-        if step % args.save_every == 0 or step == args.steps:
-            save(args.checkpoint_dir, state, step, args.keep)
-        time.sleep(args.step_sleep)
-    print(f"[train] done: {step} steps, loss {state['loss']:.4f}, {time.time() - t0:.1f} s",
-          flush=True)
+    mgr = shardckpt.CheckpointManager(
+        args.checkpoint_dir, every_n_steps=args.save_every or None,
+        keep_last=args.keep_last or None, keep_best=args.keep_best or None, monitor="loss",
+        async_save=not args.sync_save, load_options={"per_rank": "rank0"})
+    resumed = mgr.restore(state)
+    step = state["step"] if resumed is not None else 0
+    say(f"[train] resumed from {mgr.path(resumed)}" if resumed is not None else
+        "[train] starting from scratch")
+
+    stall = loop = 0.0
+    with mgr:
+        while step < args.max_steps:
+            t0 = time.perf_counter()
+            tokens, targets = data.next(rank, world)
+            logits = model(tokens.to(device))
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten())
+            optim.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            step += 1
+            state["step"] = step
+            mean_loss = global_mean(loss, world)
+            say(f"step={step} loss={mean_loss!r}")
+            t1 = time.perf_counter()
+            saved = mgr.maybe_save(step, state, {"loss": mean_loss})
+            t2 = time.perf_counter()
+            stall += t2 - t1
+            loop += t2 - t0
+            if saved and mgr.preempted:
+                say(f"[train] preempted: checkpoint {mgr.path(step)} committed; exiting "
+                    f"with status {shardckpt.EXIT_PREEMPTED}")
+                return shardckpt.EXIT_PREEMPTED
+            time.sleep(args.step_sleep)
+        if args.save_every and step % args.save_every and step != resumed:
+            mgr.save(step, state, {"loss": mean_loss})  # the final state, always
+    say(f"[train] done: {step} steps; checkpoint stall {stall:.3f} s of {loop:.3f} s "
+        f"({100 * stall / max(loop, 1e-9):.2f} %)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,12 +1,14 @@
 """shardckpt: sharded, atomic, resumable checkpoints for PyTorch training.
 
-The public surface is small: ``save``, ``load``, ``load_full``, ``verify`` and the errors.
+The public surface is small: ``save``, ``async_save``, ``load``, ``load_full``, ``verify``,
+``CheckpointManager`` (periodic saves, retention, preemption, resume) and the errors.
 ``shardckpt.codecs.BACKEND`` says whether the native core or the reference codec is in use.
 """
 
 from ._version import __version__
 from .api import SaveInfo, VerifyReport, load, load_full, save, verify
 from .asyncsave import SaveHandle, SaveInProgressError, async_save
+from .manager import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, CheckpointManager
 from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError,
                      CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
                      RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
@@ -15,6 +17,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundE
 __all__ = [
     "__version__", "save", "async_save", "load", "load_full", "verify", "SaveInfo",
     "SaveHandle", "SaveInProgressError", "VerifyReport",
+    "CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED",
     "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",

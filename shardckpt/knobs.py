@@ -48,6 +48,11 @@ KNOBS = {
                                 "up to this size each rank checksums its copy so that per-rank "
                                 "tensors (RNG states) are kept per rank instead of dropped. GPU "
                                 "tensors are checked only below 1 MiB (the check needs a copy)."),
+    "grace_seconds": Knob("SHARDCKPT_GRACE_SECONDS", 25.0,
+                          "After a preemption signal, how long the manager lets the preemption "
+                          "checkpoint take before the process exits (status 76). Keep it below "
+                          "the scheduler's kill delay (torchrun: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, "
+                          "30 s by default; SLURM: the --signal lead time)."),
     "max_chunk_bytes": Knob("SHARDCKPT_MAX_CHUNK_BYTES", 1 << 31,
                             "Largest decoded chunk a reader accepts from a manifest (safety)."),
 }

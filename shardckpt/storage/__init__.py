@@ -12,7 +12,7 @@ from ..errors import StorageError
 from .base import Storage
 from .local import LocalStorage, storage_error
 
-__all__ = ["Storage", "LocalStorage", "open_checkpoint", "storage_error"]
+__all__ = ["Storage", "LocalStorage", "open_checkpoint", "open_root", "storage_error"]
 
 
 def open_checkpoint(path, storage_options: dict | None = None) -> tuple[Storage, str]:
@@ -27,3 +27,11 @@ def open_checkpoint(path, storage_options: dict | None = None) -> tuple[Storage,
     if not name:
         raise ValueError(f"{path!r} is not a checkpoint folder path")
     return LocalStorage(parent), name
+
+
+def open_root(root, storage_options: dict | None = None) -> Storage:
+    """The storage rooted at ``root`` itself: the folder (or prefix) that holds checkpoints."""
+    text = os.fspath(root)
+    # A checkpoint path one level below the root resolves to exactly the root's storage.
+    storage, _ = open_checkpoint(text.rstrip("/") + "/_", storage_options)
+    return storage

@@ -1,0 +1,397 @@
+"""``CheckpointManager``: periodic saves, retention, preemption and resume for a training loop.
+
+The manager sits on top of the public calls (``save`` / ``async_save`` / ``load``) and never
+reaches into a pipeline stage. Each checkpoint is a folder ``<root>/step-<8+ digits>``; the
+manifest's metadata records the step, the metrics and why it was saved.
+
+Distributed use: every rank constructs the manager (collectively) and makes the same calls.
+Decisions that depend on a rank's own view (a preemption signal reached this rank, this rank's
+clock says a timed save is due, which checkpoints exist) are agreed through a small gloo group
+created for the manager, so ranks never diverge and the training's own (NCCL) collectives never
+interleave with ours. Only rank 0 deletes old checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import signal
+import time
+import warnings
+from datetime import timedelta
+from typing import Any, Callable
+
+from . import knobs
+from .api import load, save
+from .asyncsave import async_save as start_async_save
+from .commit import is_committed
+from .errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
+                     UnsupportedValueError)
+from .export import export_weights as export_checkpoint_weights
+from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
+from .read import open_manifest
+from .retention import best_steps, to_keep
+from .storage import open_root
+
+__all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
+
+STEP_NAME = re.compile(r"step-(\d{8,})")
+META_KEY = "shardckpt.manager"
+LATEST_NAME = "latest"
+# Errors after which an older checkpoint may still load. Others (the target does not fit, a
+# storage outage) would fail the same way on every checkpoint, so restore raises them.
+_FATAL_ON_RESTORE = (StateMismatchError, UnsupportedValueError, StorageError)
+
+
+def step_name(step: int) -> str:
+    """The folder name of a step's checkpoint; sorts by step as text too."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, not {step}")
+    return f"step-{step:08d}"
+
+
+def join(root: str, name: str) -> str:
+    """``root/name`` for local paths and URLs alike."""
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _json_metrics(metrics: dict | None) -> dict | None:
+    """Metrics as JSON numbers (tensors and numpy scalars become floats; NaN becomes None)."""
+    if metrics is None:
+        return None
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None  # JSON has no NaN / inf; such a step ranks as having no metric
+        out[str(k)] = v
+    return out
+
+
+class _Ranks:
+    """Agreement among the ranks over a dedicated gloo group (a no-op for one process)."""
+
+    def __init__(self, timeout: float):
+        import torch.distributed as dist
+        self.dist = dist if (dist.is_available() and dist.is_initialized()
+                             and dist.get_world_size() > 1) else None
+        self.rank = self.dist.get_rank() if self.dist else 0
+        self.group = None
+        if self.dist:
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+    def max(self, *values: int) -> list[int]:
+        """Element-wise maximum over the ranks."""
+        if not self.dist:
+            return list(values)
+        import torch
+        t = torch.tensor(values, dtype=torch.int64)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group)
+        return t.tolist()
+
+    def rank0_list(self, values: list[int]) -> list[int]:
+        """Rank 0's list of ints, on every rank."""
+        if not self.dist:
+            return values
+        import torch
+        n = torch.tensor([len(values)], dtype=torch.int64)
+        self.dist.broadcast(n, src=0, group=self.group)
+        t = torch.tensor(values if self.rank == 0 else [0] * int(n), dtype=torch.int64)
+        self.dist.broadcast(t, src=0, group=self.group)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.dist.destroy_process_group(self.group)
+            self.group = None
+
+
+class CheckpointManager:
+    """Save every N steps or seconds, keep the last and the best, survive preemption, resume.
+
+    Args:
+        root: folder (or storage URL) holding one folder per checkpoint, created if missing.
+        every_n_steps: ``maybe_save`` saves when ``step % every_n_steps == 0``.
+        every_n_seconds: ``maybe_save`` saves when this long has passed since the last save
+            (or since construction / restore).
+        keep_last: keep the newest N committed checkpoints (None: no limit by age).
+        keep_best: also keep the best N by ``monitor`` (None: none kept for being best).
+            With neither limit every checkpoint is kept. The newest committed checkpoint and a
+            checkpoint in flight are never deleted.
+        monitor: the metric name (a key of ``metrics``) that ranks checkpoints.
+        mode: ``"min"`` or ``"max"``: which end of ``monitor`` is best.
+        save_last: keep a small ``latest`` file in ``root`` naming the newest committed
+            checkpoint, for tools and people (``restore`` lists the folders and does not rely
+            on it).
+        async_save: save in the background (the loop stalls only for the copy).
+        handle_preemption: install handlers for ``preemption_signals`` (main thread only).
+        preemption_signals: signals that announce preemption.
+        grace_seconds: from a preemption signal, the time allowed to commit before the process
+            exits with ``EXIT_GRACE_EXPIRED`` (default: knob ``grace_seconds``).
+        storage_options: passed to the storage backend.
+        save_options: extra keyword arguments for every ``save`` / ``async_save`` (codec, ...).
+        load_options: extra keyword arguments for ``load`` in ``restore`` (e.g.
+            ``per_rank="rank0"`` to resume per-rank values on another world size).
+        clock: a monotonic clock in seconds (tests replace it).
+
+    Construct it on every rank, in the same order as other process groups: it creates one.
+    Use it as a context manager, or call ``close()``: that flushes the save in flight and
+    removes the signal handlers.
+    """
+
+    def __init__(self, root, *, every_n_steps: int | None = None,
+                 every_n_seconds: float | None = None, keep_last: int | None = None,
+                 keep_best: int | None = None, monitor: str | None = None, mode: str = "min",
+                 save_last: bool = True, async_save: bool = True, handle_preemption: bool = True,
+                 preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
+                 storage_options: dict | None = None, save_options: dict | None = None,
+                 load_options: dict | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
+                            ("keep_best", keep_best)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, not {value!r}")
+        if every_n_seconds is not None and not every_n_seconds > 0:
+            raise ValueError(f"every_n_seconds must be > 0, not {every_n_seconds!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        if keep_best is not None and monitor is None:
+            raise ValueError("keep_best needs monitor= (the metric that ranks checkpoints)")
+        self.root = str(root)
+        self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.monitor, self.mode, self.save_last = monitor, mode, save_last
+        self.async_save = async_save
+        self.storage_options = storage_options
+        self.save_options = dict(save_options or {})
+        self.load_options = dict(load_options or {})
+        self._clock = clock
+        self._storage = open_root(self.root, storage_options)
+        self._storage.makedirs("")
+        self._ranks = _Ranks(float(knobs.get("dist_timeout")))
+        self._metrics: dict[int, dict | None] = {}
+        self._inflight = None  # (step, metrics, handle)
+        self._last_step: int | None = None
+        self._last_time = clock()
+        self._preempted = False
+        grace = float(knobs.get("grace_seconds")) if grace_seconds is None else grace_seconds
+        self._watcher = (PreemptionWatcher(tuple(preemption_signals), grace)
+                         if handle_preemption else None)
+
+    # ----------------------------------------------------------------- queries
+    def path(self, step: int) -> str:
+        """Where the checkpoint of ``step`` lives."""
+        return join(self.root, step_name(step))
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (in-flight and interrupted saves are not listed)."""
+        found = sorted(int(m.group(1)) for n in self._storage.list("")
+                       if (m := STEP_NAME.fullmatch(n)))
+        return [s for s in found if is_committed(self._storage, step_name(s))]
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with ``step`` (None when it had none)."""
+        if step not in self._metrics:
+            try:
+                meta = open_manifest(self._storage, step_name(step)).metadata
+            except CheckpointError:
+                return None  # unreadable: it ranks as having no metric
+            self._metrics[step] = (meta.get(META_KEY) or {}).get("metrics")
+        return self._metrics[step]
+
+    def best_step(self) -> int | None:
+        """The committed step with the best ``monitor`` value (None without any)."""
+        steps = self.steps()
+        ranked = best_steps(steps, {s: self.metrics(s) for s in steps}, self.monitor,
+                            self.mode, 1)
+        return ranked[0] if ranked else None
+
+    @property
+    def preempted(self) -> bool:
+        """A preemption checkpoint has committed: the training loop should exit (with
+        ``EXIT_PREEMPTED`` so that launchers restart it)."""
+        return self._preempted
+
+    # ----------------------------------------------------------------- saving
+    def maybe_save(self, step: int, state_dict: Any, metrics: dict | None = None) -> bool:
+        """Save when a save is due (steps or seconds) or a preemption signal arrived.
+
+        Collective: every rank calls it at every step. On preemption the save is flushed and
+        committed before it returns, and ``preempted`` becomes true.
+
+        Returns:
+            whether a save was started (or, on preemption, committed) at this step.
+
+        Raises:
+            the previous background save's error, if it failed.
+        """
+        self._reap()
+        if self._preempted:
+            return False
+        signalled = int(self._watcher is not None and self._watcher.pending)
+        timed = int(self.every_n_seconds is not None
+                    and self._clock() - self._last_time >= self.every_n_seconds)
+        signalled, timed = self._ranks.max(signalled, timed)
+        if signalled:
+            if self._last_step != step:
+                self._start(step, state_dict, metrics, "preemption")
+            self.wait()
+            self._preempted = True
+            if self._watcher is not None:
+                self._watcher.committed()
+            return True
+        due = timed or (self.every_n_steps is not None and step % self.every_n_steps == 0)
+        if not due or self._last_step == step:
+            return False
+        self._start(step, state_dict, metrics, "periodic")
+        return True
+
+    def save(self, step: int, state_dict: Any, metrics: dict | None = None) -> None:
+        """Save now (in the background when ``async_save``); replaces a checkpoint of the same
+        step. Collective."""
+        self._start(step, state_dict, metrics, "manual")
+
+    def wait(self) -> None:
+        """Wait for the save in flight to commit (and apply retention); raises its error."""
+        if self._inflight is None:
+            return
+        step, metrics, handle = self._inflight
+        self._inflight = None
+        handle.result()
+        self._committed(step, metrics)
+
+    def _reap(self) -> None:
+        if self._inflight is not None and self._inflight[2].done():
+            self.wait()
+
+    def _start(self, step: int, state_dict, metrics, reason: str) -> None:
+        self.wait()  # one save at a time; its retention runs before the next starts
+        metrics = _json_metrics(metrics)
+        meta = {META_KEY: {"step": step, "metrics": metrics, "reason": reason,
+                           "unix_time": time.time()}}
+        kwargs = {"metadata": meta, "overwrite": True, "storage_options": self.storage_options,
+                  **self.save_options}
+        self._last_step, self._last_time = step, self._clock()
+        if self.async_save:
+            self._inflight = (step, metrics, start_async_save(state_dict, self.path(step),
+                                                              **kwargs))
+        else:
+            save(state_dict, self.path(step), **kwargs)
+            self._committed(step, metrics)
+
+    def _committed(self, step: int, metrics: dict | None) -> None:
+        self._metrics[step] = metrics
+        if self._ranks.rank != 0:
+            return
+        if self.save_last:
+            self._write_latest(step)
+        self._apply_retention()
+
+    def _write_latest(self, step: int) -> None:
+        s, data = self._storage, f"{step_name(step)}\n".encode()
+        if s.atomic_rename:
+            tmp = f".{LATEST_NAME}.tmp-{secrets.token_hex(4)}"
+            s.write(tmp, data, durable=True)
+            s.rename(tmp, LATEST_NAME)
+        else:
+            s.delete(LATEST_NAME)
+            s.write(LATEST_NAME, data, durable=True)
+
+    def _apply_retention(self) -> None:
+        if self.keep_last is None and self.keep_best is None:
+            return
+        steps = self.steps()
+        metrics = {s: self.metrics(s) for s in steps} if self.keep_best else {}
+        protect = {self._inflight[0]} if self._inflight else set()
+        keep = to_keep(steps, metrics, keep_last=self.keep_last, keep_best=self.keep_best,
+                       monitor=self.monitor, mode=self.mode, protect=protect)
+        for step in steps:
+            if step not in keep:
+                self._remove(step_name(step))
+                self._metrics.pop(step, None)
+
+    def _remove(self, name: str) -> None:
+        """Delete a checkpoint so that it is never seen half-deleted: renamed out of sight first
+        where renames are atomic, otherwise its manifest (the commit marker) goes first."""
+        s = self._storage
+        if s.atomic_rename:
+            hidden = f".{name}.deleting-{secrets.token_hex(4)}"
+            s.rename(name, hidden)
+            s.delete(hidden)
+        else:
+            s.delete(f"{name}/manifest.json")
+            s.delete(name)
+
+    # ----------------------------------------------------------------- loading
+    def restore(self, state_dict: Any, step: int | None = None, **load_options) -> int | None:
+        """Load the newest checkpoint that loads cleanly into ``state_dict``; its step.
+
+        Checkpoints that are incomplete or fail verification are skipped with a warning naming
+        why. With ``step`` exactly that step is loaded, or an error raised. Collective.
+
+        Returns:
+            the step loaded, or None when there is no checkpoint (a fresh start).
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and is not committed.
+            StateMismatchError, StorageError: the state does not fit the checkpoint, or the
+                storage failed (an older checkpoint would not help).
+        """
+        self.wait()
+        options = {"storage_options": self.storage_options, **self.load_options, **load_options}
+        candidates = self._ranks.rank0_list(self.steps())
+        if step is not None:
+            if step not in candidates:
+                raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")
+            load(state_dict, self.path(step), **options)
+            return self._restored(step)
+        for s in reversed(candidates):
+            error = None
+            try:
+                load(state_dict, self.path(s), **options)
+            except CheckpointError as exc:
+                error = exc
+            verdict = 0 if error is None else 2 if isinstance(error, _FATAL_ON_RESTORE) else 1
+            (verdict,) = self._ranks.max(verdict)
+            if verdict == 0:
+                return self._restored(s)
+            if verdict == 2:
+                raise error or CheckpointError(f"{self.path(s)}: restore failed on another rank")
+            warnings.warn(f"shardckpt: skipping {self.path(s)}: "
+                          f"{type(error).__name__ if error else 'another rank failed'}: {error}",
+                          stacklevel=2)
+        return None
+
+    def _restored(self, step: int) -> int:
+        self._last_step, self._last_time = step, self._clock()
+        return step
+
+    # ----------------------------------------------------------------- export, close
+    def export_weights(self, step: int, dest, format: str = "safetensors", *,
+                       key: str | None = "model", prefix: str = "") -> dict:
+        """Write the weights (the ``key`` subtree) of ``step`` to one deployable file.
+
+        See ``shardckpt.export.export_weights``; runs on the calling rank only.
+        """
+        if step not in self.steps():
+            raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")
+        return export_checkpoint_weights(self.path(step), dest, format=format, key=key,
+                                         prefix=prefix, storage_options=self.storage_options)
+
+    def close(self) -> None:
+        """Flush the save in flight, remove the signal handlers and the manager's group."""
+        try:
+            self.wait()
+        finally:
+            if self._watcher is not None:
+                self._watcher.close()
+                self._watcher = None
+            self._ranks.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
