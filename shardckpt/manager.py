@@ -8,7 +8,9 @@ Distributed use: every rank constructs the manager (collectively) and makes the 
 Decisions that depend on a rank's own view (a preemption signal reached this rank, this rank's
 clock says a timed save is due, which checkpoints exist) are agreed through a small gloo group
 created for the manager, so ranks never diverge and the training's own (NCCL) collectives never
-interleave with ours. Only rank 0 deletes old checkpoints.
+interleave with ours. The per-step agreement runs in the background between two
+``maybe_save`` calls, so with several ranks a signal or a timed save acts one call later than
+in a single process, on every rank at the same step. Only rank 0 deletes old checkpoints.
 """
 
 from __future__ import annotations
@@ -79,17 +81,40 @@ class _Ranks:
                              and dist.get_world_size() > 1) else None
         self.rank = self.dist.get_rank() if self.dist else 0
         self.group = None
+        self._pending = None  # (work, tensor) of max_of_previous
         if self.dist:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
 
     def max(self, *values: int) -> list[int]:
-        """Element-wise maximum over the ranks."""
+        """Element-wise maximum over the ranks (blocking)."""
         if not self.dist:
             return list(values)
         import torch
         t = torch.tensor(values, dtype=torch.int64)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
+
+    def collect(self, size: int) -> list[int]:
+        """The element-wise maximum of what every rank ``post``-ed last (zeros before any).
+
+        Waiting for a collective at every training step would stall each rank until the
+        slowest arrives; instead the reduction posted at one call runs in the background
+        during the next training step and is collected at the call after. A decision thus lags
+        one call behind the local flags, and is the same on every rank at the same call.
+        """
+        if self._pending is None:
+            return [0] * size
+        work, t = self._pending
+        work.wait()
+        self._pending = None
+        return t.tolist()
+
+    def post(self, *values: int) -> None:
+        """Start the background reduction that the next ``collect`` returns."""
+        import torch
+        t = torch.tensor(values, dtype=torch.int64)
+        self._pending = (self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group,
+                                              async_op=True), t)
 
     def rank0_list(self, values: list[int]) -> list[int]:
         """Rank 0's list of ints, on every rank."""
@@ -103,6 +128,9 @@ class _Ranks:
         return t.tolist()
 
     def close(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
         if self.group is not None:
             self.dist.destroy_process_group(self.group)
             self.group = None
@@ -230,10 +258,23 @@ class CheckpointManager:
         self._reap()
         if self._preempted:
             return False
+        if not self._ranks.dist:
+            return self._decide(step, state_dict, metrics, *self._local_flags())
+        # Agreed one call late (see _Ranks.collect): no rank waits for the others here.
+        agreed = self._ranks.collect(2)
+        try:
+            return self._decide(step, state_dict, metrics, *agreed)
+        finally:
+            self._ranks.post(*self._local_flags())  # after a save reset the timer
+
+    def _local_flags(self) -> tuple[int, int]:
+        """(a preemption signal reached this process, this process's clock says save)."""
         signalled = int(self._watcher is not None and self._watcher.pending)
         timed = int(self.every_n_seconds is not None
                     and self._clock() - self._last_time >= self.every_n_seconds)
-        signalled, timed = self._ranks.max(signalled, timed)
+        return signalled, timed
+
+    def _decide(self, step: int, state_dict, metrics, signalled: int, timed: int) -> bool:
         if signalled:
             if self._last_step != step:
                 self._start(step, state_dict, metrics, "preemption")
