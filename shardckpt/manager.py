@@ -435,4 +435,11 @@ class CheckpointManager:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the loop's own exception matters more than a failed flush
+            self.close()
+        except Exception as flush_error:
+            warnings.warn(f"shardckpt: the save in flight failed while the training loop was "
+                          f"already raising: {type(flush_error).__name__}: {flush_error}")
