@@ -21,7 +21,7 @@ from .place import match
 from .read import ReadPlan, open_for_read
 from .saver import run_save
 from .storage import open_checkpoint
-from .tree import build, path_text, with_overrides
+from .tree import build, dict_items, node_kind, path_text, with_overrides
 from .types import HEADER_BYTES, Manifest
 from .write import WriteOptions
 
@@ -174,26 +174,41 @@ def saved_tree(m: Manifest, rank: int):
     return with_overrides(m.tree, own)
 
 
-def load_full(path, *, rank: int = 0, threads: int | None = None,
+def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | None = None,
               storage_options: dict | None = None) -> Any:
     """The whole saved state with every tensor whole, on the CPU; no process group needed.
 
     A sharded checkpoint is consolidated; where saving ranks held different values, ``rank``
-    picks whose (default 0).
+    picks whose (default 0). With ``key`` (``/``-separated dict keys, e.g. ``"model"``) only
+    that subtree is returned, and only its chunks are read.
+
+    Raises:
+        StateMismatchError: the checkpoint has no ``key``. CheckpointError: as ``load``.
     """
     m, paths = open_for_read(path, storage_options)
+    node = _subtree(saved_tree(m, rank), key)
     plan, made = ReadPlan(m), {}
 
-    def tensor(key):
-        if key not in made:
-            entry = m.tensors[key]
-            made[key] = t = torch.empty(entry.shape, dtype=entry.dtype.torch)
-            plan.into(key, t)
-        return made[key]
+    def tensor(k):
+        if k not in made:
+            entry = m.tensors[k]
+            made[k] = t = torch.empty(entry.shape, dtype=entry.dtype.torch)
+            plan.into(k, t)
+        return made[k]
 
-    state = build(saved_tree(m, rank), tensor)
+    state = build(node, tensor)
     plan.run(paths, threads)
     return state
+
+
+def _subtree(node, key: str | None):
+    for part in key.split("/") if key else ():
+        kind, payload = node_kind(node)
+        children = dict(dict_items(payload)) if kind == "dict" else {}
+        if part not in children:
+            raise StateMismatchError(missing=[key])
+        node = children[part]
+    return node
 
 
 @dataclass(frozen=True)

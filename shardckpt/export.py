@@ -9,48 +9,12 @@ the CPU whatever the saving world size was, and writes them as a safetensors fil
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
-from .api import saved_tree
-from .errors import StateMismatchError
-from .read import ReadPlan, open_for_read
-from .tree import build, dict_items, node_kind
+from .api import load_full
 
 FORMATS = ("safetensors", "torch")
-
-
-def _subtree(node, key: str | None):
-    if key is None or key == "":
-        return node
-    for part in key.split("/"):
-        kind, payload = node_kind(node)
-        children = dict(dict_items(payload)) if kind == "dict" else {}
-        if part not in children:
-            raise StateMismatchError(missing=[key])
-        node = children[part]
-    return node
-
-
-def load_subtree(path, key: str | None = None, *, rank: int = 0,
-                 storage_options: dict | None = None) -> Any:
-    """The saved value under ``key`` (``/``-separated dict keys; None: everything), with each
-    tensor whole on the CPU. Reads only that subtree's chunks."""
-    m, paths = open_for_read(path, storage_options)
-    node = _subtree(saved_tree(m, rank), key)
-    plan, made = ReadPlan(m), {}
-
-    def tensor(k):
-        if k not in made:
-            entry = m.tensors[k]
-            made[k] = t = torch.empty(entry.shape, dtype=entry.dtype.torch)
-            plan.into(k, t)
-        return made[k]
-
-    value = build(node, tensor)
-    plan.run(paths)
-    return value
 
 
 def flat_tensors(value, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -91,7 +55,7 @@ def export_weights(path, dest, *, format: str = "safetensors", key: str | None =
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
-    value = load_subtree(path, key, storage_options=storage_options)
+    value = load_full(path, key=key, storage_options=storage_options)
     if isinstance(value, torch.Tensor):
         value = {"weight": value}
     tensors = flat_tensors(value, prefix.rstrip(".") if prefix else "")
