@@ -18,7 +18,7 @@ from ._version import __version__
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 from .tree import tensor_keys
 from .types import (DTYPES, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, FileEntry,
-                    Manifest, TensorEntry)
+                    Manifest)
 
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NUMEL = 1 << 53
@@ -96,7 +96,9 @@ def _parse_files(raw) -> tuple[FileEntry, ...]:
     return tuple(files)
 
 
-def _parse_tensor(key, raw, file_sizes, chains) -> TensorEntry:
+def _tensor_header(key, raw) -> tuple:
+    """``(key, raw, dtype, shape)`` of a tensor entry whose JSON fields are checked; its tables
+    are decoded and checked for all tensors at once (tables.decode_entries)."""
     where = f"tensor {key!r}"
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "shards", "chunks"}:
         raise _unsafe(f"{where}: an entry has exactly dtype, shape, shards, chunks")
@@ -106,7 +108,7 @@ def _parse_tensor(key, raw, file_sizes, chains) -> TensorEntry:
     shape = _ints(raw["shape"], f"{where} shape")
     if math.prod(shape) > MAX_NUMEL or any(d > MAX_NUMEL for d in shape):
         raise _unsafe(f"{where}: absurd shape {shape}")
-    return tables.decode_entry(key, raw, dtype, shape, file_sizes, chains)
+    return key, raw, dtype, shape
 
 
 def parse(data: bytes) -> Manifest:
@@ -136,7 +138,8 @@ def parse(data: bytes) -> Manifest:
     files = _parse_files(doc["files"])
     chains = [codecs.kind_of(c) for c in doc["codecs"]]
     sizes = np.array([f.size for f in files], dtype=np.int64)
-    tensors = {k: _parse_tensor(k, v, sizes, chains) for k, v in doc["tensors"].items()}
+    headers = [_tensor_header(k, v) for k, v in doc["tensors"].items()]
+    tensors = dict(zip(doc["tensors"], tables.decode_entries(headers, sizes, chains)))
     world_size = _int(doc["world_size"], "world_size", 1, 1 << 24)
     overrides = _parse_overrides(doc.get("rank_overrides"), world_size)
     for tree in [doc["tree"]] + [node for _, own in overrides or () for _, node in own]:

@@ -1,6 +1,8 @@
-// AutoPolicy: see auto_policy.h for the rule and why.
+// AutoPolicy: see auto_policy.h for the rules and why.
 
 #include "auto_policy.h"
+
+#include <algorithm>
 
 namespace shardckpt {
 
@@ -14,43 +16,60 @@ void AutoPolicy::Rate::add(double b, double s) {
   seconds = (1 - kDecay) * seconds + kDecay * s;
 }
 
-bool AutoPolicy::backlog_covers(uint64_t nbytes, uint64_t backlog_bytes) const {
-  double high_water = static_cast<double>(bootstrap_high_water_);
-  std::lock_guard<std::mutex> lk(mu_);
+uint64_t AutoPolicy::probe_bytes(uint64_t nbytes, uint32_t elemsize) {
+  const uint64_t k = elemsize ? elemsize : 1;
+  const uint64_t sample = std::min<uint64_t>(kProbeBytes, nbytes / 2);
+  return sample - sample % k;
+}
+
+bool AutoPolicy::worth_compressing(uint64_t nbytes, uint64_t backlog_bytes) const {
   const double write = write_rate_.per_second(), compress = compress_rate_.per_second();
-  if (write > 0 && compress > 0) {
-    // A queue full of raw chunks does not mean compression would help: raw chunks are ready
-    // almost at once, so the queue is full whenever the writers are busy. Compression raises
-    // throughput only if the compressing threads together outrun the writers.
-    if (max_compressing_ * compress <= writers_ * write) return false;
-    high_water = writers_ * write * (static_cast<double>(nbytes) / compress);
-  }
-  return static_cast<double>(backlog_bytes) >= high_water;
+  if (!measured_ || write <= 0 || compress <= 0) return false;
+  if (ratio_ > kPoorRatio) return false;                                      // rule 4
+  if (max_compressing_ * compress < kKeepUpMargin * writers_ * write) return false;  // rule 2
+  const double drain = writers_ * write * (static_cast<double>(nbytes) / compress);
+  return static_cast<double>(backlog_bytes) >= drain;                         // rule 3
 }
 
-bool AutoPolicy::begin_compress(uint64_t index, uint64_t nbytes, uint64_t backlog_bytes) {
-  if (index < skip_until_.load(std::memory_order_relaxed)) return false;
-  if (!backlog_covers(nbytes, backlog_bytes)) return false;
-  int busy = compressing_.load(std::memory_order_relaxed);
-  do {
-    if (busy >= max_compressing_) return false;
-  } while (!compressing_.compare_exchange_weak(busy, busy + 1, std::memory_order_relaxed));
-  return true;
+AutoChoice AutoPolicy::choose(uint64_t nbytes, uint64_t backlog_bytes) {
+  if (backlog_bytes < backed_up_) return AutoChoice::kRaw;  // rule 1: the writers keep up
+  std::lock_guard<std::mutex> lk(mu_);
+  if (compressing_ < max_compressing_ && worth_compressing(nbytes, backlog_bytes)) {
+    ++compressing_;
+    return AutoChoice::kCompress;
+  }
+  // Stale or missing measurements: sample this chunk (raw chunks do not refresh them).
+  unmeasured_ += nbytes;
+  if ((!probed_once_ || unmeasured_ >= kProbeEveryBytes) && probe_bytes(nbytes, 1) > 0) {
+    probed_once_ = true;
+    unmeasured_ = 0;
+    return AutoChoice::kProbe;
+  }
+  return AutoChoice::kRaw;
 }
 
-void AutoPolicy::end_compress(uint64_t index, uint64_t raw_bytes, uint64_t stored_bytes,
-                              double seconds) {
-  compressing_.fetch_sub(1, std::memory_order_relaxed);
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    compress_rate_.add(static_cast<double>(raw_bytes), seconds);
-  }
-  if (static_cast<double>(stored_bytes) <= kPoorRatio * static_cast<double>(raw_bytes)) return;
-  const uint64_t until = index + 1 + kSkipChunks;
-  uint64_t cur = skip_until_.load(std::memory_order_relaxed);
-  while (cur < until &&
-         !skip_until_.compare_exchange_weak(cur, until, std::memory_order_relaxed)) {
-  }
+void AutoPolicy::measured(uint64_t raw_bytes, uint64_t stored_bytes, double seconds) {
+  compress_rate_.add(static_cast<double>(raw_bytes), seconds);
+  ratio_ = raw_bytes ? static_cast<double>(stored_bytes) / static_cast<double>(raw_bytes) : 1;
+  measured_ = true;
+}
+
+void AutoPolicy::compressed(uint64_t raw_bytes, uint64_t stored_bytes, double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  --compressing_;
+  measured(raw_bytes, stored_bytes, seconds);
+  probed_once_ = true;
+  unmeasured_ = 0;  // the measurement is fresh
+}
+
+void AutoPolicy::probed(uint64_t raw_bytes, uint64_t stored_bytes, double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  measured(raw_bytes, stored_bytes, seconds);
+}
+
+void AutoPolicy::cancel() {
+  std::lock_guard<std::mutex> lk(mu_);
+  --compressing_;
 }
 
 void AutoPolicy::wrote(uint64_t bytes, double seconds) {

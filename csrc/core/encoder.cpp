@@ -45,10 +45,8 @@ bool ChunkEncoder::compress(uint64_t index, const ChunkSource& src, EncodedChunk
   if (!cctx_ && !(cctx_ = ZSTD_createCCtx())) return false;
   PoolBuffer frame = lease(n);
   if (!frame) return false;
-  // Capacity n - 1: a frame that is not strictly smaller fails with dstSize_tooSmall instead of
-  // being produced, so the output buffer never needs ZSTD_compressBound(n) > n bytes.
-  const size_t r = ZSTD_compressCCtx(cctx_, frame.data(), n - 1, input, n, level_);
-  if (ZSTD_isError(r)) {  // too small to shrink (or any other failure): raw is always valid
+  const size_t r = compress_into(input, n, frame.data());
+  if (r == 0) {  // too small to shrink (or any other failure): raw is always valid
     store_raw(index, src, out);
     return true;
   }
@@ -58,6 +56,32 @@ bool ChunkEncoder::compress(uint64_t index, const ChunkSource& src, EncodedChunk
   out->kind = shuffled ? Kind::kShuffleZstd : Kind::kZstd;
   out->crc = crc32c(frame.data(), r);
   out->buffer = std::move(frame);
+  return true;
+}
+
+size_t ChunkEncoder::compress_into(const uint8_t* input, uint64_t n, uint8_t* out) {
+  // Capacity n - 1: a frame that is not strictly smaller fails with dstSize_tooSmall instead of
+  // being produced, so the output buffer never needs ZSTD_compressBound(n) > n bytes.
+  const size_t r = ZSTD_compressCCtx(cctx_, out, n - 1, input, n, level_);
+  return ZSTD_isError(r) ? 0 : r;
+}
+
+bool ChunkEncoder::probe(const ChunkSource& src, uint64_t sample, uint64_t* stored) {
+  *stored = sample;
+  if (sample == 0) return true;
+  if (!cctx_ && !(cctx_ = ZSTD_createCCtx())) return false;
+  // One lease holds the shuffled sample and the frame; 2 * sample <= the chunk, so it fits
+  // wherever a frame for the chunk would (make_plan's budget rule).
+  PoolBuffer buf = lease(2 * sample);
+  if (!buf) return false;
+  const uint64_t k = src.elemsize;
+  const uint8_t* input = src.data + ((src.nbytes - sample) / 2) / k * k;
+  if (k > 1) {
+    shuffle(input, buf.data(), sample, k);
+    input = buf.data();
+  }
+  const size_t r = compress_into(input, sample, buf.data() + sample);
+  if (r) *stored = r;
   return true;
 }
 

@@ -32,11 +32,19 @@ class ChunkEncoder {
   // system is out of memory.
   bool compress(uint64_t index, const ChunkSource& src, EncodedChunk* out);
 
+  // Shuffles (elemsize > 1) and compresses `sample` bytes from the middle of the chunk, then
+  // discards the output: how `auto` measures the compress rate and ratio without compressing a
+  // whole chunk (AutoPolicy). `sample` is a multiple of elemsize, at most half the chunk. Sets
+  // *stored to the frame's size (`sample` if it did not shrink). Returns false like compress().
+  bool probe(const ChunkSource& src, uint64_t sample, uint64_t* stored);
+
   // Time spent blocked in the pool (back-pressure), so callers can measure pure encode time.
   double blocked_seconds() const { return blocked_seconds_; }
 
  private:
   PoolBuffer lease(uint64_t size);  // pool_->acquire, timed
+  // zstd of `n` bytes at `input` into `out` (capacity n - 1); 0 when the frame would not shrink.
+  size_t compress_into(const uint8_t* input, uint64_t n, uint8_t* out);
 
   BufferPool* pool_;
   int level_;

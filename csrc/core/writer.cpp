@@ -45,8 +45,8 @@ double seconds_since(Clock::time_point t0) {
 
 // Writeback in flight per writer before it waits for the disk (see WritebackPacer).
 constexpr uint64_t kPacingWindow = 64ull << 20;
-// Until `auto` has measured its rates it compresses while the writers' backlog is at least this
-// many average chunks per writer (see AutoPolicy).
+// `auto` takes the writers for the bottleneck (and may probe or compress) once their backlog
+// is at least this many average chunks per writer (see AutoPolicy).
 constexpr uint64_t kHighWaterChunksPerWriter = 2;
 
 Status invalid(std::string message, int64_t chunk = -1) {
@@ -61,7 +61,7 @@ Status invalid(std::string message, int64_t chunk = -1) {
 struct Plan {
   int encoders = 1, writers = 1;
   uint64_t scratch_bytes = 0;  // per-encoder shuffle scratch (0: nothing is shuffled)
-  uint64_t high_water = 0;     // `auto`'s backlog mark until it has measured rates
+  uint64_t high_water = 0;     // `auto`: the backlog at which the writers are the bottleneck
   int max_compressing = 1;     // `auto`: chunks compressed at once (cores left to writers)
   uint64_t compress_limit = UINT64_MAX;  // larger chunks are never compressed (`auto` only)
   size_t queue_capacity = 4;
@@ -138,7 +138,8 @@ class SaveJob {
   void write_loop();
   void encode_chunks(ChunkEncoder* encoder, double* busy);
   void write_chunks(double* busy);
-  bool want_compress(uint64_t index);
+  AutoChoice choose(uint64_t index);
+  void probe(ChunkEncoder* encoder, uint64_t index);
   void fail(Status s);
   void fail_from_exception(const char* where, const std::exception& e);
 
@@ -181,15 +182,28 @@ void SaveJob::fail_from_exception(const char* where, const std::exception& e) {
   fail(std::move(s));
 }
 
-bool SaveJob::want_compress(uint64_t index) {
+AutoChoice SaveJob::choose(uint64_t index) {
   switch (options_.policy) {
-    case Policy::kRaw: return false;
-    case Policy::kZstd: return true;
+    case Policy::kRaw: return AutoChoice::kRaw;
+    case Policy::kZstd: return AutoChoice::kCompress;
     case Policy::kAuto:
-      if (chunks_[index].nbytes > plan_.compress_limit) return false;
-      return auto_.begin_compress(index, chunks_[index].nbytes, queue_.backlog_bytes());
+      if (chunks_[index].nbytes > plan_.compress_limit) return AutoChoice::kRaw;
+      return auto_.choose(chunks_[index].nbytes, queue_.backlog_bytes());
   }
-  return false;
+  return AutoChoice::kRaw;
+}
+
+// Samples chunk `i` for `auto` (AutoChoice::kProbe). A probe that cannot get a buffer is simply
+// dropped: the pool fails only when the save is already failing.
+void SaveJob::probe(ChunkEncoder* encoder, uint64_t i) {
+  const ChunkSource& src = chunks_[i];
+  const uint64_t sample = AutoPolicy::probe_bytes(src.nbytes, src.elemsize);
+  if (sample == 0) return;
+  const auto t0 = Clock::now();
+  const double blocked0 = encoder->blocked_seconds();
+  uint64_t stored = 0;
+  if (!encoder->probe(src, sample, &stored)) return;
+  auto_.probed(sample, stored, seconds_since(t0) - (encoder->blocked_seconds() - blocked0));
 }
 
 void SaveJob::encode_chunks(ChunkEncoder* encoder, double* busy) {
@@ -200,7 +214,9 @@ void SaveJob::encode_chunks(ChunkEncoder* encoder, double* busy) {
     EncodedChunk chunk;
     const auto t0 = Clock::now();
     const double blocked0 = encoder->blocked_seconds();
-    const bool compress = want_compress(i);
+    const AutoChoice choice = choose(i);
+    const bool compress = choice == AutoChoice::kCompress;
+    if (choice == AutoChoice::kProbe) probe(encoder, i);
     if (!compress) {
       ChunkEncoder::store_raw(i, src, &chunk);
     } else if (!encoder->compress(i, src, &chunk)) {
@@ -213,7 +229,7 @@ void SaveJob::encode_chunks(ChunkEncoder* encoder, double* busy) {
     const double seconds = seconds_since(t0) - (encoder->blocked_seconds() - blocked0);
     *busy += seconds;
     if (compress && options_.policy == Policy::kAuto)
-      auto_.end_compress(i, src.nbytes, chunk.length, seconds);
+      auto_.compressed(src.nbytes, chunk.length, seconds);
     if (!queue_.push(std::move(chunk))) return;  // aborted
   }
 }
