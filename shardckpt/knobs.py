@@ -48,6 +48,22 @@ KNOBS = {
                                 "up to this size each rank checksums its copy so that per-rank "
                                 "tensors (RNG states) are kept per rank instead of dropped. GPU "
                                 "tensors are checked only below 1 MiB (the check needs a copy)."),
+    "storage_retries": Knob("SHARDCKPT_STORAGE_RETRIES", 6,
+                            "Retries of one object-store request after a transient error "
+                            "(throttling, 5xx, connection reset, timeout) before the save or load "
+                            "fails with StorageError. More rides out longer outages; a dead store "
+                            "is reported later."),
+    "storage_backoff": Knob("SHARDCKPT_STORAGE_BACKOFF", 0.2,
+                            "Seconds before the first retry; each further retry waits twice as "
+                            "long (capped at 10 s, with jitter so ranks do not retry in step)."),
+    "upload_part_bytes": Knob("SHARDCKPT_UPLOAD_PART_BYTES", 32 << 20,
+                              "Raw bytes encoded into one part of a multipart upload, and the "
+                              "largest ranged GET on load. Larger parts mean fewer requests; "
+                              "memory per rank is about this times remote_concurrency."),
+    "remote_concurrency": Knob("SHARDCKPT_REMOTE_CONCURRENCY", 8,
+                               "Parts uploaded, or ranges fetched, at once per data file on an "
+                               "object store. More hides request latency; each holds a part in "
+                               "memory."),
     "max_chunk_bytes": Knob("SHARDCKPT_MAX_CHUNK_BYTES", 1 << 31,
                             "Largest decoded chunk a reader accepts from a manifest (safety)."),
 }
