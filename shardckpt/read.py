@@ -66,7 +66,7 @@ def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
 
 def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, list]:
     """The validated manifest and checked data files of the checkpoint at ``path``: real paths,
-    or on object stores ``remote_io.RemoteFile``\ s."""
+    or on object stores ``remote_io.RemoteFile`` objects."""
     storage, name = open_checkpoint(path, storage_options)
     m = open_manifest(storage, name)
     if storage.local_path(name) is None:

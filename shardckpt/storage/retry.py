@@ -4,7 +4,8 @@ Object stores fail requests now and then (throttling, 5xx, dropped connections, 
 are retried with exponential backoff and jitter, up to the ``storage_retries`` knob. Anything
 else, or a transient error that outlives its retries, becomes a ``StorageError`` naming the
 object, which the save and load pipelines report on every rank. ``FileNotFoundError`` and
-``FileExistsError`` pass through untouched: callers act on them.
+``FileExistsError`` pass through untouched: callers act on them (so does NotImplementedError,
+a capability the store lacks).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def call(fn: Callable[[], T], what: str, retries: int | None = None,
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, FileExistsError, CheckpointError):
+        except (FileNotFoundError, FileExistsError, CheckpointError, NotImplementedError):
             raise
         except Exception as exc:
             if not is_transient(exc) or attempt == retries:
