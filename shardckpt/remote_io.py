@@ -42,14 +42,14 @@ def upload(storage: Storage, path: str, parts: Iterable, concurrency: int | None
 
 def _at_least(parts: Iterable, minimum: int) -> Iterator:
     """Consecutive parts joined until each (but the last) has ``minimum`` bytes."""
-    pending, size = [], 0
+    pending, size, sent = [], 0, False
     for part in parts:
         pending.append(part)
         size += len(part)
         if size >= minimum:
             yield pending[0] if len(pending) == 1 else b"".join(pending)
-            pending, size = [], 0
-    if pending or size == 0:
+            pending, size, sent = [], 0, True
+    if pending or not sent:
         yield b"".join(pending)
 
 
