@@ -70,13 +70,16 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     Args:
         state: nested dicts / lists / tuples of tensors, ints, floats, strs, bools, None,
             dtypes, and objects with ``state_dict()`` / ``load_state_dict()``.
-        path: the checkpoint folder (created; its parent must exist).
+        path: the checkpoint folder (created; its parent must exist), or an fsspec URL
+            (``s3://bucket/run/step-100``, ``gs://``, ``az://``, ``memory://``) where the
+            manifest, written last, is the commit marker (FORMAT.md 4.2).
         codec: ``"auto"`` (default), ``"zstd"`` or ``"raw"`` (see knobs.py).
         level: zstd level (default 1; negative = faster).
         metadata: a JSON-able dict stored in the manifest.
-        overwrite: replace an existing checkpoint (atomically) instead of raising.
+        overwrite: replace an existing checkpoint instead of raising (atomically on local
+            disks; on object stores the old one is deleted first, see FORMAT.md 4.2).
         durable: fsync data and manifest before the commit (leave on outside benchmarks).
-        storage_options: reserved for fsspec backends.
+        storage_options: passed to fsspec for URLs (credentials, ``endpoint_url``...).
         timeout: seconds to wait for the slowest rank (default: knob ``dist_timeout``).
         **tuning: ``chunk_bytes``, ``pool_bytes``, ``encode_threads``, ``write_threads``,
             ``files_per_rank`` (knobs.py).
@@ -96,7 +99,7 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     metadata = _check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
-    return SaveInfo.from_report(storage.local_path(name), report, time.perf_counter() - t0)
+    return SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
 
 
 def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
@@ -233,7 +236,7 @@ def verify(path, *, threads: int | None = None, storage_options: dict | None = N
     plan.run(paths, threads)
     tensors = m.tensors.values()
     storage, name = open_checkpoint(path, storage_options)
-    return VerifyReport(storage.local_path(name), len(m.tensors),
+    return VerifyReport(storage.url(name), len(m.tensors),
                         sum(len(e.chunks) for e in tensors),
                         sum(int(e.chunks[:, 2].sum()) for e in tensors),
                         sum(int(e.chunks[:, 4].sum()) * e.dtype.itemsize for e in tensors))

@@ -117,7 +117,7 @@ def async_save(state, path, *, staging_budget_bytes: int | None = None, on_busy:
                             timeout)
         budget = stage.default_budget() if staging_budget_bytes is None else staging_budget_bytes
         stager = stage.Stager(planned.pieces(), budget, opts.chunk_bytes)
-        handle = SaveHandle(storage.local_path(name), t0)
+        handle = SaveHandle(storage.url(name), t0)
         writer = threading.Thread(target=handle._run, args=(planned, stager),
                                   name="shardckpt-async-save")
         writer.start()

@@ -16,7 +16,7 @@ from .errors import CheckpointError
 
 
 def _verify(args) -> int:
-    report = verify(args.path)
+    report = verify(args.path, storage_options=args.storage_options)
     print(f"OK {report.path}: {report.tensors} tensors, {report.chunks} chunks, "
           f"{report.raw_bytes / 2**20:.1f} MiB raw, {report.stored_bytes / 2**20:.1f} MiB stored "
           f"(codec backend: {codecs.BACKEND})")
@@ -24,7 +24,7 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    st, name = storage.open_checkpoint(args.path)
+    st, name = storage.open_checkpoint(args.path, args.storage_options)
     m = read.open_manifest(st, name)
     if args.json:
         print(json.dumps({"world_size": m.world_size, "metadata": m.metadata, "tensors": {
@@ -39,15 +39,21 @@ def _inspect(args) -> int:
     return 0
 
 
+def _path_args(p) -> None:
+    p.add_argument("path", help="a checkpoint folder or fsspec URL (s3://bucket/run/step-10)")
+    p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                   help='fsspec options for a URL, e.g. \'{"anon": true}\'')
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="shardckpt", description="Inspect shardckpt "
                                      "checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("verify", help="check every checksum of a checkpoint")
-    p.add_argument("path")
+    _path_args(p)
     p.set_defaults(func=_verify)
     p = sub.add_parser("inspect", help="list a checkpoint's tensors and metadata")
-    p.add_argument("path")
+    _path_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
     args = parser.parse_args(argv)

@@ -1,10 +1,16 @@
 """Atomic commit: a checkpoint appears complete, at once, or not at all (FORMAT.md 4).
 
-Two strategies exist because stores differ. Where a folder rename is atomic (POSIX disks), data
-and manifest are written into a hidden sibling ``.<name>.tmp-<random>`` folder, made durable, and
-the folder is renamed into place (swapped atomically with ``renameat2(RENAME_EXCHANGE)`` when it
-replaces an older checkpoint). Object stores have no rename; there the manifest, written last, is
-the commit marker (comes with the fsspec backend).
+Two strategies exist because stores differ. Where a folder rename is atomic (POSIX disks),
+``RenameCommit`` writes data and manifest into a hidden sibling ``.<name>.tmp-<random>`` folder,
+makes it durable, and renames the folder into place (swapped atomically with
+``renameat2(RENAME_EXCHANGE)`` when it replaces an older checkpoint). Object stores have no
+rename (and no fsync: an acknowledged object is durable); there ``MarkerCommit`` writes the data
+objects in place and the manifest last, create-if-absent, as the commit marker: a prefix is a
+checkpoint only once its manifest exists and validates (FORMAT.md 4.2).
+
+Both strategies can leave debris when a process dies mid-save (a hidden temporary folder, or
+data objects without a manifest); ``leftovers`` finds it and ``remove_leftovers`` deletes it.
+``commit_for`` picks the strategy a storage supports.
 """
 
 from __future__ import annotations
@@ -12,15 +18,67 @@ from __future__ import annotations
 import errno
 import secrets
 
-from .errors import CheckpointExistsError
+from .errors import CheckpointError, CheckpointExistsError
 from .storage import Storage, storage_error
 from .types import DATA_DIR, MANIFEST_NAME
 
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"
+DELETE_MARK = ".deleting-"  # a checkpoint renamed out of sight to be deleted (manager)
 
 
-def is_committed(storage: Storage, name: str) -> bool:
-    return storage.exists(f"{name}/{MANIFEST_NAME}")
+def is_committed(storage: Storage, name: str, validate: bool = False) -> bool:
+    """Whether ``name`` holds a committed checkpoint: its manifest exists (and with
+    ``validate``, parses and passes its checks)."""
+    rel = f"{name}/{MANIFEST_NAME}"
+    if not validate:
+        return storage.exists(rel)
+    from . import manifest as manifest_mod
+    try:
+        manifest_mod.parse(storage.read(rel))
+    except (FileNotFoundError, CheckpointError):
+        return False
+    return True
+
+
+def list_checkpoints(storage: Storage, validate: bool = False) -> list[str]:
+    """Names of the committed checkpoints directly under the storage's root, sorted."""
+    return [n for n in storage.list("") if not n.startswith(".")
+            and is_committed(storage, n, validate)]
+
+
+def leftovers(storage: Storage) -> list[str]:
+    """What interrupted saves left under the storage's root: hidden temporary or set-aside
+    folders of ``RenameCommit``, and prefixes holding data but no manifest (``MarkerCommit``).
+    Only call it while no save is running there: a save in flight looks the same."""
+    found = []
+    for n in storage.list(""):
+        if n.startswith(".") and (TMP_MARK in n or OLD_MARK in n or DELETE_MARK in n):
+            found.append(n)
+        elif not n.startswith(".") and _is_debris(storage, n):
+            found.append(n)
+    return found
+
+
+def _is_debris(storage: Storage, name: str) -> bool:
+    entries = storage.list(name)
+    return DATA_DIR in entries and set(entries) <= {DATA_DIR, MANIFEST_NAME} \
+        and not is_committed(storage, name)
+
+
+def remove_leftovers(storage: Storage, names: list[str] | None = None) -> list[str]:
+    """Delete ``names`` (default: everything ``leftovers`` finds); returns what was deleted."""
+    names = leftovers(storage) if names is None else names
+    for n in names:
+        storage.delete(n)
+    return names
+
+
+def commit_for(storage: Storage, name: str, overwrite: bool = False):
+    """The commit strategy for ``storage``: RenameCommit where rename is atomic, else
+    MarkerCommit."""
+    cls = RenameCommit if storage.atomic_rename else MarkerCommit
+    return cls(storage, name, overwrite)
 
 
 class RenameCommit:
@@ -40,7 +98,7 @@ class RenameCommit:
         s, name = self.storage, self.name
         if s.exists(name) and not self.overwrite and (is_committed(s, name) or s.list(name)):
             raise CheckpointExistsError(
-                f"{s.local_path(name) or name}: already exists (pass overwrite=True to replace)")
+                f"{s.url(name)}: already exists (pass overwrite=True to replace)")
         try:
             s.makedirs(f"{self.tmp}/{DATA_DIR}")
         except OSError as exc:
@@ -88,3 +146,65 @@ class RenameCommit:
         """Remove the temporary folder: the failed save's, or after a replacement the old
         checkpoint's. After a plain commit it no longer exists."""
         self.storage.delete(self.tmp)
+
+
+class MarkerCommit:
+    """One save to a store without rename: data objects in place, the manifest last.
+
+    Same interface as RenameCommit (``tmp`` is the checkpoint itself). Overwriting is not
+    atomic: ``begin`` first deletes the old manifest (from then on the old checkpoint no longer
+    exists) and its data; a failure after that leaves no checkpoint under the name. Debris of an
+    interrupted save under the name (data, no manifest) is deleted by ``begin``; anything else
+    there is refused unless overwriting. One save per name at a time.
+    """
+
+    def __init__(self, storage: Storage, name: str, overwrite: bool = False):
+        self.storage, self.name, self.overwrite = storage, name, overwrite
+        self.tmp = name
+        self.committed = False
+
+    def __enter__(self) -> "MarkerCommit":
+        return self.begin()
+
+    def begin(self) -> "MarkerCommit":
+        """Refuse to clobber (unless overwriting), then clear the name."""
+        s, name = self.storage, self.name
+        committed = is_committed(s, name)
+        foreign = set(s.list(name)) - {DATA_DIR, MANIFEST_NAME}
+        if (committed or foreign) and not self.overwrite:
+            raise CheckpointExistsError(
+                f"{s.url(name)}: already exists (pass overwrite=True to replace)")
+        if committed:
+            s.delete(f"{name}/{MANIFEST_NAME}")  # un-commit before touching its data
+        s.delete(name)
+        return self
+
+    def path(self, rel: str) -> str:
+        """Where ``rel`` (checkpoint-relative) is written: in place."""
+        return f"{self.name}/{rel}"
+
+    def commit(self, manifest: bytes) -> None:
+        """Write the manifest, create-if-absent: from this moment the checkpoint exists."""
+        rel = self.path(MANIFEST_NAME)
+        try:
+            self.storage.write(rel, manifest, durable=True, exclusive=True)
+        except FileExistsError:
+            # Our own earlier attempt may have landed before its answer was lost (a retry).
+            if self.storage.read(rel) != bytes(manifest):
+                raise CheckpointExistsError(f"{self.storage.url(self.name)}: another save "
+                                            "committed this checkpoint first") from None
+        except OSError as exc:
+            raise storage_error(exc, f"committing {self.storage.url(self.name)}") from exc
+        self.committed = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """After a failed save, delete the data objects written so far (best effort: a rank
+        still uploading may add more; ``leftovers`` finds those)."""
+        if not self.committed:
+            try:
+                self.storage.delete(self.name)
+            except OSError:
+                pass

@@ -27,10 +27,11 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from . import manifest as manifest_mod
-from .commit import RenameCommit
+from .commit import commit_for
 from .errors import UnsupportedValueError
 from .plan import plan_chunks
 from .read import ReadPlan, open_for_read
+from .saver import _targets
 from .storage import open_checkpoint
 from .tree import build, dict_items, flatten, node_kind
 from .types import DATA_DIR, DTYPE_BY_TORCH, FileEntry, Manifest, TensorEntry, TensorItem
@@ -44,11 +45,13 @@ def _done(value) -> Future:
 
 
 class Writer(StorageWriter):
-    """A DCP StorageWriter that writes a shardckpt checkpoint folder at ``path``."""
+    """A DCP StorageWriter that writes a shardckpt checkpoint folder at ``path`` (a folder or
+    an fsspec URL; ``storage_options`` go to fsspec)."""
 
-    def __init__(self, path, *, overwrite: bool = False, **options):
+    def __init__(self, path, *, overwrite: bool = False, storage_options: dict | None = None,
+                 **options):
         super().__init__()
-        self.path, self.overwrite = path, overwrite
+        self.path, self.overwrite, self.storage_options = path, overwrite, storage_options
         self.opts = WriteOptions.resolve(**options)
         self.rank, self.tx = 0, None
 
@@ -64,12 +67,12 @@ class Writer(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans):
-        storage, name = open_checkpoint(self.path)
-        self.tx = RenameCommit(storage, name, self.overwrite).begin()
+        storage, name = open_checkpoint(self.path, self.storage_options)
+        self.tx = commit_for(storage, name, self.overwrite).begin()
         return [dataclasses.replace(p, storage_data=self.tx.tmp) for p in plans]
 
     def write_data(self, plan, planner) -> Future:
-        storage, _ = open_checkpoint(self.path)
+        storage, _ = open_checkpoint(self.path, self.storage_options)
         tensors, results = [], []
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
@@ -89,8 +92,8 @@ class Writer(StorageWriter):
         rel = f"{DATA_DIR}/rank-{self.rank:05d}.bin"
         sources, _hosts = plan_chunks([t for _, t in tensors], self.opts.chunk_bytes)
         table = CodecTable()
-        refs, (size,), _ = write_data_files([(storage.local_path(f"{tmp}/{rel}"), rel)],
-                                            sources, self.opts, table)
+        targets, write_one = _targets(storage, tmp, [rel])
+        refs, (size,), _ = write_data_files(targets, sources, self.opts, table, write_one)
         by_key = {t.key: [] for _, t in tensors}
         for src, ref in zip(sources, refs):
             by_key[src.key].append(ref.as_list())
@@ -109,7 +112,7 @@ class Writer(StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return "://" not in str(checkpoint_id)
+        return True  # folders and fsspec URLs alike
 
     def storage_meta(self):
         return None
@@ -159,11 +162,13 @@ def _manifest_from_dcp(metadata: Metadata, results: list[WriteResult]) -> Manife
 
 
 class Reader(StorageReader):
-    """A DCP StorageReader over a shardckpt checkpoint folder (from ``Writer`` or ``save``)."""
+    """A DCP StorageReader over a shardckpt checkpoint folder or URL (from ``Writer`` or
+    ``save``)."""
 
-    def __init__(self, path, *, threads: int | None = None):
+    def __init__(self, path, *, threads: int | None = None,
+                 storage_options: dict | None = None):
         super().__init__()
-        self.path, self.threads = path, threads
+        self.path, self.threads, self.storage_options = path, threads, storage_options
         self.m, self.leaves = None, {}
 
     def reset(self, checkpoint_id=None) -> None:
@@ -171,7 +176,7 @@ class Reader(StorageReader):
             self.path = checkpoint_id
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        self.m, self.paths = open_for_read(self.path)
+        self.m, self.paths = open_for_read(self.path, self.storage_options)
         self.leaves = dict(_dotted_leaves(self.m.tree))
         meta = {}
         for fqn, node in self.leaves.items():
@@ -219,7 +224,7 @@ class Reader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return "://" not in str(checkpoint_id)
+        return True  # folders and fsspec URLs alike
 
 
 def _no_tensor(key):

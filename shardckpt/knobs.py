@@ -53,6 +53,22 @@ KNOBS = {
                           "checkpoint take before the process exits (status 76). Keep it below "
                           "the scheduler's kill delay (torchrun: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, "
                           "30 s by default; SLURM: the --signal lead time)."),
+    "storage_retries": Knob("SHARDCKPT_STORAGE_RETRIES", 6,
+                            "Retries of one object-store request after a transient error "
+                            "(throttling, 5xx, connection reset, timeout) before the save or load "
+                            "fails with StorageError. More rides out longer outages; a dead store "
+                            "is reported later."),
+    "storage_backoff": Knob("SHARDCKPT_STORAGE_BACKOFF", 0.2,
+                            "Seconds before the first retry; each further retry waits twice as "
+                            "long (capped at 10 s, with jitter so ranks do not retry in step)."),
+    "upload_part_bytes": Knob("SHARDCKPT_UPLOAD_PART_BYTES", 32 << 20,
+                              "Raw bytes encoded into one part of a multipart upload, and the "
+                              "largest ranged GET on load. Larger parts mean fewer requests; "
+                              "memory per rank is about this times remote_concurrency."),
+    "remote_concurrency": Knob("SHARDCKPT_REMOTE_CONCURRENCY", 8,
+                               "Parts uploaded, or ranges fetched, at once per data file on an "
+                               "object store. More hides request latency; each holds a part in "
+                               "memory."),
     "max_chunk_bytes": Knob("SHARDCKPT_MAX_CHUNK_BYTES", 1 << 31,
                             "Largest decoded chunk a reader accepts from a manifest (safety)."),
 }

@@ -27,14 +27,14 @@ from typing import Any, Callable
 from . import knobs
 from .api import load, save
 from .asyncsave import async_save as start_async_save
-from .commit import is_committed
+from .commit import DELETE_MARK, is_committed
 from .errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
                      UnsupportedValueError)
 from .export import export_weights as export_checkpoint_weights
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from .read import open_manifest
 from .retention import best_steps, to_keep
-from .storage import open_root
+from .storage import open_storage
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
@@ -196,7 +196,7 @@ class CheckpointManager:
         self.save_options = dict(save_options or {})
         self.load_options = dict(load_options or {})
         self._clock = clock
-        self._storage = open_root(self.root, storage_options)
+        self._storage = open_storage(self.root, storage_options)
         self._storage.makedirs("")
         self._ranks = _Ranks(float(knobs.get("dist_timeout")))
         self._metrics: dict[int, dict | None] = {}
@@ -337,8 +337,7 @@ class CheckpointManager:
             s.write(tmp, data, durable=True)
             s.rename(tmp, LATEST_NAME)
         else:
-            s.delete(LATEST_NAME)
-            s.write(LATEST_NAME, data, durable=True)
+            s.write(LATEST_NAME, data, durable=True, exclusive=False)
 
     def _apply_retention(self) -> None:
         if self.keep_last is None and self.keep_best is None:
@@ -358,7 +357,7 @@ class CheckpointManager:
         where renames are atomic, otherwise its manifest (the commit marker) goes first."""
         s = self._storage
         if s.atomic_rename:
-            hidden = f".{name}.deleting-{secrets.token_hex(4)}"
+            hidden = f".{name}{DELETE_MARK}{secrets.token_hex(4)}"
             s.rename(name, hidden)
             s.delete(hidden)
         else:

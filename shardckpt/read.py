@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import codecs, knobs, manifest as manifest_mod
+from . import codecs, knobs, manifest as manifest_mod, remote_io
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
                      UnsafeCheckpointError)
 from .status import raise_for
@@ -29,7 +29,7 @@ from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRe
 
 def open_manifest(storage: Storage, name: str) -> Manifest:
     """The checkpoint's parsed, validated manifest."""
-    where = storage.local_path(name) or name
+    where = storage.url(name)
     if not storage.exists(name):
         raise CheckpointNotFoundError(f"{where}: no checkpoint here")
     rel = f"{name}/{MANIFEST_NAME}"
@@ -64,10 +64,13 @@ def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
     return paths
 
 
-def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, list[str]]:
-    """The validated manifest and checked data file paths of the checkpoint at ``path``."""
+def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, list]:
+    """The validated manifest and checked data files of the checkpoint at ``path``: real paths,
+    or on object stores ``remote_io.RemoteFile`` objects."""
     storage, name = open_checkpoint(path, storage_options)
     m = open_manifest(storage, name)
+    if storage.local_path(name) is None:
+        return m, remote_io.data_objects(storage, name, m)
     return m, data_paths(storage, name, m)
 
 
@@ -177,14 +180,15 @@ class ReadPlan:
             for index in range(len(entry.boxes)):
                 self._shard(key, entry, entry.shard(index), 0)
 
-    def run(self, paths: list[str], threads: int | None = None) -> None:
-        """Fetch, verify and decode every planned chunk, then do the copies."""
+    def run(self, paths: list, threads: int | None = None) -> None:
+        """Fetch, verify and decode every planned chunk, then do the copies. ``paths`` as
+        ``open_for_read`` returns them."""
         threads = knobs.get("read_threads") if threads is None else threads
         files = sorted(self.by_file.items())
         # Files are read concurrently (the native reads release the GIL), threads shared out.
         per_file = threads or max(1, (os.cpu_count() or 1) // max(len(files), 1))
         with ThreadPoolExecutor(max(len(files), 1)) as pool:
-            statuses = list(pool.map(lambda fr: codecs.backend.read_chunks(
+            statuses = list(pool.map(lambda fr: _read_chunks(
                 paths[fr[0]], [(r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size,
                                 r.ref.crc, r.dest) for r in fr[1]], per_file), files))
         for (file_index, reads), status in zip(files, statuses):
@@ -194,6 +198,13 @@ class ReadPlan:
             for fn in self.after:
                 fn()
         self._keep.clear()
+
+
+def _read_chunks(source, reads: list[tuple], threads: int) -> tuple:
+    """The backend's read of one local file, or a remote one's ranged GETs."""
+    if isinstance(source, remote_io.RemoteFile):
+        return remote_io.read_chunks(source, reads, threads)
+    return codecs.backend.read_chunks(source, reads, threads)
 
 
 def _flat(index: tuple, shape: tuple) -> int:

@@ -10,11 +10,12 @@ through ``LocalExchange``.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 
-from . import manifest as manifest_mod, tables
-from .commit import RenameCommit
+from . import manifest as manifest_mod, remote_io, tables
+from .commit import commit_for
 from .dist import PerRank, exchange
 from .merge import build_manifest, merge_plans
 from .plan import local_plan, plan_chunks
@@ -28,7 +29,7 @@ class Coordinator:
 
     def __init__(self, storage, name: str, overwrite: bool, metadata: dict):
         self.storage, self.name, self.metadata = storage, name, metadata
-        self.tx = RenameCommit(storage, name, overwrite)
+        self.tx = commit_for(storage, name, overwrite)
         self.plans, self.gp, self.begun = None, None, False
 
     def plan(self, plans: dict[int, dict]) -> dict:
@@ -68,8 +69,8 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
         rels = _rels(rank, batch, opts.files_per_rank)
         refs, sizes = [], []
         if sources:
-            refs, sizes, batch_stats = write_data_files(
-                [(storage.local_path(f"{tmp}/{r}"), r) for r in rels], sources, opts, table)
+            targets, write_one = _targets(storage, tmp, rels)
+            refs, sizes, batch_stats = write_data_files(targets, sources, opts, table, write_one)
             add_stats(stats, batch_stats, concurrent=False)  # batches run one after another
         for src, ref in zip(sources, refs):
             row = ref.as_list()
@@ -84,6 +85,14 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
     return {"files": files, "codecs": [list(c) for c in table.chains],
             "pieces": tables.encode(counts), "chunks": tables.encode(chunks), "raw_bytes": raw,
             "tensors": len(rows), "stats": stats}
+
+
+def _targets(storage, tmp: str, rels: list[str]) -> tuple[list, object]:
+    """``(files, write_one)`` for write_data_files: real paths and the native file writer on
+    local disks, storage paths and the uploader on object stores."""
+    if storage.local_path(tmp) is not None:
+        return [(storage.local_path(f"{tmp}/{r}"), r) for r in rels], None
+    return [(f"{tmp}/{r}", r) for r in rels], partial(remote_io.write_one, storage)
 
 
 class PlannedSave:

@@ -79,21 +79,24 @@ def _split(sources: list[ChunkSource], n: int) -> list[list[int]]:
 
 
 def write_data_files(files: list[tuple[str, str]], sources: list[ChunkSource],
-                     opts: WriteOptions, table: CodecTable) -> tuple[list[ChunkRef], list[int], dict]:
+                     opts: WriteOptions, table: CodecTable, write_one=None
+                     ) -> tuple[list[ChunkRef], list[int], dict]:
     """Write ``sources`` into up to ``len(files)`` new files concurrently.
 
     ``files`` holds ``(real path, checkpoint-relative name)`` pairs. Returns the chunk refs (in
     the order of ``sources``; ``ChunkRef.file`` indexes ``files``), each used file's size (unused
     trailing files are not created: their size list is shorter) and summed statistics. Several
     files fill the page cache from several cores (a file system serializes buffered writes to
-    one file); the pool budget and the cores are shared out between them. Raises DiskFullError,
-    StorageError.
+    one file); the pool budget and the cores are shared out between them. ``write_one`` replaces
+    the local file writer (object stores: ``remote_io.write_one`` with ``files`` naming storage
+    paths). Raises DiskFullError, StorageError.
     """
+    write_one = write_one or _write_one
     groups = _split(sources, len(files)) or [[]]
     pool = max(opts.pool_bytes // len(groups), 1)
     threads = opts.encode_threads or max(1, (os.cpu_count() or 1) // len(groups))
     with ThreadPoolExecutor(len(groups)) as ex:  # the native calls release the GIL
-        futures = [ex.submit(_write_one, *files[i], [sources[k] for k in g], opts, pool, threads)
+        futures = [ex.submit(write_one, *files[i], [sources[k] for k in g], opts, pool, threads)
                    for i, g in enumerate(groups)]
         results = [f.result() for f in futures]
     refs: list = [None] * len(sources)

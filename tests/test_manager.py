@@ -246,3 +246,19 @@ def test_arguments_are_checked(tmp_path):
         _mgr(tmp_path, every_n_steps=0)
     with pytest.raises(ValueError, match="mode"):
         _mgr(tmp_path, mode="best")
+
+
+def test_on_an_object_store_without_rename():
+    import uuid
+    pytest.importorskip("fsspec")
+    root = f"memory://manager-{uuid.uuid4().hex}"
+    with _mgr(root, every_n_steps=1, keep_last=2, async_save=True) as mgr:
+        for s in range(1, 5):
+            mgr.maybe_save(s, _state(s), {"loss": float(s)})
+        mgr.wait()
+        assert mgr.steps() == [3, 4] and mgr.best_step() is None
+        state = _blank()
+        assert mgr.restore(state) == 4 and torch.equal(state["w"], _state(4)["w"])
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    assert fs.cat(f"{root}/latest").decode().strip() == step_name(4)

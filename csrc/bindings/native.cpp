@@ -99,6 +99,38 @@ nb::bytes transform(nb::handle data, size_t elemsize, Fn fn) {
 
 using ChunkTuple = std::tuple<uintptr_t, uint64_t, uint32_t>;  // (ptr, nbytes, elemsize)
 
+nb::dict stats_dict(const core::WriteStats& st) {
+  nb::dict stats;
+  stats["raw_bytes"] = st.raw_bytes;
+  stats["stored_bytes"] = st.stored_bytes;
+  stats["file_size"] = st.file_size;
+  stats["chunks_raw"] = st.chunks_raw;
+  stats["chunks_compressed"] = st.chunks_compressed;
+  stats["encode_seconds"] = st.encode_seconds;
+  stats["write_seconds"] = st.write_seconds;
+  stats["wall_seconds"] = st.wall_seconds;
+  stats["pool_peak_bytes"] = st.pool_peak_bytes;
+  return stats;
+}
+
+std::vector<core::ChunkSource> chunk_sources(const std::vector<ChunkTuple>& chunk_tuples) {
+  std::vector<core::ChunkSource> chunks;
+  chunks.reserve(chunk_tuples.size());
+  for (const auto& [ptr, nbytes, elemsize] : chunk_tuples) {
+    if (elemsize < 1) throw nb::value_error("chunk elemsize must be >= 1");
+    chunks.push_back({reinterpret_cast<const uint8_t*>(ptr), nbytes, elemsize});
+  }
+  return chunks;
+}
+
+nb::list record_list(const core::Status& status, const std::vector<core::ChunkRecord>& records) {
+  nb::list recs;
+  if (status.ok())
+    for (const auto& r : records)
+      recs.append(nb::make_tuple(r.offset, r.length, static_cast<int>(r.kind), r.crc));
+  return recs;
+}
+
 nb::tuple write_file(const std::string& path, const std::vector<ChunkTuple>& chunk_tuples,
                      const std::string& policy, int level, int encode_threads, int write_threads,
                      uint64_t pool_bytes, bool durable, nb::bytes header) {
@@ -113,12 +145,7 @@ nb::tuple write_file(const std::string& path, const std::vector<ChunkTuple>& chu
   opt.durable = durable;
   opt.header.assign(header.c_str(), header.size());
 
-  std::vector<core::ChunkSource> chunks;
-  chunks.reserve(chunk_tuples.size());
-  for (const auto& [ptr, nbytes, elemsize] : chunk_tuples) {
-    if (elemsize < 1) throw nb::value_error("chunk elemsize must be >= 1");
-    chunks.push_back({reinterpret_cast<const uint8_t*>(ptr), nbytes, elemsize});
-  }
+  std::vector<core::ChunkSource> chunks = chunk_sources(chunk_tuples);
 
   std::vector<core::ChunkRecord> records;
   core::WriteStats st;
@@ -128,30 +155,48 @@ nb::tuple write_file(const std::string& path, const std::vector<ChunkTuple>& chu
     status = core::write_file(path, chunks, opt, &records, &st);
   }
 
-  nb::list recs;
-  if (status.ok())
-    for (const auto& r : records)
-      recs.append(nb::make_tuple(r.offset, r.length, static_cast<int>(r.kind), r.crc));
-  nb::dict stats;
-  stats["raw_bytes"] = st.raw_bytes;
-  stats["stored_bytes"] = st.stored_bytes;
-  stats["file_size"] = st.file_size;
-  stats["chunks_raw"] = st.chunks_raw;
-  stats["chunks_compressed"] = st.chunks_compressed;
-  stats["encode_seconds"] = st.encode_seconds;
-  stats["write_seconds"] = st.write_seconds;
-  stats["wall_seconds"] = st.wall_seconds;
-  stats["pool_peak_bytes"] = st.pool_peak_bytes;
-  return nb::make_tuple(status_tuple(status), recs, stats);
+  return nb::make_tuple(status_tuple(status), record_list(status, records), stats_dict(st));
+}
+
+// Like write_file, into a new bytearray (for uploads to object stores): returns (status,
+// bytearray holding header + chunks, records, stats). The bytearray is sized to the worst case
+// (header + raw bytes) while the GIL is released, then shrunk to what was used.
+nb::tuple encode_chunks(const std::vector<ChunkTuple>& chunk_tuples, const std::string& policy,
+                        int level, int encode_threads, uint64_t pool_bytes, nb::bytes header) {
+  core::WriteOptions opt;
+  opt.policy = parse_policy(policy);
+  opt.level = level;
+  if (encode_threads < 0) throw nb::value_error("encode_threads must be >= 0 (0 = default)");
+  opt.encode_threads = encode_threads;
+  opt.write_threads = 1;
+  opt.pool_bytes = pool_bytes;
+  opt.durable = false;
+  opt.header.assign(header.c_str(), header.size());
+  std::vector<core::ChunkSource> chunks = chunk_sources(chunk_tuples);
+  uint64_t capacity = opt.header.size();
+  for (const auto& c : chunks) capacity += c.nbytes;
+  PyObject* obj = PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(capacity));
+  if (!obj) throw nb::python_error();
+  nb::object out = nb::steal(obj);
+  auto* data = reinterpret_cast<uint8_t*>(PyByteArray_AsString(obj));
+  std::vector<core::ChunkRecord> records;
+  core::WriteStats st;
+  core::Status status;
+  {
+    nb::gil_scoped_release nogil;  // `out` is not visible to any other thread yet
+    status = core::encode_to_memory(chunks, opt, data, capacity, &records, &st);
+  }
+  if (status.ok() && PyByteArray_Resize(obj, static_cast<Py_ssize_t>(st.file_size)) != 0)
+    throw nb::python_error();
+  return nb::make_tuple(status_tuple(status), out, record_list(status, records),
+                        stats_dict(st));
 }
 
 // (offset, length, raw_length, kind, elemsize, crc, dest_ptr)
 using ReadTuple =
     std::tuple<uint64_t, uint64_t, uint64_t, int, uint32_t, uint32_t, uintptr_t>;
 
-nb::tuple read_chunks(const std::string& path, const std::vector<ReadTuple>& read_tuples,
-                      int threads) {
-  if (threads < 0) throw nb::value_error("threads must be >= 0 (0 = one per core)");
+std::vector<core::ChunkRead> chunk_reads(const std::vector<ReadTuple>& read_tuples) {
   std::vector<core::ChunkRead> reads;
   reads.reserve(read_tuples.size());
   for (const auto& [offset, length, raw_length, kind, elemsize, crc, dest] : read_tuples) {
@@ -160,10 +205,31 @@ nb::tuple read_chunks(const std::string& path, const std::vector<ReadTuple>& rea
     reads.push_back({offset, length, raw_length, static_cast<core::Kind>(kind), elemsize, crc,
                      reinterpret_cast<uint8_t*>(dest)});
   }
+  return reads;
+}
+
+nb::tuple read_chunks(const std::string& path, const std::vector<ReadTuple>& read_tuples,
+                      int threads) {
+  if (threads < 0) throw nb::value_error("threads must be >= 0 (0 = one per core)");
+  std::vector<core::ChunkRead> reads = chunk_reads(read_tuples);
   core::Status status;
   {
     nb::gil_scoped_release nogil;
     status = core::read_chunks(path, reads, threads);
+  }
+  return status_tuple(status);
+}
+
+// read_chunks over bytes already fetched (a ranged GET): offsets are relative to `data`.
+nb::tuple decode_chunks(nb::handle data, const std::string& name,
+                        const std::vector<ReadTuple>& read_tuples, int threads) {
+  if (threads < 0) throw nb::value_error("threads must be >= 0 (0 = one per core)");
+  std::vector<core::ChunkRead> reads = chunk_reads(read_tuples);
+  ByteView view(data);
+  core::Status status;
+  {
+    nb::gil_scoped_release nogil;
+    status = core::decode_chunks(view.data(), view.size(), name, reads, threads);
   }
   return status_tuple(status);
 }
@@ -206,4 +272,14 @@ NB_MODULE(_native, m) {
         "reads: list of (offset, length, raw_length, kind, elemsize, crc32c, dest_address);\n"
         "dest_address 0 verifies and decodes without storing. Returns (code, message, chunk,\n"
         "errno).");
+
+  m.def("encode_chunks", &encode_chunks, "chunks"_a, "policy"_a, "level"_a, "encode_threads"_a,
+        "pool_bytes"_a, "header"_a,
+        "Encode `header` then every chunk into memory, laid out as write_file lays out a file.\n\n"
+        "Returns ((code, message, chunk, errno), bytearray, [(offset, length, kind, crc32c)],\n"
+        "stats); the bytearray holds the whole encoded object.");
+
+  m.def("decode_chunks", &decode_chunks, "data"_a, "name"_a, "reads"_a, "threads"_a,
+        "read_chunks over a bytes-like object: reads' offsets are relative to `data`; `name`\n"
+        "labels it in messages. Returns (code, message, chunk, errno).");
 }

@@ -78,6 +78,14 @@ Status write_file(const std::string& path, const std::vector<ChunkSource>& chunk
                   const WriteOptions& options, std::vector<ChunkRecord>* records,
                   WriteStats* stats);
 
+// The same encoding as write_file, into memory instead of a file (for object stores): `out`
+// receives the header and then every chunk exactly as write_file lays them out, and
+// stats->file_size is the number of bytes used. `capacity` must be at least the header plus the
+// chunks' raw bytes (a chunk is never stored larger than raw). No file, no fsync.
+Status encode_to_memory(const std::vector<ChunkSource>& chunks, const WriteOptions& options,
+                        uint8_t* out, uint64_t capacity, std::vector<ChunkRecord>* records,
+                        WriteStats* stats);
+
 struct ChunkRead {
   uint64_t offset, length;  // stored byte range in the file
   uint64_t raw_length;      // decoded length
@@ -89,6 +97,11 @@ struct ChunkRead {
 
 // Reads, verifies and decodes `reads` from one file using `threads` threads (0 = per core).
 Status read_chunks(const std::string& path, const std::vector<ChunkRead>& reads, int threads);
+
+// The same as read_chunks over `size` bytes already in memory (a ranged GET of an object): each
+// read's offset is relative to `data`. `name` labels the bytes in error messages.
+Status decode_chunks(const uint8_t* data, uint64_t size, const std::string& name,
+                     const std::vector<ChunkRead>& reads, int threads);
 
 // Building blocks, exposed for tests and the Python layer.
 uint32_t crc32c(const uint8_t* data, size_t n, uint32_t crc = 0);  // crc = previous result

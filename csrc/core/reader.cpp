@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -83,7 +84,9 @@ class Scratch {
 // Owned by one reader thread: its zstd context and scratch buffers are reused for every chunk.
 class ChunkDecoder {
  public:
-  ChunkDecoder(int fd, const std::string& path) : fd_(fd), path_(path) {}
+  // Stored bytes come from `fd`, or with `mem` set from that memory.
+  ChunkDecoder(int fd, const uint8_t* mem, const std::string& path)
+      : fd_(fd), mem_(mem), path_(path) {}
   ~ChunkDecoder() { ZSTD_freeDCtx(dctx_); }
   ChunkDecoder(const ChunkDecoder&) = delete;
   ChunkDecoder& operator=(const ChunkDecoder&) = delete;
@@ -95,6 +98,7 @@ class ChunkDecoder {
   Status inflate(uint64_t i, const ChunkRead& r, const uint8_t* frame, uint8_t* into);
 
   int fd_;
+  const uint8_t* mem_;
   const std::string& path_;
   ZSTD_DCtx* dctx_ = nullptr;
   Scratch stored_;   // stored bytes that cannot go straight to the destination
@@ -103,8 +107,10 @@ class ChunkDecoder {
 
 // Reads the stored bytes into `into` and verifies their checksum.
 Status ChunkDecoder::fetch(uint64_t i, const ChunkRead& r, uint8_t* into) {
-  uint64_t got = 0;
-  if (int err = pread_all(fd_, into, r.length, r.offset, &got))
+  uint64_t got = r.length;  // validate() checked the range against the memory's size
+  if (mem_)
+    std::memcpy(into, mem_ + r.offset, r.length);
+  else if (int err = pread_all(fd_, into, r.length, r.offset, &got))
     return errno_status(err, "pread", path_, static_cast<int64_t>(i));
   if (got < r.length)
     return fail(Code::kTruncated, i,
@@ -169,12 +175,13 @@ Status ChunkDecoder::decode(uint64_t i, const ChunkRead& r) {
 // The shared state of one read_chunks call.
 class LoadJob {
  public:
-  LoadJob(int fd, const std::string& path, const std::vector<ChunkRead>& reads)
-      : fd_(fd), path_(path), reads_(reads) {}
+  LoadJob(int fd, const uint8_t* mem, const std::string& path,
+          const std::vector<ChunkRead>& reads)
+      : fd_(fd), mem_(mem), path_(path), reads_(reads) {}
 
   void worker() {
     try {
-      ChunkDecoder decoder(fd_, path_);
+      ChunkDecoder decoder(fd_, mem_, path_);
       while (!failed_.load(std::memory_order_relaxed)) {
         const uint64_t i = next_.fetch_add(1);
         if (i >= reads_.size()) return;
@@ -199,6 +206,7 @@ class LoadJob {
 
  private:
   const int fd_;
+  const uint8_t* mem_;
   const std::string& path_;
   const std::vector<ChunkRead>& reads_;
   std::atomic<uint64_t> next_{0};
@@ -206,6 +214,24 @@ class LoadJob {
   std::mutex mu_;
   Status error_;
 };
+
+// Runs `threads` workers (the caller is one of them) over already validated reads.
+Status run_load(int fd, const uint8_t* mem, const std::string& path,
+                const std::vector<ChunkRead>& reads, int threads) {
+  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t n_threads = std::min<size_t>(threads ? threads : hw, reads.size());
+  LoadJob job(fd, mem, path, reads);
+  std::vector<std::thread> pool;
+  try {
+    // The calling thread is one of the workers: a single-chunk read spawns nothing.
+    for (size_t t = 1; t < n_threads; ++t) pool.emplace_back(&LoadJob::worker, &job);
+  } catch (const std::system_error& e) {
+    job.record(errno_status(e.code().value(), "starting threads to read", path));
+  }
+  if (n_threads > 0) job.worker();
+  for (auto& t : pool) t.join();
+  return job.result();
+}
 
 }  // namespace
 
@@ -233,19 +259,22 @@ Status read_chunks(const std::string& path, const std::vector<ChunkRead>& reads,
     (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
 #endif
 
-  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t n_threads = std::min<size_t>(threads ? threads : hw, reads.size());
-  LoadJob job(fd.get(), path, reads);
-  std::vector<std::thread> pool;
-  try {
-    // The calling thread is one of the workers: a single-chunk read spawns nothing.
-    for (size_t t = 1; t < n_threads; ++t) pool.emplace_back(&LoadJob::worker, &job);
-  } catch (const std::system_error& e) {
-    job.record(errno_status(e.code().value(), "starting threads to read", path));
+  return run_load(fd.get(), nullptr, path, reads, threads);
+}
+
+Status decode_chunks(const uint8_t* data, uint64_t size, const std::string& name,
+                     const std::vector<ChunkRead>& reads, int threads) {
+  if (threads < 0) {
+    Status s;
+    s.code = Code::kInvalidArgument;
+    s.message = "threads must be >= 0 (0 = one per core)";
+    return s;
   }
-  if (n_threads > 0) job.worker();
-  for (auto& t : pool) t.join();
-  return job.result();
+  for (size_t i = 0; i < reads.size(); ++i) {
+    Status s = validate(i, reads[i], size);
+    if (!s.ok()) return s;
+  }
+  return run_load(-1, data, name, reads, threads);
 }
 
 }  // namespace shardckpt

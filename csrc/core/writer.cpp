@@ -22,6 +22,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <system_error>
@@ -123,10 +124,11 @@ Status make_plan(const std::vector<ChunkSource>& chunks, const WriteOptions& o, 
 // The shared state of one write_file call and its thread bodies.
 class SaveJob {
  public:
-  SaveJob(const std::string& path, int fd, const std::vector<ChunkSource>& chunks,
+  // Writes go to `fd`, or with `mem` set into that memory (sized by the caller) instead.
+  SaveJob(const std::string& path, int fd, uint8_t* mem, const std::vector<ChunkSource>& chunks,
           const WriteOptions& options, const Plan& plan, uint64_t first_offset,
           std::vector<ChunkRecord>* records)
-      : path_(path), fd_(fd), chunks_(chunks), options_(options), plan_(plan),
+      : path_(path), fd_(fd), mem_(mem), chunks_(chunks), options_(options), plan_(plan),
         records_(records), pool_(options.pool_bytes), queue_(plan.queue_capacity),
         auto_(plan.writers, plan.high_water, plan.max_compressing), cursor_(first_offset) {}
 
@@ -145,6 +147,7 @@ class SaveJob {
 
   const std::string& path_;
   const int fd_;
+  uint8_t* const mem_;
   const std::vector<ChunkSource>& chunks_;
   const WriteOptions& options_;
   const Plan plan_;
@@ -254,10 +257,15 @@ void SaveJob::write_chunks(double* busy) {
     const auto t0 = Clock::now();
     const uint64_t off = cursor_.fetch_add(chunk.length);
     const char* op = "pwrite";
-    int err = pwrite_all(fd_, chunk.data, chunk.length, off);
-    if (!err) {
-      op = "sync_file_range";
-      err = pacer.wrote(off, chunk.length);
+    int err = 0;
+    if (mem_) {
+      std::memcpy(mem_ + off, chunk.data, chunk.length);
+    } else {
+      err = pwrite_all(fd_, chunk.data, chunk.length, off);
+      if (!err) {
+        op = "sync_file_range";
+        err = pacer.wrote(off, chunk.length);
+      }
     }
     const double seconds = seconds_since(t0);
     *busy += seconds;
@@ -346,7 +354,7 @@ Status write_file(const std::string& path, const std::vector<ChunkSource>& chunk
   if (!s.ok()) return s;
 
   {
-    SaveJob job(path, fd.get(), chunks, options, plan, options.header.size(), records);
+    SaveJob job(path, fd.get(), nullptr, chunks, options, plan, options.header.size(), records);
     s = job.run(stats);
   }
   if (!s.ok()) return s;  // fd closes on return; the partial file stays for the caller
@@ -359,6 +367,28 @@ Status write_file(const std::string& path, const std::vector<ChunkSource>& chunk
   if (int err = fd.close()) return errno_status(err, "close", path);
   stats->wall_seconds = seconds_since(t0);
   return Status{};
+}
+
+Status encode_to_memory(const std::vector<ChunkSource>& chunks, const WriteOptions& options,
+                        uint8_t* out, uint64_t capacity, std::vector<ChunkRecord>* records,
+                        WriteStats* stats) {
+  const auto t0 = Clock::now();
+  *stats = WriteStats{};
+  records->assign(chunks.size(), ChunkRecord{});
+  Plan plan;
+  Status s = make_plan(chunks, options, &plan);
+  if (!s.ok()) return s;
+  stats->raw_bytes = plan.raw_bytes;
+  // A chunk is never stored larger than it is raw (FORMAT.md 2.1), so this bound always holds.
+  if (capacity < options.header.size() + plan.raw_bytes)
+    return invalid("output buffer smaller than the header plus the raw chunks");
+  std::memcpy(out, options.header.data(), options.header.size());
+  {
+    SaveJob job("<memory>", -1, out, chunks, options, plan, options.header.size(), records);
+    s = job.run(stats);
+  }
+  stats->wall_seconds = seconds_since(t0);
+  return s;
 }
 
 }  // namespace shardckpt

@@ -130,3 +130,40 @@ def read_chunks(path, reads, threads):
     finally:
         os.close(fd)
     return _status()
+
+
+def encode_chunks(chunks, policy, level, encode_threads, pool_bytes, header):
+    """Same contract as ``_native.encode_chunks``: ``(status, bytearray, records, stats)``."""
+    if policy not in ("raw", "zstd", "auto"):
+        raise ValueError(f"unknown policy {policy!r}")
+    out, records = bytearray(header), []
+    for ptr, nbytes, shuffle_size in chunks:
+        stored, kind = encode(ctypes.string_at(ptr, nbytes), shuffle_size,
+                              "zstd" if policy == "auto" else policy, level)
+        records.append((len(out), len(stored), kind, crc32c(stored)))
+        out += stored
+    stats = {"raw_bytes": sum(c[1] for c in chunks), "file_size": len(out),
+             "stored_bytes": len(out) - len(header),
+             "chunks_raw": sum(r[2] == RAW for r in records),
+             "chunks_compressed": sum(r[2] != RAW for r in records)}
+    return _status(), out, records, stats
+
+
+def decode_chunks(data, name, reads, threads):
+    """Same contract as ``_native.decode_chunks``: ``read_chunks`` over bytes in memory."""
+    data = memoryview(data)
+    for index, (offset, length, raw_length, kind, shuffle_size, crc, dest) in enumerate(reads):
+        if offset + length > len(data):
+            return _status(TRUNCATED, f"{name}: range ends past the {len(data)} bytes", index)
+        stored = bytes(data[offset:offset + length])
+        actual = crc32c(stored)
+        if actual != crc:
+            return _status(CHECKSUM, f"crc32c mismatch: stored {crc:#010x}, "
+                                     f"computed {actual:#010x}", index)
+        try:
+            raw = decode(stored, kind, raw_length, shuffle_size)
+        except (ValueError, zstandard.ZstdError) as exc:
+            return _status(DECODE, str(exc), index)
+        if dest:
+            ctypes.memmove(dest, raw, raw_length)
+    return _status()

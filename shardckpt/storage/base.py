@@ -5,7 +5,10 @@ is relative to that root, with ``/`` separators. The save path calls, in order: 
 ``write`` (or native IO on ``local_path``) for data, ``write`` of the manifest, then the commit
 strategy (``shardckpt.commit``) that uses ``rename`` where ``atomic_rename`` is true and the
 manifest-last marker otherwise. The load path calls ``read`` and ``size``; ``local_path`` lets the
-native core do its own ranged IO on local disks.
+native core do its own ranged IO on local disks. Stores with no local path receive data files
+through ``write``, or where ``multipart_min_bytes`` is set through the multipart calls
+(``begin_upload`` -> ``upload_part``, any number, concurrently -> ``complete_upload``, or
+``abort_upload`` on failure), driven by ``shardckpt.remote_io``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ class Storage(abc.ABC):
 
     #: ``rename`` of a directory is atomic (local POSIX file systems).
     atomic_rename: bool = False
+    #: Smallest part (but the last) of a multipart upload; 0: the store has no multipart upload.
+    multipart_min_bytes: int = 0
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool:
@@ -32,8 +37,11 @@ class Storage(abc.ABC):
         """``length`` bytes at ``offset`` (all when None). Raises FileNotFoundError."""
 
     @abc.abstractmethod
-    def write(self, path: str, data: bytes, durable: bool = True) -> None:
-        """Create ``path`` holding ``data``; with ``durable`` it survives a crash on return."""
+    def write(self, path: str, data: bytes, durable: bool = True, exclusive: bool = True) -> None:
+        """Create ``path`` holding ``data``; with ``durable`` it survives a crash on return.
+
+        With ``exclusive`` an existing ``path`` raises FileExistsError (create-if-absent; atomic
+        where the store supports it), otherwise it is replaced."""
 
     @abc.abstractmethod
     def makedirs(self, path: str) -> None:
@@ -47,6 +55,10 @@ class Storage(abc.ABC):
     def delete(self, path: str) -> None:
         """Remove a file or a whole folder; missing is fine."""
 
+    def url(self, path: str) -> str:
+        """How to name ``path`` to a person (a file path or an fsspec URL)."""
+        return self.local_path(path) or path
+
     def local_path(self, path: str) -> str | None:
         """A real file-system path for native IO, or None for remote stores."""
         return None
@@ -57,3 +69,19 @@ class Storage(abc.ABC):
 
     def sync_dir(self, path: str) -> None:
         """Make the entries of a folder durable (fsync of the folder where that exists)."""
+
+    def begin_upload(self, path: str) -> str:
+        """Start a multipart upload to ``path``; returns its id. Only if multipart_min_bytes."""
+        raise NotImplementedError(f"{type(self).__name__} has no multipart upload")
+
+    def upload_part(self, path: str, upload_id: str, number: int, data) -> str:
+        """Upload part ``number`` (from 1) of an upload; returns its tag for complete_upload."""
+        raise NotImplementedError(f"{type(self).__name__} has no multipart upload")
+
+    def complete_upload(self, path: str, upload_id: str, tags: list[str]) -> None:
+        """Make the object from parts 1..len(tags), in order."""
+        raise NotImplementedError(f"{type(self).__name__} has no multipart upload")
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        """Drop an unfinished upload and its parts."""
+        raise NotImplementedError(f"{type(self).__name__} has no multipart upload")

@@ -58,8 +58,9 @@ class LocalStorage(Storage):
             f.seek(offset)
             return f.read() if length is None else f.read(length)
 
-    def write(self, path: str, data: bytes, durable: bool = True) -> None:
-        fd = os.open(self._p(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    def write(self, path: str, data: bytes, durable: bool = True, exclusive: bool = True) -> None:
+        mode = os.O_EXCL if exclusive else os.O_TRUNC
+        fd = os.open(self._p(path), os.O_CREAT | mode | os.O_WRONLY | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
             while view:

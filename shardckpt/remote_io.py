@@ -1,0 +1,189 @@
+"""Encode + upload, and ranged GET + decode, for stores without local paths (object stores).
+
+Save: a data file's chunks are encoded by the native core into memory, one part (about
+``upload_part_bytes`` raw) at a time, and the parts are uploaded concurrently as a multipart
+upload where the store has one (S3), else as one object. The bytes are exactly those the local
+writer puts in a file (FORMAT.md 2). Nothing here calls fsync or rename. Memory stays near
+``remote_concurrency`` parts per file. Load: each file's planned chunk reads are merged into
+ranges of adjacent chunks, fetched concurrently, and decoded into place by the native core.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from . import codecs, knobs
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .status import raise_for
+from .storage import Storage
+from .types import FILE_HEADER, HEADER_BYTES, ChunkSource, Manifest
+
+
+def upload(storage: Storage, path: str, parts: Iterable, concurrency: int | None = None) -> int:
+    """Store the concatenation of ``parts`` (bytes-like, produced lazily) as object ``path``;
+    returns its size. Raises StorageError; an unfinished multipart upload is aborted."""
+    minimum = storage.multipart_min_bytes
+    if not minimum:
+        data = b"".join(parts)
+        storage.write(path, data, exclusive=False)
+        return len(data)
+    merged = _at_least(parts, minimum)
+    first = next(merged, b"")
+    second = next(merged, None)
+    if second is None:  # small enough for one request
+        storage.write(path, first, exclusive=False)
+        return len(first)
+    return _multipart(storage, path, [first, second], merged,
+                      concurrency or knobs.get("remote_concurrency"))
+
+
+def _at_least(parts: Iterable, minimum: int) -> Iterator:
+    """Consecutive parts joined until each (but the last) has ``minimum`` bytes."""
+    pending, size, sent = [], 0, False
+    for part in parts:
+        pending.append(part)
+        size += len(part)
+        if size >= minimum:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending, size, sent = [], 0, True
+    if pending or not sent:
+        yield b"".join(pending)
+
+
+def _multipart(storage: Storage, path: str, head: list, rest: Iterator, concurrency: int) -> int:
+    upload_id = storage.begin_upload(path)
+    slots = threading.Semaphore(concurrency)  # bounds the parts held in memory
+    futures, size = [], 0
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            for number, part in enumerate(_chain(head, rest), 1):
+                slots.acquire()
+                fut = pool.submit(storage.upload_part, path, upload_id, number, part)
+                fut.add_done_callback(lambda _: slots.release())
+                futures.append(fut)
+                size += len(part)
+                if any(f.done() and f.exception() for f in futures):
+                    break  # a part failed for good: stop encoding more
+            tags = [f.result() for f in futures]
+        storage.complete_upload(path, upload_id, tags)
+    except BaseException:
+        try:
+            storage.abort_upload(path, upload_id)
+        except Exception:  # the original failure matters more; a lifecycle rule cleans up
+            pass
+        raise
+    return size
+
+
+def _chain(head: list, rest: Iterator) -> Iterator:
+    yield from head
+    yield from rest
+
+
+def encoded_parts(rel: str, sources: list[ChunkSource], opts, pool_bytes: int, threads: int,
+                  records: list, stats: dict, part_bytes: int | None = None) -> Iterator:
+    """Encode ``sources`` into the parts of one data file (header first), lazily; fills
+    ``records`` with each chunk's ``(offset, length, kind, crc)`` in the file. Raises the
+    typed error of a failed encode."""
+    part_bytes = part_bytes or knobs.get("upload_part_bytes")
+    groups, group, raw = [], [], 0
+    for i, src in enumerate(sources):
+        group.append(i)
+        raw += src.nbytes
+        if raw >= part_bytes:
+            groups.append(group)
+            group, raw = [], 0
+    groups += [group] if group or not groups else []
+    offset = 0
+    for n, group in enumerate(groups):
+        chunks = [(sources[i].ptr, sources[i].nbytes, sources[i].shuffle_size) for i in group]
+        status, data, recs, st = codecs.backend.encode_chunks(
+            chunks, opts.codec, opts.level, threads, pool_bytes, FILE_HEADER if n == 0 else b"")
+        raise_for(status, file=rel, describe=lambda i, g=group: (sources[g[i]].key, None))
+        records += [(offset + o, length, kind, crc) for o, length, kind, crc in recs]
+        offset += len(data)
+        for key, value in st.items():
+            stats[key] = max(stats.get(key, 0), value) if key == "wall_seconds" else \
+                stats.get(key, 0) + value
+        yield data
+
+
+def write_one(storage: Storage, path: str, rel: str, sources: list[ChunkSource], opts,
+              pool_bytes: int, encode_threads: int) -> tuple[list, int, dict]:
+    """``write._write_one`` for object stores: encode ``sources`` and upload them as ``path``."""
+    records, stats = [], {}
+    size = upload(storage, path, encoded_parts(rel, sources, opts, pool_bytes,
+                                               encode_threads, records, stats))
+    stats["file_size"] = size
+    return records, size, stats
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A data file on a store without local paths, as the read plan addresses it."""
+
+    storage: Storage
+    path: str  # storage-relative
+    rel: str   # checkpoint-relative, for messages
+
+
+def data_objects(storage: Storage, name: str, m: Manifest) -> list[RemoteFile]:
+    """The manifest's data files, each checked to exist with the recorded size and header."""
+    def check(f) -> RemoteFile:
+        rf = RemoteFile(storage, f"{name}/{f.path}", f.path)
+        try:
+            size = storage.size(rf.path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError("data object is missing", file=f.path) from None
+        if size != f.size:
+            raise CorruptCheckpointError(f"data object has {size} bytes, the manifest says "
+                                         f"{f.size} (truncated or overwritten)", file=f.path)
+        if storage.read(rf.path, 0, HEADER_BYTES) != FILE_HEADER:
+            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
+        return rf
+    if any(".." in f.path.split("/") for f in m.files):
+        raise UnsafeCheckpointError("a data file path leaves the checkpoint")
+    with ThreadPoolExecutor(min(max(len(m.files), 1), knobs.get("remote_concurrency"))) as pool:
+        return list(pool.map(check, m.files))
+
+
+def read_chunks(rf: RemoteFile, reads: list[tuple], threads: int) -> tuple:
+    """``codecs.backend.read_chunks`` for a RemoteFile: concurrent ranged GETs of runs of
+    adjacent chunks, each decoded by the backend. Returns the first failing status (its chunk
+    index into ``reads``) or OK."""
+    order = sorted(range(len(reads)), key=lambda i: reads[i][0])
+    ranges = _ranges(reads, order, knobs.get("upload_part_bytes"))
+
+    def fetch(run: list[int]) -> tuple:
+        start = reads[run[0]][0]
+        end = max(reads[i][0] + reads[i][1] for i in run)
+        data = rf.storage.read(rf.path, start, end - start)
+        local = [(reads[i][0] - start,) + tuple(reads[i][1:]) for i in run]
+        code, message, chunk, err = codecs.backend.decode_chunks(data, rf.rel, local, threads)
+        return code, message, run[chunk] if chunk >= 0 else chunk, err
+
+    with ThreadPoolExecutor(min(max(len(ranges), 1), knobs.get("remote_concurrency"))) as pool:
+        for status in pool.map(fetch, ranges):
+            if status[0] != 0:
+                return status
+    return (0, "", -1, 0)
+
+
+def _ranges(reads: list[tuple], order: list[int], limit: int) -> list[list[int]]:
+    """Indices of ``reads`` grouped into runs of back-to-back byte ranges up to ``limit``."""
+    runs, run, start, end = [], [], 0, 0
+    for i in order:
+        offset, length = reads[i][0], reads[i][1]
+        if run and offset == end and offset + length - start <= limit:
+            run.append(i)
+            end = offset + length
+            continue
+        if run:
+            runs.append(run)
+        run, start, end = [i], offset, offset + length
+    if run:
+        runs.append(run)
+    return runs
