@@ -52,7 +52,7 @@ def _reader(path: str, options: dict | None):
 
 def read_dcp(path: str, options: dict | None = None) -> dict:
     """The whole DCP checkpoint at ``path`` as nested dicts, tensors on the CPU. Unpickles."""
-    from torch.distributed.checkpoint.checkpoint_exception import CheckpointException
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
     reader = _reader(path, options)
     try:
@@ -60,7 +60,9 @@ def read_dcp(path: str, options: dict | None = None) -> dict:
             warnings.simplefilter("ignore")
             return _load_state_dict_from_keys(storage_reader=reader)
     except CheckpointException as exc:  # a BaseException in DCP: catch it by name
-        raise CheckpointError(f"{path}: DCP could not read it: {exc}") from None
+        # Its text embeds tracebacks; name just each rank's underlying error.
+        causes = "; ".join(f"{type(f[0]).__name__}: {f[0]}" for f in exc.failures.values())
+        raise CheckpointError(f"{path}: DCP could not read it: {causes or exc}") from None
 
 
 def keep_plain(state, path: str = "") -> tuple[object, list[str]]:
