@@ -56,7 +56,7 @@ class LocalStorage(Storage):
     def modified(self, path: str) -> float | None:
         try:
             return os.lstat(self._p(path)).st_mtime
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # "file/child" of a plain file
             return None
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:

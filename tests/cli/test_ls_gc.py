@@ -21,6 +21,9 @@ def _leftovers(root, age_seconds=7200):
         os.makedirs(f"{root}/{name}/data")
         with open(f"{root}/{name}/data/rank-00000.bin", "wb") as f:
             f.write(b"x" * 100)
+    with open(f"{root}/.latest.tmp-ee55", "wb") as f:  # the manager's latest file, unrenamed
+        f.write(b"step-00000003\n")
+    names.append(".latest.tmp-ee55")
     then = time.time() - age_seconds
     for dirpath, dirs, files in os.walk(root):
         for n in dirs + files:
@@ -81,7 +84,7 @@ def test_gc_removes_old_leftovers_and_never_a_committed_checkpoint(root, run):
     assert all(os.path.exists(f"{root}/{n}") for n in leftovers)  # a dry run removes nothing
     doc = run.json("gc", root)
     assert sorted(r["name"] for r in doc["removed"]) == sorted(leftovers)
-    assert doc["freed_bytes"] == 300
+    assert doc["freed_bytes"] == 300 + len("step-00000003\n")
     assert sorted(os.listdir(root)) == ["step-00000001", "step-00000002", "step-00000003"]
     assert {p: sorted(os.listdir(f"{p}/data")) for p in committed} == before
     assert run("verify", committed[0])[0] == 0
