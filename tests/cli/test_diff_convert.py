@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import shardckpt
 
 from .conftest import save_step
 
