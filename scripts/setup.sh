@@ -36,8 +36,9 @@ PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 
 # Rebuild the native core only when what it is built from changed.
 stamp="$VENV/.shardckpt-build"
+# The editable install maps each Python file by name, so a module added or removed counts too.
 want=$(cat pyproject.toml CMakeLists.txt shardckpt/_version.py $(find csrc -type f | sort) \
-       <(echo "$EXTRAS") | sha1sum | cut -d' ' -f1)
+       <(echo "$EXTRAS") <(find shardckpt -name '*.py' | sort) | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
    || ! "$VENV/bin/python" -c "import shardckpt._native" 2>/dev/null; then
   "${PIP[@]}" install "scikit-build-core>=0.10" "nanobind>=2.0"

@@ -18,7 +18,8 @@ import torch
 from .dist import exchange
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
-from .read import ReadPlan, open_for_read
+from .read import ReadPlan, open_for_read, open_manifest
+from .scan import scan
 from .saver import run_save
 from .storage import open_checkpoint
 from .tree import build, dict_items, node_kind, path_text, with_overrides
@@ -216,27 +217,48 @@ def _subtree(node, key: str | None):
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """What ``verify`` checked; ``problems`` lists the faults found in collect mode."""
+
     path: str
     tensors: int
     chunks: int
     stored_bytes: int
     raw_bytes: int
+    problems: tuple = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return not self.problems
 
 
-def verify(path, *, threads: int | None = None, storage_options: dict | None = None
-           ) -> VerifyReport:
+def verify(path, *, threads: int | None = None, storage_options: dict | None = None,
+           collect: bool = False, progress=None) -> VerifyReport:
     """Check the manifest, every file's size and every chunk's checksum and decoding.
 
+    Args:
+        collect: keep going after a bad file or chunk and return every fault in
+            ``VerifyReport.problems`` instead of raising the first. A manifest that does not
+            parse is still raised: without it nothing else can be checked.
+        progress: (collect mode) called with the stored bytes of each batch once checked.
+
     Raises:
-        CheckpointError subclasses naming the file, tensor and chunk at fault.
+        CheckpointError subclasses naming the file, tensor and chunk at fault (in collect mode
+        only those about the checkpoint as a whole: missing, uncommitted, bad manifest).
     """
-    m, paths = open_for_read(path, storage_options)
-    plan = ReadPlan(m)
-    plan.verify_all()
-    plan.run(paths, threads)
-    tensors = m.tensors.values()
     storage, name = open_checkpoint(path, storage_options)
+    if collect:
+        m = open_manifest(storage, name)
+        problems = tuple(scan(storage, name, m, threads=threads, progress=progress))
+    else:
+        m, paths = open_for_read(path, storage_options)
+        plan = ReadPlan(m)
+        plan.verify_all()
+        plan.run(paths, threads)
+        problems = ()
+    tensors = m.tensors.values()
     return VerifyReport(storage.url(name), len(m.tensors),
                         sum(len(e.chunks) for e in tensors),
                         sum(int(e.chunks[:, 2].sum()) for e in tensors),
-                        sum(int(e.chunks[:, 4].sum()) * e.dtype.itemsize for e in tensors))
+                        sum(int(e.chunks[:, 4].sum()) * e.dtype.itemsize for e in tensors),
+                        problems)

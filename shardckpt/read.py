@@ -23,8 +23,8 @@ from .errors import (CheckpointNotFoundError, CorruptCheckpointError, Incomplete
 from .status import raise_for
 from .storage import Storage, open_checkpoint
 from .tree import local_box
-from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRef, Manifest,
-                    ShardEntry, TensorEntry)
+from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRef, FileEntry,
+                    Manifest, ShardEntry, TensorEntry)
 
 
 def open_manifest(storage: Storage, name: str) -> Manifest:
@@ -45,23 +45,31 @@ def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
     """Real paths of the data files, each checked to lie inside the checkpoint and to have the
     size the manifest records."""
     root = os.path.realpath(storage.local_path(name))
-    paths = []
-    for f in m.files:
-        real = os.path.realpath(os.path.join(root, f.path))
-        if os.path.commonpath([root, real]) != root:
-            raise UnsafeCheckpointError(f"{f.path} resolves outside the checkpoint ({real})")
-        try:
-            size = os.stat(real).st_size
-        except FileNotFoundError:
-            raise CorruptCheckpointError("data file is missing", file=f.path) from None
-        if size != f.size:
-            raise CorruptCheckpointError(f"data file has {size} bytes, the manifest says "
-                                         f"{f.size} (truncated or overwritten)", file=f.path)
-        with open(real, "rb") as fh:
-            if fh.read(HEADER_BYTES) != FILE_HEADER:
-                raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
-        paths.append(real)
-    return paths
+    return [check_data_file(root, f) for f in m.files]
+
+
+def check_data_file(root: str, f: FileEntry) -> str:
+    """The real path of data file ``f`` of the checkpoint folder ``root``, after checking that it
+    lies inside the checkpoint and has the manifest's size and the format's header.
+
+    Raises:
+        UnsafeCheckpointError: the path resolves outside the checkpoint.
+        CorruptCheckpointError: the file is missing, has another size, or a foreign header.
+    """
+    real = os.path.realpath(os.path.join(root, f.path))
+    if os.path.commonpath([root, real]) != root:
+        raise UnsafeCheckpointError(f"{f.path} resolves outside the checkpoint ({real})")
+    try:
+        size = os.stat(real).st_size
+    except FileNotFoundError:
+        raise CorruptCheckpointError("data file is missing", file=f.path) from None
+    if size != f.size:
+        raise CorruptCheckpointError(f"data file has {size} bytes, the manifest says "
+                                     f"{f.size} (truncated or overwritten)", file=f.path)
+    with open(real, "rb") as fh:
+        if fh.read(HEADER_BYTES) != FILE_HEADER:
+            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
+    return real
 
 
 def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, list]:
@@ -188,9 +196,8 @@ class ReadPlan:
         # Files are read concurrently (the native reads release the GIL), threads shared out.
         per_file = threads or max(1, (os.cpu_count() or 1) // max(len(files), 1))
         with ThreadPoolExecutor(max(len(files), 1)) as pool:
-            statuses = list(pool.map(lambda fr: _read_chunks(
-                paths[fr[0]], [(r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size,
-                                r.ref.crc, r.dest) for r in fr[1]], per_file), files))
+            statuses = list(pool.map(lambda fr: read_file_chunks(
+                paths[fr[0]], [backend_request(r) for r in fr[1]], per_file), files))
         for (file_index, reads), status in zip(files, statuses):
             raise_for(status, file=self.m.files[file_index].path,
                       describe=lambda i, reads=reads: (reads[i].tensor, reads[i].chunk_index))
@@ -200,11 +207,16 @@ class ReadPlan:
         self._keep.clear()
 
 
-def _read_chunks(source, reads: list[tuple], threads: int) -> tuple:
+def read_file_chunks(source, reads: list[tuple], threads: int) -> tuple:
     """The backend's read of one local file, or a remote one's ranged GETs."""
     if isinstance(source, remote_io.RemoteFile):
         return remote_io.read_chunks(source, reads, threads)
     return codecs.backend.read_chunks(source, reads, threads)
+
+
+def backend_request(r: ChunkRead) -> tuple:
+    """The tuple the codec backend's ``read_chunks`` takes for one planned chunk."""
+    return (r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size, r.ref.crc, r.dest)
 
 
 def _flat(index: tuple, shape: tuple) -> int:

@@ -130,24 +130,30 @@ class RemoteFile:
     rel: str   # checkpoint-relative, for messages
 
 
+def check_object(storage: Storage, name: str, f) -> RemoteFile:
+    """Data file ``f`` of checkpoint ``name``, checked to stay inside the checkpoint and to
+    exist with the recorded size and header."""
+    if ".." in f.path.split("/"):
+        raise UnsafeCheckpointError(f"{f.path}: a data file path leaves the checkpoint")
+    rf = RemoteFile(storage, f"{name}/{f.path}", f.path)
+    try:
+        size = storage.size(rf.path)
+    except FileNotFoundError:
+        raise CorruptCheckpointError("data object is missing", file=f.path) from None
+    if size != f.size:
+        raise CorruptCheckpointError(f"data object has {size} bytes, the manifest says "
+                                     f"{f.size} (truncated or overwritten)", file=f.path)
+    if storage.read(rf.path, 0, HEADER_BYTES) != FILE_HEADER:
+        raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
+    return rf
+
+
 def data_objects(storage: Storage, name: str, m: Manifest) -> list[RemoteFile]:
-    """The manifest's data files, each checked to exist with the recorded size and header."""
-    def check(f) -> RemoteFile:
-        rf = RemoteFile(storage, f"{name}/{f.path}", f.path)
-        try:
-            size = storage.size(rf.path)
-        except FileNotFoundError:
-            raise CorruptCheckpointError("data object is missing", file=f.path) from None
-        if size != f.size:
-            raise CorruptCheckpointError(f"data object has {size} bytes, the manifest says "
-                                         f"{f.size} (truncated or overwritten)", file=f.path)
-        if storage.read(rf.path, 0, HEADER_BYTES) != FILE_HEADER:
-            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
-        return rf
+    """The manifest's data files, each checked (``check_object``), concurrently."""
     if any(".." in f.path.split("/") for f in m.files):
         raise UnsafeCheckpointError("a data file path leaves the checkpoint")
     with ThreadPoolExecutor(min(max(len(m.files), 1), knobs.get("remote_concurrency"))) as pool:
-        return list(pool.map(check, m.files))
+        return list(pool.map(lambda f: check_object(storage, name, f), m.files))
 
 
 def read_chunks(rf: RemoteFile, reads: list[tuple], threads: int) -> tuple:

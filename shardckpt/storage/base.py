@@ -63,6 +63,11 @@ class Storage(abc.ABC):
         """A real file-system path for native IO, or None for remote stores."""
         return None
 
+    def modified(self, path: str) -> float | None:
+        """When ``path`` (a file or folder) last changed, in Unix seconds; None when it is
+        missing or the backend cannot tell (``gc`` then treats it as possibly in use)."""
+        return None
+
     def rename(self, src: str, dst: str, exchange: bool = False) -> None:
         """Atomically rename (or with ``exchange``, swap) two folders; only if atomic_rename."""
         raise NotImplementedError(f"{type(self).__name__} has no atomic rename")

@@ -53,6 +53,12 @@ class LocalStorage(Storage):
     def size(self, path: str) -> int:
         return os.stat(self._p(path)).st_size
 
+    def modified(self, path: str) -> float | None:
+        try:
+            return os.lstat(self._p(path)).st_mtime
+        except (FileNotFoundError, NotADirectoryError):  # "file/child" of a plain file
+            return None
+
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         with open(self._p(path), "rb") as f:
             f.seek(offset)

@@ -1,0 +1,107 @@
+"""``shardckpt ls ROOT``: the checkpoints under a manager root, with sizes, metrics, latest and
+best, and the leftovers of interrupted saves."""
+
+from __future__ import annotations
+
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..manager import LATEST_NAME, STEP_NAME
+from ..read import open_manifest
+from ..retention import best_steps
+from ..storage import open_storage
+from . import common, layout
+from .output import Output, human_bytes, human_number
+
+HELP = "list the checkpoints under a manager root"
+
+
+def register(sub, parent) -> None:
+    """Add the ``ls`` subcommand."""
+    p = sub.add_parser("ls", parents=[parent], help=HELP, description=HELP + ".")
+    p.add_argument("root", help="the manager's root folder or URL")
+    p.add_argument("--monitor", help="metric that ranks checkpoints for 'best' (default: the "
+                   "only metric, when every checkpoint records the same single one)")
+    p.add_argument("--mode", choices=("min", "max"), default="min",
+                   help="which end of --monitor is best (default min)")
+    p.set_defaults(func=run)
+
+
+def _row(storage, entry: layout.RootEntry) -> dict:
+    row = {"name": entry.name, "step": entry.step, "state": entry.kind, "latest": False,
+           "best": False, "bytes": None, "raw_bytes": None, "stored_bytes": None,
+           "ratio": None, "metrics": None, "reason": None, "unix_time": None, "error": None}
+    if not entry.committed:
+        row["bytes"] = layout.folder_bytes(storage, entry.name)
+        return row
+    try:
+        m = open_manifest(storage, entry.name)
+    except CheckpointError as exc:  # listed, not fatal: ls is how one finds such a checkpoint
+        row.update(state="unreadable", error=f"{type(exc).__name__}: {exc}",
+                   bytes=layout.folder_bytes(storage, entry.name))
+        return row
+    raw, stored = common.total_bytes(m)
+    info = common.manager_info(m)
+    row.update(bytes=common.disk_bytes(m, common.manifest_size(storage, entry.name)),
+               raw_bytes=raw, stored_bytes=stored, ratio=common.ratio(raw, stored),
+               metrics=info.get("metrics"), reason=info.get("reason"),
+               unix_time=info.get("unix_time", m.created_unix or None))
+    return row
+
+
+def _latest(storage, committed: list[int]) -> int | None:
+    """The step the ``latest`` file names when it is committed, else the newest committed."""
+    try:
+        match = STEP_NAME.fullmatch(storage.read(LATEST_NAME).decode().strip())
+    except (OSError, UnicodeDecodeError):
+        match = None
+    if match and int(match.group(1)) in committed:
+        return int(match.group(1))
+    return max(committed) if committed else None
+
+
+def _monitor(rows: list[dict], asked: str | None) -> str | None:
+    """``asked``, or the one metric name every committed checkpoint with metrics shares."""
+    if asked:
+        return asked
+    names = {frozenset(r["metrics"]) for r in rows if r["metrics"]}
+    if len(names) == 1 and len(next(iter(names))) == 1:
+        return next(iter(next(iter(names))))
+    return None
+
+
+def collect(args) -> dict:
+    """The ``--json`` document of ``ls``."""
+    storage = open_storage(args.root, common.options_of(args))
+    if not storage.exists(""):
+        raise CheckpointNotFoundError(f"{args.root}: no such folder")
+    rows = [_row(storage, e) for e in layout.entries(storage)]
+    committed = {r["step"]: r for r in rows if r["state"] == "committed"}
+    latest = _latest(storage, sorted(committed))
+    monitor = _monitor(list(committed.values()), args.monitor)
+    ranked = best_steps(committed, {s: r["metrics"] for s, r in committed.items()}, monitor,
+                        args.mode, 1) if monitor else []
+    best = ranked[0] if ranked else None
+    for step, row in committed.items():
+        row["latest"], row["best"] = step == latest, step == best
+    return {"root": args.root, "latest": latest, "best": best, "monitor": monitor,
+            "mode": args.mode, "checkpoints": rows}
+
+
+def run(args, out: Output) -> int:
+    """List the root; exit 0 (an unreadable checkpoint is shown, not fatal)."""
+    doc = collect(args)
+    if out.as_json:
+        out.json(doc)
+        return 0
+    rows = []
+    for r in doc["checkpoints"]:
+        flags = ", ".join(f for f in ("latest", "best") if r[f])
+        metrics = " ".join(f"{k}={human_number(v)}" for k, v in (r["metrics"] or {}).items())
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        rows.append([r["step"] if r["step"] is not None else "-", r["state"],
+                     human_bytes(r["bytes"]), ratio, metrics or "-", r["reason"] or "-", flags,
+                     r["name"]])
+    out.table(["step", "state", "size", "ratio", "metrics", "reason", "", "name"], rows,
+              title=f"{doc['root']}")
+    if doc["monitor"]:
+        out.line(f"best by {doc['monitor']} ({doc['mode']}): {doc['best']}")
+    return 0
