@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -36,20 +37,33 @@ def open_manifest(storage: Storage, name: str) -> Manifest:
     if not storage.exists(rel):
         raise IncompleteCheckpointError(f"{where}: no {MANIFEST_NAME}; the save that made this "
                                         "folder never committed")
+    if storage.local_path(rel):
+        _check_regular_inside(storage.local_path(name), MANIFEST_NAME)
     if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
-    return manifest_mod.parse(storage.read(rel))
+    # Bounded even if the file grows after the size check.
+    return manifest_mod.parse(storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1))
+
+
+def _check_regular_inside(root: str, rel: str) -> str:
+    """The real path of ``rel`` under ``root``; refuses one that resolves outside the checkpoint
+    (a symbolic link) or that is not a regular file (a FIFO or device would block or never end).
+    """
+    root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, real]) != root:
+        raise UnsafeCheckpointError(f"{rel} resolves outside the checkpoint ({real})")
+    if os.path.exists(real) and not stat.S_ISREG(os.stat(real).st_mode):
+        raise UnsafeCheckpointError(f"{rel} is not a regular file")
+    return real
 
 
 def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
     """Real paths of the data files, each checked to lie inside the checkpoint and to have the
-    size the manifest records."""
-    root = os.path.realpath(storage.local_path(name))
-    paths = []
-    for f in m.files:
-        real = os.path.realpath(os.path.join(root, f.path))
-        if os.path.commonpath([root, real]) != root:
-            raise UnsafeCheckpointError(f"{f.path} resolves outside the checkpoint ({real})")
+    size the manifest records. Every path is checked before any data file is opened."""
+    root = storage.local_path(name)
+    paths = [_check_regular_inside(root, f.path) for f in m.files]
+    for f, real in zip(m.files, paths):
         try:
             size = os.stat(real).st_size
         except FileNotFoundError:
@@ -60,7 +74,6 @@ def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
         with open(real, "rb") as fh:
             if fh.read(HEADER_BYTES) != FILE_HEADER:
                 raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
-        paths.append(real)
     return paths
 
 
