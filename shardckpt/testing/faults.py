@@ -117,3 +117,40 @@ class Faults:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(storage, path, data, durable)
         self.mp.setattr(LocalStorage, "write", failing)
+
+    def stall_in_write(self, release, limit: float = 120.0) -> None:
+        """Make the next data file write hang until the file ``release`` exists (a stuck rank:
+        a hung file system, a livelocked process), at most ``limit`` seconds."""
+        from shardckpt import codecs
+        real = codecs.backend.write_file
+
+        def stalled(*args):
+            _wait_for(release, limit)
+            return real(*args)
+        self.mp.setattr(codecs.backend, "write_file", stalled)
+
+    def die_in_read(self, exitcode: int = 3) -> None:
+        """End this process (``os._exit``) when a load starts reading chunks: a rank that dies
+        in the middle of a distributed load."""
+        from shardckpt import codecs
+
+        def dying(*args):
+            os._exit(exitcode)
+        self.mp.setattr(codecs.backend, "read_chunks", dying)
+
+    def stall_in_read(self, release, limit: float = 120.0) -> None:
+        """Make chunk reads hang until the file ``release`` exists, at most ``limit`` seconds."""
+        from shardckpt import codecs
+        real = codecs.backend.read_chunks
+
+        def stalled(*args):
+            _wait_for(release, limit)
+            return real(*args)
+        self.mp.setattr(codecs.backend, "read_chunks", stalled)
+
+
+def _wait_for(path, limit: float) -> None:
+    import time
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
