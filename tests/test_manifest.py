@@ -79,6 +79,9 @@ def test_symlink_out_of_the_checkpoint_is_refused(saved, tmp_path):
     (lambda d: d.update(tree={"tensor": "nope"}), CorruptCheckpointError),
     (lambda d: d.update(tree={"dict": [["a", {"tensor": None}], ["b", {"tensor": 0}]]}),
      CorruptCheckpointError),  # found by the fuzz test below
+    (lambda d: d["codecs"].append([{"id": {"zstd": 1}}]),  # found by scripts/soak_faults.py
+     UnsafeCheckpointError),
+    (lambda d: d.update(tree={"float": "0x1p+99999"}), CorruptCheckpointError),  # ditto
 ])
 def test_hostile_manifests_are_refused(saved, mutate, error):
     rewrite(saved, mutate)
