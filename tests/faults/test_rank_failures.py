@@ -19,10 +19,12 @@ TIMEOUT = 6.0  # short, so the test is quick; tiny saves and loads finish well i
 VICTIM = 1
 
 
+def _victim(how: str) -> int:
+    return 0 if how == "coordinator dies" else VICTIM
+
+
 def _arm(rank, how, release):
-    if rank != VICTIM and how != "coordinator dies":
-        return
-    if rank != 0 and how == "coordinator dies":
+    if rank != _victim(how):
         return
     faults = Faults(pytest.MonkeyPatch())
     {"hangs in save": lambda: faults.stall_in_write(release),
@@ -61,7 +63,7 @@ def test_dead_or_hung_rank_makes_the_others_raise_in_time(tmp_path, how):
     if "load" in how or how == "coordinator dies":
         run_with_ranks(2, _save_ok, path)
     results = run_with_ranks(2, _run, path, how, release, expect_errors=True, timeout=120)
-    victim = 0 if how == "coordinator dies" else VICTIM
+    victim = _victim(how)
     for r in results:
         if r.rank == victim:
             if "dies" in how:
