@@ -140,6 +140,7 @@ def parse(data: bytes) -> Manifest:
     sizes = np.array([f.size for f in files], dtype=np.int64)
     headers = [_tensor_header(k, v) for k, v in doc["tensors"].items()]
     tensors = dict(zip(doc["tensors"], tables.decode_entries(headers, sizes, chains)))
+    _check_stored_bytes(files, tensors)
     world_size = _int(doc["world_size"], "world_size", 1, 1 << 24)
     overrides = _parse_overrides(doc.get("rank_overrides"), world_size)
     for tree in [doc["tree"]] + [node for _, own in overrides or () for _, node in own]:
@@ -153,6 +154,22 @@ def parse(data: bytes) -> Manifest:
                     writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
                     created_unix=doc.get("created_unix", 0.0),
                     rank_overrides=overrides)
+
+
+def _check_stored_bytes(files, tensors) -> None:
+    """Chunks do not overlap (FORMAT.md 2), so a file's chunks store at most its size minus the
+    header. Checked per file in one pass: it bounds the total a reader decodes by the bytes that
+    really exist, where overlapping rows could name the same bytes millions of times."""
+    rows = [t.chunks[:, :3] for t in tensors.values() if len(t.chunks)]
+    if not rows:
+        return
+    rows = np.concatenate(rows)
+    stored = np.bincount(rows[:, 0], weights=rows[:, 2], minlength=len(files))
+    capacity = np.array([f.size - HEADER_BYTES for f in files], np.float64)
+    if (stored > capacity).any():
+        bad = files[int(np.argmax(stored > capacity))].path
+        raise _unsafe(f"the chunks of {bad} add up to more bytes than the file holds "
+                      "(overlapping chunks)")
 
 
 def _parse_overrides(raw, world_size: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -36,29 +37,48 @@ def open_manifest(storage: Storage, name: str) -> Manifest:
     if not storage.exists(rel):
         raise IncompleteCheckpointError(f"{where}: no {MANIFEST_NAME}; the save that made this "
                                         "folder never committed")
+    if storage.local_path(rel):
+        check_inside(storage.local_path(name), MANIFEST_NAME)
     if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
-    return manifest_mod.parse(storage.read(rel))
+    # Bounded even if the file grows after the size check.
+    return manifest_mod.parse(storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1))
+
+
+def check_inside(root: str, rel: str) -> str:
+    """The real path of ``rel`` under ``root``; refuses one that resolves outside the checkpoint
+    (a symbolic link) or that is not a regular file (a FIFO or device would block or never end).
+    """
+    root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, real]) != root:
+        raise UnsafeCheckpointError(f"{rel} resolves outside the checkpoint ({real})")
+    if os.path.exists(real) and not stat.S_ISREG(os.stat(real).st_mode):
+        raise UnsafeCheckpointError(f"{rel} is not a regular file")
+    return real
 
 
 def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
     """Real paths of the data files, each checked to lie inside the checkpoint and to have the
-    size the manifest records."""
-    root = os.path.realpath(storage.local_path(name))
-    return [check_data_file(root, f) for f in m.files]
+    size the manifest records. Every path is checked before any data file is opened."""
+    root = storage.local_path(name)
+    paths = [check_inside(root, f.path) for f in m.files]
+    return [_check_file(real, f) for f, real in zip(m.files, paths)]
 
 
 def check_data_file(root: str, f: FileEntry) -> str:
     """The real path of data file ``f`` of the checkpoint folder ``root``, after checking that it
-    lies inside the checkpoint and has the manifest's size and the format's header.
+    lies inside the checkpoint, is a regular file, and has the manifest's size and the format's
+    header.
 
     Raises:
-        UnsafeCheckpointError: the path resolves outside the checkpoint.
+        UnsafeCheckpointError: the path resolves outside the checkpoint or is no regular file.
         CorruptCheckpointError: the file is missing, has another size, or a foreign header.
     """
-    real = os.path.realpath(os.path.join(root, f.path))
-    if os.path.commonpath([root, real]) != root:
-        raise UnsafeCheckpointError(f"{f.path} resolves outside the checkpoint ({real})")
+    return _check_file(check_inside(root, f.path), f)
+
+
+def _check_file(real: str, f: FileEntry) -> str:
     try:
         size = os.stat(real).st_size
     except FileNotFoundError:

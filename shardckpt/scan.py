@@ -14,8 +14,8 @@ import os
 from typing import Callable
 
 from . import knobs, remote_io
-from .errors import CheckpointError
-from .read import ReadPlan, read_file_chunks, backend_request, check_data_file
+from .errors import CheckpointError, UnsafeCheckpointError
+from .read import (ReadPlan, backend_request, check_data_file, check_inside, read_file_chunks)
 from .status import OK, raise_for
 from .storage import Storage
 from .types import ChunkRead, Manifest
@@ -42,6 +42,9 @@ def scan(storage: Storage, name: str, m: Manifest, *, threads: int | None = None
     threads = threads or os.cpu_count() or 1
     local = storage.local_path(name)
     root = os.path.realpath(local) if local is not None else None
+    unsafe = _unsafe_paths(root, m) if root is not None else []
+    if unsafe:  # a hostile checkpoint: report it without opening any of its data files
+        return unsafe
     plan = ReadPlan(m)
     plan.verify_all()
     faults: list[CheckpointError] = []
@@ -60,6 +63,17 @@ def scan(storage: Storage, name: str, m: Manifest, *, threads: int | None = None
             if progress:
                 progress(sum(r.ref.length for r in batch))
     return faults
+
+
+def _unsafe_paths(root: str, m: Manifest) -> list[CheckpointError]:
+    """Every data file path that leads out of the checkpoint or to no regular file."""
+    found = []
+    for entry in m.files:
+        try:
+            check_inside(root, entry.path)
+        except UnsafeCheckpointError as exc:
+            found.append(exc)
+    return found
 
 
 def _batches(reads: list[ChunkRead], limit: int):

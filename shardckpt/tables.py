@@ -27,6 +27,9 @@ MAX_GRID_CELLS = 1 << 24
 
 
 MAX_TABLE_BYTES = 1 << 33  # decoded size of one table a reader accepts
+# zstd's densest encoding is an RLE block: 4 bytes for 128 KiB. A frame claiming more output
+# per stored byte cannot be valid; refusing it up front bounds what a reader allocates.
+MAX_ZSTD_RATIO = 1 << 15
 
 
 _local = threading.local()  # zstd contexts are reused per thread (a merge decodes thousands)
@@ -219,6 +222,10 @@ def _check_chunks(b: _Batch, file_sizes: np.ndarray, chains) -> None:
     bad = plain & (length != raw)
     if bad.any():
         b.fail(bad, b.row_owner, "an unencoded chunk does not store exactly its raw bytes")
+    bad = ~plain & (raw > length * MAX_ZSTD_RATIO)
+    if bad.any():
+        b.fail(bad, b.row_owner, "a zstd chunk claims more raw bytes than any frame of its "
+                                 "length can hold (a decompression bomb)")
     shuffled = (kinds == codecs.SHUFFLE) | (kinds == codecs.SHUFFLE_ZSTD)
     bad = shuffled & (raw % shuffle != 0)
     if bad.any():

@@ -142,7 +142,7 @@ def _scalar(kind: str, value):
     if kind == "float" and isinstance(value, str):
         try:
             return float.fromhex(value)  # also reads "inf", "-inf" and "nan"
-        except ValueError:
+        except (ValueError, OverflowError):  # "0x1p+99999" overflows
             pass
     if kind == "str" and isinstance(value, str):
         return value

@@ -22,3 +22,13 @@ def faults(monkeypatch) -> Faults:
 def ckpt(tmp_path):
     """A checkpoint path that does not exist yet."""
     return tmp_path / "ckpt"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only with SHARDCKPT_SLOW=1 (pyproject.toml's marker)."""
+    if os.environ.get("SHARDCKPT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow soak test; SHARDCKPT_SLOW=1 runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -46,3 +46,10 @@ def all_dtype_state(gen: torch.Generator) -> dict:
     shapes = [(3, 5), (17,), (2, 3, 4), (), (0, 4)]
     return {name: random_tensor(name, shapes[i % len(shapes)], gen)
             for i, name in enumerate(DTYPES)}
+
+
+def trials(ci: int, soak: int) -> int:
+    """How many trials a sampled fault test runs: ``ci`` normally, ``soak`` with
+    SHARDCKPT_SLOW=1 (which also runs the tests marked ``slow``)."""
+    import os
+    return soak if os.environ.get("SHARDCKPT_SLOW") == "1" else ci

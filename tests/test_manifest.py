@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
 from shardckpt import manifest, tables
+from shardckpt.testing.hostile import edit_table, resign, rewrite, set_cell
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 
@@ -23,36 +24,9 @@ def saved(ckpt):
     return ckpt
 
 
-def resign(doc: dict) -> bytes:
-    """A manifest with a valid checksum for ``doc`` (so the structural checks are reached)."""
-    doc = {k: v for k, v in doc.items() if k != "manifest_crc32c"}
-    body = json.dumps(doc, separators=(",", ":")).encode()[:-1]
-    return body + manifest.CRC_MEMBER + str(shardckpt.codecs.backend.crc32c(body)).encode() + b"}"
-
-
-def table(doc, key, field, columns, edit):
-    """Apply ``edit`` to a tensor's decoded shard or chunk table and encode it back."""
-    rows = tables.decode(doc["tensors"][key][field], columns, field)
-    doc["tensors"][key][field] = tables.encode(edit(rows.copy()))
-
-
-def set_cell(row, col, value):
-    def edit(rows):
-        rows[row, col] = value
-        return rows
-    return edit
-
-
 def drop_last_chunk(doc):
-    table(doc, "w", "chunks", 7, lambda rows: rows[:-1])
-    table(doc, "w", "shards", 5, lambda rows: rows - np.array([0, 0, 0, 0, 1]))
-
-
-def rewrite(path, mutate) -> None:
-    mpath = os.path.join(path, "manifest.json")
-    doc = json.loads(open(mpath, "rb").read())
-    mutate(doc)
-    open(mpath, "wb").write(resign(doc))
+    edit_table(doc, "w", "chunks", lambda rows: rows[:-1])
+    edit_table(doc, "w", "shards", lambda rows: rows - np.array([0, 0, 0, 0, 1]))
 
 
 def test_every_single_byte_corruption_of_the_manifest_is_detected(saved):
@@ -88,13 +62,13 @@ def test_symlink_out_of_the_checkpoint_is_refused(saved, tmp_path):
     (lambda d: d["files"][0].update(size=-1), UnsafeCheckpointError),
     (lambda d: d["files"][0].update(base="../step-1"), UnsafeCheckpointError),
     (lambda d: d["tensors"]["w"].update(shape=[1 << 40, 1 << 40]), UnsafeCheckpointError),
-    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 2, 1 << 40)), UnsafeCheckpointError),
-    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 1, 3)), UnsafeCheckpointError),
-    (lambda d: table(d, "w", "chunks", 7, set_cell(1, 3, 0)), UnsafeCheckpointError),
-    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 0, 5)), UnsafeCheckpointError),
-    (lambda d: table(d, "w", "chunks", 7, set_cell(0, 5, -1)), UnsafeCheckpointError),
-    (lambda d: table(d, "w", "shards", 5, set_cell(0, 0, 1)), UnsafeCheckpointError),
-    (lambda d: table(d, "w", "shards", 5, set_cell(0, 2, 65)), UnsafeCheckpointError),
+    (lambda d: edit_table(d, "w", "chunks", set_cell(0, 2, 1 << 40)), UnsafeCheckpointError),
+    (lambda d: edit_table(d, "w", "chunks", set_cell(0, 1, 3)), UnsafeCheckpointError),
+    (lambda d: edit_table(d, "w", "chunks", set_cell(1, 3, 0)), UnsafeCheckpointError),
+    (lambda d: edit_table(d, "w", "chunks", set_cell(0, 0, 5)), UnsafeCheckpointError),
+    (lambda d: edit_table(d, "w", "chunks", set_cell(0, 5, -1)), UnsafeCheckpointError),
+    (lambda d: edit_table(d, "w", "shards", set_cell(0, 0, 1)), UnsafeCheckpointError),
+    (lambda d: edit_table(d, "w", "shards", set_cell(0, 2, 65)), UnsafeCheckpointError),
     (drop_last_chunk, UnsafeCheckpointError),
     (lambda d: d["tensors"]["w"].update(chunks="not base64!"), CorruptCheckpointError),
     (lambda d: d["tensors"]["w"].update(chunks="AAAA"), CorruptCheckpointError),
@@ -105,6 +79,9 @@ def test_symlink_out_of_the_checkpoint_is_refused(saved, tmp_path):
     (lambda d: d.update(tree={"tensor": "nope"}), CorruptCheckpointError),
     (lambda d: d.update(tree={"dict": [["a", {"tensor": None}], ["b", {"tensor": 0}]]}),
      CorruptCheckpointError),  # found by the fuzz test below
+    (lambda d: d["codecs"].append([{"id": {"zstd": 1}}]),  # found by scripts/soak_faults.py
+     UnsafeCheckpointError),
+    (lambda d: d.update(tree={"float": "0x1p+99999"}), CorruptCheckpointError),  # ditto
 ])
 def test_hostile_manifests_are_refused(saved, mutate, error):
     rewrite(saved, mutate)

@@ -28,6 +28,8 @@ def kind_of(chain) -> tuple[int, int]:
     if not isinstance(chain, (list, tuple)) or not all(isinstance(c, dict) for c in chain):
         raise UnsafeCheckpointError(f"codec chain is not a list of objects: {chain!r}")
     ids = [c.get("id") for c in chain]
+    if not all(isinstance(i, str) for i in ids):  # a list or object id is unhashable below
+        raise UnsafeCheckpointError(f"codec ids must be strings: {chain!r:.120}")
     shuffle_size = 1
     if ids and ids[0] == "shuffle":
         k = chain[0].get("elementsize")

@@ -57,7 +57,9 @@ def decode(stored: bytes, kind: int, raw_length: int, shuffle_size: int) -> byte
         if params.content_size != raw_length:
             raise ValueError(f"zstd frame declares {params.content_size} bytes, "
                              f"expected {raw_length}")
-        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_length)
+        # Exactly one frame (FORMAT.md 2.1), as the native core demands: no trailing bytes.
+        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_length,
+                                                        allow_extra_data=False)
     if len(data) != raw_length:
         raise ValueError(f"decoded {len(data)} bytes, expected {raw_length}")
     if kind in (SHUFFLE, SHUFFLE_ZSTD):

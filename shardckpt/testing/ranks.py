@@ -24,7 +24,9 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "shardckpt"])
+        # torch.distributed.tensor too: its import is most of a first save's cost (~0.5-1.5 s).
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor",
+                                     "shardckpt"])
     return _CTX
 
 
