@@ -9,7 +9,32 @@ in s3.py.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from .base import Storage
+
+# Where fsspec back ends put an object's modification time (local, S3, memory, GCS, Azure).
+_TIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created", "creation_time")
+
+
+def _seconds(value) -> float | None:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _mtime(info: dict) -> float | None:
+    for key in _TIME_KEYS:
+        if info.get(key) is not None:
+            return _seconds(info[key])
+    return None
 
 
 class FsspecStorage(Storage):
@@ -34,6 +59,18 @@ class FsspecStorage(Storage):
         if size is None:
             raise FileNotFoundError(self.url(path))
         return int(size)
+
+    def modified(self, path: str) -> float | None:
+        """The newest modification time of the object, or of the objects under a prefix."""
+        p = self._p(path)
+        try:
+            infos = [self.fs.info(p)]
+            if infos[0].get("type") == "directory":
+                infos = list(self.fs.find(p, detail=True).values())
+        except FileNotFoundError:
+            return None
+        times = [t for t in map(_mtime, infos) if t is not None]
+        return max(times) if times else None
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         end = None if length is None else offset + length

@@ -39,6 +39,9 @@ class StorageWrapper(Storage):
     def size(self, path):
         return self._call("size", path)
 
+    def modified(self, path):
+        return self._call("modified", path)
+
     def read(self, path, offset=0, length=None):
         return self._call("read", path, offset, length)
 
