@@ -65,3 +65,18 @@ def test_every_subcommand_on_object_storage(store, run, tmp_path):
     storage.write(data, bytes(blob), exclusive=False)
     status, _, err = run("verify", one, *o)
     assert status == 1 and "CorruptCheckpointError" in err
+
+
+def test_import_dcp_into_object_storage(store, run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    url, opts = store
+    state = {"model": {"w": torch.randn(16, 3)}, "step": 5}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "dcp")))
+    out = f"{url}/imported"
+    doc = run.json("import-dcp", tmp_path / "dcp", out, "--trust-pickle", *_o(opts))
+    assert doc["tensors"] == 1
+    loaded = run.json("verify", out, *_o(opts))
+    assert loaded["ok"] and loaded["tensors"] == 1
+    import shardckpt
+    got = shardckpt.load_full(out, storage_options=opts)
+    assert torch.equal(got["model"]["w"], state["model"]["w"]) and got["step"] == 5
