@@ -117,16 +117,9 @@ def read_chunks(path, reads, threads):
             if len(stored) != length:
                 return _status(TRUNCATED, f"{path}: read {len(stored)} of {length} bytes at "
                                           f"offset {offset}", index)
-            actual = crc32c(stored)
-            if actual != crc:
-                return _status(CHECKSUM, f"crc32c mismatch: stored {crc:#010x}, "
-                                         f"computed {actual:#010x}", index)
-            try:
-                raw = decode(stored, kind, raw_length, shuffle_size)
-            except (ValueError, zstandard.ZstdError) as exc:
-                return _status(DECODE, str(exc), index)
-            if dest:
-                ctypes.memmove(dest, raw, raw_length)
+            failed = _check_and_place(stored, index, raw_length, kind, shuffle_size, crc, dest)
+            if failed:
+                return failed
     except OSError as exc:
         return _status(IO_ERROR, f"{path}: {exc.strerror}", -1, exc.errno)
     finally:
@@ -158,14 +151,23 @@ def decode_chunks(data, name, reads, threads):
         if offset + length > len(data):
             return _status(TRUNCATED, f"{name}: range ends past the {len(data)} bytes", index)
         stored = bytes(data[offset:offset + length])
-        actual = crc32c(stored)
-        if actual != crc:
-            return _status(CHECKSUM, f"crc32c mismatch: stored {crc:#010x}, "
-                                     f"computed {actual:#010x}", index)
-        try:
-            raw = decode(stored, kind, raw_length, shuffle_size)
-        except (ValueError, zstandard.ZstdError) as exc:
-            return _status(DECODE, str(exc), index)
-        if dest:
-            ctypes.memmove(dest, raw, raw_length)
+        failed = _check_and_place(stored, index, raw_length, kind, shuffle_size, crc, dest)
+        if failed:
+            return failed
     return _status()
+
+
+def _check_and_place(stored: bytes, index, raw_length, kind, shuffle_size, crc, dest):
+    """Verify one chunk's checksum, decode it and copy it to ``dest`` (0: verify only).
+    None when it is sound, else the failure status naming chunk ``index``."""
+    actual = crc32c(stored)
+    if actual != crc:
+        return _status(CHECKSUM, f"crc32c mismatch: stored {crc:#010x}, "
+                                 f"computed {actual:#010x}", index)
+    try:
+        raw = decode(stored, kind, raw_length, shuffle_size)
+    except (ValueError, zstandard.ZstdError) as exc:
+        return _status(DECODE, str(exc), index)
+    if dest:
+        ctypes.memmove(dest, raw, raw_length)
+    return None
