@@ -13,7 +13,7 @@ deleted. Reported: medians and min-max of wall seconds, and shardckpt / DCP rati
 
 DCP runs ``FsspecWriter(sync_files=False)``: with ``sync_files=True`` (its default) it calls
 fsync on S3 file objects, which fails (pytorch#144752). It writes one file per rank with its
-default ``thread_count=1``. shardckpt runs its defaults (codec ``auto``) and ``zstd``.
+default ``thread_count=1``. shardckpt runs its defaults (codec ``auto``), ``raw`` and ``zstd``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _dcp():
     return save, load
 
 
-CONTENDERS = {"shardckpt auto": _shardckpt("auto"), "shardckpt zstd": _shardckpt("zstd"),
+CONTENDERS = {"shardckpt auto": _shardckpt("auto"), "shardckpt raw": _shardckpt("raw"),
+              "shardckpt zstd": _shardckpt("zstd"),
               "DCP fsspec": _dcp()}
 
 

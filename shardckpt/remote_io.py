@@ -4,7 +4,8 @@ Save: a data file's chunks are encoded by the native core into memory, one part 
 ``upload_part_bytes`` raw) at a time, and the parts are uploaded concurrently as a multipart
 upload where the store has one (S3), else as one object. The bytes are exactly those the local
 writer puts in a file (FORMAT.md 2). Nothing here calls fsync or rename. Memory stays near
-``remote_concurrency`` parts per file. Load: each file's planned chunk reads are merged into
+``remote_concurrency`` parts per file. With ``codec="auto"`` each part is compressed when the
+uploads, not the encoder, are the bottleneck (``Pressure``). Load: each file's planned chunk reads are merged into
 ranges of adjacent chunks, fetched concurrently, and decoded into place by the native core.
 """
 
@@ -22,9 +23,31 @@ from .storage import Storage
 from .types import FILE_HEADER, HEADER_BYTES, ChunkSource, Manifest
 
 
-def upload(storage: Storage, path: str, parts: Iterable, concurrency: int | None = None) -> int:
+class Pressure:
+    """Whether the uploads of one file are the bottleneck, for ``codec="auto"``.
+
+    The native ``auto`` policy watches its own writer's queue; on an object store the encoder
+    writes into memory and the uploads happen here, so the signal comes from the upload slots:
+    when a finished part found every slot still busy, the network is slower than encoding raw,
+    and compressing the next part costs no time (it overlaps uploads that are waiting anyway)
+    while it sends fewer bytes. When a slot was free, encoding is the bottleneck: stay raw.
+    """
+
+    def __init__(self):
+        self.uploads_behind = False
+
+    def codec(self, requested: str) -> str:
+        """The policy to encode the next part with."""
+        if requested != "auto":
+            return requested
+        return "zstd" if self.uploads_behind else "raw"
+
+
+def upload(storage: Storage, path: str, parts: Iterable, concurrency: int | None = None,
+           pressure: Pressure | None = None) -> int:
     """Store the concatenation of ``parts`` (bytes-like, produced lazily) as object ``path``;
-    returns its size. Raises StorageError; an unfinished multipart upload is aborted."""
+    returns its size; reports to ``pressure`` whether uploads fall behind. Raises
+    StorageError; an unfinished multipart upload is aborted."""
     minimum = storage.multipart_min_bytes
     if not minimum:
         data = b"".join(parts)
@@ -37,7 +60,7 @@ def upload(storage: Storage, path: str, parts: Iterable, concurrency: int | None
         storage.write(path, first, exclusive=False)
         return len(first)
     return _multipart(storage, path, [first, second], merged,
-                      concurrency or knobs.get("remote_concurrency"))
+                      concurrency or knobs.get("remote_concurrency"), pressure or Pressure())
 
 
 def _at_least(parts: Iterable, minimum: int) -> Iterator:
@@ -53,14 +76,17 @@ def _at_least(parts: Iterable, minimum: int) -> Iterator:
         yield b"".join(pending)
 
 
-def _multipart(storage: Storage, path: str, head: list, rest: Iterator, concurrency: int) -> int:
+def _multipart(storage: Storage, path: str, head: list, rest: Iterator, concurrency: int,
+               pressure: Pressure) -> int:
     upload_id = storage.begin_upload(path)
     slots = threading.Semaphore(concurrency)  # bounds the parts held in memory
     futures, size = [], 0
     try:
         with ThreadPoolExecutor(concurrency) as pool:
             for number, part in enumerate(_chain(head, rest), 1):
-                slots.acquire()
+                pressure.uploads_behind = not slots.acquire(blocking=False)
+                if pressure.uploads_behind:
+                    slots.acquire()
                 fut = pool.submit(storage.upload_part, path, upload_id, number, part)
                 fut.add_done_callback(lambda _: slots.release())
                 futures.append(fut)
@@ -84,10 +110,12 @@ def _chain(head: list, rest: Iterator) -> Iterator:
 
 
 def encoded_parts(rel: str, sources: list[ChunkSource], opts, pool_bytes: int, threads: int,
-                  records: list, stats: dict, part_bytes: int | None = None) -> Iterator:
+                  records: list, stats: dict, part_bytes: int | None = None,
+                  pressure: Pressure | None = None) -> Iterator:
     """Encode ``sources`` into the parts of one data file (header first), lazily; fills
-    ``records`` with each chunk's ``(offset, length, kind, crc)`` in the file. Raises the
-    typed error of a failed encode."""
+    ``records`` with each chunk's ``(offset, length, kind, crc)`` in the file. ``auto`` asks
+    ``pressure`` per part. Raises the typed error of a failed encode."""
+    pressure = pressure or Pressure()
     part_bytes = part_bytes or knobs.get("upload_part_bytes")
     groups, group, raw = [], [], 0
     for i, src in enumerate(sources):
@@ -101,7 +129,8 @@ def encoded_parts(rel: str, sources: list[ChunkSource], opts, pool_bytes: int, t
     for n, group in enumerate(groups):
         chunks = [(sources[i].ptr, sources[i].nbytes, sources[i].shuffle_size) for i in group]
         status, data, recs, st = codecs.backend.encode_chunks(
-            chunks, opts.codec, opts.level, threads, pool_bytes, FILE_HEADER if n == 0 else b"")
+            chunks, pressure.codec(opts.codec), opts.level, threads, pool_bytes,
+            FILE_HEADER if n == 0 else b"")
         raise_for(status, file=rel, describe=lambda i, g=group: (sources[g[i]].key, None))
         records += [(offset + o, length, kind, crc) for o, length, kind, crc in recs]
         offset += len(data)
@@ -114,9 +143,10 @@ def encoded_parts(rel: str, sources: list[ChunkSource], opts, pool_bytes: int, t
 def write_one(storage: Storage, path: str, rel: str, sources: list[ChunkSource], opts,
               pool_bytes: int, encode_threads: int) -> tuple[list, int, dict]:
     """``write._write_one`` for object stores: encode ``sources`` and upload them as ``path``."""
-    records, stats = [], {}
-    size = upload(storage, path, encoded_parts(rel, sources, opts, pool_bytes,
-                                               encode_threads, records, stats))
+    records, stats, pressure = [], {}, Pressure()
+    size = upload(storage, path, encoded_parts(rel, sources, opts, pool_bytes, encode_threads,
+                                               records, stats, pressure=pressure),
+                  pressure=pressure)
     stats["file_size"] = size
     return records, size, stats
 
