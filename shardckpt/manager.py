@@ -16,7 +16,6 @@ in a single process, on every rank at the same step. Only rank 0 deletes old che
 from __future__ import annotations
 
 import math
-import re
 import secrets
 import signal
 import time
@@ -31,6 +30,7 @@ from .commit import DELETE_MARK, is_committed
 from .errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
                      UnsupportedValueError)
 from .export import export_weights as export_checkpoint_weights
+from .layout import LATEST_NAME, STEP_NAME, collect_garbage, step_name
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from .read import open_manifest
 from .retention import best_steps, to_keep
@@ -38,19 +38,10 @@ from .storage import open_storage
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
-STEP_NAME = re.compile(r"step-(\d{8,})")
 META_KEY = "shardckpt.manager"
-LATEST_NAME = "latest"
 # Errors after which an older checkpoint may still load. Others (the target does not fit, a
 # storage outage) would fail the same way on every checkpoint, so restore raises them.
 _FATAL_ON_RESTORE = (StateMismatchError, UnsupportedValueError, StorageError)
-
-
-def step_name(step: int) -> str:
-    """The folder name of a step's checkpoint; sorts by step as text too."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, not {step}")
-    return f"step-{step:08d}"
 
 
 def join(root: str, name: str) -> str:
@@ -407,6 +398,16 @@ class CheckpointManager:
     def _restored(self, step: int) -> int:
         self._last_step, self._last_time = step, self._clock()
         return step
+
+    def cleanup(self, older_than: float = 3600.0, dry_run: bool = False) -> list[dict]:
+        """Remove what interrupted saves left under the root (rank 0 only; never a committed
+        checkpoint, never the save in flight, nothing younger than ``older_than`` seconds).
+        Returns a row per leftover removed (see ``shardckpt.layout.collect_garbage``)."""
+        self.wait()
+        if self._ranks.rank != 0:
+            return []
+        removed, _ = collect_garbage(self._storage, older_than, dry_run)
+        return removed
 
     # ----------------------------------------------------------------- export, close
     def export_weights(self, step: int, dest, format: str = "safetensors", *,

@@ -262,3 +262,20 @@ def test_on_an_object_store_without_rename():
     import fsspec
     fs = fsspec.filesystem("memory")
     assert fs.cat(f"{root}/latest").decode().strip() == step_name(4)
+
+
+def test_cleanup_removes_old_leftovers_only(tmp_path):
+    with _mgr(tmp_path) as mgr:
+        mgr.save(1, _state(1))
+        for name in (".step-00000002.tmp-ab12", "step-00000003"):  # interrupted saves
+            (tmp_path / name / "data").mkdir(parents=True)
+            then = time.time() - 7200
+            os.utime(tmp_path / name / "data", (then, then))
+            os.utime(tmp_path / name, (then, then))
+        (tmp_path / ".step-00000004.tmp-cd34").mkdir()  # young: a save may be running
+        removed = mgr.cleanup()
+        assert sorted(r["name"] for r in removed) == [".step-00000002.tmp-ab12",
+                                                     "step-00000003"]
+        assert sorted(os.listdir(tmp_path)) == [".step-00000004.tmp-cd34", "latest",
+                                                "step-00000001"]
+        assert mgr.steps() == [1]

@@ -4,11 +4,12 @@ best, and the leftovers of interrupted saves."""
 from __future__ import annotations
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ..manager import LATEST_NAME, STEP_NAME
 from ..read import open_manifest
 from ..retention import best_steps
 from ..storage import open_storage
-from . import common, layout
+from .. import layout
+from ..layout import LATEST_NAME, STEP_NAME
+from . import common
 from .output import Output, human_bytes, human_number
 
 HELP = "list the checkpoints under a manager root"

@@ -1,0 +1,141 @@
+"""What lies under a manager root: committed checkpoints and the leftovers of interrupted saves,
+and the garbage collection of those leftovers (``CheckpointManager.cleanup``, ``shardckpt gc``).
+
+Names follow the manager and the commit strategies: ``step-<8+ digits>`` folders (committed when
+they hold a manifest; on object stores an interrupted save leaves one without), and hidden
+siblings ``.step-N.tmp-<hex>`` (a save before its rename), ``.step-N.old-<hex>`` (a replaced
+checkpoint moved aside) and ``.step-N.deleting-<hex>`` (retention removing one), plus the
+manager's ``.latest.tmp-<hex>``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from .commit import is_committed
+from .storage import Storage
+from .types import DATA_DIR, MANIFEST_NAME
+
+STEP_NAME = re.compile(r"step-(\d{8,})")
+LATEST_NAME = "latest"
+HIDDEN = re.compile(r"\.step-(\d{8,})\.(tmp|old|deleting)-[0-9a-f]+")
+LATEST_TMP = re.compile(r"\.latest\.tmp-[0-9a-f]+")
+
+
+def step_name(step: int) -> str:
+    """The folder name of a step's checkpoint; sorts by step as text too."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, not {step}")
+    return f"step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class RootEntry:
+    """One name under the root.
+
+    Attributes:
+        kind: ``committed``, ``uncommitted`` (a step folder without a manifest), ``tmp``,
+            ``old``, ``deleting`` or ``latest-tmp``.
+    """
+
+    name: str
+    step: int | None
+    kind: str
+
+    @property
+    def committed(self) -> bool:
+        return self.kind == "committed"
+
+
+def entries(storage: Storage) -> list[RootEntry]:
+    """Every checkpoint and leftover under the root, by step then name."""
+    found = []
+    for name in storage.list(""):
+        if match := STEP_NAME.fullmatch(name):
+            kind = "committed" if is_committed(storage, name) else "uncommitted"
+            found.append(RootEntry(name, int(match.group(1)), kind))
+        elif match := HIDDEN.fullmatch(name):
+            found.append(RootEntry(name, int(match.group(1)), match.group(2)))
+        elif LATEST_TMP.fullmatch(name):
+            found.append(RootEntry(name, None, "latest-tmp"))
+    return sorted(found, key=lambda e: (e.step if e.step is not None else -1, e.name))
+
+
+def _files(storage: Storage, name: str) -> list[str]:
+    """The files a checkpoint folder may hold (FORMAT.md: a manifest and ``data/*``); for a
+    plain file, itself. Listing by the known layout keeps this to two list calls on any store."""
+    try:
+        storage.list(name)
+    except NotADirectoryError:
+        return [name]  # a file: the manager's .latest.tmp
+    files = [f"{name}/{DATA_DIR}/{f}" for f in storage.list(f"{name}/{DATA_DIR}")]
+    if storage.exists(f"{name}/{MANIFEST_NAME}"):
+        files.append(f"{name}/{MANIFEST_NAME}")
+    return files
+
+
+def folder_bytes(storage: Storage, name: str) -> int:
+    """Bytes stored under ``name`` (files that vanish meanwhile count as 0)."""
+    total = 0
+    for f in _files(storage, name):
+        try:
+            total += storage.size(f)
+        except OSError:
+            pass
+    return total
+
+
+def last_activity(storage: Storage, name: str) -> float | None:
+    """The newest modification time of ``name``, its data folder and its files (a save in
+    progress keeps touching them); None when the storage cannot tell."""
+    times = [storage.modified(p) for p in [name, f"{name}/{DATA_DIR}"] + _files(storage, name)]
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def _verdict(storage: Storage, entry: RootEntry, committed: set, older_than: float,
+             now: float) -> tuple[bool, str, float | None]:
+    """``(remove?, why, age in seconds)`` for one leftover."""
+    changed = last_activity(storage, entry.name)
+    age = None if changed is None else max(0.0, now - changed)
+    if entry.kind == "old" and entry.step not in committed:
+        return False, f"only copy of step {entry.step}: rename it to step-{entry.step:08d}", age
+    if older_than > 0 and age is None:
+        return False, "age unknown (the storage has no modification times)", age
+    if age is not None and age < older_than:
+        return False, f"younger than {older_than:g}s: a save may still be writing it", age
+    return True, "leftover of an interrupted save", age
+
+
+def collect_garbage(storage: Storage, older_than: float = 3600.0,
+                    dry_run: bool = False) -> tuple[list[dict], list[dict]]:
+    """Remove (unless ``dry_run``) the leftovers of interrupted saves under a manager root.
+
+    A committed checkpoint is never touched, and a step folder is checked again right before its
+    removal. Leftovers younger than ``older_than`` seconds may belong to a save still running and
+    are kept, as is one whose age the storage cannot tell. A ``.old-*`` folder is the only copy
+    of a checkpoint when a crash came between moving it aside and renaming its replacement in:
+    it is kept while no committed ``step-N`` exists.
+
+    Returns:
+        ``(removed, kept)``: a row per leftover with ``name``, ``kind``, ``step``, ``bytes``,
+        ``age_seconds`` and ``reason``.
+    """
+    found = entries(storage)
+    committed = {e.step for e in found if e.committed}
+    now, removed, kept = time.time(), [], []
+    for entry in found:
+        if entry.committed:
+            continue
+        remove, why, age = _verdict(storage, entry, committed, older_than, now)
+        row = {"name": entry.name, "kind": entry.kind, "step": entry.step,
+               "bytes": folder_bytes(storage, entry.name), "age_seconds": age, "reason": why}
+        # A step folder may have been committed since it was listed: check at the last moment.
+        if remove and entry.kind == "uncommitted" and is_committed(storage, entry.name):
+            remove, row["reason"] = False, "committed meanwhile"
+        if remove and not dry_run:
+            storage.delete(entry.name)
+        (removed if remove else kept).append(row)
+    return removed, kept
