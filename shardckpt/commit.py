@@ -67,11 +67,21 @@ def _is_debris(storage: Storage, name: str) -> bool:
 
 
 def remove_leftovers(storage: Storage, names: list[str] | None = None) -> list[str]:
-    """Delete ``names`` (default: everything ``leftovers`` finds); returns what was deleted."""
+    """Delete ``names`` (default: everything ``leftovers`` finds); returns what was deleted.
+
+    A set-aside ``.<name>.old-*`` folder is kept while ``name`` has no committed checkpoint: a
+    crash between moving the old checkpoint aside and renaming its replacement in leaves it as
+    the only copy. (``shardckpt.layout.collect_garbage`` does the same for manager roots, and
+    also spares leftovers young enough to belong to a running save.)"""
     names = leftovers(storage) if names is None else names
+    removed = []
     for n in names:
+        if n.startswith(".") and OLD_MARK in n and \
+                not is_committed(storage, n[1:n.index(OLD_MARK)]):
+            continue
         storage.delete(n)
-    return names
+        removed.append(n)
+    return removed
 
 
 def commit_for(storage: Storage, name: str, overwrite: bool = False):
