@@ -83,4 +83,4 @@ except ImportError:
     print("plot skipped (no matplotlib)")
 sys.exit(0 if rel < 1e-4 and same else 1)
 PY
-"$PY" -m shardckpt.cli verify "$OUT/run/step-$(printf %08d "$STEPS")"
+"$PY" -m shardckpt verify "$OUT/run/step-$(printf %08d "$STEPS")"
