@@ -82,7 +82,7 @@ class Exchange:
         self.round_no += 1
         prefix = f"{self.round_no}.{name}"
         post = {"error": _describe(error)} if error is not None else {"ok": payload}
-        self.store.set(f"{prefix}/{self.rank}", json.dumps(post))
+        self._store("set", error, f"{prefix}/{self.rank}", json.dumps(post))
         deadline = time.monotonic() + self.timeout
         if self.rank == COORDINATOR:
             self._coordinate(prefix, decide, deadline)
@@ -92,7 +92,7 @@ class Exchange:
             self._raise({COORDINATOR: TimeoutError(
                 f"the coordinator (rank 0) gave no answer to '{name}' within "
                 f"{self.timeout:.0f} s")}, error)
-        answer = json.loads(self.store.get(f"{prefix}/answer"))
+        answer = json.loads(self._store("get", error, f"{prefix}/answer"))
         if error is not None and raise_own:
             raise error
         if "failures" in answer:
@@ -100,9 +100,19 @@ class Exchange:
                          for r, f in answer["failures"].items()}, error)
         if answer.get("per_rank"):
             mine = f"{prefix}/answer/{self.rank}"
-            answer["ok"]["mine"] = json.loads(self.store.get(mine))
+            answer["ok"]["mine"] = json.loads(self._store("get", error, mine))
             self.store.delete_key(mine)
         return answer["ok"]
+
+    def _store(self, op: str, error: BaseException | None, *args):
+        """A store request; the store's host gone (rank 0's process, or the launcher's agent)
+        means the coordinator is gone: a rank failure, not a stray exception."""
+        try:
+            return getattr(self.store, op)(*args)
+        except Exception as exc:
+            self._raise({COORDINATOR: ConnectionError(
+                f"the c10d store is unreachable (its host died?): {type(exc).__name__}: {exc}")},
+                error)
 
     def _coordinate(self, prefix: str, decide, deadline: float) -> None:
         keys = [f"{prefix}/{r}" for r in range(self.world)]

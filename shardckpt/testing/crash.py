@@ -207,6 +207,8 @@ def kill_rank(workdir: str, seed: int, rng: random.Random, timeout: float = 4.0,
         latest = lt if latest is None or (lt is not None and lt > latest) else latest
     out = judge(root, saved, latest, seed, ranks=(0, 1))
     report = {"victim": victim, "survivor_error": survivor.error, **(survivor.value or {})}
+    if survivor.error:
+        report["survivor_traceback"] = survivor.traceback
     if survivor.error or victim not in report.get("failed", []):
         out["escaped"] += 1  # the survivor did not raise RankFailureError naming the victim
     return out, report
