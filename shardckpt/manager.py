@@ -267,6 +267,8 @@ class CheckpointManager:
 
     def _decide(self, step: int, state_dict, metrics, signalled: int, timed: int) -> bool:
         if signalled:
+            if self._watcher is not None:
+                self._watcher.arm()  # the grace period holds on every rank, signalled or not
             if self._last_step != step:
                 self._start(step, state_dict, metrics, "preemption")
             self.wait()

@@ -60,12 +60,10 @@ class PreemptionWatcher:
     def _handle(self, signum, frame) -> None:
         self.count += 1
         if self.signal_number is None:
-            self.signal_number, self.signalled_at = signum, time.monotonic()
+            self.signal_number = signum
             print(f"[shardckpt] received signal {signum}: saving a checkpoint at the next "
                   "maybe_save, then stopping", file=sys.stderr, flush=True)
-            if self.grace_seconds is not None:
-                threading.Thread(target=self._watchdog, name="shardckpt-preemption-watchdog",
-                                 daemon=True).start()
+            self.arm()
         previous = self._previous.get(signum)
         # Python-level handlers the program installed before us still run. The default action
         # (terminate) does not: deferring it is the point. default_int_handler would raise
@@ -73,11 +71,22 @@ class PreemptionWatcher:
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)
 
+    def arm(self) -> None:
+        """Start the grace period, once: on the first signal here, or when the ranks agreed on
+        a preemption that another rank was signalled for (this rank must also commit or exit
+        in time, not hang in a collective with ranks that have gone)."""
+        if self.signalled_at is not None:
+            return
+        self.signalled_at = time.monotonic()
+        if self.grace_seconds is not None:
+            threading.Thread(target=self._watchdog, name="shardckpt-preemption-watchdog",
+                             daemon=True).start()
+
     def _watchdog(self) -> None:
         if self._done.wait(self.grace_seconds):
             return
         print(f"[shardckpt] the preemption checkpoint did not commit within "
-              f"{self.grace_seconds:g} s of signal {self.signal_number}; exiting with status "
+              f"{self.grace_seconds:g} s of the preemption signal; exiting with status "
               f"{EXIT_GRACE_EXPIRED} (committed checkpoints are intact)",
               file=sys.stderr, flush=True)
         os._exit(EXIT_GRACE_EXPIRED)

@@ -239,6 +239,23 @@ def test_grace_period_expiry_exits_and_keeps_the_last_checkpoint(tmp_path):
     assert _mgr(tmp_path).restore(state) == 1 and torch.equal(state["w"], torch.ones(4))
 
 
+_ARMED_CHILD = textwrap.dedent("""
+    import signal, time
+    from shardckpt.preemption import PreemptionWatcher
+    watcher = PreemptionWatcher((signal.SIGUSR2,), grace_seconds=0.3)
+    watcher.arm()  # the ranks agreed on a preemption another rank was signalled for
+    time.sleep(30)
+    print("not reached")
+""")
+
+
+def test_an_unsignalled_rank_also_keeps_the_grace_period():
+    proc = subprocess.run([sys.executable, "-c", _ARMED_CHILD], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == shardckpt.EXIT_GRACE_EXPIRED, proc.stderr
+    assert "not reached" not in proc.stdout
+
+
 def test_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="keep_best needs monitor"):
         _mgr(tmp_path, keep_best=1)
