@@ -303,10 +303,13 @@ class CheckpointManager:
     def _start(self, step: int, state_dict, metrics, reason: str) -> None:
         self.wait()  # one save at a time; its retention runs before the next starts
         metrics = _json_metrics(metrics)
-        meta = {META_KEY: {"step": step, "metrics": metrics, "reason": reason,
+        options = dict(self.save_options)
+        meta = {**(options.pop("metadata", None) or {}),  # the user's own keys are kept
+                META_KEY: {"step": step, "metrics": metrics, "reason": reason,
                            "unix_time": time.time()}}
-        kwargs = {"metadata": meta, "overwrite": True, "storage_options": self.storage_options,
-                  **self.save_options}
+        options.pop("overwrite", None)  # a step's checkpoint is always replaced
+        kwargs = {"storage_options": self.storage_options, **options, "metadata": meta,
+                  "overwrite": True}
         self._last_step, self._last_time = step, self._clock()
         if self.async_save:
             self._inflight = (step, metrics, start_async_save(state_dict, self.path(step),

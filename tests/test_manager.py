@@ -256,6 +256,18 @@ def test_an_unsignalled_rank_also_keeps_the_grace_period():
     assert "not reached" not in proc.stdout
 
 
+def test_save_options_reach_every_save(tmp_path):
+    with _mgr(tmp_path, save_options={"codec": "zstd", "metadata": {"run": "a"},
+                                      "overwrite": False}) as mgr:
+        mgr.save(1, {"w": torch.zeros(4096)})
+        mgr.save(1, {"w": torch.ones(4096)})  # the same step again: replaced
+    from shardckpt.read import open_for_read
+    m, _ = open_for_read(tmp_path / step_name(1))
+    assert m.metadata["run"] == "a" and m.metadata["shardckpt.manager"]["step"] == 1
+    assert any(len(chain) for chain in m.codecs)  # zstd was used
+    assert torch.equal(shardckpt.load_full(tmp_path / step_name(1))["w"], torch.ones(4096))
+
+
 def test_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="keep_best needs monitor"):
         _mgr(tmp_path, keep_best=1)
