@@ -238,12 +238,7 @@ def reset_peak_rss() -> bool:
     Without it the peak would still hold the state's build (a temporary fp32 copy of the
     largest tensor), which can hide a save's growth below it.
     """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5\n")
-        return True
-    except OSError:
-        return False
+    return bc.write_proc("/proc/self/clear_refs", "5")
 
 
 def peak_rss_bytes() -> int:
@@ -453,9 +448,7 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     report["checks"] = checks(report)
     print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    bc.write_json(report, args.json)
     return 0
 
 

@@ -10,6 +10,7 @@ shardckpt, so a benchmark can time the baselines even while the library is broke
 from __future__ import annotations
 
 import math
+import json
 import os
 import shutil
 import statistics
@@ -160,12 +161,25 @@ def drop_page_cache() -> bool:
     Needs root; returns False where the kernel refuses, and the caller reports warm-cache loads.
     """
     os.sync()
+    return write_proc("/proc/sys/vm/drop_caches", "3")
+
+
+def write_proc(path: str, value: str) -> bool:
+    """Write ``value`` to a kernel control file; False where the kernel refuses (not root,
+    too old)."""
     try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
+        with open(path, "w") as f:
+            f.write(value + "\n")
         return True
     except OSError:
         return False
+
+
+def write_json(doc, path: str | None) -> None:
+    """Every measurement of a run, for later analysis (``--json PATH``; None: skip)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
 
 
 # ---- numbers and tables ----------------------------------------------------------------------

@@ -522,9 +522,7 @@ def main(argv=None) -> int:
         else:
             bench_dist.print_report(label, run)
     print_checks(report["checks"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    bc.write_json(report, args.json)
     return 0
 
 

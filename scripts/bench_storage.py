@@ -19,7 +19,6 @@ default ``thread_count=1``. shardckpt runs its defaults (codec ``auto``), ``raw`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (first_difference, flat_tensors, fmt, llm_state, log, map_state,  # noqa: E402
-                          med, ratio, rotated, spread, state_bytes, table)
+                          med, ratio, rotated, spread, state_bytes, table, write_json)
 
 
 def _shardckpt(codec):
@@ -109,9 +108,7 @@ def main() -> int:
     print(f"S3 (moto on loopback), {desc}, {args.reps} reps, medians")
     print(table(["contender", "save s", "min-max", "load s", "min-max", "MiB stored",
                  "save/DCP", "load/DCP"], rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"desc": desc, "records": records}, f, indent=1)
+    write_json({"desc": desc, "records": records}, args.json)
     return 0
 
 
