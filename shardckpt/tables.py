@@ -93,12 +93,6 @@ def _unsafe(where: str, msg: str):
     return UnsafeCheckpointError(f"{MANIFEST_NAME}: {where}: {msg}")
 
 
-def decode_entry(key: str, raw: dict, dtype: DType, shape: tuple, file_sizes: np.ndarray,
-                 chains: list[tuple[int, int]]) -> TensorEntry:
-    """A validated TensorEntry from the manifest's JSON entry."""
-    return decode_entries([(key, raw, dtype, shape)], file_sizes, chains)[0]
-
-
 def decode_entries(items: list[tuple[str, dict, DType, tuple]], file_sizes: np.ndarray,
                    chains: list[tuple[int, int]]) -> list[TensorEntry]:
     """Validated TensorEntries from ``(key, JSON entry, dtype, shape)`` items.
