@@ -97,3 +97,16 @@ class DiskFullError(StorageError):
 
     def __init__(self, message: str):
         super().__init__(_errno.ENOSPC, message)
+
+
+class StateChangedError(CheckpointError, RuntimeError):
+    """A guarded tensor changed in place before ``async_save`` had copied it; nothing was
+    committed (the checkpoint would have been torn).
+
+    Attributes:
+        tensor: the tensor's key in the state (``/``-separated).
+    """
+
+    def __init__(self, message: str, *, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
