@@ -131,7 +131,7 @@ def _order(planned, guards) -> tuple[list, Watch | None]:
     eager, lazy = [], []
     for p in pieces:
         g = owned.get(storage_key(p.tensor))
-        (lazy if g else eager).append((min(g) if g else 0, p, g))
+        (lazy if g else eager).append((min(g[0]) if g else 0, p, g))
     if not lazy:
         return pieces, None
     lazy.sort(key=lambda x: x[0])  # the first guard's tensors first: its step waits least

@@ -64,13 +64,25 @@ def storage_key(t: torch.Tensor):
 
 
 def owners(guards: list[Optimizer]) -> dict:
-    """``{storage key: set of guard indices}`` of every tensor the guards own."""
+    """``{storage key: (guard indices, witnesses)}`` of every tensor the guards own.
+
+    The witnesses are the tensors whose version counters reveal a change: the optimizer's own
+    tensor and, for a DTensor, its local tensor too. A DTensor and its local tensor count
+    separately (an op on the DTensor moves only the DTensor's counter, one on a ``to_local()``
+    view only the local's), and the DTensors ``get_state_dict`` returns share the counter of
+    the optimizer's, not that of its local tensor.
+    """
     owned: dict = {}
+    dt = dtensor_type()
 
     def add(t, g):
         key = storage_key(t)
         if key is not None:
-            owned.setdefault(key, set()).add(g)
+            guards, witnesses = owned.setdefault(key, (set(), []))
+            guards.add(g)
+            witnesses.append(t)
+            if dt is not None and isinstance(t, dt):
+                witnesses.append(t._local_tensor)
     for g, opt in enumerate(guards):
         for group in opt.param_groups:
             for p in group["params"]:
@@ -86,12 +98,13 @@ class Watch:
     and the step pre-hooks."""
 
     def __init__(self, guards: list[Optimizer], names: list[str], tensors: list[torch.Tensor],
-                 owner_sets: list[set]):
+                 owned: list[tuple[set, list]]):
         self.guards, self.names, self.tensors = guards, names, tensors
-        self.versions = [t._version for t in tensors]  # at the call
-        self.owners = owner_sets
+        self.owners = [g for g, _ in owned]
+        self.witnesses = [[t, *w] for t, (_, w) in zip(tensors, owned)]
+        self.versions = [self._versions(i) for i in range(len(tensors))]  # at the call
         self.remaining = [0] * len(guards)
-        for owned in owner_sets:
+        for owned in self.owners:
             for g in owned:
                 self.remaining[g] += 1
         self.events = [threading.Event() for _ in guards]
@@ -102,15 +115,18 @@ class Watch:
         self.hooks: list = []
         self.wait_seconds = 0.0
 
+    def _versions(self, i: int) -> tuple[int, ...]:
+        return tuple(t._version for t in self.witnesses[i])
+
     def check(self, i: int) -> None:
         """Raise StateChangedError when lazy piece ``i`` changed since the call."""
-        now = self.tensors[i]._version
+        now = self._versions(i)
         if now != self.versions[i]:
             name, guards = self.names[i], ", ".join(
                 type(self.guards[g]).__name__ for g in sorted(self.owners[i]))
             raise StateChangedError(
-                f"{name}: changed in place while async_save was still copying it (version "
-                f"{self.versions[i]} -> {now}); nothing was committed. It is guarded by {guards}, "
+                f"{name}: changed in place while async_save was still copying it (versions "
+                f"{list(self.versions[i])} -> {list(now)}); nothing was committed. It is guarded by {guards}, "
                 f"whose step() waits for the copy: change it only inside optimizer.step(), call "
                 f"handle.wait_staged() before changing it another way, or leave its optimizer "
                 f"out of guard= and of the state so that it is copied before async_save returns",
