@@ -94,6 +94,7 @@ class SaveHandle:
             self._finished.set()
 
 
+_WRITER = stage.Worker("shardckpt-async-save")
 _inflight: SaveHandle | None = None
 _inflight_lock = threading.Lock()
 
@@ -191,9 +192,7 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
                               len(pieces) - len(watch.tensors) if watch else None, watch)
         handle = SaveHandle(storage.url(name), t0)
         handle._staged, handle._watch = stager.staged, watch
-        writer = threading.Thread(target=handle._run, args=(planned, stager),
-                                  name="shardckpt-async-save")
-        writer.start()
+        _WRITER.submit(handle._run, planned, stager)
         if watch is not None:
             watch.install()
         stager.run()

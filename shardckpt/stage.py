@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -59,6 +60,27 @@ class StagingArena:
 
 
 ARENA = StagingArena()
+
+
+class Worker:
+    """One long-lived background thread: starting a thread per save costs the caller ~1-2 ms
+    on a loaded host (``Thread.start`` waits until the thread runs), a pool's ``submit`` does
+    not wait. Saves run one at a time, so one thread suffices; a forked child starts afresh."""
+
+    def __init__(self, name: str):
+        self.name, self.pool = name, None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self.pool = None  # the parent's thread does not exist in the child
+
+    def submit(self, fn, *args) -> Future:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        return self.pool.submit(fn, *args)
+
+
+COPIER = Worker("shardckpt-stage")
 
 
 class _Slot:
@@ -125,7 +147,7 @@ class Stager:
         self.plan = _batches(pieces, self.slot_bytes)
         self.queue: queue.Queue = queue.Queue()
         self.staged = threading.Event()
-        self.copier: threading.Thread | None = None
+        self.copier: Future | None = None
         self._at = (0, 0)  # (batch, run) to copy next
         self._sources, self._offset, self._flat, self._landed = [], 0, {}, []
         self.device_stream = self._side_stream()
@@ -148,8 +170,7 @@ class Stager:
             finished = self._copy(stop_at_lazy=True)
             if not finished and not self.aborted:
                 self._landing()  # device copies of the eager runs, before the caller goes on
-                self.copier = threading.Thread(target=self._copy_rest, name="shardckpt-stage")
-                self.copier.start()
+                self.copier = COPIER.submit(self._copy_rest)
                 return
         except BaseException as exc:
             self._end(exc)
@@ -265,8 +286,8 @@ class Stager:
 
     def release(self) -> None:
         """Hand the arena to the next save (once, after the copier stopped writing into it)."""
-        if self.copier is not None and self.copier is not threading.current_thread():
-            self.copier.join()
+        if self.copier is not None:
+            self.copier.result()
         with _RELEASE:
             if not getattr(self, "released", False):
                 self.released = True
