@@ -1,5 +1,9 @@
 """Guarded async_save: optimizer-owned tensors copied after the call, step() waits, never torn."""
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -245,3 +249,15 @@ def test_hooks_of_earlier_saves_are_removed(tmp_path):
                              guard=opt).result(timeout=120)
         _train(model, [opt])
     assert len(opt._optimizer_step_pre_hooks) <= 1
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_save_adds_at_most_its_budget_encode_pool_included(tmp_path, guarded):
+    """As a new user measures it: a fresh process, no warm-up save, the peak RSS (VmHWM)."""
+    out = subprocess.run(
+        [sys.executable, "scripts/measure_rss.py", "--state-mib", "192", "--budget-mib", "32",
+         "--dir", str(tmp_path)] + (["--guard"] if guarded else []),
+        capture_output=True, text=True, timeout=300, check=True,
+        env={**os.environ, "PYTHONPATH": "."})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ratio"] <= 1.10, result
