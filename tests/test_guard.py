@@ -22,6 +22,14 @@ def _model(seed=0, width=256):
                                torch.nn.Linear(width, 8))
 
 
+def _trained(width=256):
+    """A model and its AdamW after one step (the moments exist)."""
+    model = _model(width=width)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, [opt])
+    return model, opt
+
+
 def _train(model, opts, n=1):
     for _ in range(n):
         for o in opts:
@@ -51,9 +59,7 @@ def _release_later(path, seconds):
 
 @pytest.mark.parametrize("budget", [None, 1 * MIB])  # whole copy; streaming through 1 MiB
 def test_step_right_after_the_call_leaves_the_values_at_the_call(tmp_path, budget):
-    model = _model(width=512)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, [opt])
+    model, opt = _trained(512)
     for k in range(3):  # several saves in a row, each followed at once by a step
         expected = _snapshot(model, [opt])
         handle = shardckpt.async_save({"model": model, "optim": [opt]}, tmp_path / f"c{k}",
@@ -100,9 +106,7 @@ def test_an_optimizer_inside_the_state_is_a_guard(tmp_path, faults):
 
 
 def test_an_unguarded_buffer_changed_right_after_the_call_is_saved_as_at_the_call(tmp_path):
-    model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, [opt])
+    model, opt = _trained()
     expected = _snapshot(model, [opt])
     extra = torch.arange(1000.0)
     handle = shardckpt.async_save({"model": model, "optim": [opt], "extra": extra},
@@ -117,9 +121,7 @@ def test_an_unguarded_buffer_changed_right_after_the_call_is_saved_as_at_the_cal
 
 
 def test_a_guarded_tensor_changed_outside_the_optimizer_fails_the_save(tmp_path, faults):
-    model = _model(width=1024)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, [opt])
+    model, opt = _trained(1024)
     state = {"model": model, "optim": [opt]}
     shardckpt.save(state, tmp_path / "old")
     old = shardckpt.load_full(tmp_path / "old")
@@ -142,9 +144,7 @@ def test_a_guarded_tensor_changed_outside_the_optimizer_fails_the_save(tmp_path,
 
 
 def test_wait_staged_lets_other_code_change_guarded_tensors(tmp_path, faults):
-    model = _model(width=1024)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, [opt])
+    model, opt = _trained(1024)
     expected = _snapshot(model, [opt])
     release = tmp_path / "release"
     faults.stall_in_write(release)
@@ -205,9 +205,7 @@ def test_manager_with_a_guard_resumes_bit_exact(tmp_path):
 
 
 def test_manager_reports_a_state_change_like_any_failed_save(tmp_path, faults):
-    model = _model(width=1024)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, [opt])
+    model, opt = _trained(1024)
     release = tmp_path / "release"
     mgr = shardckpt.CheckpointManager(tmp_path / "run", guard=opt, handle_preemption=False,
                                       save_options={"staging_budget_bytes": 1 * MIB})
@@ -224,9 +222,7 @@ def test_manager_reports_a_state_change_like_any_failed_save(tmp_path, faults):
 
 
 def test_unguarded_save_keeps_todays_semantics(tmp_path):
-    model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, [opt])
+    model, opt = _trained()
     expected = _snapshot(model, [opt])
     start = time.perf_counter()
     handle = shardckpt.async_save({"model": model.state_dict(),
@@ -241,9 +237,7 @@ def test_unguarded_save_keeps_todays_semantics(tmp_path):
 
 
 def test_hooks_of_earlier_saves_are_removed(tmp_path):
-    model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, [opt])
+    model, opt = _trained()
     for k in range(4):
         shardckpt.async_save({"model": model, "optim": [opt]}, tmp_path / f"c{k}",
                              guard=opt).result(timeout=120)
