@@ -106,7 +106,7 @@ class Writer(StorageWriter):
                 results.append(WriteResult(item.index, nbytes, written[blobs[0].key]))
             else:
                 results.append(WriteResult(item.index, nbytes, {"value": node, "blobs": {
-                    b.key: dict(written[b.key], shape=list(b.shape)) for b in blobs}}))
+                    b.key: dict(written[b.key], shape=list(b.global_shape)) for b in blobs}}))
         return _done(results)
 
     def _write_tensors(self, storage, tmp, tensors: list[TensorItem]) -> dict:
