@@ -171,3 +171,15 @@ def test_backend_status_becomes_a_typed_error(saved, monkeypatch):
         reads[0] = dataclasses.replace(reads[0], dest_bytes=1)
     with pytest.raises(CorruptCheckpointError, match="destination holds 1 bytes"):
         plan.run(paths)
+
+
+def test_remote_reads_cast_into_another_dtype_too():
+    """Object stores decode fetched ranges through the same plan (remote_io)."""
+    import uuid
+    path = f"memory://shardckpt-test-{uuid.uuid4().hex}/c"
+    shardckpt.save({"w": _values(torch.float32, (6, 10))}, path, chunk_bytes=48)
+    target, outer, untouched = _target(torch.bfloat16, (6, 10), "strided")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"w": target}, storage_reader=Reader(path))
+    _check(target, outer, untouched, _values(torch.float32, (6, 10)).to(torch.bfloat16))
