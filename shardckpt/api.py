@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch

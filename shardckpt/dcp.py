@@ -2,22 +2,27 @@
 
 ``dcp.save(sd, storage_writer=Writer(path))`` writes a shardckpt checkpoint (native pipeline,
 atomic commit, format v1); ``dcp.load(sd, storage_reader=Reader(path))`` reads one, including
-checkpoints written by ``shardckpt.save`` (tensor paths become DCP's dotted FQNs). DCP's planners
-do the resharding. Nothing from the checkpoint is ever unpickled: DCP's metadata is rebuilt from
-the JSON manifest, and a non-tensor value is stored as a JSON tree node; DCP's load planner
-``torch.load``s the bytes handed to it, so the Reader hands it bytes it pickled itself from values
-decoded from JSON.
+checkpoints written by ``shardckpt.save`` (tensor paths become DCP's dotted FQNs, split the way
+DCP's own traversal splits a state dict). DCP's planners do the resharding. Nothing from the
+checkpoint is ever unpickled: DCP's metadata, ``planner_data`` included, is rebuilt from the JSON
+manifest and its tree; a non-tensor value is stored as a JSON tree node, and ``bytes`` /
+``io.BytesIO`` values as uint8 tensors (FORMAT.md 3.4.1). DCP's load planner ``torch.load``s the
+bytes handed to it, so the Reader hands it bytes it pickled itself from values decoded from JSON.
 
-Call order (DCP drives it): Writer ``set_up_storage_writer`` -> ``prepare_local_plan`` (each
-rank) -> ``prepare_global_plan`` (coordinator: creates the temporary folder) ->
-``write_data`` (each rank: its data file) -> ``finish`` (coordinator: manifest + commit).
+Call order (DCP drives it): Writer ``set_up_storage_writer`` (each rank; refuses DCP's rank-local
+``use_collectives=False`` mode on several ranks) -> ``prepare_local_plan`` (each rank) ->
+``prepare_global_plan`` (coordinator: creates the temporary folder) -> ``write_data`` (each
+rank: its data file) -> ``finish`` (coordinator: manifest, checked to cover every tensor, then
+the commit). The Writer stores DCP's nested structure (``planner_data``), not its flat names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import time
+from functools import partial
 
 import torch
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
@@ -27,9 +32,6 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-import pickle
-from functools import partial
-
 from . import manifest as manifest_mod
 from .commit import commit_for
 from .errors import UnsupportedSaveError, UnsupportedValueError
@@ -37,7 +39,7 @@ from .plan import plan_chunks
 from .read import ReadPlan, open_for_read, read_blob
 from .saver import _targets
 from .storage import open_checkpoint
-from .tree import BLOB_KINDS, _Flattener, build, dict_items, node_kind
+from .tree import _Flattener, build, dict_items, node_kind
 from .types import DATA_DIR, DTYPE_BY_TORCH, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
 from .write import CodecTable, WriteOptions, write_data_files
 
@@ -159,10 +161,12 @@ def _value_node(planner, item) -> tuple[dict, list[TensorItem]]:
         except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
             raise UnsupportedValueError(f"{fqn}: not a plain value ({exc})") from None
     f = _Flattener()
+    # Bytes values get keys of their own under the FQN, apart from every tensor FQN.
+    blob_root = f"{fqn}::bytes"
     try:
-        node = f.node(value, (f"{fqn}::bytes",))
+        node = f.node(value, (blob_root,))
     except UnsupportedValueError as exc:
-        raise UnsupportedValueError(f"{fqn}: {exc}") from None
+        raise UnsupportedValueError(str(exc).replace(blob_root, fqn)) from None
     return _blob_nodes_only(node, fqn), f.items
 
 

@@ -208,13 +208,16 @@ core::Status chunk_reads(const std::vector<AnyReadTuple>& read_tuples,
                          std::vector<core::ChunkRead>* reads) {
   reads->reserve(read_tuples.size());
   for (size_t i = 0; i < read_tuples.size(); ++i) {
-    SizedReadTuple t;
-    if (const auto* sized = std::get_if<SizedReadTuple>(&read_tuples[i])) {
-      t = *sized;
-    } else {
-      t = std::tuple_cat(std::get<ReadTuple>(read_tuples[i]),
-                         std::make_tuple(std::get<2>(std::get<ReadTuple>(read_tuples[i]))));
-    }
+    // A read without dest_bytes (older callers) is taken to fit: nothing to check it against.
+    const SizedReadTuple t = std::visit(
+        [](const auto& r) -> SizedReadTuple {
+          if constexpr (std::tuple_size_v<std::decay_t<decltype(r)>> == 8) {
+            return r;
+          } else {
+            return std::tuple_cat(r, std::make_tuple(static_cast<uint64_t>(std::get<2>(r))));
+          }
+        },
+        read_tuples[i]);
     const auto& [offset, length, raw_length, kind, elemsize, crc, dest, dest_bytes] = t;
     if (kind < 0 || kind > static_cast<int>(core::Kind::kShuffleZstd))
       throw nb::value_error(("unknown chunk kind " + std::to_string(kind)).c_str());

@@ -18,7 +18,6 @@ import os
 import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.state_dict_saver as saver
 from torch.distributed.checkpoint.state_dict import (_patch_model_state_dict,
                                                      _patch_optimizer_state_dict,
