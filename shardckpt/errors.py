@@ -99,6 +99,11 @@ class DiskFullError(StorageError):
         super().__init__(_errno.ENOSPC, message)
 
 
+class UnsupportedSaveError(CheckpointError, ValueError):
+    """A save was asked for in a mode shardckpt cannot commit as one checkpoint (a DCP save with
+    ``use_collectives=False`` on several ranks); nothing was written."""
+
+
 class StateChangedError(CheckpointError, RuntimeError):
     """A guarded tensor changed in place before ``async_save`` had copied it; nothing was
     committed (the checkpoint would have been torn).
