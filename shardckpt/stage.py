@@ -11,6 +11,10 @@ batch of chunks into a free slot, hand it to the writer, copy the next batch int
 while the first is written. The caller then waits for the disk (until the last batch is
 copied), but host memory grows by the budget, not by the state. A non-contiguous tensor is made
 contiguous first, which costs one extra copy of that tensor outside the budget.
+
+With guards (guard.py) the pieces come eager first: the caller copies those and returns, and a
+long-lived background thread copies the guarded rest into the same slots, checking each piece's
+version counter as it lands (after one CUDA event per batch for device tensors).
 """
 
 from __future__ import annotations
