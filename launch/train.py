@@ -11,7 +11,8 @@ Python has. Under torchrun it shards the model with FSDP2 (``fully_shard``, defa
 replicates it with DDP; gloo on CPUs, NCCL when every rank has a GPU.
 
 Checkpointing goes through ``shardckpt.CheckpointManager``: an async save every
-``--save-every`` steps, retention (``--keep-last``, ``--keep-best`` by loss), and preemption: on
+``--save-every`` steps (guarded by the optimizer: its parameters and moments are copied while
+the next forward/backward runs, and ``optim.step()`` waits for that copy), retention (``--keep-last``, ``--keep-best`` by loss), and preemption: on
 SIGTERM every rank saves at the end of the current step, commits and exits with status 75. On
 start it resumes from the newest checkpoint that loads: model, optimizer, LR schedule, RNG and
 data position, on any world size (the global batch is fixed, so the math does not depend on the
@@ -245,7 +246,8 @@ def main(argv=None) -> int:
     mgr = shardckpt.CheckpointManager(
         args.checkpoint_dir, every_n_steps=args.save_every or None,
         keep_last=args.keep_last or None, keep_best=args.keep_best or None, monitor="loss",
-        async_save=not args.sync_save, load_options={"per_rank": "rank0"})
+        async_save=not args.sync_save, load_options={"per_rank": "rank0"},
+        guard=optim)  # parameters and moments are copied during the next forward/backward
     resumed = mgr.restore(state)
     step = state["step"] if resumed is not None else 0
     say(f"[train] resumed from {mgr.path(resumed)}" if resumed is not None else

@@ -145,6 +145,9 @@ class CheckpointManager:
             checkpoint, for tools and people (``restore`` lists the folders and does not rely
             on it).
         async_save: save in the background (the loop stalls only for the copy).
+        guard: an optimizer or a list of them, for ``async_save``: the tensors they own are
+            copied in the background and their ``step()`` waits for the copy (see
+            ``shardckpt.async_save``). Optimizers inside the state are guards anyway.
         handle_preemption: install handlers for ``preemption_signals`` (main thread only).
         preemption_signals: signals that announce preemption.
         grace_seconds: from a preemption signal, the time allowed to commit before the process
@@ -166,7 +169,7 @@ class CheckpointManager:
                  save_last: bool = True, async_save: bool = True, handle_preemption: bool = True,
                  preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
                  storage_options: dict | None = None, save_options: dict | None = None,
-                 load_options: dict | None = None,
+                 load_options: dict | None = None, guard=None,
                  clock: Callable[[], float] = time.monotonic):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
                             ("keep_best", keep_best)):
@@ -182,7 +185,7 @@ class CheckpointManager:
         self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.save_last = monitor, mode, save_last
-        self.async_save = async_save
+        self.async_save, self.guard = async_save, guard
         self.storage_options = storage_options
         self.save_options = dict(save_options or {})
         self.load_options = dict(load_options or {})
@@ -313,7 +316,7 @@ class CheckpointManager:
         self._last_step, self._last_time = step, self._clock()
         if self.async_save:
             self._inflight = (step, metrics, start_async_save(state_dict, self.path(step),
-                                                              **kwargs))
+                                                              guard=self.guard, **kwargs))
         else:
             save(state_dict, self.path(step), **kwargs)
             self._committed(step, metrics)
