@@ -35,6 +35,7 @@ from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from .read import open_manifest
 from .retention import best_steps, to_keep
 from .storage import open_storage
+from .tiers import LocalTier
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
@@ -157,6 +158,12 @@ class CheckpointManager:
         load_options: extra keyword arguments for ``load`` in ``restore`` (e.g.
             ``per_rank="rank0"`` to resume per-rank values on another world size).
         clock: a monotonic clock in seconds (tests replace it).
+        local_dir: node-local folder for the local tier (``{node}`` becomes the node index;
+            see shardckpt/tiers.py and README "Local tier"). None: no local tier.
+        local_every_n_steps: ``maybe_save`` also saves to ``local_dir`` when
+            ``step % local_every_n_steps == 0`` (synchronously, before a durable save).
+        replicas: other nodes that receive a copy of each rank's local data.
+        local_keep: committed local checkpoints each node keeps.
 
     Construct it on every rank, in the same order as other process groups: it creates one.
     Use it as a context manager, or call ``close()``: that flushes the save in flight and
@@ -170,7 +177,9 @@ class CheckpointManager:
                  preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
                  storage_options: dict | None = None, save_options: dict | None = None,
                  load_options: dict | None = None, guard=None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, local_dir=None,
+                 local_every_n_steps: int | None = None, replicas: int = 1,
+                 local_keep: int = 1):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
                             ("keep_best", keep_best)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -201,6 +210,9 @@ class CheckpointManager:
         grace = float(knobs.get("grace_seconds")) if grace_seconds is None else grace_seconds
         self._watcher = (PreemptionWatcher(tuple(preemption_signals), grace)
                          if handle_preemption else None)
+        self.local_every_n_steps = local_every_n_steps
+        self._tier = (LocalTier(local_dir, replicas=replicas, keep=local_keep,
+                                save_options=self.save_options) if local_dir is not None else None)
 
     # ----------------------------------------------------------------- queries
     def path(self, step: int) -> str:
@@ -252,6 +264,11 @@ class CheckpointManager:
         self._reap()
         if self._preempted:
             return False
+        if self._tier is not None and self.local_every_n_steps and \
+                step % self.local_every_n_steps == 0:
+            self._tier.save_or_warn(step, state_dict, {META_KEY: {
+                "step": step, "metrics": _json_metrics(metrics), "reason": "local",
+                "unix_time": time.time()}})
         if not self._ranks.dist:
             return self._decide(step, state_dict, metrics, *self._local_flags())
         # Agreed one call late (see _Ranks.collect): no rank waits for the others here.
@@ -381,6 +398,11 @@ class CheckpointManager:
         self.wait()
         options = {"storage_options": self.storage_options, **self.load_options, **load_options}
         candidates = self._ranks.rank0_list(self.steps())
+        if self._tier is not None and step is None:
+            local = self._tier.restore(state_dict, candidates[-1] - 1 if candidates else None,
+                                       options)
+            if local is not None:
+                return self._restored(local)
         if step is not None:
             if step not in candidates:
                 raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")
@@ -437,6 +459,8 @@ class CheckpointManager:
             if self._watcher is not None:
                 self._watcher.close()
                 self._watcher = None
+            if self._tier is not None:
+                self._tier.close()
             self._ranks.close()
 
     def __enter__(self) -> "CheckpointManager":
