@@ -112,7 +112,7 @@ def _repair(tier, step: int, owner: list[int], rows: list[list[int]], crcs: list
     names = {}
     if m is not None:
         names = {i: f.path for i, f in enumerate(m.files)}
-    receiving = [mv for mv in moves if mv[1] == tier.rank]
+    receiving, fetched = [mv for mv in moves if mv[1] == tier.rank], {}
     tx = None
     if receiving and receiving[0][2] == -1:  # no usable copy here: rebuild it beside
         tx = RenameCommit(tier.storage, name, overwrite=True).begin()
@@ -129,10 +129,14 @@ def _repair(tier, step: int, owner: list[int], rows: list[list[int]], crcs: list
                 if index == -1:
                     m = open_manifest(tier.storage, tx.tmp)
                     names = {i: f.path for i, f in enumerate(m.files)}
-                _warn(f"{tier.path(step)}: fetched {', '.join(got)} from rank {sender} "
-                      f"(node {tier.nodes_of[sender]})")
+                fetched.setdefault(sender, []).extend(got)
+        for sender, got in fetched.items():
+            _warn(f"{tier.path(step)}: fetched {', '.join(got)} from rank {sender} "
+                  f"(node {tier.nodes_of[sender]}): missing or corrupt on node {tier.node}")
         if tx is not None:
-            tx.commit(tier.storage.read(f"{tx.tmp}/{MANIFEST_NAME}"))
+            manifest = tier.storage.read(f"{tx.tmp}/{MANIFEST_NAME}")
+            tier.storage.delete(f"{tx.tmp}/{MANIFEST_NAME}")  # the commit writes it last
+            tx.commit(manifest)
     finally:
         if tx is not None:
             tx.close()

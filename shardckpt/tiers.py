@@ -84,7 +84,7 @@ class LocalTier:
         self.per_node = self.nodes_of.count(self.node)
         n_nodes = len(set(self.nodes_of))
         if replicas >= n_nodes:  # e.g. a restart on fewer nodes: keep going with fewer
-            if replicas:
+            if replicas and self.world > 1:
                 warnings.warn(f"shardckpt: replicas={replicas} needs more than {n_nodes} "
                               f"node(s) (a replica never sits on its original's node); the "
                               f"local tier keeps {n_nodes - 1}", stacklevel=3)

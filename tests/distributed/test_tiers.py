@@ -38,7 +38,7 @@ def state(world: int, step: int | None) -> dict:
 
 def _env(rank: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_WORLD_SIZE=str(PER_NODE),
-                      SHARDCKPT_DIST_TIMEOUT="10")
+                      SHARDCKPT_DIST_TIMEOUT="8")
     os.environ.pop("GROUP_RANK", None)
 
 
@@ -107,16 +107,22 @@ def committed(local, node):
                   if os.path.exists(os.path.join(folder, n, "manifest.json")))
 
 
-def test_wiped_node_restores_from_replicas_on_fewer_ranks(tmp_path):
+@pytest.mark.parametrize("wiped, world", [(1, 2), (0, 4)])
+def test_wiped_node_restores_from_replicas(tmp_path, wiped, world):
+    """Node 1 lost, node 0 restarts alone (4 -> 2 ranks); or node 0 lost and rebuilt from
+    node 1's copy (manifest and every data file fetched) before all 4 ranks load."""
     root, local = str(tmp_path / "durable"), str(tmp_path / "local")
     run_with_ranks(4, _save, root, local, [1, 2, 3], timeout=120)
     assert committed(local, 0) == committed(local, 1) == ["step-00000003"]  # local_keep=1
     node0 = os.listdir(os.path.join(local, "node-0", "step-00000003", "data"))
     assert {n.split(".")[0] for n in node0} == {f"rank-{r:05d}" for r in range(4)}  # + replicas
-    shutil.rmtree(os.path.join(local, "node-1"))
+    shutil.rmtree(os.path.join(local, f"node-{wiped}"))
     assert not os.path.exists(root) or os.listdir(root) == []  # no durable checkpoint
-    results = run_with_ranks(2, _restore, root, local, timeout=120)  # node 0 alone
+    results = run_with_ranks(world, _restore, root, local, timeout=120)
     assert_restored(results, 3)
+    if world == 4:
+        assert any("fetched" in w for w in results[0].value["warnings"])
+        shardckpt.verify(os.path.join(local, "node-0", "step-00000003"))
 
 
 def test_corrupt_local_shard_uses_replica(tmp_path):
