@@ -173,15 +173,22 @@ class LocalTier:
 
     def _write_and_replicate(self, planned, tmp: str, opts) -> dict:
         self.storage.makedirs(f"{tmp}/{DATA_DIR}")  # rank 0 made node 0's; the others theirs
-        sources, hosts = plan_chunks(planned.pieces(), opts.chunk_bytes)
-        keys = [str(int(i)) for i in planned.assigned]
-        report = write_rank(self.storage, tmp, self.rank, keys, [(sources, hosts.clear)], opts)
-        report.pop("stats", None)
+        report, failed = {"files": []}, None
+        try:
+            sources, hosts = plan_chunks(planned.pieces(), opts.chunk_bytes)
+            keys = [str(int(i)) for i in planned.assigned]
+            report = write_rank(self.storage, tmp, self.rank, keys, [(sources, hosts.clear)],
+                                opts)
+            report.pop("stats", None)
+        except CheckpointError as exc:
+            failed = exc  # still take part in the transfers: no peer waits on us in vain
         folder = self.storage.local_path(tmp)
         for k in range(1, self.replicas + 1):
             dst, src = self._ring(k)
             exchange_files(self.dist, self.group, folder, [f["path"] for f in report["files"]],
                            dst, src, what=f"local step replica {k}")
+        if failed is not None:
+            raise failed
         return report
 
     @staticmethod

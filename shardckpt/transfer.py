@@ -17,16 +17,12 @@ import secrets
 import torch
 
 from . import knobs
-from .errors import CheckpointError, UnsafeCheckpointError
+from .errors import CheckpointError, TransferError, UnsafeCheckpointError
 from .storage import storage_error
 from .types import DATA_DIR, MANIFEST_NAME
 
 _NAME = re.compile(rf"({re.escape(DATA_DIR)}/[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}\.bin|"
                    rf"{re.escape(MANIFEST_NAME)})")
-
-
-class TransferError(CheckpointError):
-    """A peer stopped answering (or sent nonsense) while data files moved between nodes."""
 
 
 def _block() -> int:
@@ -142,8 +138,19 @@ class _Writers:
         self.folder, self.expect = folder, dict(incoming)
         self.fds: dict[str, tuple[int, str]] = {}
         self.done: list[str] = []
+        self.error: BaseException | None = None
 
     def put(self, rel: str, data: torch.Tensor) -> None:
+        """Append a received block. A write error is kept for ``finish`` and later blocks are
+        dropped: the transfer goes on, so the sender is never left blocked on a dead receiver."""
+        if self.error is not None:
+            return
+        try:
+            self._put(rel, data)
+        except CheckpointError as exc:
+            self.error = exc
+
+    def _put(self, rel: str, data: torch.Tensor) -> None:
         if rel not in self.fds:
             final = os.path.join(self.folder, rel)
             tmp = os.path.join(os.path.dirname(final),
@@ -164,6 +171,8 @@ class _Writers:
 
     def finish(self) -> None:
         """Make every received file durable and rename it into place."""
+        if self.error is not None:
+            raise self.error
         for rel in self.expect:
             if rel not in self.fds:  # an empty file: no block carried it
                 self.put(rel, torch.empty(0, dtype=torch.uint8))

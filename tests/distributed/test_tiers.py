@@ -13,6 +13,7 @@ import torch
 
 import shardckpt
 from shardckpt.testing import run_with_ranks
+from shardckpt.testing.faults import tiny_filesystem
 
 PER_NODE = 2
 
@@ -48,7 +49,7 @@ def manager(root, local, **kw):
     return shardckpt.CheckpointManager(root, local_dir=f"{local}/node-{{node}}", **kw)
 
 
-def _save(rank, world, root, local, steps, every_n_steps=None, die=None):
+def _save(rank, world, root, local, steps, every_n_steps=None, die=None, big=0):
     _env(rank)
     m = manager(root, local, every_n_steps=every_n_steps)
     with warnings.catch_warnings(record=True) as seen:
@@ -56,7 +57,10 @@ def _save(rank, world, root, local, steps, every_n_steps=None, die=None):
         for step in steps:
             if die is not None and step == die[1] and rank == 3:
                 _arm_death(die[0])
-            m.maybe_save(step, state(world, step))
+            values = state(world, step)
+            if big:
+                values["big"] = torch.full((big,), float(rank))  # per rank: one file each
+            m.maybe_save(step, values)
     m.wait()
     return [str(w.message) for w in seen if "shardckpt" in str(w.message)]
 
@@ -163,3 +167,19 @@ def test_rank_killed_mid_local_save_keeps_previous(tmp_path, where):
         assert committed(local, node) == ["step-00000001"]
     results = run_with_ranks(4, _restore, root, local, timeout=120)
     assert_restored(results, 1)
+
+
+def test_full_local_dir_on_one_node_fails_the_local_save_everywhere(tmp_path):
+    root, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    os.makedirs(os.path.join(local, "node-1"))
+    with tiny_filesystem(os.path.join(local, "node-1"), "2m") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (needs root on Linux)")
+        # 1 MiB per rank: node 1 needs 2 own + 2 replicas = 4 MiB in its 2 MiB
+        results = run_with_ranks(4, _save, root, local, [1], 1, None, 1 << 18, timeout=120)
+        assert os.listdir(os.path.join(local, "node-1")) == []  # no debris either
+    for res in results:
+        assert any("local save of step 1" in w for w in res.value), res.value
+    assert any("DiskFullError" in w for res in results[2:] for w in res.value)
+    assert committed(local, 0) == []
+    assert shardckpt.verify(os.path.join(root, "step-00000001")).ok  # the durable tier went on
