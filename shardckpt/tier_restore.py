@@ -16,7 +16,7 @@ from .errors import CheckpointError, CorruptCheckpointError, StateMismatchError,
 from .layout import step_name
 from .read import open_manifest
 from .scan import scan
-from .transfer import exchange_files
+from .tier_transfer import exchange_files
 from .types import MANIFEST_NAME
 
 # As in manager.py: errors an older checkpoint would not cure.

@@ -43,7 +43,7 @@ from .read import open_manifest
 from .saver import plan_save, write_rank
 from .scan import scan
 from .storage import LocalStorage
-from .transfer import exchange_files
+from .tier_transfer import exchange_files
 from .types import DATA_DIR, MANIFEST_NAME
 from .write import WriteOptions
 
