@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import share
 from .dist import exchange
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
@@ -131,27 +132,47 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
             rank's failed.
     """
     ex = exchange(timeout)
-    error = None
+    sharing = share.enabled(ex.world)
+    error = plan = paths = None
     try:
-        m, paths = open_for_read(path, storage_options)
+        m, paths = (share.open_manifest(path, storage_options, ex.rank, ex.timeout) if sharing
+                    else open_for_read(path, storage_options))
         result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict)
         if placement.missing or placement.unexpected or placement.mismatched:
             raise StateMismatchError(placement.missing, placement.unexpected,
                                      placement.mismatched)
-        plan, planned = ReadPlan(m), set()
-        for key, target in placement.fills:
-            ident = (key, target.device, target.data_ptr(), target.stride())
-            if ident not in planned:  # tied weights: the same memory is filled once
-                planned.add(ident)
-                plan.into(key, target)
-        for key, fresh in placement.new.items():
-            plan.into(key, fresh)
-        plan.run(paths, threads)
-        placement.apply()
+        plan = _read_plan(m, placement)
     except Exception as exc:
         error = exc
-    ex.round("load", True, error, lambda _: True, raise_own=True)
+    if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
+        decision = ex.round("needs", None if error else share.needs(plan), error,
+                            share.assign, raise_own=True)
+    if error is None:
+        try:
+            if sharing:
+                share.fetch_shared(plan, share.SharedPlan(decision, ex.rank), paths, ex.world,
+                                   ex.timeout, threads)
+            plan.run(paths, threads)
+            placement.apply()
+        except Exception as exc:
+            error = exc
+    # A rank whose collective broke reports it; the round names the rank that went silent.
+    ex.round("load", True, error, lambda _: True,
+             raise_own=not isinstance(error, share.ShareLostError))
     return result
+
+
+def _read_plan(m: Manifest, placement) -> ReadPlan:
+    """The chunk reads that fill every target of ``placement``."""
+    plan, planned = ReadPlan(m), set()
+    for key, target in placement.fills:
+        ident = (key, target.device, target.data_ptr(), target.stride())
+        if ident not in planned:  # tied weights: the same memory is filled once
+            planned.add(ident)
+            plan.into(key, target)
+    for key, fresh in placement.new.items():
+        plan.into(key, fresh)
+    return plan
 
 
 def tree_for(m: Manifest, rank: int, world: int, per_rank: str):

@@ -71,6 +71,15 @@ KNOBS = {
                                "memory."),
     "max_chunk_bytes": Knob("SHARDCKPT_MAX_CHUNK_BYTES", 1 << 31,
                             "Largest decoded chunk a reader accepts from a manifest (safety)."),
+    "share_reads": Knob("SHARDCKPT_SHARE_READS", 1,
+                        "1: a distributed load reads the manifest and every chunk that several "
+                        "ranks need once, and hands the bytes to the others over gloo "
+                        "(share.py); 0: every rank reads what it needs itself (more storage "
+                        "traffic, no host-to-host copies)."),
+    "share_round_bytes": Knob("SHARDCKPT_SHARE_ROUND_BYTES", 256 << 20,
+                              "Stored bytes of shared chunks exchanged per all-to-all on load. "
+                              "Each rank holds about this much (sent plus received) at once; "
+                              "smaller rounds cost more collectives."),
 }
 
 

@@ -30,6 +30,11 @@ from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRe
 
 def open_manifest(storage: Storage, name: str) -> Manifest:
     """The checkpoint's parsed, validated manifest."""
+    return manifest_mod.parse(manifest_bytes(storage, name))
+
+
+def manifest_bytes(storage: Storage, name: str) -> bytes:
+    """The checkpoint's manifest bytes, unchecked but bounded in size (parse checks them)."""
     where = storage.url(name)
     if not storage.exists(name):
         raise CheckpointNotFoundError(f"{where}: no checkpoint here")
@@ -42,7 +47,7 @@ def open_manifest(storage: Storage, name: str) -> Manifest:
     if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
     # Bounded even if the file grows after the size check.
-    return manifest_mod.parse(storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1))
+    return storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
 
 
 def check_inside(root: str, rel: str) -> str:
@@ -97,9 +102,15 @@ def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, 
     or on object stores ``remote_io.RemoteFile`` objects."""
     storage, name = open_checkpoint(path, storage_options)
     m = open_manifest(storage, name)
+    return m, data_sources(storage, name, m)
+
+
+def data_sources(storage: Storage, name: str, m: Manifest) -> list:
+    """The checked data files of manifest ``m``: real paths, or on object stores
+    ``remote_io.RemoteFile`` objects."""
     if storage.local_path(name) is None:
-        return m, remote_io.data_objects(storage, name, m)
-    return m, data_paths(storage, name, m)
+        return remote_io.data_objects(storage, name, m)
+    return data_paths(storage, name, m)
 
 
 class ReadPlan:
