@@ -183,3 +183,14 @@ def test_assign_gives_each_shared_chunk_one_reader_among_its_needers():
     assert load[3] == 0 and abs(load[0] - load[1]) <= 400
     assert plan.mine.sum() == 10
     assert all(len(r) <= 3 for r in plan.rounds(300))
+
+
+def _load_missing(rank, world, path):
+    with pytest.raises(shardckpt.CheckpointError) as info:
+        shardckpt.load({"w": torch.zeros(1)}, path, timeout=30)
+    return type(info.value).__name__
+
+
+def test_rank0_manifest_failure_is_raised_as_its_type_everywhere(tmp_path):
+    results = run_with_ranks(3, _load_missing, str(tmp_path / "nothing"), timeout=120)
+    assert [res.value for res in results] == ["CheckpointNotFoundError"] * 3
