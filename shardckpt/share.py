@@ -72,7 +72,8 @@ def _collective(what: str, fn, *args, **kwargs):
 
 def open_manifest(path, storage_options, rank: int, timeout: float):
     """``(manifest, paths)`` as ``read.open_for_read`` gives them, the manifest's bytes read by
-    rank 0 only and broadcast. Rank 0's failure to read it is raised on every rank as the same
+    rank 0 only and broadcast, and each data file checked only once this rank uses it
+    (``read.LazySources``). Rank 0's failure to read it is raised on every rank as the same
     type (with its message); each rank parses and checks the bytes it received."""
     import torch.distributed as dist
     g = group(timeout)
@@ -98,7 +99,7 @@ def open_manifest(path, storage_options, rank: int, timeout: float):
     buf = _bytes_tensor(data) if rank == 0 else torch.empty(int(head.item()), dtype=torch.uint8)
     _collective("the manifest", dist.broadcast, buf, 0, group=g)
     m = manifest_mod.parse(buf.numpy().tobytes() if rank else data)
-    return m, read.data_sources(storage, name, m)
+    return m, read.LazySources(storage, name, m)
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:
