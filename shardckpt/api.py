@@ -144,22 +144,35 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
         plan = _read_plan(m, placement)
     except Exception as exc:
         error = exc
-    if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
-        decision = ex.round("needs", None if error else share.needs(plan), error,
-                            share.assign, raise_own=True)
-    if error is None:
-        try:
-            if sharing:
-                share.fetch_shared(plan, share.SharedPlan(decision, ex.rank), paths, ex.world,
-                                   ex.timeout, threads)
-            plan.run(paths, threads)
-            placement.apply()
-        except Exception as exc:
-            error = exc
-    # A rank whose collective broke reports it; the round names the rank that went silent.
-    ex.round("load", True, error, lambda _: True,
-             raise_own=not isinstance(error, share.ShareLostError))
+    try:
+        if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
+            decision = ex.round("needs", None if error else share.needs(plan), error,
+                                share.assign, raise_own=True)
+        if error is None:
+            error = _fill(plan, placement, paths, threads,
+                          (ex, share.SharedPlan(decision, ex.rank)) if sharing else None)
+        # A rank whose collective broke reports it; the round names the rank that went silent.
+        ex.round("load", True, error, lambda _: True,
+                 raise_own=not isinstance(error, share.ShareLostError))
+    except Exception:
+        if sharing:
+            share.forget()  # every rank raised in the same round: all drop the gloo group
+        raise
     return result
+
+
+def _fill(plan: ReadPlan, placement, paths, threads, shared) -> Exception | None:
+    """Fetch, decode and place every planned chunk (the shared ones first, when ``shared`` is
+    ``(exchange, SharedPlan)``); the error that stopped it, or None."""
+    try:
+        if shared:
+            ex, decision = shared
+            share.fetch_shared(plan, decision, paths, ex.world, ex.timeout, threads)
+        plan.run(paths, threads)
+        placement.apply()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _read_plan(m: Manifest, placement) -> ReadPlan:

@@ -62,11 +62,17 @@ def group(timeout: float):
     return cached[1]
 
 
+def forget() -> None:
+    """Drop the cached gloo group. Called on every rank of a failed shared load (the ranks
+    raise in the same round, so all of them make a new group for the next load together): a
+    group whose peer died is never reused."""
+    _GROUP.clear()
+
+
 def _collective(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RuntimeError as exc:  # gloo: connection closed by a dead peer, or a timeout
-        _GROUP.clear()  # a broken group is never reused
         raise ShareLostError(f"sharing {what} over gloo failed: {exc}") from exc
 
 

@@ -122,10 +122,12 @@ def test_reshard_reads_each_chunk_once(tmp_path):
     assert total <= 1.05 * checkpoint_bytes(path), (total, checkpoint_bytes(path))
 
 
-def _load_corrupt(rank, world, url):
+def _load_corrupt(rank, world, url, good):
     state = replicated_state(zeros=True)
     with pytest.raises(shardckpt.CheckpointError) as info:
         shardckpt.load(state, url, timeout=60)
+    shardckpt.load(state, good, timeout=60)  # the failed load left the ranks in step
+    assert torch.equal(state["w"], replicated_state()["w"])
     return type(info.value).__name__, str(info.value)
 
 
@@ -137,7 +139,7 @@ def test_shared_bytes_are_checked_on_every_rank(replicated, tmp_path):
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # inside some chunk every rank needs
     data.write_bytes(bytes(raw))
-    results = run_with_ranks(3, _load_corrupt, str(path), timeout=180)
+    results = run_with_ranks(3, _load_corrupt, str(path), str(replicated), timeout=180)
     kinds = [res.value[0] for res in results]
     # Every rank decodes the damaged chunk itself: each sees the checksum mismatch.
     assert kinds == ["CorruptCheckpointError"] * 3, [res.value for res in results]
