@@ -113,7 +113,9 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     just its local shard, whatever the saving world size and layout were); non-tensor leaves are
     replaced; objects with ``load_state_dict`` receive their loaded state dict. Optimizers that
     have no state yet gain it from the checkpoint. With several ranks every rank calls it; each
-    reads only the chunks that overlap its shards, and all ranks agree on success.
+    reads only the chunks that overlap its shards, and all ranks agree on success. Bytes several
+    ranks need (the manifest, replicated tensors, chunks straddling new shards) are read from
+    storage by one rank and handed to the others over gloo (share.py; knob ``share_reads``).
 
     Args:
         strict: report keys missing from either side (else they are skipped).
