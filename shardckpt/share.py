@@ -88,7 +88,7 @@ def open_manifest(path, storage_options, rank: int, timeout: float):
     if rank == 0:
         try:
             data = read.manifest_bytes(storage, name)
-        except CheckpointError as exc:
+        except Exception as exc:  # any failure: the others wait in the broadcast below
             failure = exc
     head = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
     _collective("the manifest size", dist.broadcast, head, 0, group=g)
@@ -119,9 +119,7 @@ def _relayed(text: str) -> CheckpointError:
     kind, _, message = text.partition("\0")
     cls = getattr(errors, kind) if kind in _RELAYED else CheckpointError
     message = f"(rank 0) {message}"
-    if cls is errors.CorruptCheckpointError:
-        return cls(message)
-    return cls(message) if cls is not errors.StorageError else cls(0, message)
+    return cls(0, message) if cls is errors.StorageError else cls(message)
 
 
 def needs(plan) -> dict:
