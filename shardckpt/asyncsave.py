@@ -15,6 +15,7 @@ import time
 from . import stage
 from .api import SaveInfo, _check_metadata
 from .errors import CheckpointError
+from .incremental import base_name
 from .saver import plan_save
 from .storage import open_checkpoint
 from .write import WriteOptions
@@ -85,7 +86,7 @@ def _previous(on_busy: str) -> None:
 def async_save(state, path, *, staging_budget_bytes: int | None = None, on_busy: str = "wait",
                codec: str | None = None, level: int | None = None, metadata: dict | None = None,
                overwrite: bool = False, timeout: float | None = None,
-               storage_options: dict | None = None, **tuning) -> SaveHandle:
+               storage_options: dict | None = None, base=None, **tuning) -> SaveHandle:
     """Start saving ``state`` to ``path``; returns once the state is copied out.
 
     After it returns the caller may change the tensors (``optimizer.step()``); the checkpoint
@@ -114,7 +115,7 @@ def async_save(state, path, *, staging_budget_bytes: int | None = None, on_busy:
         opts = WriteOptions.resolve(codec=codec, level=level, **tuning)
         storage, name = open_checkpoint(path, storage_options)
         planned = plan_save(state, storage, name, opts, _check_metadata(metadata), overwrite,
-                            timeout)
+                            timeout, base_name(storage, name, base, storage_options))
         budget = stage.default_budget() if staging_budget_bytes is None else staging_budget_bytes
         stager = stage.Stager(planned.pieces(), budget, opts.chunk_bytes)
         handle = SaveHandle(storage.url(name), t0)
