@@ -41,7 +41,8 @@ def base_name(storage: Storage, name: str, base, storage_options: dict | None = 
         other, text = open_checkpoint(text, storage_options)
         if other.url(text) != storage.url(text):
             raise UnsafeCheckpointError(f"base {os.fspath(base)!r} is not under the root of "
-                                        f"{storage.url(name)}: references stay inside one root")
+                                        f"{storage.url(name)}: references stay inside the "
+                                        "same root")
     refs.check_base_name(text, "base")
     if text == name:
         raise ValueError(f"{name}: a checkpoint cannot be its own base")
