@@ -71,18 +71,23 @@ class BaseIndex:
             for i in range(len(hashes)):
                 self.lookup.setdefault(hashes[i].tobytes(), []).append(i)
             self.known = b"".join(self.lookup)
-        self.turn: dict[bytes, int] = {}  # equal chunks take the base's copies in turn
+        self.turn: dict[bytes, int] = {}  # equal chunks take the base's copies, each once
         self.used: dict[tuple[str, str], int] = {}  # (base, path) -> index in ref_files
         self.ref_files: list[dict] = []
 
-    def reference(self, digest: bytes, start: int, count: int, nbytes: int, table) -> list[int]:
+    def reference(self, digest: bytes, start: int, count: int, nbytes: int,
+                  table) -> list[int] | None:
         """The chunk row (file column ``REF_FILE - j``) that references the stored chunk with
-        content hash ``digest`` for a new chunk of ``count`` elements at ``start``."""
+        content hash ``digest`` for a new chunk of ``count`` elements at ``start``; None when
+        every stored copy is referenced already (rows never overlap, FORMAT.md 3.6: the
+        caller writes this chunk)."""
         copies = self.lookup.get(digest)
         i = None
         if copies:
             n = self.turn[digest] = self.turn.get(digest, -1) + 1
-            i = copies[n % len(copies)]
+            if n >= len(copies):
+                return None
+            i = copies[n]
         if i is None or int(self.raw[i]) != nbytes:  # the encoders only skip known hashes
             raise CorruptCheckpointError(f"no chunk of {nbytes} bytes with this content hash in "
                                          f"base checkpoint {self.base!r}")

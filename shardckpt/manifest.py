@@ -177,10 +177,7 @@ def _check_stored_bytes(files, tensors) -> None:
         return
     rows = np.concatenate(rows)
     stored = np.bincount(rows[:, 0], weights=rows[:, 2], minlength=len(files))
-    # Rows referencing an earlier checkpoint's file MAY name the same stored chunk (FORMAT.md
-    # 3.6): its bytes were bounded when that checkpoint was written.
-    capacity = np.array([f.size - HEADER_BYTES if f.base is None else np.inf for f in files],
-                        np.float64)
+    capacity = np.array([f.size - HEADER_BYTES for f in files], np.float64)
     if (stored > capacity).any():
         bad = files[int(np.argmax(stored > capacity))].path
         raise _unsafe(f"the chunks of {bad} add up to more bytes than the file holds "

@@ -81,15 +81,22 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
                                                         known, hashes)
             add_stats(stats, batch_stats, concurrent=False)  # batches run one after another
         kept = _drop_empty(storage, tmp, rels, sizes)
+        files += [{"path": r, "size": n} for r, n in zip(rels, sizes) if n > HEADER_BYTES]
+        extra = []  # skipped chunks that repeat a stored one more often than the base has it
         for k, (src, ref) in enumerate(zip(sources, refs)):
             if ref is None:
                 row = index.reference(hashes[k], src.start, src.count, src.nbytes, table)
+                if row is None:
+                    extra.append(k)
+                    continue
             else:
                 row = ref.as_list()
-                row[0] = kept[row[0]] + len(files)
+                row[0] = kept[row[0]] + len(files) - len(kept)
             rows[src.key].append(row)
             digests[src.key].append(hashes[k] if opts.content_hashes else b"")
-        files += [{"path": r, "size": n} for r, n in zip(rels, sizes) if n > HEADER_BYTES]
+        if extra:
+            _write_extra(storage, tmp, f"{rels[0][:-4]}.x.bin", [sources[k] for k in extra],
+                         [hashes[k] for k in extra], opts, table, files, rows, digests, stats)
         raw += sum(s.nbytes for s in sources)
         if done is not None:
             done()
@@ -104,6 +111,22 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
     if index is not None:
         report["ref_files"] = index.ref_files
     return report
+
+
+def _write_extra(storage, tmp: str, rel: str, sources, hashes, opts, table, files, rows,
+                 digests, stats) -> None:
+    """Write chunks the encoders skipped but that cannot be referenced (rows may not overlap)
+    into one more data file, and record their rows."""
+    targets, write_one = _targets(storage, tmp, [rel])
+    refs, sizes, more = write_data_files(targets, sources, replace(opts, content_hashes=False),
+                                         table, write_one)
+    add_stats(stats, more, concurrent=False)
+    for src, ref, digest in zip(sources, refs, hashes):
+        row = ref.as_list()
+        row[0] = len(files)
+        rows[src.key].append(row)
+        digests[src.key].append(digest)
+    files.append({"path": rel, "size": sizes[0]})
 
 
 def _drop_empty(storage, tmp: str, rels: list[str], sizes: list[int]) -> dict[int, int]:

@@ -212,3 +212,18 @@ def test_a_base_without_hashes_references_nothing(tmp_path):
     assert all(f.base is None for f in _manifest(str(tmp_path / "b")).files)
     s = open_storage(str(tmp_path))
     assert s.exists("b/manifest.json")
+
+
+def test_equal_chunks_never_reference_the_same_stored_bytes_twice(tmp_path):
+    gen = torch.Generator().manual_seed(9)
+    state = {"a": torch.zeros(1024), "b": torch.randn(1024, generator=gen)}
+    shardckpt.save(state, str(tmp_path / "a"), chunk_bytes=CHUNK, content_hashes=True)
+    state["b"] = torch.zeros(1024)  # now equal to "a": two chunks, one stored copy
+    shardckpt.save(state, str(tmp_path / "b"), chunk_bytes=CHUNK, base="a")
+    m = _manifest(str(tmp_path / "b"))
+    rows = [(m.files[int(r[0])], int(r[1])) for t in m.tensors.values() for r in t.chunks]
+    assert len(set(rows)) == len(rows)  # no two rows name the same bytes
+    assert sum(f.base == "a" for f, _ in rows) == 1
+    assert any(f.path.endswith(".x.bin") for f, _ in rows)
+    assert_same(state, shardckpt.load_full(str(tmp_path / "b")))
+    assert shardckpt.verify(str(tmp_path / "b")).ok
