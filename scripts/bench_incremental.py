@@ -2,7 +2,7 @@
 
 Usage:
     PYTHONPATH=. .venv/bin/python scripts/bench_incremental.py [--steps 10] [--codec zstd]
-        [--dim 256] [--layers 4] [--json out.json]
+        [--dim 256] [--layers 4] [--reps 3] [--json out.json]
 
 Runs launch/train.py twice with the same seed, fine-tuning with the embeddings and the first
 half of the blocks frozen (``--freeze``) and a synchronous save every step: once with full saves,
@@ -13,8 +13,8 @@ every step. For each step after the first it prints:
   previous step: the state that actually changed;
 - incremental: the data bytes the incremental save wrote itself (its own data files, headers
   included), and its ratio to ``changed`` (target <= 1.02);
-and the total save time of each run (train.py's stall with ``--sync-save``: the saves
-themselves). Finally a no-op save (the last state saved again on top of itself) must write no
+and the total save time of each kind of run (train.py's stall with ``--sync-save``: the saves
+themselves; median of ``--reps`` runs, alternated). Finally a no-op save (the last state saved again on top of itself) must write no
 data file, only a manifest.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,14 +82,18 @@ def main() -> int:
     p.add_argument("--codec", default="zstd", choices=("zstd", "raw", "auto"))
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--reps", type=int, default=3, help="runs of each kind, alternated")
     p.add_argument("--json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-incr-") as tmp:
-        full_dir, inc_dir = os.path.join(tmp, "full"), os.path.join(tmp, "incremental")
-        log("full saves ...")
-        full_seconds = train(full_dir, args, False)
-        log("incremental saves ...")
-        inc_seconds = train(inc_dir, args, True)
+        times = {False: [], True: []}
+        for rep in range(args.reps):  # alternated: the shared disk's speed drifts
+            for incremental in ((False, True) if rep % 2 == 0 else (True, False)):
+                log(f"rep {rep}: {'incremental' if incremental else 'full'} saves ...")
+                where = os.path.join(tmp, f"{'incremental' if incremental else 'full'}{rep}")
+                times[incremental].append(train(where, args, incremental))
+        full_seconds, inc_seconds = statistics.median(times[False]), statistics.median(times[True])
+        full_dir, inc_dir = os.path.join(tmp, "full0"), os.path.join(tmp, "incremental0")
         rows, records = [], []
         for step in range(2, args.steps + 1):
             name = f"step-{step:08d}"
@@ -111,13 +116,14 @@ def main() -> int:
         assert shardckpt.verify(noop).ok
     print(table(["step", "full MB", "changed MB", "incr. MB", "incr./changed", "incr./full",
                  "manifest B"], rows))
-    print(f"save time over {args.steps} saves: full {full_seconds:.3f} s, incremental "
-          f"{inc_seconds:.3f} s ({inc_seconds / full_seconds:.2f}x)")
+    print(f"save time over {args.steps} saves, median of {args.reps} runs: full "
+          f"{full_seconds:.3f} s {sorted(times[False])}, incremental {inc_seconds:.3f} s "
+          f"{sorted(times[True])} ({inc_seconds / full_seconds:.2f}x)")
     print(f"no-op save: {len(noop_files)} data files, only the manifest written")
     worst = max(r["ratio_to_changed"] for r in records)
     print(f"worst incremental / changed: {worst:.4f} (target <= 1.02)")
-    write_json({"args": vars(args), "steps": records, "full_seconds": full_seconds,
-                "incremental_seconds": inc_seconds, "noop_data_files": len(noop_files)},
+    write_json({"args": vars(args), "steps": records, "full_seconds": times[False],
+                "incremental_seconds": times[True], "noop_data_files": len(noop_files)},
                args.json)
     return 0 if worst <= 1.02 and not noop_files else 1
 
