@@ -14,8 +14,8 @@ every step. For each step after the first it prints:
 - incremental: the data bytes the incremental save wrote itself (its own data files, headers
   included), and its ratio to ``changed`` (target <= 1.02);
 and the total save time of each kind of run (train.py's stall with ``--sync-save``: the saves
-themselves; median of ``--reps`` runs, alternated). Finally a no-op save (the last state saved again on top of itself) must write no
-data file, only a manifest.
+themselves; median of ``--reps`` runs, alternated). Finally a no-op save (the last state saved
+again on top of itself) must write no data file, only a manifest.
 """
 
 from __future__ import annotations

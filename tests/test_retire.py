@@ -161,3 +161,20 @@ def test_the_manager_keeps_what_newer_checkpoints_reference(tmp_path):
     loaded = shardckpt.load_full(tmp_path / "step-00000005")
     assert torch.equal(loaded["live"], torch.full((4000,), 5.0))
     assert loaded["step"] == 5
+
+
+def test_retention_on_an_object_store_retires_without_rename(memory_url):
+    gen = torch.Generator().manual_seed(2)
+    state = {"frozen": torch.randn(4000, generator=gen), "live": torch.zeros(4000)}
+    with shardckpt.CheckpointManager(memory_url, keep_last=1, incremental=True,
+                                     async_save=False, handle_preemption=False,
+                                     save_options={"chunk_bytes": CHUNK}) as mgr:
+        for step in range(1, 4):
+            state["live"] += 1
+            mgr.save(step, state)
+        storage = mgr._storage
+        assert not storage.atomic_rename and mgr.steps() == [3]
+        kinds = {e.name: e.kind for e in layout.entries(storage)}
+        assert kinds == {"step-00000001": "retired", "step-00000003": "committed"}
+        assert_same(state, shardckpt.load_full(mgr.path(3)))
+        assert shardckpt.verify(mgr.path(3), collect=True).ok
