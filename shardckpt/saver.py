@@ -68,65 +68,75 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
     With ``index`` (an incremental save, incremental.BaseIndex) chunks the base already stores
     become reference rows; a data file left with nothing but its header is removed.
     """
-    files, table, stats, raw = [], CodecTable(), {}, 0
-    rows: dict[str, list] = {key: [] for key in pieces}
-    digests: dict[str, list] = {key: [] for key in pieces}
-    known = index.known if index is not None else b""
+    report = _RankReport(pieces, opts, index)
     for batch, (sources, done) in enumerate(batches):
         rels = _rels(rank, batch, opts.files_per_rank)
         refs, sizes, hashes = [], [], []
         if sources:
             targets, write_one = _targets(storage, tmp, rels)
-            refs, sizes, batch_stats = write_data_files(targets, sources, opts, table, write_one,
-                                                        known, hashes)
-            add_stats(stats, batch_stats, concurrent=False)  # batches run one after another
+            refs, sizes, stats = write_data_files(targets, sources, opts, report.table,
+                                                  write_one, report.known, hashes)
+            add_stats(report.stats, stats, concurrent=False)  # batches run one after another
         kept = _drop_empty(storage, tmp, rels, sizes)
-        files += [{"path": r, "size": n} for r, n in zip(rels, sizes) if n > HEADER_BYTES]
-        extra = []  # skipped chunks that repeat a stored one more often than the base has it
+        report.files += [{"path": r, "size": n} for r, n in zip(rels, sizes) if n > HEADER_BYTES]
+        extra = report.add(sources, refs, hashes, kept)
+        if extra:  # skipped chunks that repeat a stored one more often than the base has it
+            rel = f"{rels[0][:-4]}.x.bin"
+            targets, write_one = _targets(storage, tmp, [rel])
+            refs, sizes, stats = write_data_files(
+                targets, [sources[k] for k in extra], replace(opts, content_hashes=False),
+                report.table, write_one)
+            add_stats(report.stats, stats, concurrent=False)
+            report.files.append({"path": rel, "size": sizes[0]})
+            report.add([sources[k] for k in extra], refs, [hashes[k] for k in extra], {0: 0})
+        report.raw += sum(s.nbytes for s in sources)
+        if done is not None:
+            done()
+    return report.as_dict()
+
+
+class _RankReport:
+    """What one rank's write round reports, gathered batch after batch."""
+
+    def __init__(self, pieces: list[str], opts: WriteOptions, index):
+        self.opts, self.index = opts, index
+        self.known = index.known if index is not None else b""
+        self.files, self.table, self.stats, self.raw = [], CodecTable(), {}, 0
+        self.rows: dict[str, list] = {key: [] for key in pieces}
+        self.digests: dict[str, list] = {key: [] for key in pieces}
+
+    def add(self, sources, refs, hashes, kept: dict[int, int]) -> list[int]:
+        """Record the rows of chunks just written (``refs``; ``kept`` maps their file to its
+        place among the batch's files, which are the last ``len(kept)`` of ``files``) or
+        skipped (ref None: referenced). Returns the skipped ones that cannot be referenced."""
+        extra, first = [], len(self.files) - len(kept)
         for k, (src, ref) in enumerate(zip(sources, refs)):
             if ref is None:
-                row = index.reference(hashes[k], src.start, src.count, src.nbytes, table)
+                row = self.index.reference(hashes[k], src.start, src.count, src.nbytes,
+                                           self.table)
                 if row is None:
                     extra.append(k)
                     continue
             else:
                 row = ref.as_list()
-                row[0] = kept[row[0]] + len(files) - len(kept)
-            rows[src.key].append(row)
-            digests[src.key].append(hashes[k] if opts.content_hashes else b"")
-        if extra:
-            _write_extra(storage, tmp, f"{rels[0][:-4]}.x.bin", [sources[k] for k in extra],
-                         [hashes[k] for k in extra], opts, table, files, rows, digests, stats)
-        raw += sum(s.nbytes for s in sources)
-        if done is not None:
-            done()
-    counts = np.array([[int(k), len(v)] for k, v in rows.items()], np.int64).reshape(-1, 2)
-    chunks = np.array([r for v in rows.values() for r in v], np.int64).reshape(-1, 7)
-    report = {"files": files, "codecs": [list(c) for c in table.chains],
-              "pieces": tables.encode(counts), "chunks": tables.encode(chunks), "raw_bytes": raw,
-              "tensors": len(rows), "stats": stats}
-    if opts.content_hashes:
-        flat = b"".join(d for v in digests.values() for d in v)
-        report["hashes"] = tables.encode(np.frombuffer(flat, "<i8").reshape(-1, 2))
-    if index is not None:
-        report["ref_files"] = index.ref_files
-    return report
+                row[0] = first + kept[row[0]]
+            self.rows[src.key].append(row)
+            self.digests[src.key].append(hashes[k] if hashes and hashes[k] else b"")
+        return extra
 
-
-def _write_extra(storage, tmp: str, rel: str, sources, hashes, opts, table, files, rows,
-                 digests, stats) -> None:
-    """Write chunks the encoders skipped but that cannot be referenced (rows may not overlap)
-    into one more data file, and record their rows."""
-    targets, write_one = _targets(storage, tmp, [rel])
-    refs, sizes, more = write_data_files(targets, sources, replace(opts, content_hashes=False),
-                                         table, write_one)
-    add_stats(stats, more, concurrent=False)
-    for src, ref, digest in zip(sources, refs, hashes):
-        row = ref.as_list()
-        row[0] = len(files)
-        rows[src.key].append(row)
-        digests[src.key].append(digest)
-    files.append({"path": rel, "size": sizes[0]})
+    def as_dict(self) -> dict:
+        rows = self.rows
+        counts = np.array([[int(k), len(v)] for k, v in rows.items()], np.int64).reshape(-1, 2)
+        chunks = np.array([r for v in rows.values() for r in v], np.int64).reshape(-1, 7)
+        report = {"files": self.files, "codecs": [list(c) for c in self.table.chains],
+                  "pieces": tables.encode(counts), "chunks": tables.encode(chunks),
+                  "raw_bytes": self.raw, "tensors": len(rows), "stats": self.stats}
+        if self.opts.content_hashes:
+            flat = b"".join(d for v in self.digests.values() for d in v)
+            report["hashes"] = tables.encode(np.frombuffer(flat, "<i8").reshape(-1, 2))
+        if self.index is not None:
+            report["ref_files"] = self.index.ref_files
+        return report
 
 
 def _drop_empty(storage, tmp: str, rels: list[str], sizes: list[int]) -> dict[int, int]:
