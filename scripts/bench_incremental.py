@@ -2,7 +2,7 @@
 
 Usage:
     PYTHONPATH=. .venv/bin/python scripts/bench_incremental.py [--steps 10] [--codec zstd]
-        [--dim 256] [--layers 4] [--reps 3] [--json out.json]
+        [--dim 256] [--layers 4] [--reps 4] [--json out.json]
 
 Runs launch/train.py twice with the same seed, fine-tuning with the embeddings and the first
 half of the blocks frozen (``--freeze``) and a synchronous save every step: once with full saves,
@@ -82,7 +82,7 @@ def main() -> int:
     p.add_argument("--codec", default="zstd", choices=("zstd", "raw", "auto"))
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--reps", type=int, default=3, help="runs of each kind, alternated")
+    p.add_argument("--reps", type=int, default=4, help="runs of each kind, alternated")
     p.add_argument("--json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-incr-") as tmp:
@@ -91,6 +91,7 @@ def main() -> int:
             for incremental in ((False, True) if rep % 2 == 0 else (True, False)):
                 log(f"rep {rep}: {'incremental' if incremental else 'full'} saves ...")
                 where = os.path.join(tmp, f"{'incremental' if incremental else 'full'}{rep}")
+                os.sync()  # the previous run's writeback must not land on this run's fsyncs
                 times[incremental].append(train(where, args, incremental))
         full_seconds, inc_seconds = statistics.median(times[False]), statistics.median(times[True])
         full_dir, inc_dir = os.path.join(tmp, "full0"), os.path.join(tmp, "incremental0")
