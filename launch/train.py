@@ -2,6 +2,7 @@
 
 Usage:
     python launch/train.py --checkpoint-dir DIR [--max-steps 200] [--save-every 50]
+        [--freeze] [--incremental] [--codec auto|zstd|raw]
     torchrun --nproc-per-node 2 launch/train.py --checkpoint-dir DIR [--parallel fsdp|ddp]
     (or launch/torchrun.sh, launch/slurm.sbatch)
 
