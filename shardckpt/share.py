@@ -30,7 +30,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from . import codecs, errors, knobs, manifest as manifest_mod, read, remote_io, tables
+from . import codecs, errors, knobs, read, remote_io, tables
 from .errors import CheckpointError
 from .status import raise_for
 from .storage import open_checkpoint
@@ -104,7 +104,7 @@ def open_manifest(path, storage_options, rank: int, timeout: float):
         raise _relayed(buf.numpy().tobytes().decode(errors="replace"))
     buf = _bytes_tensor(data) if rank == 0 else torch.empty(int(head.item()), dtype=torch.uint8)
     _collective("the manifest", dist.broadcast, buf, 0, group=g)
-    m = manifest_mod.parse(buf.numpy().tobytes() if rank else data)
+    m = read.checked_manifest(storage, name, buf.numpy().tobytes() if rank else data)
     return m, read.LazySources(storage, name, m)
 
 
