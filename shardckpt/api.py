@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import share
 from .dist import exchange
 from .incremental import base_name
 from .errors import StateMismatchError, UnsupportedValueError
@@ -121,7 +122,9 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     just its local shard, whatever the saving world size and layout were); non-tensor leaves are
     replaced; objects with ``load_state_dict`` receive their loaded state dict. Optimizers that
     have no state yet gain it from the checkpoint. With several ranks every rank calls it; each
-    reads only the chunks that overlap its shards, and all ranks agree on success.
+    reads only the chunks that overlap its shards, and all ranks agree on success. Bytes several
+    ranks need (the manifest, replicated tensors, chunks straddling new shards) are read from
+    storage by one rank and handed to the others over gloo (share.py; knob ``share_reads``).
 
     Args:
         strict: report keys missing from either side (else they are skipped).
@@ -140,28 +143,61 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
             rank's failed.
     """
     ex = exchange(timeout)
-    error = None
+    sharing = share.enabled(ex.world)
+    error = plan = paths = None
     try:
-        m, paths = open_for_read(path, storage_options)
+        m, paths = (share.open_manifest(path, storage_options, ex.rank, ex.timeout) if sharing
+                    else open_for_read(path, storage_options))
         result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict,
                                   blob=partial(read_blob, m, paths))
         if placement.missing or placement.unexpected or placement.mismatched:
             raise StateMismatchError(placement.missing, placement.unexpected,
                                      placement.mismatched)
-        plan, planned = ReadPlan(m), set()
-        for key, target in placement.fills:
-            ident = (key, target.device, target.data_ptr(), target.stride())
-            if ident not in planned:  # tied weights: the same memory is filled once
-                planned.add(ident)
-                plan.into(key, target)
-        for key, fresh in placement.new.items():
-            plan.into(key, fresh)
+        plan = _read_plan(m, placement)
+    except Exception as exc:
+        error = exc
+    try:
+        if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
+            decision = ex.round("needs", None if error else share.needs(plan), error,
+                                share.assign, raise_own=True)
+        if error is None:
+            error = _fill(plan, placement, paths, threads,
+                          (ex, share.SharedPlan(decision, ex.rank)) if sharing else None)
+        # A rank whose collective broke reports it; the round names the rank that went silent.
+        ex.round("load", True, error, lambda _: True,
+                 raise_own=not isinstance(error, share.ShareLostError))
+    except Exception:
+        if sharing:
+            share.forget()  # every rank raised in the same round: all drop the gloo group
+        raise
+    return result
+
+
+def _fill(plan: ReadPlan, placement, paths, threads, shared) -> Exception | None:
+    """Fetch, decode and place every planned chunk (the shared ones first, when ``shared`` is
+    ``(exchange, SharedPlan)``); the error that stopped it, or None."""
+    try:
+        if shared:
+            ex, decision = shared
+            share.fetch_shared(plan, decision, paths, ex.world, ex.timeout, threads)
         plan.run(paths, threads)
         placement.apply()
     except Exception as exc:
-        error = exc
-    ex.round("load", True, error, lambda _: True, raise_own=True)
-    return result
+        return exc
+    return None
+
+
+def _read_plan(m: Manifest, placement) -> ReadPlan:
+    """The chunk reads that fill every target of ``placement``."""
+    plan, planned = ReadPlan(m), set()
+    for key, target in placement.fills:
+        ident = (key, target.device, target.data_ptr(), target.stride())
+        if ident not in planned:  # tied weights: the same memory is filled once
+            planned.add(ident)
+            plan.into(key, target)
+    for key, fresh in placement.new.items():
+        plan.into(key, fresh)
+    return plan
 
 
 def tree_for(m: Manifest, rank: int, world: int, per_rank: str):
