@@ -2,6 +2,7 @@
 
 Usage:
     python launch/train.py --checkpoint-dir DIR [--max-steps 200] [--save-every 50]
+        [--freeze] [--incremental] [--codec auto|zstd|raw]
     torchrun --nproc-per-node 2 launch/train.py --checkpoint-dir DIR [--parallel fsdp|ddp]
     (or launch/torchrun.sh, launch/slurm.sbatch)
 
@@ -178,6 +179,12 @@ def parse_args(argv=None):
     p.add_argument("--corpus-bytes", type=int, default=4 << 20)
     p.add_argument("--step-sleep", type=float, default=0.0,
                    help="seconds to sleep per step (lets a demo interrupt a fast run)")
+    p.add_argument("--freeze", action="store_true", help="fine-tuning: freeze the embeddings "
+                   "and the first half of the blocks")
+    p.add_argument("--incremental", action="store_true",
+                   help="incremental checkpoints: unchanged chunks are referenced, not rewritten")
+    p.add_argument("--codec", choices=("auto", "zstd", "raw"), default=None,
+                   help="checkpoint codec (default: the knob, auto)")
     return p.parse_args(argv)
 
 
@@ -232,8 +239,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the same kernels every run: resumed runs are bit-exact
     model = GPT(256, args.seq_len, args.dim, args.layers, args.heads).to(device)
     params = sum(p.numel() for p in model.parameters())
+    if args.freeze:
+        frozen = [model.embed, *model.blocks[:args.layers // 2]]
+        for p in [model.pos, *(p for m in frozen for p in m.parameters())]:
+            p.requires_grad_(False)
     model = wrap(model, args.parallel, world, device)
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(args.warmup, args.max_steps))
     data = Batches(stdlib_corpus(args.corpus_bytes), args.seq_len, args.global_batch_size,
                    args.seed)
@@ -247,7 +259,9 @@ def main(argv=None) -> int:
         args.checkpoint_dir, every_n_steps=args.save_every or None,
         keep_last=args.keep_last or None, keep_best=args.keep_best or None, monitor="loss",
         async_save=not args.sync_save, load_options={"per_rank": "rank0"},
-        guard=optim)  # parameters and moments are copied during the next forward/backward
+        guard=optim,  # parameters and moments are copied during the next forward/backward
+        incremental=args.incremental,
+        save_options={"codec": args.codec} if args.codec else None)
     resumed = mgr.restore(state)
     step = state["step"] if resumed is not None else 0
     say(f"[train] resumed from {mgr.path(resumed)}" if resumed is not None else

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from . import share
 from .dist import exchange
+from .incremental import base_name
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
 from .read import ReadPlan, open_for_read, open_manifest, read_blob
@@ -61,7 +63,7 @@ def _check_metadata(metadata) -> dict:
 def save(state: Any, path, *, codec: str | None = None, level: int | None = None,
          metadata: dict | None = None, overwrite: bool = False, durable: bool = True,
          storage_options: dict | None = None, timeout: float | None = None,
-         **tuning) -> SaveInfo:
+         base=None, **tuning) -> SaveInfo:
     """Save ``state`` as a checkpoint folder at ``path``, atomically.
 
     Collective when a process group of several ranks is initialized: every rank calls it with
@@ -83,15 +85,21 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
         durable: fsync data and manifest before the commit (leave on outside benchmarks).
         storage_options: passed to fsspec for URLs (credentials, ``endpoint_url``...).
         timeout: seconds to wait for the slowest rank (default: knob ``dist_timeout``).
+        base: an incremental save: a committed checkpoint under the same parent (its name or
+            path). Chunks whose content (xxh3-128 of the raw bytes) it already stores are
+            referenced, not written (FORMAT.md 3.6); loading needs nothing beyond the root.
         **tuning: ``chunk_bytes``, ``pool_bytes``, ``encode_threads``, ``write_threads``,
-            ``files_per_rank`` (knobs.py).
+            ``files_per_rank`` (knobs.py); ``content_hashes=True`` records chunk hashes
+            without a base, so that later saves can reference this one.
 
     Returns:
         SaveInfo with this rank's sizes and the pipeline's statistics.
 
     Raises:
         UnsupportedValueError: a value cannot be saved without pickling (its path is named).
-        CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is false.
+        CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is false, or
+            other checkpoints reference its files.
+        UnsafeCheckpointError: ``base`` lies under another root.
         DiskFullError, StorageError: writing failed; nothing was committed.
         RankFailureError: (several ranks) any rank failed; raised on every rank, nothing was
             committed.
@@ -100,7 +108,8 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     opts = WriteOptions.resolve(codec=codec, level=level, durable=durable, **tuning)
     metadata = _check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
-    report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
+    base = base_name(storage, name, base, storage_options)
+    report = run_save(state, storage, name, opts, metadata, overwrite, timeout, base)
     return SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
 
 
@@ -113,7 +122,9 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     just its local shard, whatever the saving world size and layout were); non-tensor leaves are
     replaced; objects with ``load_state_dict`` receive their loaded state dict. Optimizers that
     have no state yet gain it from the checkpoint. With several ranks every rank calls it; each
-    reads only the chunks that overlap its shards, and all ranks agree on success.
+    reads only the chunks that overlap its shards, and all ranks agree on success. Bytes several
+    ranks need (the manifest, replicated tensors, chunks straddling new shards) are read from
+    storage by one rank and handed to the others over gloo (share.py; knob ``share_reads``).
 
     Args:
         strict: report keys missing from either side (else they are skipped).
@@ -132,28 +143,61 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
             rank's failed.
     """
     ex = exchange(timeout)
-    error = None
+    sharing = share.enabled(ex.world)
+    error = plan = paths = None
     try:
-        m, paths = open_for_read(path, storage_options)
+        m, paths = (share.open_manifest(path, storage_options, ex.rank, ex.timeout) if sharing
+                    else open_for_read(path, storage_options))
         result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict,
                                   blob=partial(read_blob, m, paths))
         if placement.missing or placement.unexpected or placement.mismatched:
             raise StateMismatchError(placement.missing, placement.unexpected,
                                      placement.mismatched)
-        plan, planned = ReadPlan(m), set()
-        for key, target in placement.fills:
-            ident = (key, target.device, target.data_ptr(), target.stride())
-            if ident not in planned:  # tied weights: the same memory is filled once
-                planned.add(ident)
-                plan.into(key, target)
-        for key, fresh in placement.new.items():
-            plan.into(key, fresh)
+        plan = _read_plan(m, placement)
+    except Exception as exc:
+        error = exc
+    try:
+        if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
+            decision = ex.round("needs", None if error else share.needs(plan), error,
+                                share.assign, raise_own=True)
+        if error is None:
+            error = _fill(plan, placement, paths, threads,
+                          (ex, share.SharedPlan(decision, ex.rank)) if sharing else None)
+        # A rank whose collective broke reports it; the round names the rank that went silent.
+        ex.round("load", True, error, lambda _: True,
+                 raise_own=not isinstance(error, share.ShareLostError))
+    except Exception:
+        if sharing:
+            share.forget()  # every rank raised in the same round: all drop the gloo group
+        raise
+    return result
+
+
+def _fill(plan: ReadPlan, placement, paths, threads, shared) -> Exception | None:
+    """Fetch, decode and place every planned chunk (the shared ones first, when ``shared`` is
+    ``(exchange, SharedPlan)``); the error that stopped it, or None."""
+    try:
+        if shared:
+            ex, decision = shared
+            share.fetch_shared(plan, decision, paths, ex.world, ex.timeout, threads)
         plan.run(paths, threads)
         placement.apply()
     except Exception as exc:
-        error = exc
-    ex.round("load", True, error, lambda _: True, raise_own=True)
-    return result
+        return exc
+    return None
+
+
+def _read_plan(m: Manifest, placement) -> ReadPlan:
+    """The chunk reads that fill every target of ``placement``."""
+    plan, planned = ReadPlan(m), set()
+    for key, target in placement.fills:
+        ident = (key, target.device, target.data_ptr(), target.stride())
+        if ident not in planned:  # tied weights: the same memory is filled once
+            planned.add(ident)
+            plan.into(key, target)
+    for key, fresh in placement.new.items():
+        plan.into(key, fresh)
+    return plan
 
 
 def tree_for(m: Manifest, rank: int, world: int, per_rank: str):

@@ -20,6 +20,7 @@ from . import knobs, stage
 from .api import SaveInfo, _check_metadata
 from .errors import CheckpointError
 from .guard import Watch, find_guards, owners, storage_key
+from .incremental import base_name
 from .saver import plan_save
 from .storage import open_checkpoint
 from .write import WriteOptions
@@ -145,7 +146,7 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
                on_busy: str = "wait",
                codec: str | None = None, level: int | None = None, metadata: dict | None = None,
                overwrite: bool = False, timeout: float | None = None,
-               storage_options: dict | None = None, **tuning) -> SaveHandle:
+               storage_options: dict | None = None, base=None, **tuning) -> SaveHandle:
     """Start saving ``state`` to ``path``; returns once the unguarded tensors are copied out.
 
     The checkpoint holds the values at the call. After it returns the caller may change every
@@ -184,7 +185,7 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
         opts = WriteOptions.resolve(codec=codec, level=level, **tuning)
         storage, name = open_checkpoint(path, storage_options)
         planned = plan_save(state, storage, name, opts, _check_metadata(metadata), overwrite,
-                            timeout)
+                            timeout, base_name(storage, name, base, storage_options))
         budget = stage.default_budget() if staging_budget_bytes is None else staging_budget_bytes
         arena_bytes, planned.opts = split_budget(budget, planned.opts)
         pieces, watch = _order(planned, guards)

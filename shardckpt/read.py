@@ -10,9 +10,11 @@ destination holds there, and the backend refuses a read that would not fit exact
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import stat
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -32,6 +34,11 @@ from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRe
 
 def open_manifest(storage: Storage, name: str) -> Manifest:
     """The checkpoint's parsed, validated manifest."""
+    return checked_manifest(storage, name, manifest_bytes(storage, name))
+
+
+def manifest_bytes(storage: Storage, name: str) -> bytes:
+    """The checkpoint's manifest bytes, bounded in size, unchecked (``checked_manifest``)."""
     where = storage.url(name)
     if not storage.exists(name):
         raise CheckpointNotFoundError(f"{where}: no checkpoint here")
@@ -44,28 +51,47 @@ def open_manifest(storage: Storage, name: str) -> Manifest:
     if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
     # Bounded even if the file grows after the size check.
-    return manifest_mod.parse(storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1))
+    return storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
 
 
-def check_inside(root: str, rel: str) -> str:
-    """The real path of ``rel`` under ``root``; refuses one that resolves outside the checkpoint
-    (a symbolic link) or that is not a regular file (a FIFO or device would block or never end).
-    """
+def checked_manifest(storage: Storage, name: str, data: bytes) -> Manifest:
+    """Manifest bytes of checkpoint ``name`` parsed and validated (FORMAT.md 3)."""
+    m = manifest_mod.parse(data)
+    if any(f.base == name for f in m.files):
+        raise UnsafeCheckpointError(f"{storage.url(name)}/{MANIFEST_NAME}: a file names its own "
+                                    "checkpoint as its base")
+    return dataclasses.replace(m, name=name)
+
+
+def file_label(m: Manifest, f: FileEntry) -> str:
+    """How messages name data file ``f`` of ``m``: its path, and for a reference the
+    checkpoint that stores it and the one that references it (FORMAT.md 3.6)."""
+    if f.base is None:
+        return f.path
+    return f"{f.location} (stored by checkpoint {f.base!r}, referenced by {m.name!r})"
+
+
+def check_inside(root: str, rel: str, label: str | None = None) -> str:
+    """The real path of ``rel`` under ``root``; refuses one that resolves outside it (a symbolic
+    link) or that is not a regular file (a FIFO or device would block or never end). ``root`` is
+    the checkpoint, or for a referenced file (``label`` names it) the root holding both."""
     root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(root, rel))
+    where = "the checkpoint" if label is None else "the checkpoints' root"
     if os.path.commonpath([root, real]) != root:
-        raise UnsafeCheckpointError(f"{rel} resolves outside the checkpoint ({real})")
+        raise UnsafeCheckpointError(f"{label or rel} resolves outside {where} ({real})")
     if os.path.exists(real) and not stat.S_ISREG(os.stat(real).st_mode):
-        raise UnsafeCheckpointError(f"{rel} is not a regular file")
+        raise UnsafeCheckpointError(f"{label or rel} is not a regular file")
     return real
 
 
 def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
     """Real paths of the data files, each checked to lie inside the checkpoint and to have the
     size the manifest records. Every path is checked before any data file is opened."""
-    root = storage.local_path(name)
-    paths = [check_inside(root, f.path) for f in m.files]
-    return [_check_file(real, f) for f, real in zip(m.files, paths)]
+    root, parent = storage.local_path(name), storage.local_path("")
+    paths = [check_inside(root, f.path) if f.base is None else
+             check_inside(parent, f.location, file_label(m, f)) for f in m.files]
+    return [_check_file(real, f, file_label(m, f)) for f, real in zip(m.files, paths)]
 
 
 def check_data_file(root: str, f: FileEntry) -> str:
@@ -77,20 +103,24 @@ def check_data_file(root: str, f: FileEntry) -> str:
         UnsafeCheckpointError: the path resolves outside the checkpoint or is no regular file.
         CorruptCheckpointError: the file is missing, has another size, or a foreign header.
     """
+    if f.base is not None:  # a reference: the file lives in the sibling checkpoint f.base
+        parent = os.path.dirname(os.path.realpath(root))
+        return _check_file(check_inside(parent, f.location, f.location), f, f.location)
     return _check_file(check_inside(root, f.path), f)
 
 
-def _check_file(real: str, f: FileEntry) -> str:
+def _check_file(real: str, f: FileEntry, label: str | None = None) -> str:
+    label = label or f.path
     try:
         size = os.stat(real).st_size
     except FileNotFoundError:
-        raise CorruptCheckpointError("data file is missing", file=f.path) from None
+        raise CorruptCheckpointError("data file is missing", file=label) from None
     if size != f.size:
         raise CorruptCheckpointError(f"data file has {size} bytes, the manifest says "
-                                     f"{f.size} (truncated or overwritten)", file=f.path)
+                                     f"{f.size} (truncated or overwritten)", file=label)
     with open(real, "rb") as fh:
         if fh.read(HEADER_BYTES) != FILE_HEADER:
-            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
+            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=label)
     return real
 
 
@@ -99,9 +129,35 @@ def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, 
     or on object stores ``remote_io.RemoteFile`` objects."""
     storage, name = open_checkpoint(path, storage_options)
     m = open_manifest(storage, name)
+    return m, data_sources(storage, name, m)
+
+
+def data_sources(storage: Storage, name: str, m: Manifest) -> list:
+    """The checked data files of manifest ``m``: real paths, or on object stores
+    ``remote_io.RemoteFile`` objects."""
     if storage.local_path(name) is None:
-        return m, remote_io.data_objects(storage, name, m)
-    return m, data_paths(storage, name, m)
+        return remote_io.data_objects(storage, name, m)
+    return data_paths(storage, name, m)
+
+
+class LazySources:
+    """The data files of manifest ``m`` as ``data_sources`` gives them, each checked on its first
+    use, so that a rank of a large job stats and reads the header of only the files it reads.
+    Thread-safe (files are read concurrently)."""
+
+    def __init__(self, storage: Storage, name: str, m: Manifest):
+        self.storage, self.name, self.m = storage, name, m
+        self.root = storage.local_path(name)
+        self._checked: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, i: int):
+        with self._lock:
+            if i not in self._checked:
+                f = self.m.files[i]
+                self._checked[i] = (remote_io.check_object(self.storage, self.name, f)
+                                    if self.root is None else check_data_file(self.root, f))
+            return self._checked[i]
 
 
 class ReadPlan:
@@ -228,7 +284,7 @@ class ReadPlan:
             statuses = list(pool.map(lambda fr: read_file_chunks(
                 paths[fr[0]], [backend_request(r) for r in fr[1]], per_file), files))
         for (file_index, reads), status in zip(files, statuses):
-            raise_for(status, file=self.m.files[file_index].path,
+            raise_for(status, file=file_label(self.m, self.m.files[file_index]),
                       describe=lambda i, reads=reads: (reads[i].tensor, reads[i].chunk_index))
         with torch.no_grad():
             for fn in self.after:

@@ -255,3 +255,25 @@ def test_a_save_adds_at_most_its_budget_encode_pool_included(tmp_path, guarded):
         env={**os.environ, "PYTHONPATH": "."})
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ratio"] <= 1.10, result
+
+
+def test_guarded_incremental_manager_saves_hold_the_values_at_each_call(tmp_path):
+    """Guard and incremental together: a frozen layer is referenced, the trained one is copied
+    lazily while step() runs right after each save, and every step loads bit-exactly."""
+    model, opt = _trained()
+    for p in model[0].parameters():  # frozen: no grad, never in a step, so its chunks repeat
+        p.requires_grad_(False)
+    mgr = shardckpt.CheckpointManager(tmp_path / "ckpt", every_n_steps=1, incremental=True,
+                                      guard=opt, handle_preemption=False)
+    expected = {}
+    for step in range(1, 4):
+        expected[step] = _snapshot(model, [opt])
+        mgr.maybe_save(step, {"model": model, "optim": [opt]})
+        _train(model, [opt])  # the pre-hook waits for the lazy copy, then the step changes it
+    mgr.close()
+    sizes = {}
+    for step, want in expected.items():
+        assert_same(_saved(mgr.path(step), 1), want)
+        manifest = json.loads(open(os.path.join(mgr.path(step), "manifest.json")).read())
+        sizes[step] = sum(f.get("size", 0) for f in manifest["files"] if "base" not in f)
+    assert sizes[3] < sizes[1]  # the frozen layer is not written again
