@@ -3,7 +3,6 @@ node's copy from the others' replicas, load (see tiers.py)."""
 
 from __future__ import annotations
 
-import os
 import warnings
 import zlib
 
@@ -11,8 +10,7 @@ import torch
 
 from .api import load
 from .commit import RenameCommit
-from .errors import CheckpointError, CorruptCheckpointError, StateMismatchError, \
-    StorageError, UnsupportedValueError
+from .errors import CheckpointError, StateMismatchError, UnsupportedValueError
 from .layout import step_name
 from .read import open_manifest
 from .scan import scan

@@ -27,24 +27,20 @@ from __future__ import annotations
 import os
 import secrets
 import warnings
-import zlib
 from datetime import timedelta
 
 import torch
 
 from . import knobs, manifest as manifest_mod
-from .api import load
 from .commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
 from .errors import CheckpointError
 from .layout import STEP_NAME, step_name
 from .merge import build_manifest
 from .plan import plan_chunks
-from .read import open_manifest
 from .saver import plan_save, write_rank
-from .scan import scan
 from .storage import LocalStorage
 from .tier_transfer import exchange_files
-from .types import DATA_DIR, MANIFEST_NAME
+from .types import DATA_DIR
 from .write import WriteOptions
 
 __all__ = ["LocalTier", "node_index", "local_path_for"]
