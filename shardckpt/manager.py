@@ -184,7 +184,7 @@ class CheckpointManager:
                  local_every_n_steps: int | None = None, replicas: int = 1,
                  local_keep: int = 1):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
-                            ("keep_best", keep_best)):
+                            ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, not {value!r}")
         if every_n_seconds is not None and not every_n_seconds > 0:

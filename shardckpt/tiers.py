@@ -33,6 +33,7 @@ import torch
 
 from . import knobs, manifest as manifest_mod
 from .commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
+from .dist import PerRank
 from .errors import CheckpointError
 from .layout import STEP_NAME, step_name
 from .merge import build_manifest
@@ -146,7 +147,7 @@ class LocalTier:
             error = None
             try:
                 if self.leader:
-                    self._commit(name, tmp, answer["manifest"].encode())
+                    self._commit(name, tmp, answer["mine"].encode())
             except Exception as exc:
                 error = exc
             planned.ex.round("local-commit", True, error, lambda _: True)
@@ -187,11 +188,13 @@ class LocalTier:
             raise failed
         return report
 
-    @staticmethod
-    def _manifest(coord, results: dict) -> dict:
+    def _manifest(self, coord, results: dict) -> PerRank:
+        """Rank 0: the manifest, sent to each node's first rank only (they commit)."""
         m = build_manifest(coord.gp, coord.plans, results, coord.metadata)
         manifest_mod.check_complete(m, coord.storage.url(coord.name))
-        return {"manifest": manifest_mod.to_json(m).decode()}
+        text = manifest_mod.to_json(m).decode()
+        firsts = {self.nodes_of.index(n) for n in set(self.nodes_of)}
+        return PerRank({}, {r: text if r in firsts else "" for r in range(self.world)})
 
     def _commit(self, name: str, tmp: str, manifest: bytes) -> None:
         tx = RenameCommit(self.storage, name, overwrite=True)
