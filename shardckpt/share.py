@@ -46,8 +46,29 @@ class ShareLostError(CheckpointError):
 
 
 def enabled(world: int) -> bool:
-    """Whether a load of ``world`` ranks shares its reads (knob ``share_reads``)."""
-    return world > 1 and bool(knobs.get("share_reads"))
+    """Whether a load of ``world`` ranks shares its reads (knob ``share_reads``): ``1`` always,
+    ``0`` never, ``auto`` when the job spans several nodes. On one node the page cache already
+    serves every rank after the first read, and moving the bytes through gloo costs more than
+    that (BENCHMARKS.md), so ``auto`` leaves a single-node load alone."""
+    mode = str(knobs.get("share_reads")).strip().lower()
+    if world <= 1 or mode in ("0", "off", "false"):
+        return False
+    if mode in ("1", "on", "true"):
+        return True
+    if mode != "auto":
+        raise ValueError(f"SHARDCKPT_SHARE_READS must be auto, 1 or 0, not {mode!r}")
+    return nodes(world) > 1
+
+
+def nodes(world: int) -> int:
+    """How many nodes the job spans, as the launcher says (torchrun's LOCAL_WORLD_SIZE, else
+    SLURM's node count); 1 when nobody says. Every rank reads the same variables, so every rank
+    decides alike."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local and local.isdigit() and int(local) > 0:
+        return -(-world // int(local))
+    slurm = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
+    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else 1
 
 
 def group(timeout: float):

@@ -57,7 +57,13 @@ def replicated_state(zeros=False) -> dict:
             for k, v in state.items()}
 
 
+def _share_on():
+    """Share on one host too (``auto`` would not: these ranks are all on this machine)."""
+    os.environ["SHARDCKPT_SHARE_READS"] = "1"
+
+
 def _load_replicated(rank, world, url):
+    _share_on()
     state = replicated_state(zeros=True)
     _, reads = counted(lambda: shardckpt.load(state, url, timeout=60))
     expect = replicated_state()
@@ -99,6 +105,7 @@ def _save_sharded(rank, world, path):
 
 
 def _load_sharded(rank, world, url):
+    _share_on()
     state = sharded_state(world, zeros=True)
     _, reads = counted(lambda: shardckpt.load(state, url, timeout=60))
     full = torch.arange(40 * 33, dtype=torch.float32).reshape(40, 33)
@@ -123,6 +130,7 @@ def test_reshard_reads_each_chunk_once(tmp_path):
 
 
 def _load_corrupt(rank, world, url, good):
+    _share_on()
     state = replicated_state(zeros=True)
     with pytest.raises(shardckpt.CheckpointError) as info:
         shardckpt.load(state, url, timeout=60)
@@ -146,6 +154,7 @@ def test_shared_bytes_are_checked_on_every_rank(replicated, tmp_path):
 
 
 def _die_mid_share(rank, world, path):
+    _share_on()
     import torch.distributed as dist
     if rank == 2:
         def die(*args, **kwargs):
@@ -188,6 +197,7 @@ def test_assign_gives_each_shared_chunk_one_reader_among_its_needers():
 
 
 def _load_missing(rank, world, path):
+    _share_on()
     with pytest.raises(shardckpt.CheckpointError) as info:
         shardckpt.load({"w": torch.zeros(1)}, path, timeout=30)
     return type(info.value).__name__
@@ -196,3 +206,27 @@ def _load_missing(rank, world, path):
 def test_rank0_manifest_failure_is_raised_as_its_type_everywhere(tmp_path):
     results = run_with_ranks(3, _load_missing, str(tmp_path / "nothing"), timeout=120)
     assert [res.value for res in results] == ["CheckpointNotFoundError"] * 3
+
+
+@pytest.mark.parametrize("env, world, expect", [
+    ({}, 4, False),                                            # nobody says: one node
+    ({"LOCAL_WORLD_SIZE": "4"}, 4, False),                     # torchrun, one node
+    ({"LOCAL_WORLD_SIZE": "2"}, 4, True),                      # torchrun, two nodes
+    ({"SLURM_JOB_NUM_NODES": "2"}, 4, True),
+    ({"SHARDCKPT_SHARE_READS": "1"}, 4, True),
+    ({"SHARDCKPT_SHARE_READS": "0", "LOCAL_WORLD_SIZE": "1"}, 4, False),
+    ({"SHARDCKPT_SHARE_READS": "1"}, 1, False),                # nothing to share
+])
+def test_auto_shares_only_across_nodes(monkeypatch, env, world, expect):
+    for name in ("SHARDCKPT_SHARE_READS", "LOCAL_WORLD_SIZE", "SLURM_JOB_NUM_NODES",
+                 "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert share.enabled(world) is expect
+
+
+def test_a_bad_share_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("SHARDCKPT_SHARE_READS", "sometimes")
+    with pytest.raises(ValueError, match="SHARDCKPT_SHARE_READS"):
+        share.enabled(2)
