@@ -167,6 +167,8 @@ class CheckpointManager:
             ``step % local_every_n_steps == 0`` (synchronously, before a durable save).
         replicas: other nodes that receive a copy of each rank's local data.
         local_keep: committed local checkpoints each node keeps.
+        promote_local: a durable save at the step the local tier has just committed copies the
+            local checkpoint's encoded files instead of staging the state again (synchronously).
 
     Construct it on every rank, in the same order as other process groups: it creates one.
     Use it as a context manager, or call ``close()``: that flushes the save in flight and
@@ -182,7 +184,7 @@ class CheckpointManager:
                  load_options: dict | None = None, guard=None, incremental: bool = False,
                  clock: Callable[[], float] = time.monotonic, local_dir=None,
                  local_every_n_steps: int | None = None, replicas: int = 1,
-                 local_keep: int = 1):
+                 local_keep: int = 1, promote_local: bool = False):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
                             ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -213,7 +215,7 @@ class CheckpointManager:
         grace = float(knobs.get("grace_seconds")) if grace_seconds is None else grace_seconds
         self._watcher = (PreemptionWatcher(tuple(preemption_signals), grace)
                          if handle_preemption else None)
-        self.local_every_n_steps = local_every_n_steps
+        self.local_every_n_steps, self.promote_local = local_every_n_steps, promote_local
         self._tier = (LocalTier(local_dir, replicas=replicas, keep=local_keep,
                                 save_options=self.save_options) if local_dir is not None else None)
 
@@ -338,6 +340,10 @@ class CheckpointManager:
             kwargs.update(content_hashes=True,
                           base=step_name(previous[-1]) if previous else None)
         self._last_step, self._last_time = step, self._clock()
+        if self.promote_local and self._tier is not None and \
+                self._tier.promote_or_warn(step, self._storage, step_name(step)):
+            self._committed(step, metrics)
+            return
         if self.async_save:
             self._inflight = (step, metrics, start_async_save(state_dict, self.path(step),
                                                               guard=self.guard, **kwargs))

@@ -94,6 +94,7 @@ class LocalTier:
         self.storage = LocalStorage(self.dir)
         self.leader = self.rank == min(r for r, n in enumerate(self.nodes_of) if n == self.node)
         self.save_options = dict(save_options or {})
+        self.last_committed: int | None = None  # the step of the last local save, if it committed
 
     # ------------------------------------------------------------------ group
     def _gather_nodes(self) -> list[int]:
@@ -151,6 +152,7 @@ class LocalTier:
             except Exception as exc:
                 error = exc
             planned.ex.round("local-commit", True, error, lambda _: True)
+            self.last_committed = step
         finally:
             self.storage.delete(tmp)  # gone after a commit; a failed save's debris otherwise
             planned.close()
@@ -222,6 +224,25 @@ class LocalTier:
         if self.group is not None:
             self.dist.destroy_process_group(self.group)
             self.group = None
+
+    def promote(self, step: int, storage, name: str) -> None:
+        """Make local ``step`` a durable checkpoint ``name`` of ``storage`` by copying its
+        encoded files (tier_promote.py). Collective."""
+        from .tier_promote import promote
+        promote(self, step, storage, name)
+
+    def promote_or_warn(self, step: int, storage, name: str) -> bool:
+        """``promote`` when the last local save committed ``step``; whether it did (on every
+        rank alike). A failed promotion warns; the caller then saves the state as usual."""
+        if self.last_committed != step:
+            return False
+        try:
+            self.promote(step, storage, name)
+            return True
+        except CheckpointError as exc:
+            warnings.warn(f"shardckpt: promoting local step {step} failed, saving it instead: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=3)
+            return False
 
     # ------------------------------------------------------------------ restore
     def restore(self, state, newer_than: int | None, load_options: dict) -> int | None:

@@ -60,3 +60,18 @@ def test_full_local_dir_warns_and_durable_goes_on(tmp_path):
             assert m.steps() == [1, 2]  # the durable tier committed both
         assert os.listdir(local) == ["step-00000001"]  # no debris, the old one intact
         shardckpt.verify(local / "step-00000001")
+
+
+def test_promotion_copies_the_local_checkpoint(tmp_path):
+    local = tmp_path / "local"
+    with manager(tmp_path, local, every_n_steps=2, promote_local=True, async_save=True) as m:
+        for step in range(1, 5):
+            m.maybe_save(step, state(step))
+    assert m.steps() == [2, 4]
+    durable = tmp_path / "durable" / "step-00000004"
+    assert (durable / "manifest.json").read_bytes() == \
+        (local / "step-00000004" / "manifest.json").read_bytes()  # promoted, not re-staged
+    shardckpt.verify(durable)
+    target = state(0)
+    shardckpt.load(target, durable)
+    assert target["step"] == 4 and torch.equal(target["w"], state(4)["w"])

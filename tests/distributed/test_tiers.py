@@ -3,6 +3,7 @@ environment): replicas restore a wiped node, resharding 4 -> 2; a corrupt local 
 to its replica; no local copy falls back to the durable tier; a rank killed mid-save or
 mid-replication commits nothing and the previous local checkpoint restores."""
 
+import json
 import os
 import shutil
 import signal
@@ -49,9 +50,10 @@ def manager(root, local, **kw):
     return shardckpt.CheckpointManager(root, local_dir=f"{local}/node-{{node}}", **kw)
 
 
-def _save(rank, world, root, local, steps, every_n_steps=None, die=None, big=0):
+def _save(rank, world, root, local, steps, every_n_steps=None, die=None, big=0,
+          promote=False):
     _env(rank)
-    m = manager(root, local, every_n_steps=every_n_steps)
+    m = manager(root, local, every_n_steps=every_n_steps, promote_local=promote)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for step in steps:
@@ -145,9 +147,15 @@ def test_corrupt_local_shard_uses_replica(tmp_path):
     shardckpt.verify(os.path.join(local, "node-0", "step-00000002"))  # repaired in place
 
 
-def test_no_local_copy_uses_durable(tmp_path):
+@pytest.mark.parametrize("promote", [False, True])
+def test_no_local_copy_uses_durable(tmp_path, promote):
+    """The durable step 2 saved as usual, or promoted from the local tier (each rank copying
+    its own files from its node)."""
     root, local = str(tmp_path / "durable"), str(tmp_path / "local")
-    run_with_ranks(4, _save, root, local, [1, 2, 3], 2, timeout=120)
+    run_with_ranks(4, _save, root, local, [1, 2, 3], 2, None, 0, promote, timeout=120)
+    with open(os.path.join(root, "step-00000002", "manifest.json")) as f:
+        meta = json.load(f)["metadata"]["shardckpt.manager"]
+    assert meta["step"] == 2 and meta["reason"] == ("local" if promote else "periodic")
     for node in (0, 1):
         shutil.rmtree(os.path.join(local, f"node-{node}"))
     results = run_with_ranks(4, _restore, root, local, timeout=120)
