@@ -2,7 +2,7 @@
 
 Each :class:`Host` is a network namespace with one veth link onto a bridge made for this
 :class:`Hosts` set, its own address in a private ``/24`` and its own hostname (every command
-runs in a fresh UTS namespace that sets it; ``ip netns exec`` gives it an ``/etc/hosts`` naming
+runs in a fresh UTS namespace that sets it, and a mount namespace whose ``/etc/hosts`` names
 all the hosts, so torch's agents can resolve each other by name). The hosts share a checkpoint
 root (standing in for NFS or Lustre) and each has a local directory of its own.
 
@@ -54,7 +54,7 @@ def unavailable() -> str | None:
     """Why hosts cannot be made on this machine, or None when they can."""
     if os.geteuid() != 0:
         return "network-namespace hosts need root (they create namespaces and a bridge)"
-    for tool in ("ip", "unshare"):
+    for tool in ("ip", "unshare", "nsenter", "mount"):
         if shutil.which(tool) is None:
             return f"'{tool}' is missing (apt-get install iproute2 util-linux)"
     probe = f"{PREFIX}probe{os.getpid()}"
@@ -89,8 +89,15 @@ class Host:
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` wrapped to run inside this host (its netns, its hostname)."""
-        return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--",
-                "sh", "-c", 'hostname "$0" && exec "$@"', self.hostname, *map(str, argv)]
+        # nsenter rather than ``ip netns exec``: the latter mounts a sysfs of the namespace's
+        # own, which hides the cgroup file systems (slurmd needs them). The private mount
+        # namespace only lays this host's hosts and resolv.conf over /etc's.
+        etc = _NETNS_ETC / self.netns
+        setup = (f"mount --bind {etc}/hosts /etc/hosts && "
+                 f"mount --bind {etc}/resolv.conf /etc/resolv.conf && "
+                 'hostname "$0" && exec "$@"')
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--uts", "--mount",
+                "--", "sh", "-c", setup, self.hostname, *map(str, argv)]
 
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         """Start ``argv`` in this host (``subprocess.Popen`` keyword arguments apply)."""
@@ -202,7 +209,7 @@ class Hosts:
         h.local_dir.mkdir(parents=True, exist_ok=True)
         etc = _NETNS_ETC / h.netns
         etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(etc_hosts)  # ip netns exec bind-mounts it on /etc/hosts
+        (etc / "hosts").write_text(etc_hosts)  # each command sees it as /etc/hosts
         # No name servers: lookups of unknown names fail at once instead of timing out on
         # a server the host cannot reach.
         (etc / "resolv.conf").write_text("options timeout:1 attempts:1\n")

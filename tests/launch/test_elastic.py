@@ -66,3 +66,82 @@ def test_host_dies_mid_save_returns_and_every_host_is_preempted(two_hosts, tmp_p
     assert len(resumes(*job.texts())) == len(last) + 1
     assert_matches(job, reference)
     print(f"elastic job: {time.monotonic() - t0:.0f} s")
+
+
+def test_unreachable_rendezvous_host_ends_the_agent_with_a_clear_message(two_hosts, tmp_path):
+    """host0 is the rendezvous host but its link is down: host1's agent gives up within the
+    read timeout, non-zero, saying it could not reach the store."""
+    a, b = two_hosts
+    a.cut()
+    job = Job(two_hosts, tmp_path / "logs", [*FLAGS], RDZV_READ_TIMEOUT="5",
+              RDZV_JOIN_TIMEOUT="20")
+    t0 = time.monotonic()
+    agent = job.start(b)
+    status = agent.wait(120)
+    took = time.monotonic() - t0
+    assert status not in (0, 75), agent.text()
+    assert "RendezvousConnectionError" in agent.text(), elastic.tail(agent.text())
+    assert took < 60, took
+    assert not list(job.ckpt.glob("step-*"))
+
+
+@pytest.mark.slow
+def test_host_that_never_comes_back_ends_the_job_within_the_join_timeout(two_hosts, tmp_path):
+    """A 2:2 job loses host1 for good: host0's agent waits for a second node until the join
+    timeout, then exits non-zero with a rendezvous timeout; the checkpoints stay loadable."""
+    import shardckpt
+    a, b = two_hosts
+    job = Job(two_hosts, tmp_path / "logs", [*FLAGS, "--max-steps", "200"], NNODES="2:2",
+              RDZV_JOIN_TIMEOUT="20")
+    survivor = job.start(a)
+    job.start(b)
+    job.wait_for(r"^step=6 ", 180)
+    b.kill()
+    t0 = time.monotonic()
+    status = survivor.wait(180)
+    assert status not in (0, 75), survivor.text()
+    assert "RendezvousTimeoutError" in survivor.text(), elastic.tail(survivor.text())
+    assert time.monotonic() - t0 < 150
+    committed = sorted(job.ckpt.glob("step-*/manifest.json"))
+    assert committed
+    for manifest in committed:
+        assert shardckpt.load_full(manifest.parent)["step"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill", "cut"])
+def test_host_lost_then_back_shrinks_and_grows(two_hosts, tmp_path, reference, how):
+    """(a, b) alone: host1 killed, or its link cut (the survivors' collectives time out after
+    PG_TIMEOUT); host0 goes on at world 2; host1 comes back and the job grows to 4."""
+    a, b = two_hosts
+    hold = tmp_path / "hold"
+    job = Job(two_hosts, tmp_path / "logs", [*FLAGS, "--hold-file", str(hold)], PG_TIMEOUT="15")
+    job.start(a), job.start(b)
+    job.wait_for(r"^step=5 ", 180)
+    elastic.lose_host(job, b, how)
+    hold.touch()
+    assert elastic.grow(job, b, old_world=2) == 4
+    hold.unlink()
+    for agent in job.running():
+        assert agent.wait(240) == 0, elastic.tail(agent.text())
+    assert [w for _, w in resumes(*job.texts())] == [2, 4]
+    assert_matches(job, reference)
+
+
+@pytest.mark.slow
+def test_every_host_preempted_then_one_host_resumes(two_hosts, tmp_path, reference):
+    """(c) alone: SIGTERM to every process of both hosts; both torchrun.sh exit 75 after one
+    committed preemption checkpoint; host0 alone resumes it at world 2 and finishes."""
+    from shardckpt.read import open_for_read
+    a, b = two_hosts
+    job = Job(two_hosts, tmp_path / "logs", FLAGS)
+    job.start(a), job.start(b)
+    job.wait_for(r"^step=6 ", 180)
+    assert set(elastic.preempt_all(job).values()) == {75}
+    reasons = {p.parent.name: open_for_read(p.parent)[0].metadata["shardckpt.manager"]["reason"]
+               for p in job.ckpt.glob("step-*/manifest.json")}
+    assert list(reasons.values()).count("preemption") == 1, reasons
+    final = job.start(a)
+    assert final.wait(240) == 0, elastic.tail(final.text())
+    assert resumes(final.text())[0][1] == 2
+    assert_matches(job, reference)
