@@ -4,7 +4,7 @@
 #   apt-get when missing): slurmctld and one slurmd per node. Debian's slurmd cannot run twice
 #   on one host, so each node is a network-namespace host (shardckpt.testing.hosts) with its own
 #   hostname and address. Everything (configuration, state, logs) lives in $SLURM_DIR (default
-#   a new temporary folder); every daemon stops when this script ends.
+#   a new temporary folder, removed afterwards); every daemon stops when this script ends.
 #     --test     run the requeue check: tests/launch/test_slurm.py (sbatch launch/slurm.sbatch,
 #                preempt it, see it requeue, resume and finish bit for bit)
 #     COMMAND    run it on the controller's node with SLURM_CONF set, e.g.
@@ -18,7 +18,10 @@ bash scripts/need_packages.sh slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-
   munged:munge ip:iproute2 nsenter:util-linux
 PY=${VENV:-.venv}/bin/python
 if [ "${1:-}" = --test ]; then
-  exec "$PY" -m pytest -q tests/launch/test_slurm.py
+  SHARDCKPT_SLOW=1 exec "$PY" -m pytest -q tests/launch/test_slurm.py
 fi
-SLURM_DIR=${SLURM_DIR:-$(mktemp -d -t shardckpt-slurm-XXXXXX)}
-exec "$PY" -m shardckpt.testing.slurm "${NODES:-2}" "$SLURM_DIR" "$@"
+if [ -z "${SLURM_DIR:-}" ]; then
+  SLURM_DIR=$(mktemp -d -t shardckpt-slurm-XXXXXX)
+  trap 'rm -rf "$SLURM_DIR"' EXIT
+fi
+"$PY" -m shardckpt.testing.slurm "${NODES:-2}" "$SLURM_DIR" "$@"

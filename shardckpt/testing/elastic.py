@@ -37,7 +37,7 @@ def job_env(master: Host, rdzv_id: str, **extra: str) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "PYTHON": sys.executable, "NPROC": "2", "NNODES": "1:2",
            "MASTER_ADDR": master.hostname, "MASTER_PORT": "29500", "RDZV_ID": rdzv_id,
-           "RDZV_LAST_CALL_TIMEOUT": "4", "RDZV_JOIN_TIMEOUT": "90", "RDZV_READ_TIMEOUT": "20",
+           "RDZV_LAST_CALL_TIMEOUT": "2", "RDZV_JOIN_TIMEOUT": "90", "RDZV_READ_TIMEOUT": "20",
            "RDZV_KEEP_ALIVE": "2", "MONITOR_INTERVAL": "1", "GRACE": "30", "PG_TIMEOUT": "20",
            "SHARDCKPT_DIST_TIMEOUT": "20", "MAX_RESTARTS": "3"}
     env.update(extra)

@@ -41,7 +41,8 @@ def test_host_dies_mid_save_returns_and_every_host_is_preempted(two_hosts, tmp_p
     stall.mkdir()
     job = Job(two_hosts, tmp_path / "logs", [*FLAGS, "--sync-save", "--hold-file", str(hold)],
               TRAIN="shardckpt/testing/train_stalled.py", SHARDCKPT_STALL_HOST=b.hostname,
-              SHARDCKPT_STALL_SAVE="2", SHARDCKPT_STALL_DIR=str(stall))
+              SHARDCKPT_STALL_SAVE="2", SHARDCKPT_STALL_DIR=str(stall),
+              SHARDCKPT_DIST_TIMEOUT="8")
     job.start(a), job.start(b)
     # (d, a) b dies in its second save (step 8): nothing commits, a resumes from step 4 at 2.
     t0 = time.monotonic()

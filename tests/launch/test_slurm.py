@@ -47,6 +47,7 @@ def wait_state(cluster, job_id, want, timeout):
         time.sleep(1)
 
 
+@pytest.mark.slow  # about 2-3 minutes on two loaded cores: scripts/slurm_local.sh --test runs it
 def test_sbatch_preempted_requeues_resumes_and_finishes_bit_exact(cluster, tmp_path):
     hosts = cluster.hosts
     ref_hosts_ckpt = hosts.shared / "reference"
