@@ -50,10 +50,15 @@ class HostsError(CheckpointError, OSError):
     """The hosts could not be made (no root, no ``ip``, a command failed)."""
 
 
-def unavailable() -> str | None:
-    """Why hosts cannot be made on this machine, or None when they can."""
+def unavailable(install: bool = False) -> str | None:
+    """Why hosts cannot be made on this machine, or None when they can; with ``install``, a
+    missing iproute2 is installed first (apt-get, through scripts/need_packages.sh)."""
     if os.geteuid() != 0:
         return "network-namespace hosts need root (they create namespaces and a bridge)"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "need_packages.sh"
+    if install and shutil.which("ip") is None and script.exists():
+        subprocess.run(["bash", str(script), "ip:iproute2", "nsenter:util-linux"],
+                       capture_output=True)
     for tool in ("ip", "unshare", "nsenter", "mount"):
         if shutil.which(tool) is None:
             return f"'{tool}' is missing (apt-get install iproute2 util-linux)"

@@ -31,7 +31,7 @@ PACKAGES = ["slurmctld:slurm-wlm", "slurmd:slurm-wlm", "sbatch:slurm-client", "m
 def unavailable(install: bool = True) -> str | None:
     """Why a cluster cannot run here, or None; with ``install``, missing packages are
     installed first (apt-get, through scripts/need_packages.sh)."""
-    reason = hosts_unavailable()
+    reason = hosts_unavailable(install)
     if reason:
         return reason
     if install:

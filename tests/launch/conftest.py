@@ -9,7 +9,7 @@ import pytest
 def make_hosts(n: int, root):
     """A :class:`~shardckpt.testing.hosts.Hosts` of ``n`` hosts, or skip the test."""
     from shardckpt.testing.hosts import Hosts, remove_stale, unavailable
-    reason = unavailable()
+    reason = unavailable(install=True)
     if reason:
         pytest.skip(reason)
     remove_stale()
