@@ -11,8 +11,8 @@
 #     MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]  rendezvous host and port (the node whose
 #                          address this is hosts the rendezvous store: it must outlive the job)
 #     RDZV_ID [shardckpt]  rendezvous id shared by the job's nodes
-#     RDZV_BACKEND [c10d]  c10d (store on MASTER_ADDR's node) or etcd-v2 (an etcd server at
-#                          MASTER_ADDR:MASTER_PORT, e.g. scripts/etcd_local.sh)
+#     RDZV_BACKEND [c10d]  torchrun's --rdzv-backend (c10d: the store on MASTER_ADDR's node;
+#                          only c10d is tested here)
 #     MAX_RESTARTS [3 when elastic, else 0]  worker-group restarts after a failure, before the
 #                          agent gives up (membership changes restart the group without
 #                          counting)
