@@ -22,3 +22,6 @@ __all__ = [
     "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
 ]
+
+from .errors import UnsupportedSaveError  # noqa: E402  (DCP rank-local saves)
+__all__ += ["UnsupportedSaveError"]

@@ -97,3 +97,8 @@ class DiskFullError(StorageError):
 
     def __init__(self, message: str):
         super().__init__(_errno.ENOSPC, message)
+
+
+class UnsupportedSaveError(CheckpointError, ValueError):
+    """A save was asked for in a mode shardckpt cannot commit as one checkpoint (a DCP save with
+    ``use_collectives=False`` on several ranks); nothing was written."""
