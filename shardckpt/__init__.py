@@ -13,6 +13,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundE
                      CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
                      RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
                      UnsupportedValueError)
+from .errors import StateChangedError
 
 __all__ = [
     "__version__", "save", "async_save", "load", "load_full", "verify", "SaveInfo",
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
+    "StateChangedError",
 ]
 
 from .errors import UnsupportedSaveError  # noqa: E402  (DCP rank-local saves)
