@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .dist import exchange
+from .observe import log_load, log_save, plan_bytes
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
 from .read import ReadPlan, open_for_read, open_manifest
@@ -100,7 +101,9 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     metadata = _check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
-    return SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
+    info = SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
+    log_save(info.path, info.raw_bytes, info.stored_bytes, info.seconds, stall=info.seconds)
+    return info
 
 
 def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
@@ -130,6 +133,7 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
         RankFailureError: (several ranks) on the ranks whose own load succeeded, when another
             rank's failed.
     """
+    t0 = time.perf_counter()
     ex = exchange(timeout)
     error = None
     try:
@@ -151,6 +155,7 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     except Exception as exc:
         error = exc
     ex.round("load", True, error, lambda _: True, raise_own=True)
+    log_load(str(path), *plan_bytes(plan), time.perf_counter() - t0)
     return result
 
 
@@ -189,6 +194,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
     Raises:
         StateMismatchError: the checkpoint has no ``key``. CheckpointError: as ``load``.
     """
+    t0 = time.perf_counter()
     m, paths = open_for_read(path, storage_options)
     node = _subtree(saved_tree(m, rank), key)
     plan, made = ReadPlan(m), {}
@@ -202,6 +208,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
 
     state = build(node, tensor)
     plan.run(paths, threads)
+    log_load(str(path), *plan_bytes(plan), time.perf_counter() - t0)
     return state
 
 

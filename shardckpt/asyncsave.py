@@ -15,6 +15,7 @@ import time
 from . import stage
 from .api import SaveInfo, _check_metadata
 from .errors import CheckpointError
+from .observe import log_save
 from .saver import plan_save
 from .storage import open_checkpoint
 from .write import WriteOptions
@@ -33,6 +34,7 @@ class SaveHandle:
         self._error: BaseException | None = None
         self._info: SaveInfo | None = None
         self._observed = False
+        self._staged = threading.Event()  # set once stall_seconds is known
         self.stall_seconds = 0.0  # how long async_save blocked the caller
 
     def done(self) -> bool:
@@ -55,8 +57,11 @@ class SaveHandle:
     def _run(self, planned, stager) -> None:
         try:
             report = planned.finish(stager.batches())
-            self._info = SaveInfo.from_report(self.path, report,
-                                              time.perf_counter() - self._started)
+            self._info = info = SaveInfo.from_report(self.path, report,
+                                                     time.perf_counter() - self._started)
+            self._staged.wait()
+            log_save(info.path, info.raw_bytes, info.stored_bytes, info.seconds,
+                     stall=self.stall_seconds)
         except BaseException as exc:  # kept for result() and the next async_save
             self._error = exc
         finally:
@@ -121,7 +126,10 @@ def async_save(state, path, *, staging_budget_bytes: int | None = None, on_busy:
         writer = threading.Thread(target=handle._run, args=(planned, stager),
                                   name="shardckpt-async-save")
         writer.start()
-        stager.run()
-        handle.stall_seconds = time.perf_counter() - t0
+        try:
+            stager.run()
+        finally:
+            handle.stall_seconds = time.perf_counter() - t0
+            handle._staged.set()
         _inflight = handle
     return handle

@@ -97,3 +97,13 @@ class DiskFullError(StorageError):
 
     def __init__(self, message: str):
         super().__init__(_errno.ENOSPC, message)
+
+
+class MissingExtraError(CheckpointError, ImportError):
+    """An integration (``shardckpt.integrations``) or CLI option needs an optional dependency
+    that is not installed; the message names the ``pip install 'shardckpt[extra]'`` command."""
+
+
+class ExportError(CheckpointError, ValueError):
+    """An export (``shardckpt.export``) cannot represent the checkpoint: two tensors map to the
+    same output name, or a dtype the output format lacks; names the tensors at fault."""
