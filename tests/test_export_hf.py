@@ -156,3 +156,71 @@ def test_hf_export_memory_is_bounded_by_one_output_file(tmp_path):
     assert whole > size * 0.9  # the probe sees a whole-model read (it can fail)
     assert len(os.listdir(tmp_path / "hf")) == 18 + 1  # two 4 MiB tensors per 9 MB file
     assert growth < size / 3, f"peak memory grew {growth / 2**20:.0f} MiB for {size / 2**20} MiB"
+
+
+def test_cli_convert_to_hf(tmp_path, capsys):
+    from shardckpt.cli import main
+    ck = _ckpt(tmp_path, _weights())
+    assert main(["convert", str(ck), "--to", "hf", str(tmp_path / "hf"), "--max-shard-size",
+                 "1KB", "--dtype", "bf16"]) == 0
+    assert "in 4 files" in capsys.readouterr().out
+    _, got = _read_hf(tmp_path / "hf")
+    assert got["layers.0.w"].dtype == torch.bfloat16 and got["mask"].dtype == torch.bool
+    assert main(["convert", str(ck), "--to", "hf", str(tmp_path / "hf")]) == 1  # exists
+    assert main(["convert", str(ck), "--to", "hf", str(tmp_path / "x"), "--max-shard-size",
+                 "lots"]) == 2
+
+
+_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)  # the same initial weights in every process
+    return LlamaForCausalLM(LlamaConfig(**_LLAMA))
+
+
+def _module_of(weights: dict) -> torch.nn.Module:
+    """A module tree holding ``weights`` under their dotted names (the ranks get the HF model's
+    exact parameters without each importing transformers)."""
+    root = torch.nn.Module()
+    for name, t in weights.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, torch.nn.Parameter(t.clone()))
+    return root
+
+
+def _save_fsdp2(rank, world, path, weights):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    model = _module_of(weights)
+    for layer in model.model.layers.children():
+        fully_shard(layer)
+    fully_shard(model)
+    shardckpt.save({"model": get_model_state_dict(model), "step": 1}, path, timeout=120)
+
+
+def test_hf_export_of_2_rank_fsdp2_checkpoint_loads_with_from_pretrained(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from shardckpt.read import open_for_read
+    from shardckpt.testing import run_with_ranks
+    from transformers import LlamaForCausalLM
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = _llama()
+    run_with_ranks(2, _save_fsdp2, str(tmp_path / "ck"), dict(ref.state_dict()), timeout=240)
+    m, _ = open_for_read(tmp_path / "ck")
+    assert m.world_size == 2 and max(len(e.boxes) for e in m.tensors.values()) == 2
+    info = export.export_hf(tmp_path / "ck", tmp_path / "hf", max_shard_size="20KB",
+                            config=ref.config.to_dict())
+    assert info["files"] >= 4
+    loaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    want, got = ref.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
