@@ -26,7 +26,7 @@ from typing import Any, Callable
 from . import knobs
 from .api import load, save
 from .asyncsave import async_save as start_async_save
-from .commit import DELETE_MARK, is_committed
+from .commit import delete_checkpoint, is_committed
 from .errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
                      UnsupportedValueError)
 from .export import export_weights as export_checkpoint_weights
@@ -380,14 +380,7 @@ class CheckpointManager:
     def _remove(self, name: str) -> None:
         """Delete a checkpoint so that it is never seen half-deleted: renamed out of sight first
         where renames are atomic, otherwise its manifest (the commit marker) goes first."""
-        s = self._storage
-        if s.atomic_rename:
-            hidden = f".{name}{DELETE_MARK}{secrets.token_hex(4)}"
-            s.rename(name, hidden)
-            s.delete(hidden)
-        else:
-            s.delete(f"{name}/manifest.json")
-            s.delete(name)
+        delete_checkpoint(self._storage, name)
 
     # ----------------------------------------------------------------- loading
     def restore(self, state_dict: Any, step: int | None = None, **load_options) -> int | None:
