@@ -116,12 +116,3 @@ def _two(rank, world, path):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world))
     return _round_trip(rank, world, path)
-
-
-def test_missing_extra_gives_the_pip_command(monkeypatch):
-    import sys
-    from shardckpt.errors import MissingExtraError
-    monkeypatch.setitem(sys.modules, "accelerate", None)
-    monkeypatch.delitem(sys.modules, "shardckpt.integrations.accelerate", raising=False)
-    with pytest.raises(MissingExtraError, match=r"pip install 'shardckpt\[accelerate\]'"):
-        import shardckpt.integrations.accelerate  # noqa: F401
