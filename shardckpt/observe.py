@@ -51,7 +51,8 @@ class CheckpointEvent:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    """``n`` bytes for a log line: KiB below 1 MiB, else MiB."""
+    return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def throughput(nbytes: int, seconds: float) -> float:
