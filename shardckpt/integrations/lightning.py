@@ -14,7 +14,9 @@ the job is about to stop.
 
 Strategies: Lightning calls the plugin on global rank 0 with the full checkpoint (single
 device, DDP, and FSDP with ``state_dict_type="full"``), so that rank saves alone
-(``shardckpt.dist.local_only``) and every rank loads it. Needs
+(``shardckpt.dist.local_only``) and every rank loads it. For sharded checkpoints of FSDP2 /
+tensor parallelism, ``ShardCkptModelParallelStrategy`` (a ``ModelParallelStrategy``) saves every
+rank's DTensor shards collectively, and loads them resharded to the current world size. Needs
 ``pip install 'shardckpt[lightning]'``.
 """
 
@@ -32,7 +34,7 @@ from ..commit import delete_checkpoint  # noqa: E402
 from ..dist import local_only  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
 
-__all__ = ["ShardCkptIO", "AsyncShardCkptIO"]
+__all__ = ["ShardCkptIO", "AsyncShardCkptIO", "ShardCkptModelParallelStrategy"]
 
 HPC_PREFIX = "hpc_ckpt_"  # Lightning's SLURM requeue checkpoint (SignalConnector)
 
@@ -108,6 +110,63 @@ class AsyncShardCkptIO(ShardCkptIO):
     def __init__(self, **kwargs):
         kwargs.setdefault("async_save", True)
         super().__init__(**kwargs)
+
+
+_mp = require("lightning.pytorch.strategies", "lightning", "ShardCkptModelParallelStrategy")
+SHARDED_KEYS = ("state_dict", "optimizer_states")
+
+
+class ShardCkptModelParallelStrategy(_mp.ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` / tensor parallel in
+    ``configure_model``) with sharded shardckpt checkpoints instead of DCP's.
+
+    Every rank saves its DTensor shards of the model and optimizer states (collective; the
+    other entries are replicated and written once). Loading reads into the current sharding,
+    whatever world size saved, and returns the remaining entries to Lightning. Takes the
+    ``ModelParallelStrategy`` arguments.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath,
+                        storage_options: Any = None) -> None:
+        """Save ``checkpoint`` (sharded state dicts included) at ``filepath`` on every rank."""
+        path = self.broadcast(os.fspath(filepath))
+        api.save(checkpoint, path, overwrite=True, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Fill the model and optimizers from ``checkpoint_path`` (resharded); the rest."""
+        from torch.distributed.checkpoint import state_dict as sd
+        path = self.broadcast(os.fspath(checkpoint_path))
+        saved = _top_keys(path)
+        model_sd = sd.get_model_state_dict(self.model)
+        optim_sds = [sd.get_optimizer_state_dict(self.model, o) for o in self.optimizers]
+        # Entries other than the sharded ones are replaced whole (None is a placeholder); so are
+        # the optimizer states when there are no optimizers (validate / test / predict).
+        target = {k: None for k in saved if k != "state_dict"}
+        target["state_dict"] = model_sd
+        if "optimizer_states" in saved and optim_sds:
+            target["optimizer_states"] = optim_sds
+        api.load(target, path, strict=self.lightning_module.strict_loading)
+        sd.set_model_state_dict(self.model, model_sd,
+                                options=sd.StateDictOptions(strict=self.lightning_module
+                                                            .strict_loading))
+        for opt, osd in zip(self.optimizers, target.get("optimizer_states") or []):
+            sd.set_optimizer_state_dict(self.model, opt, osd)
+        return {k: v for k, v in target.items() if k not in SHARDED_KEYS}
+
+    def remove_checkpoint(self, filepath) -> None:
+        """Delete the checkpoint folder (rank 0, out of sight first)."""
+        if self.is_global_zero:
+            storage, name = open_checkpoint(os.fspath(filepath))
+            if storage.exists(name):
+                delete_checkpoint(storage, name)
+
+
+def _top_keys(path: str) -> list:
+    from ..read import open_manifest
+    from ..tree import dict_items, node_kind
+    storage, name = open_checkpoint(path)
+    kind, payload = node_kind(open_manifest(storage, name).tree)
+    return [k for k, _ in dict_items(payload)] if kind == "dict" else []
 
 
 def _url(path: str) -> str:

@@ -2,7 +2,8 @@
 
     python lightning_job.py OUT_DIR MODE DEVICES [KILL_AT]
 
-MODE ``run``: fit from scratch (killing the whole process group, as a preemption would, once
+MODE ``reshard``: only load OUT_DIR/ckpt/last.ckpt (validate) and write the weights. ``run``: fit
+from scratch (killing the whole process group, as a preemption would, once
 ``KILL_AT`` steps are done and checkpointed); ``resume``: fit with ``ckpt_path="last"``, then
 (in the same processes, to pay the imports once) an uninterrupted reference fit in OUT_DIR/ref.
 Rank 0 appends ``{"step", "loss"}`` lines to losses-MODE.jsonl and writes the final weights, best
@@ -19,7 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from shardckpt.integrations.lightning import AsyncShardCkptIO, ShardCkptIO
+from shardckpt.integrations.lightning import (AsyncShardCkptIO, ShardCkptIO,
+                                              ShardCkptModelParallelStrategy)
 
 STEPS, BATCHES_PER_EPOCH = 12, 4  # checkpoints at epoch ends: plain loaders resume exactly
 
@@ -30,6 +32,15 @@ class Tiny(L.LightningModule):
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
                                        torch.nn.Linear(8, 1))
+
+    def configure_model(self):
+        if isinstance(self.trainer.strategy, ShardCkptModelParallelStrategy):
+            from torch.distributed.fsdp import fully_shard
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
 
     def training_step(self, batch, _):
         x, y = batch
@@ -72,16 +83,24 @@ def main(out, mode, devices, kill_at=None, async_io="0"):
     ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", mode="min",
                            save_top_k=2, every_n_train_steps=BATCHES_PER_EPOCH, save_last=True)
     plugin = AsyncShardCkptIO() if async_io == "1" else ShardCkptIO()
+    strategy = "ddp" if devices > 1 else "auto"
+    if async_io == "fsdp2":  # sharded checkpoints through the strategy (plugin unused)
+        strategy = ShardCkptModelParallelStrategy(data_parallel_size=devices,
+                                                  tensor_parallel_size=1)
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=devices,
-                        default_root_dir=out,
-                        strategy="ddp" if devices > 1 else "auto", plugins=[plugin],
+                        default_root_dir=out, strategy=strategy, plugins=[plugin],
                         callbacks=[Record(out, mode, kill_at), ckpt], logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
-    trainer.fit(Tiny(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=16),
-                ckpt_path="last" if mode == "resume" else None)
+    if mode == "reshard":  # load the (2-rank) last.ckpt into this world size's sharding
+        trainer.validate(Tiny(), DataLoader(data, batch_size=16),
+                         ckpt_path=os.path.join(out, "ckpt", "last.ckpt"))
+    else:
+        trainer.fit(Tiny(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=16),
+                    ckpt_path="last" if mode == "resume" else None)
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).double().flatten().tolist()
+               for k, v in trainer.model.state_dict().items()}  # (gathering is collective)
     if trainer.is_global_zero:
-        weights = {k: v.double().flatten().tolist() for k, v in trainer.model.state_dict().items()}
         with open(os.path.join(out, f"weights-{mode}.json"), "w") as fh:
             json.dump({"weights": weights, "best": ckpt.best_model_path,
                        "kept": sorted(os.listdir(os.path.join(out, "ckpt")))}, fh)

@@ -1,7 +1,9 @@
 """The Lightning CheckpointIO plugin with a real Trainer on CPU: ModelCheckpoint (monitor, mode,
 save_top_k, every_n_train_steps, save_last) writes shardckpt checkpoints; a job killed mid-run
-resumes with ckpt_path="last" to the same losses and weights as an uninterrupted run (1 process,
-and 2 DDP processes with the async plugin); Lightning's SLURM requeue signal saves through it."""
+resumes with ckpt_path="last" to the same losses and weights as an uninterrupted run (1 process;
+2 DDP processes with the async plugin; 2 FSDP2 processes through ShardCkptModelParallelStrategy,
+whose sharded checkpoint then loads on 1 process); Lightning's SLURM requeue signal saves
+through it."""
 
 import importlib.util
 import json
@@ -76,6 +78,19 @@ def test_killed_fit_resumes_from_last_like_an_uninterrupted_run(tmp_path):
 def test_ddp_two_processes_async_plugin_killed_and_resumed(tmp_path):
     final = _killed_then_resumed(tmp_path, 2, "1")
     assert "last.ckpt" in final["kept"]
+
+
+@pytest.mark.slow  # ~110 s: two 2-process FSDP2 jobs and a 1-process load
+def test_fsdp2_sharded_checkpoints_resume_and_reshard(tmp_path):
+    final = _killed_then_resumed(tmp_path, 2, "fsdp2")
+    from shardckpt.read import open_for_read
+    m, _ = open_for_read(tmp_path / "ckpt" / "last.ckpt")
+    assert m.world_size == 2 and all(len(e.boxes) == 2 for k, e in m.tensors.items()
+                                     if k.startswith("state_dict/"))  # sharded, not gathered
+    resharded = _job(tmp_path, "reshard", 1, async_io="fsdp2")  # 2-rank checkpoint, 1 rank
+    assert resharded.returncode == 0, resharded.stderr[-3000:]
+    with open(tmp_path / "weights-reshard.json") as fh:
+        assert json.load(fh)["weights"] == final["weights"]
 
 
 def test_remove_checkpoint_and_async_flavour(tmp_path):
