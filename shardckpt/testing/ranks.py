@@ -86,7 +86,7 @@ def _unpack(obj):
     return obj
 
 
-def _child(fn, rank, world, port, args, queue):
+def _child(fn, rank, world, port, args, queue, released):
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -100,6 +100,11 @@ def _child(fn, rank, world, port, args, queue):
                              error_type=type(exc).__name__, traceback=traceback.format_exc()))
     queue.close()
     queue.join_thread()  # the result must leave before the hard exit below
+    if rank == 0:
+        # Rank 0 hosts the c10d store: leaving before the others have finished their last
+        # store request would fail them with a reset connection. The parent releases it once
+        # every rank has reported or died.
+        released.wait(300)
     # Skip interpreter teardown: a peer that died mid-test must not make this rank hang in
     # process-group destruction.
     os._exit(0)
@@ -113,9 +118,9 @@ def run_with_ranks(world: int, fn: Callable, *args, timeout: float = 120.0,
     exception or abnormal exit fails with every rank's traceback.
     """
     ctx = _context()
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, queue), daemon=True)
-             for r in range(world)]
+    queue, port, released = ctx.Queue(), free_port(), ctx.Event()
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, queue, released),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, RankResult] = {}
@@ -126,8 +131,10 @@ def run_with_ranks(world: int, fn: Callable, *args, timeout: float = 120.0,
             res.value = _unpack(res.value)
             results[res.rank] = res
         except queue_mod.Empty:
-            if not any(p.is_alive() for p in procs) and queue.empty():
+            if queue.empty() and all(r in results or not p.is_alive()
+                                     for r, p in enumerate(procs)):
                 break
+    released.set()
     for p in procs:
         p.join(max(deadline - time.monotonic(), 1.0))
         if p.is_alive():
