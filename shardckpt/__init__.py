@@ -13,6 +13,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundE
                      CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
                      RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
                      UnsupportedValueError)
+from .errors import ExportError, MissingExtraError
 
 __all__ = [
     "__version__", "save", "async_save", "load", "load_full", "verify", "SaveInfo",
@@ -21,4 +22,5 @@ __all__ = [
     "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
+    "ExportError", "MissingExtraError",
 ]
