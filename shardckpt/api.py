@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .dist import exchange
-from .observe import log_load, log_save, plan_bytes
+from .observe import log_load, log_save
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
 from .read import ReadPlan, open_for_read, open_manifest
@@ -155,7 +155,7 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     except Exception as exc:
         error = exc
     ex.round("load", True, error, lambda _: True, raise_own=True)
-    log_load(str(path), *plan_bytes(plan), time.perf_counter() - t0)
+    log_load(str(path), plan, time.perf_counter() - t0)
     return result
 
 
@@ -208,7 +208,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
 
     state = build(node, tensor)
     plan.run(paths, threads)
-    log_load(str(path), *plan_bytes(plan), time.perf_counter() - t0)
+    log_load(str(path), plan, time.perf_counter() - t0)
     return state
 
 

@@ -72,10 +72,11 @@ def log_save(path: str, raw: int, stored: int, seconds: float,
                 throughput(raw, seconds) / 2**20)
 
 
-def log_load(path: str, raw: int, stored: int, seconds: float) -> None:
-    """The INFO line of one load."""
+def log_load(path: str, plan, seconds: float) -> None:
+    """The INFO line of one load (``plan``: its ``read.ReadPlan``, counted only when logged)."""
     if not logger.isEnabledFor(logging.INFO):
         return
+    raw, stored = plan_bytes(plan)
     logger.info("loaded %s in %.3f s: read %s stored, %s raw, %.1f MiB/s", path, seconds,
                 _mib(stored), _mib(raw), throughput(raw, seconds) / 2**20)
 
