@@ -24,3 +24,6 @@ __all__ = [
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
     "ExportError", "MissingExtraError",
 ]
+
+from .errors import UnsupportedSaveError  # noqa: E402  (DCP rank-local saves)
+__all__ += ["UnsupportedSaveError"]

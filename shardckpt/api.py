@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from .dist import exchange
 from .observe import log_load, log_save
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
-from .read import ReadPlan, open_for_read, open_manifest
+from .read import ReadPlan, open_for_read, open_manifest, read_blob
 from .scan import scan
 from .saver import run_save
 from .storage import open_checkpoint
@@ -138,7 +139,8 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     error = None
     try:
         m, paths = open_for_read(path, storage_options)
-        result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict)
+        result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict,
+                                  blob=partial(read_blob, m, paths))
         if placement.missing or placement.unexpected or placement.mismatched:
             raise StateMismatchError(placement.missing, placement.unexpected,
                                      placement.mismatched)
@@ -206,7 +208,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
             plan.into(k, t)
         return made[k]
 
-    state = build(node, tensor)
+    state = build(node, tensor, blob=partial(read_blob, m, paths))
     plan.run(paths, threads)
     log_load(str(path), plan, time.perf_counter() - t0)
     return state

@@ -16,6 +16,7 @@ data objects without a manifest); ``leftovers`` finds it and ``remove_leftovers`
 from __future__ import annotations
 
 import errno
+import re
 import secrets
 
 from .errors import CheckpointError, CheckpointExistsError
@@ -96,6 +97,39 @@ def delete_checkpoint(storage: Storage, name: str) -> None:
         storage.delete(name)
 
 
+_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.bin")
+
+
+def foreign_entry(storage: Storage, name: str) -> str | None:
+    """The first path under ``name`` that no checkpoint consists of (FORMAT.md 1: only
+    ``manifest.json`` and ``data/<file>.bin``), or None. A save never deletes such a file,
+    overwriting or not: it may be the user's ``config.yaml``."""
+    for entry in storage.list(name):
+        if entry == DATA_DIR:
+            for sub in storage.list(f"{name}/{DATA_DIR}"):
+                if not _DATA_NAME.fullmatch(sub):
+                    return f"{name}/{DATA_DIR}/{sub}"
+        elif entry != MANIFEST_NAME:
+            return f"{name}/{entry}"
+    return None
+
+
+def refuse_to_clobber(storage: Storage, name: str, overwrite: bool) -> None:
+    """Raise CheckpointExistsError unless a save may go to ``name``: it is missing or an empty
+    folder, or (with ``overwrite``) holds only a checkpoint's files (or an interrupted save's).
+    Anything else there is named in the error and never deleted."""
+    if not storage.exists(name):
+        return
+    foreign = foreign_entry(storage, name)
+    if foreign is not None:
+        raise CheckpointExistsError(
+            f"{storage.url(foreign)}: not part of a checkpoint; refusing to save into "
+            f"{storage.url(name)}, which would delete it (move it away or pick another path)")
+    if not overwrite and storage.list(name):
+        raise CheckpointExistsError(
+            f"{storage.url(name)}: already exists (pass overwrite=True to replace)")
+
+
 def commit_for(storage: Storage, name: str, overwrite: bool = False):
     """The commit strategy for ``storage``: RenameCommit where rename is atomic, else
     MarkerCommit."""
@@ -118,9 +152,7 @@ class RenameCommit:
     def begin(self) -> "RenameCommit":
         """Refuse to clobber a checkpoint (unless overwriting) and create the temporary folder."""
         s, name = self.storage, self.name
-        if s.exists(name) and not self.overwrite and (is_committed(s, name) or s.list(name)):
-            raise CheckpointExistsError(
-                f"{s.url(name)}: already exists (pass overwrite=True to replace)")
+        refuse_to_clobber(s, name, self.overwrite)
         try:
             s.makedirs(f"{self.tmp}/{DATA_DIR}")
         except OSError as exc:
@@ -176,8 +208,8 @@ class MarkerCommit:
     Same interface as RenameCommit (``tmp`` is the checkpoint itself). Overwriting is not
     atomic: ``begin`` first deletes the old manifest (from then on the old checkpoint no longer
     exists) and its data; a failure after that leaves no checkpoint under the name. Debris of an
-    interrupted save under the name (data, no manifest) is deleted by ``begin``; anything else
-    there is refused unless overwriting. One save per name at a time.
+    interrupted save under the name (data, no manifest) is deleted by ``begin``; any key that is
+    not a checkpoint's is refused, overwriting or not. One save per name at a time.
     """
 
     def __init__(self, storage: Storage, name: str, overwrite: bool = False):
@@ -192,10 +224,8 @@ class MarkerCommit:
         """Refuse to clobber (unless overwriting), then clear the name."""
         s, name = self.storage, self.name
         committed = is_committed(s, name)
-        foreign = set(s.list(name)) - {DATA_DIR, MANIFEST_NAME}
-        if (committed or foreign) and not self.overwrite:
-            raise CheckpointExistsError(
-                f"{s.url(name)}: already exists (pass overwrite=True to replace)")
+        # Debris of an interrupted save (data, no manifest) is cleared without asking.
+        refuse_to_clobber(s, name, self.overwrite or not committed)
         if committed:
             s.delete(f"{name}/{MANIFEST_NAME}")  # un-commit before touching its data
         s.delete(name)

@@ -196,6 +196,25 @@ def _refuse_constant(name: str):
     raise ValueError(f"non-finite number {name} is not JSON")
 
 
+def check_complete(m: Manifest, where: str) -> None:
+    """Refuse to commit a manifest a reader would refuse: every tensor covered exactly once by
+    its shards, every chunk inside its file, the tree naming only saved tensors.
+
+    Raises:
+        UnsafeCheckpointError: naming ``where`` (the checkpoint) and the tensor at fault.
+    """
+    sizes = np.array([f.size for f in m.files], dtype=np.int64)
+    try:
+        tables.check_entries(list(m.tensors), list(m.tensors.values()), sizes,
+                             [codecs.kind_of(c) for c in m.codecs])
+        missing = {k for k in tensor_keys(m.tree) if k not in m.tensors}
+        if missing:
+            raise _unsafe(f"state tree names unknown tensors {sorted(missing)[:5]}")
+    except (UnsafeCheckpointError, CorruptCheckpointError) as exc:
+        raise UnsafeCheckpointError(f"{where}: refusing to commit a manifest no reader would "
+                                    f"accept: {exc}") from None
+
+
 def chain_kinds(m: Manifest) -> list[tuple[int, int]]:
     """``(kind, shuffle_size)`` for each codec chain of a parsed manifest."""
     return [codecs.kind_of(c) for c in m.codecs]

@@ -186,9 +186,10 @@ def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
                     if v != base_values[i]]
         renamed = np.flatnonzero(gp.layout_kids[r] != gp.kids[r])
         if len(renamed):
-            tensor_paths = skeleton_paths(r)[1]
+            _, tensor_paths, kinds = skeleton_paths(r)
             own += [[tensor_paths[gp.keys[gp.layout_kids[r][i]]],
-                     {"tensor": gp.keys[gp.kids[r][i]]}] for i in renamed]
+                     {kinds[gp.keys[gp.layout_kids[r][i]]]: gp.keys[gp.kids[r][i]]}]
+                    for i in renamed]
         if r == 0:
             tree = with_overrides(tree, own)  # rank 0's own per-rank tensors
         elif own:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import UnsupportedValueError
 from .tree import build, dict_items, is_stateful, node_kind, path_text
 from .types import Manifest
 
@@ -38,8 +39,8 @@ class Placement:
 
 
 class _Matcher:
-    def __init__(self, manifest: Manifest, strict: bool):
-        self.m, self.strict, self.p = manifest, strict, Placement()
+    def __init__(self, manifest: Manifest, strict: bool, blob):
+        self.m, self.strict, self.p, self.blob = manifest, strict, Placement(), blob
 
     def new_tensor(self, key: str) -> torch.Tensor:
         if key not in self.p.new:
@@ -49,7 +50,7 @@ class _Matcher:
 
     def saved_value(self, node):
         """The checkpoint's value at ``node``, with tensors made fresh."""
-        return build(node, self.new_tensor)
+        return build(node, self.new_tensor, blob=self.blob)
 
     def tensor(self, target: torch.Tensor, key: str, where: str) -> None:
         entry = self.m.tensors[key]
@@ -124,10 +125,15 @@ class _Matcher:
 _where = path_text
 
 
-def match(target: Any, manifest: Manifest, tree, strict: bool = True
+def _no_blob(key: str):
+    raise UnsupportedValueError(f"{key}: a bytes value, which this load cannot read")
+
+
+def match(target: Any, manifest: Manifest, tree, strict: bool = True, blob=None
           ) -> tuple[Any, Placement]:
     """``(new_target, placement)`` of loading ``tree`` (this rank's saved tree) into ``target``;
-    containers are updated in place (at ``apply``), tuples rebuilt."""
-    matcher = _Matcher(manifest, strict)
+    containers are updated in place (at ``apply``), tuples rebuilt. ``blob(key)`` reads the
+    bytes of a bytes value (at once: bytes cannot be filled in later)."""
+    matcher = _Matcher(manifest, strict, blob or _no_blob)
     result = matcher.value(target, tree, (), allow_new=False)
     return result, matcher.p

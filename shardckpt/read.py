@@ -2,8 +2,10 @@
 
 Every check that needs no data happens before the first read (manifest rules, file sizes, paths
 that must stay inside the checkpoint). Chunks decode straight into the destination tensor's
-memory whenever it is a dense CPU tensor of the saved dtype covering the shard; otherwise into a
-shard-sized buffer that is then copied into the destination's box.
+memory whenever it is a dense CPU tensor of the saved dtype covering the shard; otherwise (another
+dtype, device or layout) into a shard-sized buffer of the saved dtype that is then copied, and
+cast, into the destination's box. Every decode also tells the codec backend how many bytes its
+destination holds there, and the backend refuses a read that would not fit exactly.
 """
 
 from __future__ import annotations
@@ -112,24 +114,28 @@ class ReadPlan:
         self.after: list[Callable[[], None]] = []
         self._keep: list[torch.Tensor] = []
 
-    def _add(self, key: str, entry: TensorEntry, row: list[int], i: int, dest: int) -> None:
-        """Plan chunk ``i`` (its table row as ints) into ``dest`` (0: verify only)."""
+    def _add(self, key: str, entry: TensorEntry, row: list[int], i: int, dest: int,
+             into: torch.Tensor | None = None) -> None:
+        """Plan chunk ``i`` (its table row as ints) into ``dest``, an address inside the dense
+        tensor ``into`` (``dest`` 0: verify only)."""
         c = ChunkRef(*row)
         kind, shuffle_size = self.kinds[c.codec]
-        self.by_file[c.file].append(ChunkRead(c, c.count * entry.dtype.itemsize, kind,
-                                              shuffle_size, dest, key, int(i)))
+        raw = c.count * entry.dtype.itemsize
+        self.by_file[c.file].append(ChunkRead(c, raw, kind, shuffle_size, dest, key, int(i),
+                                              _room(into, dest, raw)))
 
     def _shard(self, key: str, entry: TensorEntry, shard: ShardEntry, base: int,
-               first: int = 0, last: int | None = None) -> None:
-        """Read the chunks of ``shard`` that overlap elements ``[first, last)`` into ``base``
-        (0: verify only)."""
+               first: int = 0, last: int | None = None,
+               into: torch.Tensor | None = None) -> None:
+        """Read the chunks of ``shard`` that overlap elements ``[first, last)`` into ``base``,
+        the address of the shard-sized buffer ``into`` (0: verify only)."""
         starts, counts = shard.chunks[:, 3], shard.chunks[:, 4]
         wanted = starts + counts > first
         if last is not None:
             wanted &= starts < last
         for i in np.flatnonzero(wanted):
             self._add(key, entry, shard.chunks[i].tolist(), i,
-                      base + int(starts[i]) * entry.dtype.itemsize if base else 0)
+                      base + int(starts[i]) * entry.dtype.itemsize if base else 0, into)
 
     def into(self, key: str, target: torch.Tensor, offsets: tuple | None = None) -> None:
         """Fill ``target`` from every saved shard of tensor ``key`` that overlaps it.
@@ -143,8 +149,10 @@ class ReadPlan:
         else:
             local, offsets = target, tuple(offsets)
         shape = tuple(local.shape)
-        direct = (local.device.type == "cpu" and local.is_contiguous()
-                  and not local.is_conj() and not local.is_neg())
+        # Decoding in place needs the saved dtype: the raw bytes of another would be garbage
+        # and, for a narrower one, run past the end of the target.
+        direct = (local.device.type == "cpu" and local.dtype == entry.dtype.torch
+                  and local.is_contiguous() and not local.is_conj() and not local.is_neg())
         if not local.numel():
             return
         if direct and len(entry.boxes) == 1 and shape == entry.shape:
@@ -164,7 +172,7 @@ class ReadPlan:
         """One saved shard, the whole tensor, into a dense CPU target: every chunk in place."""
         itemsize, base = entry.dtype.itemsize, local.data_ptr()
         for i, row in enumerate(entry.chunks.tolist()):
-            self._add(key, entry, row, i, base + row[3] * itemsize)
+            self._add(key, entry, row, i, base + row[3] * itemsize, local)
 
     def _run(self, key, entry, shard, local, offsets, lo, box) -> None:
         """The overlap is one contiguous run in both the saved shard and the target (same
@@ -179,13 +187,14 @@ class ReadPlan:
         starts, counts = shard.chunks[:, 3], shard.chunks[:, 4]
         inside = (starts >= first) & (starts + counts <= last)
         for i in np.flatnonzero(inside):
-            self._add(key, entry, shard.chunks[i].tolist(), i, base + int(starts[i]) * itemsize)
+            self._add(key, entry, shard.chunks[i].tolist(), i, base + int(starts[i]) * itemsize,
+                      local)
         flat = local.view(-1)
         for i in np.flatnonzero(~inside & (starts < last) & (starts + counts > first)):
             start, count = int(starts[i]), int(counts[i])
             buf = torch.empty(count, dtype=entry.dtype.torch)
             self._keep.append(buf)
-            self._add(key, entry, shard.chunks[i].tolist(), i, buf.data_ptr())
+            self._add(key, entry, shard.chunks[i].tolist(), i, buf.data_ptr(), buf)
             a, b = max(start, first), min(start + count, last)
             dst, src = flat[at + a - first:at + b - first], buf[a - start:b - start]
             self.after.append(lambda dst=dst, src=src: dst.copy_(src))
@@ -197,7 +206,7 @@ class ReadPlan:
         start = tuple(a - b for a, b in zip(lo, shard.offsets))
         end = tuple(a + n - 1 for a, n in zip(start, box))
         self._shard(key, entry, shard, buf.data_ptr(), _flat(start, shard.shape),
-                    _flat(end, shard.shape) + 1)
+                    _flat(end, shard.shape) + 1, buf)
         src = buf[tuple(slice(a, a + n) for a, n in zip(start, box))]
         dst = local[tuple(slice(a - o, a - o + n) for a, o, n in zip(lo, offsets, box))]
         self.after.append(lambda: dst.copy_(src))
@@ -227,6 +236,20 @@ class ReadPlan:
         self._keep.clear()
 
 
+def read_blob(m: Manifest, paths: list, key: str) -> bytes:
+    """The bytes of a ``bytes`` / ``bytesio`` leaf (FORMAT.md 3.4, revision 1.2): its 1-D uint8
+    tensor, read at once."""
+    entry = m.tensors[key]
+    if entry.dtype.name != "uint8" or len(entry.shape) != 1:
+        raise CorruptCheckpointError("a bytes value must name a 1-D uint8 tensor",
+                                     file=MANIFEST_NAME, tensor=key)
+    t = torch.empty(entry.shape, dtype=torch.uint8)
+    plan = ReadPlan(m)
+    plan.into(key, t)
+    plan.run(paths)
+    return t.numpy().tobytes()
+
+
 def read_file_chunks(source, reads: list[tuple], threads: int) -> tuple:
     """The backend's read of one local file, or a remote one's ranged GETs."""
     if isinstance(source, remote_io.RemoteFile):
@@ -236,7 +259,20 @@ def read_file_chunks(source, reads: list[tuple], threads: int) -> tuple:
 
 def backend_request(r: ChunkRead) -> tuple:
     """The tuple the codec backend's ``read_chunks`` takes for one planned chunk."""
-    return (r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size, r.ref.crc, r.dest)
+    return (r.ref.offset, r.ref.length, r.raw_length, r.kind, r.shuffle_size, r.ref.crc, r.dest,
+            r.dest_bytes)
+
+
+def _room(into: torch.Tensor | None, dest: int, raw: int) -> int:
+    """How many of the ``raw`` bytes a chunk decodes to fit at ``dest`` inside the dense tensor
+    ``into``: ``raw`` when the plan is sound, fewer when it would run past the tensor's end, 0
+    for an address outside it. Worked out from the tensor alone, not from the chunk arithmetic
+    that chose ``dest``, so the backend's check is independent of it."""
+    if not dest or into is None:
+        return 0
+    lo = into.data_ptr()
+    hi = lo + into.numel() * into.element_size()
+    return max(0, min(dest + raw, hi) - dest) if lo <= dest < hi else 0
 
 
 def _flat(index: tuple, shape: tuple) -> int:

@@ -41,6 +41,7 @@ class Coordinator:
 
     def commit(self, results: dict[int, dict]) -> dict:
         m = build_manifest(self.gp, self.plans, results, self.metadata)
+        manifest_mod.check_complete(m, self.storage.url(self.name))
         self.tx.commit(manifest_mod.to_json(m))
         return {"files": len(m.files)}
 

@@ -109,13 +109,22 @@ def decode_entries(items: list[tuple[str, dict, DType, tuple]], file_sizes: np.n
         shards = decode(raw["shards"], 2 * nd + 1, f"{where} shards")
         chunks = decode(raw["chunks"], 7, f"{where} chunks")
         entries.append(TensorEntry(dtype, shape, shards[:, :2 * nd], shards[:, 2 * nd], chunks))
+    check_entries([key for key, *_ in items], entries, file_sizes, chains)
+    return entries
+
+
+def check_entries(keys: list[str], entries: list[TensorEntry], file_sizes: np.ndarray,
+                  chains: list[tuple[int, int]]) -> None:
+    """Every table rule of FORMAT.md 3.3 for ``entries`` at once: shards inside the tensor,
+    chunks inside their files, chunks tiling their shard, shards covering their tensor once.
+    A save runs it before committing too, so a manifest no reader would accept is never
+    committed."""
     if entries:
-        batch = _Batch([key for key, *_ in items], entries)
+        batch = _Batch(keys, entries)
         _check_shards(batch)
         _check_chunks(batch, file_sizes, chains)
         _check_tiling(batch)
         _check_cover(batch)
-    return entries
 
 
 class _Batch:

@@ -2,16 +2,19 @@
 
 ``flatten`` turns a user's state into a JSON tree whose tensor leaves name entries of the
 manifest's tensor table, plus the list of tensors to save. ``build`` turns a tree back into Python
-values. Nothing here pickles: only the node kinds of FORMAT.md exist.
+values. Nothing here pickles: only the node kinds of FORMAT.md exist. ``bytes`` and
+``io.BytesIO`` values (revision 1.2) are saved as 1-D uint8 tensors that their own node kinds
+name, so a reader hands them back as bytes without ever interpreting them.
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable
 
 import torch
 
-from .errors import CorruptCheckpointError, UnsupportedValueError
+from .errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
 from .types import DTYPE_BY_TORCH, DTYPES, TensorItem
 
 MAX_DEPTH = 512
@@ -104,11 +107,25 @@ class _Flattener:
             self.by_identity[ident] = key
         return {"tensor": key}
 
+    def blob(self, data: bytes, kind: str, path: tuple) -> dict:
+        """A bytes-like value as a uint8 tensor of its own (FORMAT.md 3.4, revision 1.2)."""
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+            torch.empty(0, dtype=torch.uint8)
+        key = self.unique_key(path)
+        self.items.append(TensorItem(key, t, tuple(t.shape), (0,), False))
+        return {kind: key}
+
     def node(self, obj, path: tuple, depth: int = 0) -> dict:
         if depth > MAX_DEPTH:
             raise UnsupportedValueError(f"state nested deeper than {MAX_DEPTH} levels")
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, path)
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return self.blob(bytes(obj), "bytes", path)
+        if isinstance(obj, io.BytesIO):
+            return self.blob(obj.getvalue(), "bytesio", path)
+        if isinstance(obj, torch.Size):
+            return {"size": [int(d) for d in obj]}
         if isinstance(obj, bool):
             return {"bool": obj}
         if isinstance(obj, int):
@@ -165,6 +182,13 @@ def _scalar(kind: str, value):
         return None
     if kind == "dtype" and value in DTYPES:
         return DTYPES[value].torch
+    if kind == "size" and isinstance(value, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        return torch.Size(value)
+    if kind not in KNOWN_KINDS:
+        raise UnsafeCheckpointError(f"manifest.json: unknown node kind {kind!r:.40} in the state "
+                                    "tree (written by a newer format revision?); refusing to "
+                                    "guess what it holds")
     raise CorruptCheckpointError(f"bad {kind} node in the state tree: {value!r}",
                                  file="manifest.json")
 
@@ -186,20 +210,30 @@ def dict_items(payload) -> list[tuple]:
     return [tuple(p) for p in payload]
 
 
-def build(node, tensor: Callable[[str], Any], depth: int = 0):
-    """The Python value of a tree; ``tensor(key)`` supplies each tensor leaf."""
+def _no_blob(key: str):
+    raise UnsupportedValueError(f"{key}: a bytes value, which this caller cannot read")
+
+
+def build(node, tensor: Callable[[str], Any], depth: int = 0,
+          blob: Callable[[str], bytes] = _no_blob):
+    """The Python value of a tree; ``tensor(key)`` supplies each tensor leaf and ``blob(key)``
+    the bytes of each ``bytes`` / ``bytesio`` leaf (read at once: bytes cannot be filled
+    later)."""
     if depth > MAX_DEPTH:
         raise CorruptCheckpointError("state tree nested too deeply", file="manifest.json")
     kind, payload = node_kind(node)
     if kind == "tensor":
         return tensor(payload)
+    if kind in BLOB_KINDS:
+        data = blob(payload)
+        return io.BytesIO(data) if kind == "bytesio" else data
     if kind == "dict":
-        return {k: build(v, tensor, depth + 1) for k, v in dict_items(payload)}
+        return {k: build(v, tensor, depth + 1, blob) for k, v in dict_items(payload)}
     if kind in ("list", "tuple"):
         if not isinstance(payload, list):
             raise CorruptCheckpointError(f"bad {kind} node in the state tree",
                                          file="manifest.json")
-        values = [build(v, tensor, depth + 1) for v in payload]
+        values = [build(v, tensor, depth + 1, blob) for v in payload]
         return values if kind == "list" else tuple(values)
     return _scalar(kind, payload)
 
@@ -209,7 +243,7 @@ def tensor_keys(node, depth: int = 0):
     if depth > MAX_DEPTH:
         raise CorruptCheckpointError("state tree nested too deeply", file="manifest.json")
     kind, payload = node_kind(node)
-    if kind == "tensor":
+    if kind == "tensor" or kind in BLOB_KINDS:
         if not isinstance(payload, str):
             raise CorruptCheckpointError(f"tensor node names {payload!r:.40}, not a key",
                                          file="manifest.json")
@@ -223,7 +257,9 @@ def tensor_keys(node, depth: int = 0):
 
 
 
-LEAF_KINDS = ("int", "float", "str", "bool", "none", "dtype")
+LEAF_KINDS = ("int", "float", "str", "bool", "none", "dtype", "size")
+BLOB_KINDS = ("bytes", "bytesio")  # name a 1-D uint8 tensor of the tensor table
+KNOWN_KINDS = LEAF_KINDS + BLOB_KINDS + ("tensor", "dict", "list", "tuple")
 
 
 def split_values(node) -> tuple[dict, list]:
@@ -244,25 +280,28 @@ def split_values(node) -> tuple[dict, list]:
     return walk(node), values
 
 
-def fill_values(skeleton, values: list | None) -> tuple[dict, dict, dict]:
-    """``(tree, value_paths, tensor_paths)``: the skeleton with its values put back (left as
-    placeholders when ``values`` is None), the path of each value by index, and the path of
-    each tensor key's first leaf."""
+def fill_values(skeleton, values: list | None) -> tuple[dict, dict, dict, dict]:
+    """``(tree, value_paths, tensor_paths, tensor_kinds)``: the skeleton with its values put
+    back (left as placeholders when ``values`` is None), the path of each value by index, the
+    path of each tensor key's first leaf, and the node kind naming each key (``tensor``, or
+    ``bytes`` / ``bytesio`` for a bytes value)."""
     value_paths: dict = {}
     tensor_paths: dict = {}
+    tensor_kinds: dict = {}
 
     def walk(n, path):
         kind, payload = node_kind(n)
         if kind == "value":
             value_paths[payload] = list(path)
             return n if values is None else values[payload]
-        if kind == "tensor":
+        if kind == "tensor" or kind in BLOB_KINDS:
             tensor_paths.setdefault(payload, list(path))
+            tensor_kinds.setdefault(payload, kind)
             return n
         if kind == "dict":
             return {"dict": [[k, walk(v, path + (k,))] for k, v in payload]}
         return {kind: [walk(v, path + (i,)) for i, v in enumerate(payload)]}
-    return walk(skeleton, ()), value_paths, tensor_paths
+    return walk(skeleton, ()), value_paths, tensor_paths, tensor_kinds
 
 
 def with_overrides(node, overrides: list):

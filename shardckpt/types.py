@@ -183,3 +183,4 @@ class ChunkRead:
     dest: int
     tensor: str
     chunk_index: int
+    dest_bytes: int = 0  # bytes the destination holds at ``dest`` (the native side checks it)

@@ -3,9 +3,10 @@
 import os
 
 import pytest
+import torch
 
 import shardckpt
-from tests.data.golden.make_golden import golden_state
+from tests.data.golden.make_golden import golden_state, golden_state_1_2
 from tests.helpers import assert_same
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
@@ -31,3 +32,30 @@ def test_golden_loads_in_place_into_fresh_state():
     shardckpt.load(state, os.path.join(GOLDEN, "v1"))
     assert state["step"] == 1200
     assert_same(golden_state()["model"]["embed.weight"], state["model"]["embed.weight"])
+
+
+def test_golden_revision_1_2_loads_bytes_and_sizes():
+    """Revision 1.2 (FORMAT.md 3.4): bytes, io.BytesIO and torch.Size values."""
+    path = os.path.join(GOLDEN, "v1.2")
+    loaded = shardckpt.load_full(path)
+    expected = golden_state_1_2()
+    want, got = expected.pop("values_1_2"), loaded.pop("values_1_2")
+    assert got["buffer"].getvalue() == want.pop("buffer").getvalue()
+    got.pop("buffer")
+    assert got == want and type(got["size"]) is torch.Size
+    expected["model"]["tied"] = expected["model"]["fc.weight"]
+    assert_same(expected, loaded)
+    shardckpt.verify(path)
+
+
+def test_a_reader_meeting_an_unknown_node_kind_refuses_it(tmp_path):
+    """How a reader reacts to a node kind from a later revision (what a 1.0/1.1 reader does
+    with ``bytes``): a typed error naming the kind, not a crash or a guess."""
+    import json
+    from shardckpt import manifest as manifest_mod
+    src = os.path.join(GOLDEN, "v1.2")
+    m = manifest_mod.parse(open(os.path.join(src, "manifest.json"), "rb").read())
+    text = json.dumps(m.tree).replace('"bytesio"', '"from_the_future"')
+    with pytest.raises(shardckpt.UnsafeCheckpointError, match="from_the_future"):
+        from shardckpt.tree import build
+        build(json.loads(text), lambda k: None, blob=lambda k: b"")

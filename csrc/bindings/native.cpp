@@ -8,12 +8,14 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <string>
 #include <thread>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include "pipeline.h"
@@ -192,27 +194,54 @@ nb::tuple encode_chunks(const std::vector<ChunkTuple>& chunk_tuples, const std::
                         stats_dict(st));
 }
 
-// (offset, length, raw_length, kind, elemsize, crc, dest_ptr)
+// (offset, length, raw_length, kind, elemsize, crc, dest_ptr[, dest_bytes])
 using ReadTuple =
     std::tuple<uint64_t, uint64_t, uint64_t, int, uint32_t, uint32_t, uintptr_t>;
+// With dest_bytes: how many bytes the caller's destination holds at dest_ptr. A chunk decodes
+// to exactly raw_length bytes, so any other size means the caller planned the read wrongly
+// (a destination of another dtype, say) and the decode would write past its buffer.
+using SizedReadTuple =
+    std::tuple<uint64_t, uint64_t, uint64_t, int, uint32_t, uint32_t, uintptr_t, uint64_t>;
+using AnyReadTuple = std::variant<SizedReadTuple, ReadTuple>;
 
-std::vector<core::ChunkRead> chunk_reads(const std::vector<ReadTuple>& read_tuples) {
-  std::vector<core::ChunkRead> reads;
-  reads.reserve(read_tuples.size());
-  for (const auto& [offset, length, raw_length, kind, elemsize, crc, dest] : read_tuples) {
+core::Status chunk_reads(const std::vector<AnyReadTuple>& read_tuples,
+                         std::vector<core::ChunkRead>* reads) {
+  reads->reserve(read_tuples.size());
+  for (size_t i = 0; i < read_tuples.size(); ++i) {
+    // A read without dest_bytes (older callers) is taken to fit: nothing to check it against.
+    const SizedReadTuple t = std::visit(
+        [](const auto& r) -> SizedReadTuple {
+          if constexpr (std::tuple_size_v<std::decay_t<decltype(r)>> == 8) {
+            return r;
+          } else {
+            return std::tuple_cat(r, std::make_tuple(static_cast<uint64_t>(std::get<2>(r))));
+          }
+        },
+        read_tuples[i]);
+    const auto& [offset, length, raw_length, kind, elemsize, crc, dest, dest_bytes] = t;
     if (kind < 0 || kind > static_cast<int>(core::Kind::kShuffleZstd))
       throw nb::value_error(("unknown chunk kind " + std::to_string(kind)).c_str());
-    reads.push_back({offset, length, raw_length, static_cast<core::Kind>(kind), elemsize, crc,
-                     reinterpret_cast<uint8_t*>(dest)});
+    if (dest != 0 && dest_bytes != raw_length) {
+      core::Status s;
+      s.code = core::Code::kInvalidArgument;
+      s.message = "destination holds " + std::to_string(dest_bytes) +
+                  " bytes but the chunk decodes to " + std::to_string(raw_length) +
+                  "; refusing to write past it";
+      s.chunk = static_cast<int64_t>(i);
+      return s;
+    }
+    reads->push_back({offset, length, raw_length, static_cast<core::Kind>(kind), elemsize, crc,
+                      reinterpret_cast<uint8_t*>(dest)});
   }
-  return reads;
+  return {};
 }
 
-nb::tuple read_chunks(const std::string& path, const std::vector<ReadTuple>& read_tuples,
+nb::tuple read_chunks(const std::string& path, const std::vector<AnyReadTuple>& read_tuples,
                       int threads) {
   if (threads < 0) throw nb::value_error("threads must be >= 0 (0 = one per core)");
-  std::vector<core::ChunkRead> reads = chunk_reads(read_tuples);
-  core::Status status;
+  std::vector<core::ChunkRead> reads;
+  core::Status status = chunk_reads(read_tuples, &reads);
+  if (!status.ok()) return status_tuple(status);
   {
     nb::gil_scoped_release nogil;
     status = core::read_chunks(path, reads, threads);
@@ -222,11 +251,12 @@ nb::tuple read_chunks(const std::string& path, const std::vector<ReadTuple>& rea
 
 // read_chunks over bytes already fetched (a ranged GET): offsets are relative to `data`.
 nb::tuple decode_chunks(nb::handle data, const std::string& name,
-                        const std::vector<ReadTuple>& read_tuples, int threads) {
+                        const std::vector<AnyReadTuple>& read_tuples, int threads) {
   if (threads < 0) throw nb::value_error("threads must be >= 0 (0 = one per core)");
-  std::vector<core::ChunkRead> reads = chunk_reads(read_tuples);
+  std::vector<core::ChunkRead> reads;
+  core::Status status = chunk_reads(read_tuples, &reads);
+  if (!status.ok()) return status_tuple(status);
   ByteView view(data);
-  core::Status status;
   {
     nb::gil_scoped_release nogil;
     status = core::decode_chunks(view.data(), view.size(), name, reads, threads);
@@ -269,9 +299,10 @@ NB_MODULE(_native, m) {
 
   m.def("read_chunks", &read_chunks, "path"_a, "reads"_a, "threads"_a,
         "Read, verify and decode chunks of `path` in parallel.\n\n"
-        "reads: list of (offset, length, raw_length, kind, elemsize, crc32c, dest_address);\n"
-        "dest_address 0 verifies and decodes without storing. Returns (code, message, chunk,\n"
-        "errno).");
+        "reads: list of (offset, length, raw_length, kind, elemsize, crc32c, dest_address[,\n"
+        "dest_bytes]); dest_address 0 verifies and decodes without storing. With dest_bytes\n"
+        "(the bytes the destination holds), a read whose raw_length differs is refused\n"
+        "(code 1) before anything is written. Returns (code, message, chunk, errno).");
 
   m.def("encode_chunks", &encode_chunks, "chunks"_a, "policy"_a, "level"_a, "encode_threads"_a,
         "pool_bytes"_a, "header"_a,

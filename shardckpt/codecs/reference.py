@@ -106,13 +106,17 @@ def write_file(path, chunks, policy, level, encode_threads, write_threads, pool_
 
 def read_chunks(path, reads, threads):
     """Same contract as ``_native.read_chunks``: reads are
-    ``(offset, length, raw_length, kind, shuffle_size, crc, dest_ptr)``."""
+    ``(offset, length, raw_length, kind, shuffle_size, crc, dest_ptr[, dest_bytes])``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         return _status(IO_ERROR, f"{path}: {exc.strerror}", -1, exc.errno)
     try:
-        for index, (offset, length, raw_length, kind, shuffle_size, crc, dest) in enumerate(reads):
+        refused = _refuse_misfit(reads)
+        if refused:
+            return refused
+        for index, (offset, length, raw_length, kind, shuffle_size, crc, dest, *_) in \
+                enumerate(reads):
             stored = os.pread(fd, length, offset)
             if len(stored) != length:
                 return _status(TRUNCATED, f"{path}: read {len(stored)} of {length} bytes at "
@@ -147,7 +151,11 @@ def encode_chunks(chunks, policy, level, encode_threads, pool_bytes, header):
 def decode_chunks(data, name, reads, threads):
     """Same contract as ``_native.decode_chunks``: ``read_chunks`` over bytes in memory."""
     data = memoryview(data)
-    for index, (offset, length, raw_length, kind, shuffle_size, crc, dest) in enumerate(reads):
+    refused = _refuse_misfit(reads)
+    if refused:
+        return refused
+    for index, (offset, length, raw_length, kind, shuffle_size, crc, dest, *_) in \
+            enumerate(reads):
         if offset + length > len(data):
             return _status(TRUNCATED, f"{name}: range ends past the {len(data)} bytes", index)
         stored = bytes(data[offset:offset + length])
@@ -155,6 +163,16 @@ def decode_chunks(data, name, reads, threads):
         if failed:
             return failed
     return _status()
+
+
+def _refuse_misfit(reads):
+    """The failure status of the first read whose destination (``dest_bytes``, when given)
+    does not hold exactly what the chunk decodes to, before anything is written; else None."""
+    for index, r in enumerate(reads):
+        if len(r) > 7 and r[6] and r[7] != r[2]:
+            return _status(INVALID, f"destination holds {r[7]} bytes but the chunk decodes to "
+                                    f"{r[2]}; refusing to write past it", index)
+    return None
 
 
 def _check_and_place(stored: bytes, index, raw_length, kind, shuffle_size, crc, dest):

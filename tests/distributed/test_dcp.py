@@ -51,3 +51,24 @@ def test_dcp_reader_loads_a_shardckpt_checkpoint(tmp_path):
     target = {"model": {"w": torch.zeros(3, 4)}, "step": 0}
     dcp.load(target, storage_reader=Reader(path))
     assert torch.equal(target["model"]["w"], state["model"]["w"]) and target["step"] == 7
+
+
+def _rank_local_save(rank, world, path):
+    from shardckpt.errors import UnsupportedSaveError
+    try:
+        dcp.save({"w": torch.full((4,), float(rank))}, storage_writer=Writer(path),
+                 use_collectives=False)
+    except UnsupportedSaveError as exc:
+        return str(exc)
+    return None
+
+
+def test_rank_local_dcp_save_is_refused_on_every_rank(tmp_path):
+    """dcp.save(use_collectives=False) would commit one manifest per rank into one folder;
+    every rank refuses it before writing anything."""
+    path = str(tmp_path / "local")
+    results = run_with_ranks(2, _rank_local_save, path)
+    assert all(r.error is None and r.value and "use_collectives=False" in r.value
+               for r in results), results
+    assert not (tmp_path / "local").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -25,7 +25,9 @@ def test_kill_9_of_a_process_saving_in_a_loop(tmp_path):
         interrupted += bool(out["detected"] or out["inflight-ok"])
         total += out
     assert total["lost"] == 0 and total["escaped"] == 0, total
-    assert total["committed-ok"] >= 5 * n, total  # the trials did commit (not killed at birth)
+    # The trials did commit (not killed at birth). How many saves fit before the kill depends on
+    # the machine's load, so this asks for one per trial on average, not a rate.
+    assert total["committed-ok"] >= n, total
     assert interrupted >= n // 2, (interrupted, total)  # and the kills did land inside saves
 
 

@@ -1,9 +1,12 @@
 """Writes the golden checkpoint of the current format version, and defines what it holds.
 
-Usage: python tests/data/golden/make_golden.py   (only when FORMAT.md's version changes: the
-checkpoints of earlier versions stay as they are, and every later reader must load them).
+Usage: python tests/data/golden/make_golden.py [REVISION]   (only when FORMAT.md's version or
+document revision changes: the checkpoints of earlier ones stay as they are, and every later
+reader must load them). With REVISION (e.g. ``1.2``) it writes ``v<REVISION>/``: the state of
+that revision, which adds what the revision introduced to ``golden_state()``.
 """
 
+import io
 import math
 import os
 import sys
@@ -36,15 +39,34 @@ def golden_state() -> dict:
     }
 
 
+def golden_state_1_2() -> dict:
+    """Revision 1.2: bytes and io.BytesIO values (node kinds ``bytes``, ``bytesio``) and
+    ``torch.Size`` (node kind ``size``)."""
+    state = golden_state()
+    state["values_1_2"] = {
+        "raw": bytes(range(256)) * 3,
+        "empty": b"",
+        "buffer": io.BytesIO(b"\x80\x04 not a pickle, just bytes \x00\xff"),
+        "in_list": [b"a", b"bc"],
+        "size": torch.Size([3, 0, 7]),
+    }
+    return state
+
+
+REVISIONS = {"1.2": golden_state_1_2}
+
+
 def main() -> int:
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
     import shardckpt
     from shardckpt.types import FORMAT_VERSION
-    dest = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"v{FORMAT_VERSION}")
-    state = golden_state()
+    revision = sys.argv[1] if len(sys.argv) > 1 else None
+    name = f"v{revision}" if revision else f"v{FORMAT_VERSION}"
+    dest = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    state = REVISIONS[revision]() if revision else golden_state()
     state["model"]["tied"] = state["model"]["fc.weight"]
     shardckpt.save(state, dest, codec="zstd", chunk_bytes=1024, overwrite=True,
-                   metadata={"note": "golden checkpoint of format v1"})
+                   metadata={"note": f"golden checkpoint of format {name}"})
     print(f"wrote {dest}")
     return 0
 
