@@ -2,6 +2,7 @@
 
 Usage:
     python launch/train.py --checkpoint-dir DIR [--max-steps 200] [--save-every 50]
+        [--freeze] [--incremental] [--codec auto|zstd|raw]
     torchrun --nproc-per-node 2 launch/train.py --checkpoint-dir DIR [--parallel fsdp|ddp]
     (or launch/torchrun.sh, launch/slurm.sbatch)
 
@@ -11,7 +12,8 @@ Python has. Under torchrun it shards the model with FSDP2 (``fully_shard``, defa
 replicates it with DDP; gloo on CPUs, NCCL when every rank has a GPU.
 
 Checkpointing goes through ``shardckpt.CheckpointManager``: an async save every
-``--save-every`` steps, retention (``--keep-last``, ``--keep-best`` by loss), and preemption: on
+``--save-every`` steps (guarded by the optimizer: its parameters and moments are copied while
+the next forward/backward runs, and ``optim.step()`` waits for that copy), retention (``--keep-last``, ``--keep-best`` by loss), and preemption: on
 SIGTERM every rank saves at the end of the current step, commits and exits with status 75. On
 start it resumes from the newest checkpoint that loads: model, optimizer, LR schedule, RNG and
 data position, on any world size (the global batch is fixed, so the math does not depend on the
@@ -177,6 +179,12 @@ def parse_args(argv=None):
     p.add_argument("--corpus-bytes", type=int, default=4 << 20)
     p.add_argument("--step-sleep", type=float, default=0.0,
                    help="seconds to sleep per step (lets a demo interrupt a fast run)")
+    p.add_argument("--freeze", action="store_true", help="fine-tuning: freeze the embeddings "
+                   "and the first half of the blocks")
+    p.add_argument("--incremental", action="store_true",
+                   help="incremental checkpoints: unchanged chunks are referenced, not rewritten")
+    p.add_argument("--codec", choices=("auto", "zstd", "raw"), default=None,
+                   help="checkpoint codec (default: the knob, auto)")
     return p.parse_args(argv)
 
 
@@ -231,8 +239,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the same kernels every run: resumed runs are bit-exact
     model = GPT(256, args.seq_len, args.dim, args.layers, args.heads).to(device)
     params = sum(p.numel() for p in model.parameters())
+    if args.freeze:
+        frozen = [model.embed, *model.blocks[:args.layers // 2]]
+        for p in [model.pos, *(p for m in frozen for p in m.parameters())]:
+            p.requires_grad_(False)
     model = wrap(model, args.parallel, world, device)
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(args.warmup, args.max_steps))
     data = Batches(stdlib_corpus(args.corpus_bytes), args.seq_len, args.global_batch_size,
                    args.seed)
@@ -245,7 +258,10 @@ def main(argv=None) -> int:
     mgr = shardckpt.CheckpointManager(
         args.checkpoint_dir, every_n_steps=args.save_every or None,
         keep_last=args.keep_last or None, keep_best=args.keep_best or None, monitor="loss",
-        async_save=not args.sync_save, load_options={"per_rank": "rank0"})
+        async_save=not args.sync_save, load_options={"per_rank": "rank0"},
+        guard=optim,  # parameters and moments are copied during the next forward/backward
+        incremental=args.incremental,
+        save_options={"codec": args.codec} if args.codec else None)
     resumed = mgr.restore(state)
     step = state["step"] if resumed is not None else 0
     say(f"[train] resumed from {mgr.path(resumed)}" if resumed is not None else

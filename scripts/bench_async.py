@@ -2,7 +2,10 @@
 
 Usage:
     PYTHONPATH=. .venv/bin/python scripts/bench_async.py [--size-gib 1.0] [--reps 5]
-        [--dir DIR] [--json OUT] [--quick]
+        [--dir DIR] [--json OUT] [--quick] [--guarded]
+
+``--guarded`` runs bench_guarded.py instead: a model + AdamW state saved guarded (the optimizer
+copies in the background), eager, and by DCP, against a warm copy.
 
 State: an LLM-shaped state of ``--size-gib`` (bench_common.llm_state: half bf16 weights, half a
 ZeRO-1 rank's fp32 optimizer share). ``--quick`` is a smoke test: 0.1 GiB, 1 repetition.
@@ -414,6 +417,7 @@ def parse_args(argv=None):
     p.add_argument("--dir", help="where to write (a fresh folder inside it; default /tmp)")
     p.add_argument("--json", help="write every measurement to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke test: 0.1 GiB, 1 rep")
+    p.add_argument("--guarded", action="store_true", help="the guarded stall (bench_guarded.py)")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
     if args.quick:
@@ -437,6 +441,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(CORES)
     os.makedirs(args.dir or tempfile.gettempdir(), exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="bench_async-", dir=args.dir)
+    if args.guarded:
+        return guarded(args, workdir)
     report = {"header": (f"bench_async: shardckpt {shardckpt.__version__} (backend "
                          f"{shardckpt.codecs.BACKEND}), torch {torch.__version__}, {CORES} cores"),
               "args": vars(args)}
@@ -449,6 +455,20 @@ def main(argv=None) -> int:
     report["checks"] = checks(report)
     print_report(report)
     bc.write_json(report, args.json)
+    return 0
+
+
+def guarded(args, workdir: str) -> int:
+    import bench_guarded
+    try:
+        result = bench_guarded.run(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"bench_async --guarded: shardckpt {shardckpt.__version__}, torch {torch.__version__}, "
+          f"{CORES} cores")
+    result["checks"] = bench_guarded.report(result, args.reps)
+    print_checks(result["checks"])
+    bc.write_json(result, args.json)
     return 0
 
 

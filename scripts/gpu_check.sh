@@ -2,7 +2,8 @@
 # Usage: scripts/gpu_check.sh
 #   The CUDA checks, for the rare session with a GPU machine, in one command under 5 minutes:
 #   tests/gpu and scripts/bench_gpu.py (device-to-host staging throughput vs a bare pinned
-#   copy_, and the stall of async_save for a multi-GiB state). Uses the python3 on PATH and its
+#   copy_, the stall of async_save for a multi-GiB state, and with --guarded how much of a
+#   guarded save's device-to-host copy hides behind the next forward/backward). Uses the python3 on PATH and its
 #   CUDA torch. Offline machines: put wheels of scikit-build-core, nanobind, zstandard, crc32c in
 #   wheels/ (pip download ... -d wheels) to build the native core; without them it runs on the
 #   reference codec. Environment: PYTHON=python3 SIZE_GIB=2
@@ -17,3 +18,4 @@ fi
   || echo "gpu_check: native build failed here; the checks run on the reference codec"
 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
 "$PY" scripts/bench_gpu.py --size-gib "${SIZE_GIB:-2}"
+"$PY" scripts/bench_gpu.py --guarded --size-gib "${SIZE_GIB:-2}"

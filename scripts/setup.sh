@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Usage: scripts/setup.sh
-#   Prepares a fresh machine for shardckpt: the zstd development files (apt-get, when missing and
-#   possible), a virtual environment in $VENV (default .venv) with the CPU build of torch, and an
-#   editable install of shardckpt with its native core built. Safe to run again: it rebuilds
+#   Prepares a fresh machine for shardckpt: the zstd and xxhash development files (apt-get,
+#   when missing and possible), a virtual environment in $VENV (default .venv) with the CPU
+#   build of torch, and an editable install of shardckpt with its native core built. Safe to run again: it rebuilds
 #   only when the native sources changed. Environment:
 #     VENV=.venv  PYTHON=python3  TORCH_SPEC='torch==2.13.0'  EXTRAS=test
 set -euo pipefail
@@ -12,23 +12,26 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRAS=${EXTRAS:-test}
 
-have_zstd_headers() { echo '#include <zstd.h>' | ${CC:-cc} -E -x c - >/dev/null 2>&1; }
+have_header() { echo "#include <$1>" | ${CC:-cc} -E -x c - >/dev/null 2>&1; }
 
-if ! have_zstd_headers; then
-  echo "setup: zstd development files missing; installing libzstd-dev" >&2
+# System libraries the native core links: header -> Debian package.
+need_dev() {  # need_dev HEADER PACKAGE FEDORA-PACKAGE BREW-FORMULA
+  have_header "$1" && return 0
+  echo "setup: $1 missing; installing $2" >&2
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo -n"
   if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
-    $SUDO apt-get install -y -q libzstd-dev >/dev/null 2>&1 \
-      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libzstd-dev >/dev/null; }
+    $SUDO apt-get install -y -q "$2" >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "$2" >/dev/null; }
   fi
-  if ! have_zstd_headers; then
-    echo "setup: cannot install the zstd development files here. Install them and rerun:" >&2
-    echo "  Debian/Ubuntu: apt-get install libzstd-dev   Fedora: dnf install libzstd-devel" >&2
-    echo "  macOS: brew install zstd" >&2
+  if ! have_header "$1"; then
+    echo "setup: cannot install the development files of $1 here. Install them and rerun:" >&2
+    echo "  Debian/Ubuntu: apt-get install $2   Fedora: dnf install $3   macOS: brew install $4" >&2
     exit 1
   fi
-fi
+}
+need_dev zstd.h libzstd-dev libzstd-devel zstd
+need_dev xxhash.h libxxhash-dev xxhash-devel xxhash
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)

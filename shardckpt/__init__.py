@@ -13,6 +13,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundE
                      CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
                      RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
                      UnsupportedValueError)
+from .errors import StateChangedError
 from .errors import ExportError, MissingExtraError
 
 __all__ = [
@@ -22,7 +23,7 @@ __all__ = [
     "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
-    "ExportError", "MissingExtraError",
+    "StateChangedError", "ExportError", "MissingExtraError",
 ]
 
 from .errors import UnsupportedSaveError  # noqa: E402  (DCP rank-local saves)

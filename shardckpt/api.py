@@ -18,6 +18,7 @@ import torch
 
 from .dist import exchange
 from .observe import log_load, log_save
+from .incremental import base_name
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
 from .read import ReadPlan, open_for_read, open_manifest, read_blob
@@ -62,7 +63,7 @@ def _check_metadata(metadata) -> dict:
 def save(state: Any, path, *, codec: str | None = None, level: int | None = None,
          metadata: dict | None = None, overwrite: bool = False, durable: bool = True,
          storage_options: dict | None = None, timeout: float | None = None,
-         **tuning) -> SaveInfo:
+         base=None, **tuning) -> SaveInfo:
     """Save ``state`` as a checkpoint folder at ``path``, atomically.
 
     Collective when a process group of several ranks is initialized: every rank calls it with
@@ -84,15 +85,21 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
         durable: fsync data and manifest before the commit (leave on outside benchmarks).
         storage_options: passed to fsspec for URLs (credentials, ``endpoint_url``...).
         timeout: seconds to wait for the slowest rank (default: knob ``dist_timeout``).
+        base: an incremental save: a committed checkpoint under the same parent (its name or
+            path). Chunks whose content (xxh3-128 of the raw bytes) it already stores are
+            referenced, not written (FORMAT.md 3.6); loading needs nothing beyond the root.
         **tuning: ``chunk_bytes``, ``pool_bytes``, ``encode_threads``, ``write_threads``,
-            ``files_per_rank`` (knobs.py).
+            ``files_per_rank`` (knobs.py); ``content_hashes=True`` records chunk hashes
+            without a base, so that later saves can reference this one.
 
     Returns:
         SaveInfo with this rank's sizes and the pipeline's statistics.
 
     Raises:
         UnsupportedValueError: a value cannot be saved without pickling (its path is named).
-        CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is false.
+        CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is false, or
+            other checkpoints reference its files.
+        UnsafeCheckpointError: ``base`` lies under another root.
         DiskFullError, StorageError: writing failed; nothing was committed.
         RankFailureError: (several ranks) any rank failed; raised on every rank, nothing was
             committed.
@@ -101,7 +108,8 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     opts = WriteOptions.resolve(codec=codec, level=level, durable=durable, **tuning)
     metadata = _check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
-    report = run_save(state, storage, name, opts, metadata, overwrite, timeout)
+    base = base_name(storage, name, base, storage_options)
+    report = run_save(state, storage, name, opts, metadata, overwrite, timeout, base)
     info = SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
     log_save(info.path, info.raw_bytes, info.stored_bytes, info.seconds, stall=info.seconds)
     return info

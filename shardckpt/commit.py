@@ -85,18 +85,6 @@ def remove_leftovers(storage: Storage, names: list[str] | None = None) -> list[s
     return removed
 
 
-def delete_checkpoint(storage: Storage, name: str) -> None:
-    """Delete a committed checkpoint so that it is never seen half-deleted: renamed out of sight
-    first where renames are atomic, otherwise its manifest (the commit marker) goes first."""
-    if storage.atomic_rename:
-        hidden = f".{name}{DELETE_MARK}{secrets.token_hex(4)}"
-        storage.rename(name, hidden)
-        storage.delete(hidden)
-    else:
-        storage.delete(f"{name}/{MANIFEST_NAME}")
-        storage.delete(name)
-
-
 _DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.bin")
 
 

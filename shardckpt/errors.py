@@ -112,3 +112,16 @@ class ExportError(CheckpointError, ValueError):
 class UnsupportedSaveError(CheckpointError, ValueError):
     """A save was asked for in a mode shardckpt cannot commit as one checkpoint (a DCP save with
     ``use_collectives=False`` on several ranks); nothing was written."""
+
+
+class StateChangedError(CheckpointError, RuntimeError):
+    """A guarded tensor changed in place before ``async_save`` had copied it; nothing was
+    committed (the checkpoint would have been torn).
+
+    Attributes:
+        tensor: the tensor's key in the state (``/``-separated).
+    """
+
+    def __init__(self, message: str, *, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor

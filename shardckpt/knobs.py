@@ -71,6 +71,11 @@ KNOBS = {
                                "memory."),
     "max_chunk_bytes": Knob("SHARDCKPT_MAX_CHUNK_BYTES", 1 << 31,
                             "Largest decoded chunk a reader accepts from a manifest (safety)."),
+    "staging_pool_fraction": Knob("SHARDCKPT_STAGING_POOL_FRACTION", 0.125,
+                                  "Share of async_save's staging_budget_bytes given to the "
+                                  "native encode pool (never more than pool_bytes); the staging "
+                                  "arena gets the rest, so a save adds about the budget. More "
+                                  "lets zstd run further ahead; less stages larger batches."),
 }
 
 

@@ -14,6 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from . import retire
 from .commit import is_committed
 from .storage import Storage
 from .types import DATA_DIR, MANIFEST_NAME
@@ -36,7 +37,8 @@ class RootEntry:
     """One name under the root.
 
     Attributes:
-        kind: ``committed``, ``uncommitted`` (a step folder without a manifest), ``tmp``,
+        kind: ``committed``, ``uncommitted`` (a step folder without a manifest), ``retired``
+            (deleted, but newer checkpoints reference some of its files: retire.py), ``tmp``,
             ``old``, ``deleting`` or ``latest-tmp``.
     """
 
@@ -54,7 +56,8 @@ def entries(storage: Storage) -> list[RootEntry]:
     found = []
     for name in storage.list(""):
         if match := STEP_NAME.fullmatch(name):
-            kind = "committed" if is_committed(storage, name) else "uncommitted"
+            kind = "committed" if is_committed(storage, name) else \
+                "retired" if retire.is_retired(storage, name) else "uncommitted"
             found.append(RootEntry(name, int(match.group(1)), kind))
         elif match := HIDDEN.fullmatch(name):
             found.append(RootEntry(name, int(match.group(1)), match.group(2)))
@@ -109,6 +112,24 @@ def _verdict(storage: Storage, entry: RootEntry, committed: set, older_than: flo
     return True, "leftover of an interrupted save", age
 
 
+def _sweep_retired(storage: Storage, entry: RootEntry, dry_run: bool, removed: list,
+                   kept: list) -> None:
+    """A retired folder: its files no committed checkpoint references go (retire.sweep)."""
+    held, users = retire.held_files(storage, entry.name)
+    row = {"name": entry.name, "kind": "retired", "step": entry.step,
+           "bytes": folder_bytes(storage, entry.name), "age_seconds": None}
+    if held:
+        row["reason"] = f"files referenced by {', '.join(users[:3])}"
+        if not dry_run and held is not retire.ALL:
+            retire.sweep(storage, entry.name)
+        kept.append(row)
+    else:
+        row["reason"] = "retired and no longer referenced"
+        if not dry_run:
+            retire.sweep(storage, entry.name)
+        removed.append(row)
+
+
 def collect_garbage(storage: Storage, older_than: float = 3600.0,
                     dry_run: bool = False) -> tuple[list[dict], list[dict]]:
     """Remove (unless ``dry_run``) the leftovers of interrupted saves under a manager root.
@@ -127,6 +148,9 @@ def collect_garbage(storage: Storage, older_than: float = 3600.0,
     committed = {e.step for e in found if e.committed}
     now, removed, kept = time.time(), [], []
     for entry in found:
+        if entry.kind == "retired":
+            _sweep_retired(storage, entry, dry_run, removed, kept)
+            continue
         if entry.committed:
             continue
         remove, why, age = _verdict(storage, entry, committed, older_than, now)

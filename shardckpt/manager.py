@@ -23,14 +23,13 @@ import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
-from . import knobs
+from . import knobs, observe, retire
 from .api import load, save
 from .asyncsave import async_save as start_async_save
-from .commit import delete_checkpoint, is_committed
+from .commit import is_committed
 from .errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
                      UnsupportedValueError)
 from .export import export_weights as export_checkpoint_weights
-from . import observe
 from .layout import LATEST_NAME, STEP_NAME, collect_garbage, step_name
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from .read import open_manifest
@@ -146,6 +145,9 @@ class CheckpointManager:
             checkpoint, for tools and people (``restore`` lists the folders and does not rely
             on it).
         async_save: save in the background (the loop stalls only for the copy).
+        guard: an optimizer or a list of them, for ``async_save``: the tensors they own are
+            copied in the background and their ``step()`` waits for the copy (see
+            ``shardckpt.async_save``). Optimizers inside the state are guards anyway.
         handle_preemption: install handlers for ``preemption_signals`` (main thread only).
         preemption_signals: signals that announce preemption.
         grace_seconds: from a preemption signal, the time allowed to commit before the process
@@ -154,6 +156,9 @@ class CheckpointManager:
         save_options: extra keyword arguments for every ``save`` / ``async_save`` (codec, ...).
         load_options: extra keyword arguments for ``load`` in ``restore`` (e.g.
             ``per_rank="rank0"`` to resume per-rank values on another world size).
+        incremental: each save references the chunks the previous committed checkpoint already
+            stores instead of writing them again (``save(..., base=...)``, FORMAT.md 3.6);
+            retention then keeps the files that newer checkpoints reference.
         clock: a monotonic clock in seconds (tests replace it).
         on_event: called with a ``shardckpt.observe.CheckpointEvent`` for each save started,
             committed or failed, each restore, removal and preemption (on every rank; byte
@@ -170,7 +175,7 @@ class CheckpointManager:
                  save_last: bool = True, async_save: bool = True, handle_preemption: bool = True,
                  preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
                  storage_options: dict | None = None, save_options: dict | None = None,
-                 load_options: dict | None = None,
+                 load_options: dict | None = None, guard=None, incremental: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  on_event: Callable[[observe.CheckpointEvent], None] | None = None):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
@@ -187,7 +192,7 @@ class CheckpointManager:
         self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.save_last = monitor, mode, save_last
-        self.async_save = async_save
+        self.async_save, self.guard, self.incremental = async_save, guard, incremental
         self.storage_options = storage_options
         self.save_options = dict(save_options or {})
         self.load_options = dict(load_options or {})
@@ -321,9 +326,13 @@ class CheckpointManager:
         options.pop("overwrite", None)  # a step's checkpoint is always replaced
         kwargs = {"storage_options": self.storage_options, **options, "metadata": meta,
                   "overwrite": True}
+        if self.incremental:  # the newest other committed step is the base (all ranks see it)
+            previous = [s for s in self.steps() if s != step]
+            kwargs.update(content_hashes=True,
+                          base=step_name(previous[-1]) if previous else None)
         self._last_step, self._last_time = step, self._clock()
         if self.async_save:
-            handle = start_async_save(state_dict, self.path(step), **kwargs)
+            handle = start_async_save(state_dict, self.path(step), guard=self.guard, **kwargs)
             self._inflight = (step, metrics, handle)
             self._emit(observe.SAVE_STARTED, step, reason=reason, metrics=metrics,
                        stall_seconds=handle.stall_seconds)
@@ -371,16 +380,19 @@ class CheckpointManager:
         protect = {self._inflight[0]} if self._inflight else set()
         keep = to_keep(steps, metrics, keep_last=self.keep_last, keep_best=self.keep_best,
                        monitor=self.monitor, mode=self.mode, protect=protect)
-        for step in steps:
-            if step not in keep:
-                self._remove(step_name(step))
-                self._metrics.pop(step, None)
-                self._emit(observe.REMOVED, step)
+        removed = [step for step in steps if step not in keep]
+        for step in removed:
+            self._remove(step_name(step))
+            self._metrics.pop(step, None)
+            self._emit(observe.REMOVED, step)
+        if removed:  # earlier retired folders whose last user just went
+            retire.sweep_all(self._storage)
 
     def _remove(self, name: str) -> None:
         """Delete a checkpoint so that it is never seen half-deleted: renamed out of sight first
-        where renames are atomic, otherwise its manifest (the commit marker) goes first."""
-        delete_checkpoint(self._storage, name)
+        where renames are atomic, otherwise its manifest (the commit marker) goes first. Files
+        that newer checkpoints reference stay (retire.py)."""
+        retire.remove_checkpoint(self._storage, name)
 
     # ----------------------------------------------------------------- loading
     def restore(self, state_dict: Any, step: int | None = None, **load_options) -> int | None:

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from . import codecs, tables
+from . import codecs, refs, tables
 from ._version import __version__
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 from .tree import tensor_keys
@@ -34,7 +34,7 @@ def to_json(m: Manifest) -> bytes:
         "created_unix": m.created_unix,
         "world_size": m.world_size,
         "checksum": "crc32c",
-        "files": [{"path": f.path, "size": f.size, "rank": f.rank} for f in m.files],
+        "files": [_file_json(f) for f in m.files],
         "codecs": [list(c) for c in m.codecs],
         "tensors": {key: {"dtype": t.dtype.name, "shape": list(t.shape), **tables.encode_entry(t)}
                     for key, t in m.tensors.items()},
@@ -43,8 +43,17 @@ def to_json(m: Manifest) -> bytes:
     }
     if m.rank_overrides:
         doc["rank_overrides"] = [list(o) for o in m.rank_overrides]
+    if m.hashes is not None:
+        doc["content_hashes"] = refs.hashes_json(m.hashes)
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()[:-1]
     return body + CRC_MEMBER + str(codecs.backend.crc32c(body)).encode() + b"}"
+
+
+def _file_json(f: FileEntry) -> dict:
+    doc = {"path": f.path, "size": f.size, "rank": f.rank}
+    if f.base is not None:
+        doc["base"] = f.base
+    return doc
 
 
 CRC_MEMBER = b',"manifest_crc32c":'
@@ -85,14 +94,16 @@ def _parse_files(raw) -> tuple[FileEntry, ...]:
         raise _unsafe("files must be a list")
     files, seen = [], set()
     for i, f in enumerate(raw):
-        if not isinstance(f, dict) or set(f) != {"path", "size", "rank"}:
-            raise _unsafe(f"files[{i}] must have exactly path, size, rank (got {f!r:.120})")
-        path = f["path"]
-        if not isinstance(path, str) or not FILE_PATH.fullmatch(path) or path in seen:
+        if not isinstance(f, dict) or not {"path", "size", "rank"} <= set(f) <= \
+                {"path", "size", "rank", "base"}:
+            raise _unsafe(f"files[{i}] must have exactly path, size, rank and optionally base "
+                          f"(got {f!r:.120})")
+        path, base = f["path"], refs.check_base_name(f.get("base"), f"files[{i}].base")
+        if not isinstance(path, str) or not FILE_PATH.fullmatch(path) or (base, path) in seen:
             raise _unsafe(f"files[{i}].path {path!r:.120} is not a unique data/<name> path")
-        seen.add(path)
+        seen.add((base, path))
         files.append(FileEntry(path, _int(f["size"], f"files[{i}].size", HEADER_BYTES),
-                               _int(f["rank"], f"files[{i}].rank", 0, 1 << 24)))
+                               _int(f["rank"], f"files[{i}].rank", 0, 1 << 24), base))
     return tuple(files)
 
 
@@ -153,7 +164,8 @@ def parse(data: bytes) -> Manifest:
                     tree=doc["tree"], metadata=doc["metadata"],
                     writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
                     created_unix=doc.get("created_unix", 0.0),
-                    rank_overrides=overrides)
+                    rank_overrides=overrides,
+                    hashes=refs.parse_hashes(doc.get("content_hashes"), tensors))
 
 
 def _check_stored_bytes(files, tensors) -> None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import tables
+from . import incremental, tables
 from .errors import UnsupportedValueError
 from .tree import fill_values, with_overrides
-from .types import DTYPES, FileEntry, Manifest, TensorEntry
+from .types import DTYPES, Manifest, TensorEntry
 
 
 @dataclass
@@ -200,18 +200,20 @@ def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
 def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, dict],
                    metadata: dict) -> Manifest:
     """The global manifest from every rank's report (files, codecs, pieces, chunk rows)."""
-    files, chains, chain_ids = [], [], {}
+    chains, chain_ids = [], {}
+    files, first, ref_index = incremental.file_entries(results)  # references: FORMAT.md 3.6
+    hashed = all("hashes" in res for res in results.values())
     piece_kid, piece_box, piece_count, chunk_rows = [], [], [], []
     for rank in sorted(results):
         res = results[rank]
-        base = len(files)
-        files += [FileEntry(f["path"], f["size"], rank) for f in res["files"]]
         remap = np.array([chain_ids.setdefault(json.dumps(c), len(chain_ids)) for c in
                           res["codecs"]] or [0], np.int64)
         pieces = tables.decode(res["pieces"], 2, f"rank {rank} report")
         rows = tables.decode(res["chunks"], 7, f"rank {rank} report")
-        rows[:, 0] += base
+        incremental.place_rows(rows, first[rank], ref_index[rank])
         rows[:, 5] = remap[rows[:, 5]]
+        if hashed:  # two more columns that travel with their rows, split off below
+            rows = np.hstack([rows, tables.decode(res["hashes"], 2, f"rank {rank} report")])
         piece_kid.append(gp.kids[rank][pieces[:, 0]])
         piece_box.append(gp.boxes[rank][pieces[:, 0]])
         piece_count.append(pieces[:, 1])
@@ -219,10 +221,11 @@ def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, di
     chains = [tuple(json.loads(c)) for c in chain_ids]
     tensors = _tensor_entries(gp, np.concatenate(piece_kid), np.concatenate(piece_box),
                               np.concatenate(piece_count), np.concatenate(chunk_rows))
+    tensors, hashes = incremental.split_hashes(tensors, hashed)
     tree, overrides = rank_trees(plans, gp)
     return Manifest(world_size=len(plans), files=tuple(files), codecs=tuple(chains),
                     tensors=tensors, tree=tree, metadata=metadata, created_unix=time.time(),
-                    rank_overrides=tuple(overrides) or None)
+                    rank_overrides=tuple(overrides) or None, hashes=hashes)
 
 
 def _stable_order(values: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ destination holds there, and the backend refuses a read that would not fit exact
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import stat
@@ -44,28 +45,42 @@ def open_manifest(storage: Storage, name: str) -> Manifest:
     if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
     # Bounded even if the file grows after the size check.
-    return manifest_mod.parse(storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1))
+    m = manifest_mod.parse(storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1))
+    if any(f.base == name for f in m.files):
+        raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME}: a file names its own checkpoint "
+                                    "as its base")
+    return dataclasses.replace(m, name=name)
 
 
-def check_inside(root: str, rel: str) -> str:
-    """The real path of ``rel`` under ``root``; refuses one that resolves outside the checkpoint
-    (a symbolic link) or that is not a regular file (a FIFO or device would block or never end).
-    """
+def file_label(m: Manifest, f: FileEntry) -> str:
+    """How messages name data file ``f`` of ``m``: its path, and for a reference the
+    checkpoint that stores it and the one that references it (FORMAT.md 3.6)."""
+    if f.base is None:
+        return f.path
+    return f"{f.location} (stored by checkpoint {f.base!r}, referenced by {m.name!r})"
+
+
+def check_inside(root: str, rel: str, label: str | None = None) -> str:
+    """The real path of ``rel`` under ``root``; refuses one that resolves outside it (a symbolic
+    link) or that is not a regular file (a FIFO or device would block or never end). ``root`` is
+    the checkpoint, or for a referenced file (``label`` names it) the root holding both."""
     root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(root, rel))
+    where = "the checkpoint" if label is None else "the checkpoints' root"
     if os.path.commonpath([root, real]) != root:
-        raise UnsafeCheckpointError(f"{rel} resolves outside the checkpoint ({real})")
+        raise UnsafeCheckpointError(f"{label or rel} resolves outside {where} ({real})")
     if os.path.exists(real) and not stat.S_ISREG(os.stat(real).st_mode):
-        raise UnsafeCheckpointError(f"{rel} is not a regular file")
+        raise UnsafeCheckpointError(f"{label or rel} is not a regular file")
     return real
 
 
 def data_paths(storage: Storage, name: str, m: Manifest) -> list[str]:
     """Real paths of the data files, each checked to lie inside the checkpoint and to have the
     size the manifest records. Every path is checked before any data file is opened."""
-    root = storage.local_path(name)
-    paths = [check_inside(root, f.path) for f in m.files]
-    return [_check_file(real, f) for f, real in zip(m.files, paths)]
+    root, parent = storage.local_path(name), storage.local_path("")
+    paths = [check_inside(root, f.path) if f.base is None else
+             check_inside(parent, f.location, file_label(m, f)) for f in m.files]
+    return [_check_file(real, f, file_label(m, f)) for f, real in zip(m.files, paths)]
 
 
 def check_data_file(root: str, f: FileEntry) -> str:
@@ -77,20 +92,24 @@ def check_data_file(root: str, f: FileEntry) -> str:
         UnsafeCheckpointError: the path resolves outside the checkpoint or is no regular file.
         CorruptCheckpointError: the file is missing, has another size, or a foreign header.
     """
+    if f.base is not None:  # a reference: the file lives in the sibling checkpoint f.base
+        parent = os.path.dirname(os.path.realpath(root))
+        return _check_file(check_inside(parent, f.location, f.location), f, f.location)
     return _check_file(check_inside(root, f.path), f)
 
 
-def _check_file(real: str, f: FileEntry) -> str:
+def _check_file(real: str, f: FileEntry, label: str | None = None) -> str:
+    label = label or f.path
     try:
         size = os.stat(real).st_size
     except FileNotFoundError:
-        raise CorruptCheckpointError("data file is missing", file=f.path) from None
+        raise CorruptCheckpointError("data file is missing", file=label) from None
     if size != f.size:
         raise CorruptCheckpointError(f"data file has {size} bytes, the manifest says "
-                                     f"{f.size} (truncated or overwritten)", file=f.path)
+                                     f"{f.size} (truncated or overwritten)", file=label)
     with open(real, "rb") as fh:
         if fh.read(HEADER_BYTES) != FILE_HEADER:
-            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
+            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=label)
     return real
 
 
@@ -228,7 +247,7 @@ class ReadPlan:
             statuses = list(pool.map(lambda fr: read_file_chunks(
                 paths[fr[0]], [backend_request(r) for r in fr[1]], per_file), files))
         for (file_index, reads), status in zip(files, statuses):
-            raise_for(status, file=self.m.files[file_index].path,
+            raise_for(status, file=file_label(self.m, self.m.files[file_index]),
                       describe=lambda i, reads=reads: (reads[i].tensor, reads[i].chunk_index))
         with torch.no_grad():
             for fn in self.after:

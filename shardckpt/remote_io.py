@@ -111,7 +111,7 @@ def _chain(head: list, rest: Iterator) -> Iterator:
 
 def encoded_parts(rel: str, sources: list[ChunkSource], opts, pool_bytes: int, threads: int,
                   records: list, stats: dict, part_bytes: int | None = None,
-                  pressure: Pressure | None = None) -> Iterator:
+                  pressure: Pressure | None = None, known: bytes = b"") -> Iterator:
     """Encode ``sources`` into the parts of one data file (header first), lazily; fills
     ``records`` with each chunk's ``(offset, length, kind, crc)`` in the file. ``auto`` asks
     ``pressure`` per part. Raises the typed error of a failed encode."""
@@ -130,9 +130,9 @@ def encoded_parts(rel: str, sources: list[ChunkSource], opts, pool_bytes: int, t
         chunks = [(sources[i].ptr, sources[i].nbytes, sources[i].shuffle_size) for i in group]
         status, data, recs, st = codecs.backend.encode_chunks(
             chunks, pressure.codec(opts.codec), opts.level, threads, pool_bytes,
-            FILE_HEADER if n == 0 else b"")
+            FILE_HEADER if n == 0 else b"", opts.content_hashes, known)
         raise_for(status, file=rel, describe=lambda i, g=group: (sources[g[i]].key, None))
-        records += [(offset + o, length, kind, crc) for o, length, kind, crc in recs]
+        records += [(offset + r[0],) + tuple(r[1:]) for r in recs]
         offset += len(data)
         for key, value in st.items():
             stats[key] = max(stats.get(key, 0), value) if key == "wall_seconds" else \
@@ -141,11 +141,11 @@ def encoded_parts(rel: str, sources: list[ChunkSource], opts, pool_bytes: int, t
 
 
 def write_one(storage: Storage, path: str, rel: str, sources: list[ChunkSource], opts,
-              pool_bytes: int, encode_threads: int) -> tuple[list, int, dict]:
+              pool_bytes: int, encode_threads: int, known: bytes = b"") -> tuple[list, int, dict]:
     """``write._write_one`` for object stores: encode ``sources`` and upload them as ``path``."""
     records, stats, pressure = [], {}, Pressure()
     size = upload(storage, path, encoded_parts(rel, sources, opts, pool_bytes, encode_threads,
-                                               records, stats, pressure=pressure),
+                                               records, stats, pressure=pressure, known=known),
                   pressure=pressure)
     stats["file_size"] = size
     return records, size, stats
@@ -165,16 +165,18 @@ def check_object(storage: Storage, name: str, f) -> RemoteFile:
     exist with the recorded size and header."""
     if ".." in f.path.split("/"):
         raise UnsafeCheckpointError(f"{f.path}: a data file path leaves the checkpoint")
-    rf = RemoteFile(storage, f"{name}/{f.path}", f.path)
+    rf = RemoteFile(storage, f"{name}/{f.path}", f.path) if f.base is None else \
+        RemoteFile(storage, f.location, f"{f.location} (stored by checkpoint {f.base!r}, "
+                   f"referenced by {name!r})")  # the base name was checked (refs.py)
     try:
         size = storage.size(rf.path)
     except FileNotFoundError:
-        raise CorruptCheckpointError("data object is missing", file=f.path) from None
+        raise CorruptCheckpointError("data object is missing", file=rf.rel) from None
     if size != f.size:
         raise CorruptCheckpointError(f"data object has {size} bytes, the manifest says "
-                                     f"{f.size} (truncated or overwritten)", file=f.path)
+                                     f"{f.size} (truncated or overwritten)", file=rf.rel)
     if storage.read(rf.path, 0, HEADER_BYTES) != FILE_HEADER:
-        raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=f.path)
+        raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=rf.rel)
     return rf
 
 

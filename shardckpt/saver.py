@@ -14,13 +14,14 @@ from functools import partial
 
 import numpy as np
 
-from . import manifest as manifest_mod, remote_io, tables
+from . import incremental, manifest as manifest_mod, remote_io, tables
+from . import retire
 from .commit import commit_for
 from .dist import PerRank, exchange
 from .merge import build_manifest, merge_plans
 from .plan import local_plan, plan_chunks
 from .tree import flatten
-from .types import DATA_DIR, TensorItem
+from .types import DATA_DIR, HEADER_BYTES, TensorItem
 from .write import CodecTable, WriteOptions, add_stats, write_data_files
 
 
@@ -34,6 +35,8 @@ class Coordinator:
 
     def plan(self, plans: dict[int, dict]) -> dict:
         self.plans, self.gp = plans, merge_plans(plans)
+        if self.tx.overwrite:  # never replace a checkpoint whose files others reference
+            retire.check_replaceable(self.storage, self.name)
         self.tx.begin()
         self.begun = True
         return PerRank({"tmp": self.tx.tmp},
@@ -56,36 +59,97 @@ def _rels(rank: int, batch: int, files: int) -> list[str]:
 
 
 def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
-               opts: WriteOptions) -> dict:
+               opts: WriteOptions, index=None) -> dict:
     """Write this rank's pieces into its data files, batch after batch; the report: files,
     codec chains, ``[item, nchunks]`` per piece and the chunk rows, as int64 tables.
 
     ``batches`` yields ``(sources, done)``: chunk sources whose ``key`` is the item index as
     text, and a callback run once they are written (it frees a staging buffer), or None.
     ``pieces`` lists every piece's key (an empty tensor has no chunks, but is a piece).
+    With ``index`` (an incremental save, incremental.BaseIndex) chunks the base already stores
+    become reference rows; a data file left with nothing but its header is removed.
     """
-    files, table, stats, raw = [], CodecTable(), {}, 0
-    rows: dict[str, list] = {key: [] for key in pieces}
+    report = _RankReport(pieces, opts, index)
     for batch, (sources, done) in enumerate(batches):
         rels = _rels(rank, batch, opts.files_per_rank)
-        refs, sizes = [], []
+        refs, sizes, hashes = [], [], []
         if sources:
             targets, write_one = _targets(storage, tmp, rels)
-            refs, sizes, batch_stats = write_data_files(targets, sources, opts, table, write_one)
-            add_stats(stats, batch_stats, concurrent=False)  # batches run one after another
-        for src, ref in zip(sources, refs):
-            row = ref.as_list()
-            row[0] += len(files)
-            rows[src.key].append(row)
-        files += [{"path": r, "size": n} for r, n in zip(rels, sizes)]
-        raw += sum(s.nbytes for s in sources)
+            refs, sizes, stats = write_data_files(targets, sources, opts, report.table,
+                                                  write_one, report.known, hashes)
+            add_stats(report.stats, stats, concurrent=False)  # batches run one after another
+        kept = _drop_empty(storage, tmp, rels, sizes)
+        report.files += [{"path": r, "size": n} for r, n in zip(rels, sizes) if n > HEADER_BYTES]
+        extra = report.add(sources, refs, hashes, kept)
+        if extra:  # skipped chunks that repeat a stored one more often than the base has it
+            rel = f"{rels[0][:-4]}.x.bin"
+            targets, write_one = _targets(storage, tmp, [rel])
+            refs, sizes, stats = write_data_files(
+                targets, [sources[k] for k in extra], replace(opts, content_hashes=False),
+                report.table, write_one)
+            add_stats(report.stats, stats, concurrent=False)
+            report.files.append({"path": rel, "size": sizes[0]})
+            report.add([sources[k] for k in extra], refs, [hashes[k] for k in extra], {0: 0})
+        report.raw += sum(s.nbytes for s in sources)
         if done is not None:
             done()
-    counts = np.array([[int(k), len(v)] for k, v in rows.items()], np.int64).reshape(-1, 2)
-    chunks = np.array([r for v in rows.values() for r in v], np.int64).reshape(-1, 7)
-    return {"files": files, "codecs": [list(c) for c in table.chains],
-            "pieces": tables.encode(counts), "chunks": tables.encode(chunks), "raw_bytes": raw,
-            "tensors": len(rows), "stats": stats}
+    return report.as_dict()
+
+
+class _RankReport:
+    """What one rank's write round reports, gathered batch after batch."""
+
+    def __init__(self, pieces: list[str], opts: WriteOptions, index):
+        self.opts, self.index = opts, index
+        self.known = index.known if index is not None else b""
+        self.files, self.table, self.stats, self.raw = [], CodecTable(), {}, 0
+        self.rows: dict[str, list] = {key: [] for key in pieces}
+        self.digests: dict[str, list] = {key: [] for key in pieces}
+
+    def add(self, sources, refs, hashes, kept: dict[int, int]) -> list[int]:
+        """Record the rows of chunks just written (``refs``; ``kept`` maps their file to its
+        place among the batch's files, which are the last ``len(kept)`` of ``files``) or
+        skipped (ref None: referenced). Returns the skipped ones that cannot be referenced."""
+        extra, first = [], len(self.files) - len(kept)
+        for k, (src, ref) in enumerate(zip(sources, refs)):
+            if ref is None:
+                row = self.index.reference(hashes[k], src.start, src.count, src.nbytes,
+                                           self.table)
+                if row is None:
+                    extra.append(k)
+                    continue
+            else:
+                row = ref.as_list()
+                row[0] = first + kept[row[0]]
+            self.rows[src.key].append(row)
+            self.digests[src.key].append(hashes[k] if hashes and hashes[k] else b"")
+        return extra
+
+    def as_dict(self) -> dict:
+        rows = self.rows
+        counts = np.array([[int(k), len(v)] for k, v in rows.items()], np.int64).reshape(-1, 2)
+        chunks = np.array([r for v in rows.values() for r in v], np.int64).reshape(-1, 7)
+        report = {"files": self.files, "codecs": [list(c) for c in self.table.chains],
+                  "pieces": tables.encode(counts), "chunks": tables.encode(chunks),
+                  "raw_bytes": self.raw, "tensors": len(rows), "stats": self.stats}
+        if self.opts.content_hashes:
+            flat = b"".join(d for v in self.digests.values() for d in v)
+            report["hashes"] = tables.encode(np.frombuffer(flat, "<i8").reshape(-1, 2))
+        if self.index is not None:
+            report["ref_files"] = self.index.ref_files
+        return report
+
+
+def _drop_empty(storage, tmp: str, rels: list[str], sizes: list[int]) -> dict[int, int]:
+    """Delete the data files of a batch that hold only the header (every chunk was
+    referenced); returns each kept file's new index."""
+    kept = {}
+    for i, (rel, size) in enumerate(zip(rels, sizes)):
+        if size > HEADER_BYTES:
+            kept[i] = len(kept)
+        else:
+            storage.delete(f"{tmp}/{rel}")
+    return kept
 
 
 def _targets(storage, tmp: str, rels: list[str]) -> tuple[list, object]:
@@ -99,8 +163,10 @@ def _targets(storage, tmp: str, rels: list[str]) -> tuple[list, object]:
 class PlannedSave:
     """A save whose plan round is done: this rank knows what it writes and where."""
 
-    def __init__(self, ex, coord, storage, answer: dict, items: list[TensorItem], opts):
+    def __init__(self, ex, coord, storage, answer: dict, items: list[TensorItem], opts,
+                 index=None):
         self.ex, self.coord, self.storage, self.opts = ex, coord, storage, opts
+        self.index = index  # incremental.BaseIndex of an incremental save
         self.tmp, self.items = answer["tmp"], items
         self.assigned = tables.decode(answer["mine"], 1, "assignment")[:, 0]
 
@@ -119,7 +185,7 @@ class PlannedSave:
                     batches = [(sources, hosts.clear)]  # hosts live until written
                 keys = [str(int(i)) for i in self.assigned]
                 report = write_rank(self.storage, self.tmp, self.ex.rank, keys, batches,
-                                    self.opts)
+                                    self.opts, self.index)
             except Exception as exc:
                 error = exc
             self.ex.round("write", {k: v for k, v in (report or {}).items() if k != "stats"},
@@ -134,20 +200,24 @@ class PlannedSave:
 
 
 def plan_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
-              timeout: float | None) -> PlannedSave:
+              timeout: float | None, base: str | None = None) -> PlannedSave:
     """Flatten the state and run the plan round (collective). Raises RankFailureError (several
-    ranks) or the error itself (one process); then nothing was created."""
+    ranks) or the error itself (one process); then nothing was created. ``base``: the sibling
+    checkpoint an incremental save references (incremental.py); it implies content hashes."""
     ex = exchange(timeout)
     coord = Coordinator(storage, name, overwrite, metadata) if ex.rank == 0 else None
+    if base is not None:
+        opts = replace(opts, content_hashes=True)
     try:
-        items, plan, error = [], None, None
+        items, plan, error, index = [], None, None, None
         try:
             tree, items = flatten(state)
             plan = local_plan(tree, items, ex.world)
+            index = incremental.open_base(storage, base)
         except Exception as exc:
             error = exc
         answer = ex.round("plan", plan, error, coord and coord.plan)
-        return PlannedSave(ex, coord, storage, answer, items, opts)
+        return PlannedSave(ex, coord, storage, answer, items, opts, index)
     except BaseException:
         if coord is not None:
             coord.close()
@@ -155,6 +225,6 @@ def plan_save(state, storage, name: str, opts: WriteOptions, metadata: dict, ove
 
 
 def run_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
-             timeout: float | None) -> dict:
+             timeout: float | None, base: str | None = None) -> dict:
     """Every rank's synchronous save; returns this rank's write report."""
-    return plan_save(state, storage, name, opts, metadata, overwrite, timeout).finish()
+    return plan_save(state, storage, name, opts, metadata, overwrite, timeout, base).finish()

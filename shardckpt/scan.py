@@ -15,7 +15,8 @@ from typing import Callable
 
 from . import knobs, remote_io
 from .errors import CheckpointError, UnsafeCheckpointError
-from .read import (ReadPlan, backend_request, check_data_file, check_inside, read_file_chunks)
+from .read import (ReadPlan, backend_request, check_data_file, check_inside, file_label,
+                   read_file_chunks)
 from .status import OK, raise_for
 from .storage import Storage
 from .types import ChunkRead, Manifest
@@ -59,7 +60,7 @@ def scan(storage: Storage, name: str, m: Manifest, *, threads: int | None = None
                 progress(sum(r.ref.length for r in reads))
             continue
         for batch in _batches(reads, batch_bytes):
-            faults.extend(_check(path, entry.path, batch, threads))
+            faults.extend(_check(path, file_label(m, entry), batch, threads))
             if progress:
                 progress(sum(r.ref.length for r in batch))
     return faults
@@ -70,7 +71,10 @@ def _unsafe_paths(root: str, m: Manifest) -> list[CheckpointError]:
     found = []
     for entry in m.files:
         try:
-            check_inside(root, entry.path)
+            if entry.base is None:
+                check_inside(root, entry.path)
+            else:  # a reference (FORMAT.md 3.6): it must stay under the root of both
+                check_inside(os.path.dirname(root), entry.location, file_label(m, entry))
         except UnsafeCheckpointError as exc:
             found.append(exc)
     return found

@@ -10,6 +10,7 @@ name, so a reader hands them back as bytes without ever interpreting them.
 from __future__ import annotations
 
 import io
+import sys
 from typing import Any, Callable
 
 import torch
@@ -37,12 +38,10 @@ def path_text(path) -> str:
 
 
 def dtensor_type():
-    """``DTensor``, or None where torch has no distributed tensors."""
-    try:
-        from torch.distributed.tensor import DTensor
-        return DTensor
-    except ImportError:
-        return None
+    """``DTensor``, or None where torch has no distributed tensors or they were never imported
+    (then no value can be one; importing them costs ~40 MiB of modules a save has no use for)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 # A DTensor's offsets are a function of its mesh, placements and global shape. torch computes

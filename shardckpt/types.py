@@ -55,6 +55,13 @@ class FileEntry:
     path: str  # relative to the checkpoint, "data/..."
     size: int
     rank: int
+    base: str | None = None  # a sibling checkpoint that stores this file (FORMAT.md 3.6)
+
+    @property
+    def location(self) -> str:
+        """Where the file lives relative to the root holding the checkpoint's folder, given
+        the checkpoint's own name for a file it stores itself."""
+        return f"{self.base}/{self.path}"
 
 
 CHUNK_COLUMNS = ("file", "offset", "length", "start", "count", "codec", "crc32c")
@@ -142,6 +149,10 @@ class Manifest:
     writer: dict = field(default_factory=dict)
     created_unix: float = 0.0
     rank_overrides: tuple | None = None  # [rank, [[path, node], ...]] where ranks differed
+    # (C, 2) int64: each chunk's xxh3-128 content hash (lo, hi), chunk rows of the tensors in
+    # order; None when the save did not hash (FORMAT.md 3.6).
+    hashes: np.ndarray | None = field(default=None, compare=False)
+    name: str = field(default="", compare=False)  # its folder name once opened (messages)
 
 
 @dataclass(frozen=True)

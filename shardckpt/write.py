@@ -28,6 +28,7 @@ class WriteOptions:
     write_threads: int = 1
     files_per_rank: int = 2
     durable: bool = True
+    content_hashes: bool = False  # hash every chunk so later saves can reference it (refs.py)
 
     @classmethod
     def resolve(cls, **overrides) -> "WriteOptions":
@@ -59,11 +60,11 @@ class CodecTable:
 
 
 def _write_one(path: str, rel: str, sources: list[ChunkSource], opts: WriteOptions,
-               pool_bytes: int, encode_threads: int) -> tuple[list, int, dict]:
+               pool_bytes: int, encode_threads: int, known: bytes = b"") -> tuple[list, int, dict]:
     chunks = [(s.ptr, s.nbytes, s.shuffle_size) for s in sources]
     status, records, stats = codecs.backend.write_file(
         path, chunks, opts.codec, opts.level, encode_threads, opts.write_threads, pool_bytes,
-        opts.durable, FILE_HEADER)
+        opts.durable, FILE_HEADER, opts.content_hashes, known)
     raise_for(status, file=rel, describe=lambda i: (sources[i].key, None))
     return records, stats.get("file_size") or os.path.getsize(path), stats
 
@@ -79,7 +80,8 @@ def _split(sources: list[ChunkSource], n: int) -> list[list[int]]:
 
 
 def write_data_files(files: list[tuple[str, str]], sources: list[ChunkSource],
-                     opts: WriteOptions, table: CodecTable, write_one=None
+                     opts: WriteOptions, table: CodecTable, write_one=None,
+                     known: bytes = b"", hashes: list | None = None
                      ) -> tuple[list[ChunkRef], list[int], dict]:
     """Write ``sources`` into up to ``len(files)`` new files concurrently.
 
@@ -89,19 +91,29 @@ def write_data_files(files: list[tuple[str, str]], sources: list[ChunkSource],
     files fill the page cache from several cores (a file system serializes buffered writes to
     one file); the pool budget and the cores are shared out between them. ``write_one`` replaces
     the local file writer (object stores: ``remote_io.write_one`` with ``files`` naming storage
-    paths). Raises DiskFullError, StorageError.
+    paths). With ``opts.content_hashes`` the encoders hash every chunk into ``hashes`` (16
+    bytes each, in the order of ``sources``) and skip those whose hash is in ``known``: their
+    ref is None (an incremental save references them instead). Raises DiskFullError,
+    StorageError.
     """
     write_one = write_one or _write_one
     groups = _split(sources, len(files)) or [[]]
     pool = max(opts.pool_bytes // len(groups), 1)
     threads = opts.encode_threads or max(1, (os.cpu_count() or 1) // len(groups))
     with ThreadPoolExecutor(len(groups)) as ex:  # the native calls release the GIL
-        futures = [ex.submit(write_one, *files[i], [sources[k] for k in g], opts, pool, threads)
-                   for i, g in enumerate(groups)]
+        futures = [ex.submit(write_one, *files[i], [sources[k] for k in g], opts, pool, threads,
+                             known) for i, g in enumerate(groups)]
         results = [f.result() for f in futures]
     refs: list = [None] * len(sources)
+    if hashes is not None:
+        hashes[:] = [None] * len(sources)
     for file_index, (group, (records, _, _)) in enumerate(zip(groups, results)):
-        for k, (offset, length, kind, crc) in zip(group, records):
+        for k, record in zip(group, records):
+            offset, length, kind, crc = record[:4]
+            if hashes is not None and opts.content_hashes:
+                hashes[k] = record[4]
+            if length == 0:  # reused: its hash was known, nothing was written
+                continue
             src = sources[k]
             codec = table.intern(codecs.chain_for(kind, src.shuffle_size, opts.level))
             refs[k] = ChunkRef(file_index, offset, length, src.start, src.count, codec, crc)

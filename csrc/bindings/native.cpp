@@ -11,7 +11,9 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -68,6 +70,8 @@ nb::dict features() {
   nb::dict d;
   d["version"] = SHARDCKPT_VERSION;
   d["zstd"] = core::zstd_version();
+  d["xxhash"] = core::xxhash_version();
+  d["content_hash"] = "xxh3-128";
   d["crc32c"] = core::crc32c_backend();
   d["threads"] = std::thread::hardware_concurrency();
   d["sync_file_range"] = core::sync_file_range_supported();
@@ -108,6 +112,8 @@ nb::dict stats_dict(const core::WriteStats& st) {
   stats["file_size"] = st.file_size;
   stats["chunks_raw"] = st.chunks_raw;
   stats["chunks_compressed"] = st.chunks_compressed;
+  stats["chunks_reused"] = st.chunks_reused;
+  stats["reused_bytes"] = st.reused_bytes;
   stats["encode_seconds"] = st.encode_seconds;
   stats["write_seconds"] = st.write_seconds;
   stats["wall_seconds"] = st.wall_seconds;
@@ -125,18 +131,41 @@ std::vector<core::ChunkSource> chunk_sources(const std::vector<ChunkTuple>& chun
   return chunks;
 }
 
-nb::list record_list(const core::Status& status, const std::vector<core::ChunkRecord>& records) {
+// (offset, length, kind, crc32c), plus the 16-byte content hash (lo, hi little-endian) when
+// hashing; a reused chunk has length 0.
+nb::list record_list(const core::Status& status, const std::vector<core::ChunkRecord>& records,
+                     bool hashed) {
   nb::list recs;
-  if (status.ok())
-    for (const auto& r : records)
+  if (!status.ok()) return recs;
+  for (const auto& r : records) {
+    if (!hashed) {
       recs.append(nb::make_tuple(r.offset, r.length, static_cast<int>(r.kind), r.crc));
+      continue;
+    }
+    const uint64_t words[2] = {r.hash.lo, r.hash.hi};  // little-endian hosts (x86-64, arm64)
+    recs.append(nb::make_tuple(r.offset, r.reused ? 0 : r.length, static_cast<int>(r.kind),
+                               r.crc, nb::bytes(reinterpret_cast<const char*>(words), 16)));
+  }
   return recs;
+}
+
+// The sorted known hashes from `known` (16-byte records as record_list writes them).
+std::vector<core::Hash128> known_hashes(nb::bytes known) {
+  if (known.size() % 16) throw nb::value_error("known hashes must be 16-byte records");
+  std::vector<core::Hash128> out(known.size() / 16);
+  std::memcpy(out.data(), known.c_str(), known.size());
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 nb::tuple write_file(const std::string& path, const std::vector<ChunkTuple>& chunk_tuples,
                      const std::string& policy, int level, int encode_threads, int write_threads,
-                     uint64_t pool_bytes, bool durable, nb::bytes header) {
+                     uint64_t pool_bytes, bool durable, nb::bytes header, bool hash,
+                     nb::bytes known) {
   core::WriteOptions opt;
+  const std::vector<core::Hash128> known_list = known_hashes(known);
+  opt.hash = hash;
+  opt.known = &known_list;
   opt.policy = parse_policy(policy);
   opt.level = level;
   if (encode_threads < 0 || write_threads < 0)
@@ -157,15 +186,20 @@ nb::tuple write_file(const std::string& path, const std::vector<ChunkTuple>& chu
     status = core::write_file(path, chunks, opt, &records, &st);
   }
 
-  return nb::make_tuple(status_tuple(status), record_list(status, records), stats_dict(st));
+  return nb::make_tuple(status_tuple(status), record_list(status, records, hash),
+                        stats_dict(st));
 }
 
 // Like write_file, into a new bytearray (for uploads to object stores): returns (status,
 // bytearray holding header + chunks, records, stats). The bytearray is sized to the worst case
 // (header + raw bytes) while the GIL is released, then shrunk to what was used.
 nb::tuple encode_chunks(const std::vector<ChunkTuple>& chunk_tuples, const std::string& policy,
-                        int level, int encode_threads, uint64_t pool_bytes, nb::bytes header) {
+                        int level, int encode_threads, uint64_t pool_bytes, nb::bytes header,
+                        bool hash, nb::bytes known) {
   core::WriteOptions opt;
+  const std::vector<core::Hash128> known_list = known_hashes(known);
+  opt.hash = hash;
+  opt.known = &known_list;
   opt.policy = parse_policy(policy);
   opt.level = level;
   if (encode_threads < 0) throw nb::value_error("encode_threads must be >= 0 (0 = default)");
@@ -190,7 +224,7 @@ nb::tuple encode_chunks(const std::vector<ChunkTuple>& chunk_tuples, const std::
   }
   if (status.ok() && PyByteArray_Resize(obj, static_cast<Py_ssize_t>(st.file_size)) != 0)
     throw nb::python_error();
-  return nb::make_tuple(status_tuple(status), out, record_list(status, records),
+  return nb::make_tuple(status_tuple(status), out, record_list(status, records, hash),
                         stats_dict(st));
 }
 
@@ -291,11 +325,14 @@ NB_MODULE(_native, m) {
 
   m.def("write_file", &write_file, "path"_a, "chunks"_a, "policy"_a, "level"_a,
         "encode_threads"_a, "write_threads"_a, "pool_bytes"_a, "durable"_a, "header"_a,
+        "hash"_a = false, "known"_a = nb::bytes(""),
         "Create `path` (it must not exist) and write `header` then every chunk.\n\n"
         "chunks: list of (address, nbytes, elemsize) of memory that stays valid and unchanged\n"
         "until the call returns. policy: 'raw', 'zstd' or 'auto'.\n"
         "Returns ((code, message, chunk, errno), [(offset, length, kind, crc32c)], stats);\n"
-        "records are empty unless code == 0.");
+        "records are empty unless code == 0. hash: each record gains the chunk's 16-byte\n"
+        "xxh3-128 content hash of its raw bytes; chunks whose hash is in `known` (16-byte\n"
+        "records) are not written and have length 0.");
 
   m.def("read_chunks", &read_chunks, "path"_a, "reads"_a, "threads"_a,
         "Read, verify and decode chunks of `path` in parallel.\n\n"
@@ -305,7 +342,7 @@ NB_MODULE(_native, m) {
         "(code 1) before anything is written. Returns (code, message, chunk, errno).");
 
   m.def("encode_chunks", &encode_chunks, "chunks"_a, "policy"_a, "level"_a, "encode_threads"_a,
-        "pool_bytes"_a, "header"_a,
+        "pool_bytes"_a, "header"_a, "hash"_a = false, "known"_a = nb::bytes(""),
         "Encode `header` then every chunk into memory, laid out as write_file lays out a file.\n\n"
         "Returns ((code, message, chunk, errno), bytearray, [(offset, length, kind, crc32c)],\n"
         "stats); the bytearray holds the whole encoded object.");

@@ -48,11 +48,25 @@ struct ChunkSource {
   uint32_t elemsize;    // shuffle element size; 1 disables shuffling
 };
 
+// A chunk's content hash (xxh3-128 of its raw bytes): what incremental saves compare to decide
+// whether a chunk is already stored (FORMAT.md 3.6). Not an integrity check; crc32c stays that.
+struct Hash128 {
+  uint64_t lo = 0, hi = 0;
+  bool operator<(const Hash128& o) const { return hi != o.hi ? hi < o.hi : lo < o.lo; }
+  bool operator==(const Hash128& o) const { return hi == o.hi && lo == o.lo; }
+};
+
+Hash128 content_hash(const uint8_t* data, size_t n);
+// Whether `h` is in `sorted_known` (ascending by operator<).
+bool known_hash(const std::vector<Hash128>& sorted_known, const Hash128& h);
+
 struct ChunkRecord {
   uint64_t offset = 0;  // where the stored bytes start in the file
-  uint64_t length = 0;  // stored length
+  uint64_t length = 0;  // stored length; 0 for a reused chunk (nothing written)
   Kind kind = Kind::kRaw;
   uint32_t crc = 0;     // crc32c of the stored bytes
+  Hash128 hash;         // content hash, when WriteOptions::hash
+  bool reused = false;  // hash found in WriteOptions::known: not written
 };
 
 struct WriteOptions {
@@ -63,11 +77,15 @@ struct WriteOptions {
   uint64_t pool_bytes = 256ull << 20;  // hard budget for staging buffers
   bool durable = true;                 // fsync the file before returning
   std::string header;                  // bytes written at offset 0 (FORMAT.md 2)
+  bool hash = false;                   // compute each chunk's content hash (incremental saves)
+  // With `hash`: chunks whose hash is in this sorted list are not written (ChunkRecord::reused).
+  const std::vector<Hash128>* known = nullptr;
 };
 
 struct WriteStats {
   uint64_t raw_bytes = 0, stored_bytes = 0, file_size = 0;
   uint64_t chunks_raw = 0, chunks_compressed = 0;
+  uint64_t chunks_reused = 0, reused_bytes = 0;  // raw bytes of the chunks not written
   double encode_seconds = 0, write_seconds = 0, wall_seconds = 0;
   uint64_t pool_peak_bytes = 0;
 };
@@ -109,6 +127,7 @@ void shuffle(const uint8_t* src, uint8_t* dst, size_t n, size_t elemsize);
 void unshuffle(const uint8_t* src, uint8_t* dst, size_t n, size_t elemsize);
 const char* crc32c_backend();    // "sse4.2" or "software"
 std::string zstd_version();
+std::string xxhash_version();
 bool sync_file_range_supported();  // whether writes pace writeback with sync_file_range (Linux)
 
 }  // namespace shardckpt

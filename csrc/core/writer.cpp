@@ -142,6 +142,7 @@ class SaveJob {
   void write_chunks(double* busy);
   AutoChoice choose(uint64_t index);
   void probe(ChunkEncoder* encoder, uint64_t index);
+  bool hash_or_reuse(uint64_t index);
   void fail(Status s);
   void fail_from_exception(const char* where, const std::exception& e);
 
@@ -164,6 +165,7 @@ class SaveJob {
   Status error_;
   double encode_seconds_ = 0, write_seconds_ = 0;
   uint64_t stored_bytes_ = 0, chunks_raw_ = 0, chunks_compressed_ = 0;
+  uint64_t chunks_reused_ = 0, reused_bytes_ = 0;
 };
 
 void SaveJob::fail(Status s) {
@@ -216,6 +218,10 @@ void SaveJob::encode_chunks(ChunkEncoder* encoder, double* busy) {
     const ChunkSource& src = chunks_[i];
     EncodedChunk chunk;
     const auto t0 = Clock::now();
+    if (options_.hash && hash_or_reuse(i)) {
+      *busy += seconds_since(t0);
+      continue;
+    }
     const double blocked0 = encoder->blocked_seconds();
     const AutoChoice choice = choose(i);
     const bool compress = choice == AutoChoice::kCompress;
@@ -235,6 +241,19 @@ void SaveJob::encode_chunks(ChunkEncoder* encoder, double* busy) {
       auto_.compressed(src.nbytes, chunk.length, seconds);
     if (!queue_.push(std::move(chunk))) return;  // aborted
   }
+}
+
+// Hashes chunk `i` into its record; true when the hash is known (the chunk is reused, not
+// written). Each record belongs to one encoder until the writer fills in where it went.
+bool SaveJob::hash_or_reuse(uint64_t i) {
+  ChunkRecord& rec = (*records_)[i];
+  rec.hash = content_hash(chunks_[i].data, chunks_[i].nbytes);
+  if (!options_.known || !known_hash(*options_.known, rec.hash)) return false;
+  rec.reused = true;
+  std::lock_guard<std::mutex> lk(mu_);
+  ++chunks_reused_;
+  reused_bytes_ += chunks_[i].nbytes;
+  return true;
 }
 
 void SaveJob::encode_loop() {
@@ -273,7 +292,11 @@ void SaveJob::write_chunks(double* busy) {
       fail(errno_status(err, op, path_, static_cast<int64_t>(chunk.index)));
       break;
     }
-    (*records_)[chunk.index] = ChunkRecord{off, chunk.length, chunk.kind, chunk.crc};
+    ChunkRecord& rec = (*records_)[chunk.index];  // its hash is already set (hash_or_reuse)
+    rec.offset = off;
+    rec.length = chunk.length;
+    rec.kind = chunk.kind;
+    rec.crc = chunk.crc;
     stored += chunk.length;
     ++(chunk.kind == Kind::kRaw ? raw : compressed);
     if (options_.policy == Policy::kAuto) auto_.wrote(chunk.length, seconds);
@@ -315,6 +338,8 @@ Status SaveJob::run(WriteStats* stats) {
   stats->stored_bytes = stored_bytes_;
   stats->chunks_raw = chunks_raw_;
   stats->chunks_compressed = chunks_compressed_;
+  stats->chunks_reused = chunks_reused_;
+  stats->reused_bytes = reused_bytes_;
   stats->file_size = cursor_.load();
   stats->pool_peak_bytes = pool_.peak_bytes();
   return error_;

@@ -1,4 +1,4 @@
-"""The ``shardckpt`` command line: ls, inspect, verify, diff, convert, import-dcp, gc.
+"""The ``shardckpt`` command line: ls, inspect, verify, diff, convert, copy, import-dcp, gc.
 
 One module per subcommand, each with ``register(subparsers, parent)`` and ``run(args, out)``;
 ``output`` renders (JSON, rich tables, plain text, progress), ``common`` holds the global options
@@ -15,13 +15,13 @@ import argparse
 import os
 import sys
 
-from . import convert, diff, gc, importdcp, inspect, ls, verify
+from . import convert, copy, diff, gc, importdcp, inspect, ls, verify
 from .common import UsageError, common_options
 from .output import Output
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-SUBCOMMANDS = (ls, inspect, verify, diff, convert, importdcp, gc)
+SUBCOMMANDS = (ls, inspect, verify, diff, convert, copy, importdcp, gc)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 

@@ -112,8 +112,9 @@ def manager_info(m: Manifest) -> dict:
 
 
 def disk_bytes(m: Manifest, manifest_size: int) -> int:
-    """Bytes the committed checkpoint takes on storage: its data files and manifest."""
-    return sum(f.size for f in m.files) + manifest_size
+    """Bytes the committed checkpoint takes on storage: its data files and manifest (files it
+    references in earlier checkpoints count there)."""
+    return sum(f.size for f in m.files if f.base is None) + manifest_size
 
 
 def manifest_size(storage, name: str) -> int:

@@ -37,7 +37,8 @@ def collect(args) -> dict:
                  for rank, own in (m.rank_overrides or ())}
     return {"path": args.path, "format_version": 1, "writer": m.writer,
             "created_unix": m.created_unix, "world_size": m.world_size,
-            "files": [{"path": f.path, "bytes": f.size, "rank": f.rank} for f in m.files],
+            "files": [{"path": f.path, "bytes": f.size, "rank": f.rank, "base": f.base}
+                      for f in m.files],
             "raw_bytes": raw, "stored_bytes": stored, "ratio": common.ratio(raw, stored),
             "tensors": {key: _tensor(m, e) for key, e in m.tensors.items()},
             "values": common.plain_values(m.tree), "per_rank_values": overrides,
@@ -51,8 +52,11 @@ def run(args, out: Output) -> int:
         out.json(doc)
         return 0
     ratio = f"{doc['ratio']:.2f}x" if doc["ratio"] else "-"
+    refs = sum(f["base"] is not None for f in doc["files"])
     out.line(f"{doc['path']}: format v1, saved by {doc['world_size']} rank(s) into "
-             f"{len(doc['files'])} file(s), {len(doc['tensors'])} tensors, "
+             f"{len(doc['files'])} file(s)"
+             + (f" ({refs} referenced in earlier checkpoints)" if refs else "") +
+             f", {len(doc['tensors'])} tensors, "
              f"{human_bytes(doc['raw_bytes'])} raw, {human_bytes(doc['stored_bytes'])} stored "
              f"({ratio})")
     out.table(["tensor", "dtype", "shape", "shards", "raw", "stored", "codec"],

@@ -1,9 +1,11 @@
-"""``shardckpt ls ROOT``: the checkpoints under a manager root, with sizes, metrics, latest and
+"""``shardckpt ls ROOT``: the checkpoints under a manager root, with sizes (for incremental ones
+the stored bytes written against those referenced in earlier checkpoints), metrics, latest and
 best, and the leftovers of interrupted saves."""
 
 from __future__ import annotations
 
 from ..errors import CheckpointError, CheckpointNotFoundError
+from ..incremental import written_split
 from ..read import open_manifest
 from ..retention import best_steps
 from ..storage import open_storage
@@ -31,7 +33,8 @@ def register(sub, parent) -> None:
 def _row(storage, entry: layout.RootEntry) -> dict:
     row = {"name": entry.name, "step": entry.step, "state": entry.kind, "latest": False,
            "best": False, "bytes": None, "raw_bytes": None, "stored_bytes": None,
-           "ratio": None, "metrics": None, "reason": None, "unix_time": None, "error": None}
+           "ratio": None, "metrics": None, "reason": None, "unix_time": None, "error": None,
+           "written_bytes": None, "referenced_bytes": None}
     if not entry.committed:
         row["bytes"] = layout.folder_bytes(storage, entry.name)
         return row
@@ -46,7 +49,8 @@ def _row(storage, entry: layout.RootEntry) -> dict:
     row.update(bytes=common.disk_bytes(m, common.manifest_size(storage, entry.name)),
                raw_bytes=raw, stored_bytes=stored, ratio=common.ratio(raw, stored),
                metrics=info.get("metrics"), reason=info.get("reason"),
-               unix_time=info.get("unix_time", m.created_unix or None))
+               unix_time=info.get("unix_time", m.created_unix or None),
+               **written_split(m))
     return row
 
 
@@ -103,11 +107,14 @@ def run(args, out: Output) -> int:
         flags = ", ".join(f for f in ("latest", "best") if r[f])
         metrics = " ".join(f"{k}={human_number(v)}" for k, v in (r["metrics"] or {}).items())
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        written, referenced = r["written_bytes"], r["referenced_bytes"]
         rows.append([r["step"] if r["step"] is not None else "-", r["state"],
-                     human_bytes(r["bytes"]), ratio, metrics or "-", r["reason"] or "-", flags,
-                     r["name"]])
-    out.table(["step", "state", "size", "ratio", "metrics", "reason", "", "name"], rows,
-              title=f"{doc['root']}")
+                     human_bytes(r["bytes"]), ratio,
+                     human_bytes(written) if written is not None else "-",
+                     human_bytes(referenced) if referenced is not None else "-",
+                     metrics or "-", r["reason"] or "-", flags, r["name"]])
+    out.table(["step", "state", "size", "ratio", "written", "referenced", "metrics", "reason",
+               "", "name"], rows, title=f"{doc['root']}")
     if doc["monitor"]:
         out.line(f"best by {doc['monitor']} ({doc['mode']}): {doc['best']}")
     if args.plot:

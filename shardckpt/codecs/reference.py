@@ -13,6 +13,7 @@ import os
 
 import crc32c as _crc32c
 import numpy as np
+import xxhash as _xxhash
 import zstandard
 
 from . import RAW, SHUFFLE, SHUFFLE_ZSTD, ZSTD
@@ -71,9 +72,30 @@ def _status(code=OK, message="", chunk=-1, err=0):
     return (code, message, chunk, err)
 
 
+def content_hash(raw: bytes) -> bytes:
+    """A chunk's 16-byte content hash: xxh3-128 of its raw bytes, low word first, each
+    little-endian (csrc/core/content_hash.cpp)."""
+    return _xxhash.xxh3_128_intdigest(raw).to_bytes(16, "little")
+
+
+def _hashed(raw: bytes, hash: bool, known: set) -> tuple[bytes | None, bool]:
+    """``(hash or None, reused)`` of one chunk's raw bytes."""
+    if not hash:
+        return None, False
+    h = content_hash(raw)
+    return h, h in known
+
+
+def _known(known: bytes) -> set:
+    if len(known) % 16:
+        raise ValueError("known hashes must be 16-byte records")
+    return {bytes(known[i:i + 16]) for i in range(0, len(known), 16)}
+
+
 def write_file(path, chunks, policy, level, encode_threads, write_threads, pool_bytes, durable,
-               header):
+               header, hash=False, known=b""):
     """Same contract as ``_native.write_file``: chunks are ``(ptr, nbytes, shuffle_size)``."""
+    known = _known(known)
     if policy not in ("raw", "zstd", "auto"):
         raise ValueError(f"unknown policy {policy!r}")
     records, raw_total, offset = [], 0, len(header)
@@ -85,12 +107,17 @@ def write_file(path, chunks, policy, level, encode_threads, write_threads, pool_
     try:
         os.pwrite(fd, header, 0)
         for index, (ptr, nbytes, shuffle_size) in enumerate(chunks):
-            stored, kind = encode(ctypes.string_at(ptr, nbytes), shuffle_size,
-                                  "zstd" if policy == "auto" else policy, level)
-            os.pwrite(fd, stored, offset)
-            records.append((offset, len(stored), kind, crc32c(stored)))
-            offset += len(stored)
+            raw = ctypes.string_at(ptr, nbytes)
             raw_total += nbytes
+            h, reused = _hashed(raw, hash, known)
+            if reused:
+                records.append((0, 0, RAW, 0, h))
+                continue
+            stored, kind = encode(raw, shuffle_size, "zstd" if policy == "auto" else policy,
+                                  level)
+            os.pwrite(fd, stored, offset)
+            records.append((offset, len(stored), kind, crc32c(stored)) + ((h,) if hash else ()))
+            offset += len(stored)
         if durable:
             os.fsync(fd)
     except OSError as exc:
@@ -99,8 +126,9 @@ def write_file(path, chunks, policy, level, encode_threads, write_threads, pool_
     finally:
         os.close(fd)
     stats = {"raw_bytes": raw_total, "stored_bytes": offset - len(header), "file_size": offset,
-             "chunks_raw": sum(r[2] == RAW for r in records),
-             "chunks_compressed": sum(r[2] != RAW for r in records)}
+             "chunks_raw": sum(r[2] == RAW and r[1] > 0 for r in records),
+             "chunks_compressed": sum(r[2] != RAW for r in records),
+             "chunks_reused": sum(r[1] == 0 for r in records)}
     return _status(), records, stats
 
 
@@ -131,20 +159,26 @@ def read_chunks(path, reads, threads):
     return _status()
 
 
-def encode_chunks(chunks, policy, level, encode_threads, pool_bytes, header):
+def encode_chunks(chunks, policy, level, encode_threads, pool_bytes, header, hash=False,
+                  known=b""):
     """Same contract as ``_native.encode_chunks``: ``(status, bytearray, records, stats)``."""
     if policy not in ("raw", "zstd", "auto"):
         raise ValueError(f"unknown policy {policy!r}")
-    out, records = bytearray(header), []
+    out, records, known = bytearray(header), [], _known(known)
     for ptr, nbytes, shuffle_size in chunks:
-        stored, kind = encode(ctypes.string_at(ptr, nbytes), shuffle_size,
-                              "zstd" if policy == "auto" else policy, level)
-        records.append((len(out), len(stored), kind, crc32c(stored)))
+        raw = ctypes.string_at(ptr, nbytes)
+        h, reused = _hashed(raw, hash, known)
+        if reused:
+            records.append((0, 0, RAW, 0, h))
+            continue
+        stored, kind = encode(raw, shuffle_size, "zstd" if policy == "auto" else policy, level)
+        records.append((len(out), len(stored), kind, crc32c(stored)) + ((h,) if hash else ()))
         out += stored
     stats = {"raw_bytes": sum(c[1] for c in chunks), "file_size": len(out),
              "stored_bytes": len(out) - len(header),
-             "chunks_raw": sum(r[2] == RAW for r in records),
-             "chunks_compressed": sum(r[2] != RAW for r in records)}
+             "chunks_raw": sum(r[2] == RAW and r[1] > 0 for r in records),
+             "chunks_compressed": sum(r[2] != RAW for r in records),
+             "chunks_reused": sum(r[1] == 0 for r in records)}
     return _status(), out, records, stats
 
 

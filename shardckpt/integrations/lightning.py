@@ -30,7 +30,7 @@ from . import require
 _io = require("lightning.fabric.plugins.io.checkpoint_io", "lightning", "ShardCkptIO")
 
 from .. import api, asyncsave  # noqa: E402  (after the extra's check, for its message)
-from ..commit import delete_checkpoint  # noqa: E402
+from ..retire import remove_checkpoint as delete_checkpoint  # noqa: E402
 from ..dist import local_only  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
 
