@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from . import share
 from .dist import exchange
+from .observe import log_load, log_save
 from .incremental import base_name
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
@@ -109,7 +111,9 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     storage, name = open_checkpoint(path, storage_options)
     base = base_name(storage, name, base, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout, base)
-    return SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
+    info = SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
+    log_save(info.path, info.raw_bytes, info.stored_bytes, info.seconds, stall=info.seconds)
+    return info
 
 
 def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
@@ -121,7 +125,9 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     just its local shard, whatever the saving world size and layout were); non-tensor leaves are
     replaced; objects with ``load_state_dict`` receive their loaded state dict. Optimizers that
     have no state yet gain it from the checkpoint. With several ranks every rank calls it; each
-    reads only the chunks that overlap its shards, and all ranks agree on success.
+    reads only the chunks that overlap its shards, and all ranks agree on success. Bytes several
+    ranks need (the manifest, replicated tensors, chunks straddling new shards) are read from
+    storage by one rank and handed to the others over gloo (share.py; knob ``share_reads``).
 
     Args:
         strict: report keys missing from either side (else they are skipped).
@@ -139,29 +145,64 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
         RankFailureError: (several ranks) on the ranks whose own load succeeded, when another
             rank's failed.
     """
+    t0 = time.perf_counter()
     ex = exchange(timeout)
-    error = None
+    sharing = share.enabled(ex.world)
+    error = plan = paths = None
     try:
-        m, paths = open_for_read(path, storage_options)
+        m, paths = (share.open_manifest(path, storage_options, ex.rank, ex.timeout) if sharing
+                    else open_for_read(path, storage_options))
         result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict,
                                   blob=partial(read_blob, m, paths))
         if placement.missing or placement.unexpected or placement.mismatched:
             raise StateMismatchError(placement.missing, placement.unexpected,
                                      placement.mismatched)
-        plan, planned = ReadPlan(m), set()
-        for key, target in placement.fills:
-            ident = (key, target.device, target.data_ptr(), target.stride())
-            if ident not in planned:  # tied weights: the same memory is filled once
-                planned.add(ident)
-                plan.into(key, target)
-        for key, fresh in placement.new.items():
-            plan.into(key, fresh)
+        plan = _read_plan(m, placement)
+    except Exception as exc:
+        error = exc
+    try:
+        if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
+            decision = ex.round("needs", None if error else share.needs(plan), error,
+                                share.assign, raise_own=True)
+        if error is None:
+            error = _fill(plan, placement, paths, threads,
+                          (ex, share.SharedPlan(decision, ex.rank)) if sharing else None)
+        # A rank whose collective broke reports it; the round names the rank that went silent.
+        ex.round("load", True, error, lambda _: True,
+                 raise_own=not isinstance(error, share.ShareLostError))
+    except Exception:
+        if sharing:
+            share.forget()  # every rank raised in the same round: all drop the gloo group
+        raise
+    log_load(str(path), plan, time.perf_counter() - t0)
+    return result
+
+
+def _fill(plan: ReadPlan, placement, paths, threads, shared) -> Exception | None:
+    """Fetch, decode and place every planned chunk (the shared ones first, when ``shared`` is
+    ``(exchange, SharedPlan)``); the error that stopped it, or None."""
+    try:
+        if shared:
+            ex, decision = shared
+            share.fetch_shared(plan, decision, paths, ex.world, ex.timeout, threads)
         plan.run(paths, threads)
         placement.apply()
     except Exception as exc:
-        error = exc
-    ex.round("load", True, error, lambda _: True, raise_own=True)
-    return result
+        return exc
+    return None
+
+
+def _read_plan(m: Manifest, placement) -> ReadPlan:
+    """The chunk reads that fill every target of ``placement``."""
+    plan, planned = ReadPlan(m), set()
+    for key, target in placement.fills:
+        ident = (key, target.device, target.data_ptr(), target.stride())
+        if ident not in planned:  # tied weights: the same memory is filled once
+            planned.add(ident)
+            plan.into(key, target)
+    for key, fresh in placement.new.items():
+        plan.into(key, fresh)
+    return plan
 
 
 def tree_for(m: Manifest, rank: int, world: int, per_rank: str):
@@ -199,6 +240,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
     Raises:
         StateMismatchError: the checkpoint has no ``key``. CheckpointError: as ``load``.
     """
+    t0 = time.perf_counter()
     m, paths = open_for_read(path, storage_options)
     node = _subtree(saved_tree(m, rank), key)
     plan, made = ReadPlan(m), {}
@@ -212,6 +254,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
 
     state = build(node, tensor, blob=partial(read_blob, m, paths))
     plan.run(paths, threads)
+    log_load(str(path), plan, time.perf_counter() - t0)
     return state
 
 

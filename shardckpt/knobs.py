@@ -76,6 +76,17 @@ KNOBS = {
                                   "native encode pool (never more than pool_bytes); the staging "
                                   "arena gets the rest, so a save adds about the budget. More "
                                   "lets zstd run further ahead; less stages larger batches."),
+    "share_reads": Knob("SHARDCKPT_SHARE_READS", "auto",
+                        "1: a distributed load reads the manifest and every chunk that several "
+                        "ranks need once, and hands the bytes to the others over gloo "
+                        "(share.py); 0: every rank reads what it needs itself (more storage "
+                        "traffic, no host-to-host copies); auto: 1 when the job spans several "
+                        "nodes (LOCAL_WORLD_SIZE < world size, or SLURM's node count), else 0 "
+                        "(on one node the page cache already dedups, and gloo costs more)."),
+    "share_round_bytes": Knob("SHARDCKPT_SHARE_ROUND_BYTES", 256 << 20,
+                              "Stored bytes of shared chunks exchanged per all-to-all on load. "
+                              "Each rank holds about this much (sent plus received) at once; "
+                              "smaller rounds cost more collectives."),
 }
 
 

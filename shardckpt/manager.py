@@ -23,7 +23,7 @@ import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
-from . import knobs, retire
+from . import knobs, observe, retire
 from .api import load, save
 from .asyncsave import async_save as start_async_save
 from .commit import is_committed
@@ -160,6 +160,9 @@ class CheckpointManager:
             stores instead of writing them again (``save(..., base=...)``, FORMAT.md 3.6);
             retention then keeps the files that newer checkpoints reference.
         clock: a monotonic clock in seconds (tests replace it).
+        on_event: called with a ``shardckpt.observe.CheckpointEvent`` for each save started,
+            committed or failed, each restore, removal and preemption (on every rank; byte
+            counts are the rank's own). Exceptions it raises are logged, not propagated.
 
     Construct it on every rank, in the same order as other process groups: it creates one.
     Use it as a context manager, or call ``close()``: that flushes the save in flight and
@@ -173,7 +176,8 @@ class CheckpointManager:
                  preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
                  storage_options: dict | None = None, save_options: dict | None = None,
                  load_options: dict | None = None, guard=None, incremental: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[[observe.CheckpointEvent], None] | None = None):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
                             ("keep_best", keep_best)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -193,6 +197,7 @@ class CheckpointManager:
         self.save_options = dict(save_options or {})
         self.load_options = dict(load_options or {})
         self._clock = clock
+        self._on_event = on_event
         self._storage = open_storage(self.root, storage_options)
         self._storage.makedirs("")
         self._ranks = _Ranks(float(knobs.get("dist_timeout")))
@@ -285,6 +290,7 @@ class CheckpointManager:
                 self._start(step, state_dict, metrics, "preemption")
             self.wait()
             self._preempted = True
+            self._emit(observe.PREEMPTED, step)
             if self._watcher is not None:
                 self._watcher.committed()
             return True
@@ -305,8 +311,12 @@ class CheckpointManager:
             return
         step, metrics, handle = self._inflight
         self._inflight = None
-        handle.result()
-        self._committed(step, metrics)
+        try:
+            info = handle.result()
+        except BaseException as exc:
+            self._emit(observe.SAVE_FAILED, step, error=f"{type(exc).__name__}: {exc}")
+            raise
+        self._committed(step, metrics, info)
 
     def _reap(self) -> None:
         if self._inflight is not None and self._inflight[2].done():
@@ -328,14 +338,31 @@ class CheckpointManager:
                           base=step_name(previous[-1]) if previous else None)
         self._last_step, self._last_time = step, self._clock()
         if self.async_save:
-            self._inflight = (step, metrics, start_async_save(state_dict, self.path(step),
-                                                              guard=self.guard, **kwargs))
+            handle = start_async_save(state_dict, self.path(step), guard=self.guard, **kwargs)
+            self._inflight = (step, metrics, handle)
+            self._emit(observe.SAVE_STARTED, step, reason=reason, metrics=metrics,
+                       stall_seconds=handle.stall_seconds)
         else:
-            save(state_dict, self.path(step), **kwargs)
-            self._committed(step, metrics)
+            info = save(state_dict, self.path(step), **kwargs)
+            self._emit(observe.SAVE_STARTED, step, reason=reason, metrics=metrics,
+                       stall_seconds=info.seconds)
+            self._committed(step, metrics, info)
 
-    def _committed(self, step: int, metrics: dict | None) -> None:
+    def _emit(self, kind: str, step, **fields) -> None:
+        """Hand one event to ``on_event`` (a failing callback never breaks the training)."""
+        if self._on_event is None:
+            return
+        path = self.path(step) if step is not None else self.root
+        try:
+            self._on_event(observe.CheckpointEvent(kind, step, path, **fields))
+        except Exception:
+            observe.logger.exception("shardckpt: on_event callback failed on %s", kind)
+
+    def _committed(self, step: int, metrics: dict | None, info=None) -> None:
         self._metrics[step] = metrics
+        if info is not None:
+            self._emit(observe.SAVE_COMMITTED, step, metrics=metrics, seconds=info.seconds,
+                       raw_bytes=info.raw_bytes, stored_bytes=info.stored_bytes)
         if self._ranks.rank != 0:
             return
         if self.save_last:
@@ -363,6 +390,7 @@ class CheckpointManager:
         for step in removed:
             self._remove(step_name(step))
             self._metrics.pop(step, None)
+            self._emit(observe.REMOVED, step)
         if removed:  # earlier retired folders whose last user just went
             retire.sweep_all(self._storage)
 
@@ -414,6 +442,7 @@ class CheckpointManager:
 
     def _restored(self, step: int) -> int:
         self._last_step, self._last_time = step, self._clock()
+        self._emit(observe.RESTORED, step, metrics=self.metrics(step))
         return step
 
     def cleanup(self, older_than: float = 3600.0, dry_run: bool = False) -> list[dict]:

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import stat
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -33,6 +34,11 @@ from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRe
 
 def open_manifest(storage: Storage, name: str) -> Manifest:
     """The checkpoint's parsed, validated manifest."""
+    return checked_manifest(storage, name, manifest_bytes(storage, name))
+
+
+def manifest_bytes(storage: Storage, name: str) -> bytes:
+    """The checkpoint's manifest bytes, bounded in size, unchecked (``checked_manifest``)."""
     where = storage.url(name)
     if not storage.exists(name):
         raise CheckpointNotFoundError(f"{where}: no checkpoint here")
@@ -45,10 +51,15 @@ def open_manifest(storage: Storage, name: str) -> Manifest:
     if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
     # Bounded even if the file grows after the size check.
-    m = manifest_mod.parse(storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1))
+    return storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
+
+
+def checked_manifest(storage: Storage, name: str, data: bytes) -> Manifest:
+    """Manifest bytes of checkpoint ``name`` parsed and validated (FORMAT.md 3)."""
+    m = manifest_mod.parse(data)
     if any(f.base == name for f in m.files):
-        raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME}: a file names its own checkpoint "
-                                    "as its base")
+        raise UnsafeCheckpointError(f"{storage.url(name)}/{MANIFEST_NAME}: a file names its own "
+                                    "checkpoint as its base")
     return dataclasses.replace(m, name=name)
 
 
@@ -118,9 +129,35 @@ def open_for_read(path, storage_options: dict | None = None) -> tuple[Manifest, 
     or on object stores ``remote_io.RemoteFile`` objects."""
     storage, name = open_checkpoint(path, storage_options)
     m = open_manifest(storage, name)
+    return m, data_sources(storage, name, m)
+
+
+def data_sources(storage: Storage, name: str, m: Manifest) -> list:
+    """The checked data files of manifest ``m``: real paths, or on object stores
+    ``remote_io.RemoteFile`` objects."""
     if storage.local_path(name) is None:
-        return m, remote_io.data_objects(storage, name, m)
-    return m, data_paths(storage, name, m)
+        return remote_io.data_objects(storage, name, m)
+    return data_paths(storage, name, m)
+
+
+class LazySources:
+    """The data files of manifest ``m`` as ``data_sources`` gives them, each checked on its first
+    use, so that a rank of a large job stats and reads the header of only the files it reads.
+    Thread-safe (files are read concurrently)."""
+
+    def __init__(self, storage: Storage, name: str, m: Manifest):
+        self.storage, self.name, self.m = storage, name, m
+        self.root = storage.local_path(name)
+        self._checked: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, i: int):
+        with self._lock:
+            if i not in self._checked:
+                f = self.m.files[i]
+                self._checked[i] = (remote_io.check_object(self.storage, self.name, f)
+                                    if self.root is None else check_data_file(self.root, f))
+            return self._checked[i]
 
 
 class ReadPlan:
