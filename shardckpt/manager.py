@@ -244,6 +244,12 @@ class CheckpointManager:
         ``EXIT_PREEMPTED`` so that launchers restart it)."""
         return self._preempted
 
+    @property
+    def preemption_requested(self) -> bool:
+        """A preemption signal reached this process; its checkpoint may not have started yet
+        (a loop that waits for something should stop waiting and call ``maybe_save``)."""
+        return self._watcher is not None and self._watcher.pending
+
     # ----------------------------------------------------------------- saving
     def maybe_save(self, step: int, state_dict: Any, metrics: dict | None = None) -> bool:
         """Save when a save is due (steps or seconds) or a preemption signal arrived.
