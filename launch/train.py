@@ -31,6 +31,7 @@ anything else is an error.
 from __future__ import annotations
 
 import argparse
+import datetime
 import glob
 import math
 import os
@@ -179,6 +180,9 @@ def parse_args(argv=None):
     p.add_argument("--corpus-bytes", type=int, default=4 << 20)
     p.add_argument("--step-sleep", type=float, default=0.0,
                    help="seconds to sleep per step (lets a demo interrupt a fast run)")
+    p.add_argument("--hold-file", default=None,
+                   help="while this file exists, wait before each step (until preempted): "
+                        "lets a demo or test line up host failures and joins with the steps")
     p.add_argument("--freeze", action="store_true", help="fine-tuning: freeze the embeddings "
                    "and the first half of the blocks")
     p.add_argument("--incremental", action="store_true",
@@ -192,7 +196,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cpu")
     cuda = torch.cuda.is_available() and torch.cuda.device_count() > int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # A lost peer (a host gone, its link cut) fails the collective waiting on it after this
+    # many seconds, so the agent can restart the group (the default is 30 minutes).
+    timeout = datetime.timedelta(seconds=float(os.environ.get("SHARDCKPT_PG_TIMEOUT", 1800)))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     device = torch.device("cpu")
     if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -264,8 +271,8 @@ def main(argv=None) -> int:
         save_options={"codec": args.codec} if args.codec else None)
     resumed = mgr.restore(state)
     step = state["step"] if resumed is not None else 0
-    say(f"[train] resumed from {mgr.path(resumed)}" if resumed is not None else
-        "[train] starting from scratch")
+    say(f"[train] resumed from {mgr.path(resumed)} at world size {world}" if resumed is not None
+        else "[train] starting from scratch")
 
     stall = loop = 0.0
     with mgr:
@@ -293,6 +300,9 @@ def main(argv=None) -> int:
                     f"with status {shardckpt.EXIT_PREEMPTED}")
                 return shardckpt.EXIT_PREEMPTED
             time.sleep(args.step_sleep)
+            while args.hold_file and os.path.exists(args.hold_file) \
+                    and not mgr.preemption_requested:
+                time.sleep(0.1)
         if args.save_every and step % args.save_every and step != resumed:
             mgr.save(step, state, {"loss": mean_loss})  # the final state, always
     say(f"[train] done: {step} steps; checkpoint stall {stall:.3f} s of {loop:.3f} s "

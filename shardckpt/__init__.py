@@ -14,6 +14,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundE
                      RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
                      UnsupportedValueError)
 from .errors import StateChangedError
+from .errors import ExportError, MissingExtraError
 
 __all__ = [
     "__version__", "save", "async_save", "load", "load_full", "verify", "SaveInfo",
@@ -22,7 +23,7 @@ __all__ = [
     "CheckpointError", "CheckpointExistsError", "CheckpointNotFoundError",
     "CorruptCheckpointError", "DiskFullError", "IncompleteCheckpointError", "RankFailureError",
     "StateMismatchError", "StorageError", "UnsafeCheckpointError", "UnsupportedValueError",
-    "StateChangedError",
+    "StateChangedError", "ExportError", "MissingExtraError",
 ]
 
 from .errors import UnsupportedSaveError  # noqa: E402  (DCP rank-local saves)

@@ -18,6 +18,7 @@ import torch
 
 from . import share
 from .dist import exchange
+from .observe import log_load, log_save
 from .incremental import base_name
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
@@ -110,7 +111,9 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     storage, name = open_checkpoint(path, storage_options)
     base = base_name(storage, name, base, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout, base)
-    return SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
+    info = SaveInfo.from_report(storage.url(name), report, time.perf_counter() - t0)
+    log_save(info.path, info.raw_bytes, info.stored_bytes, info.seconds, stall=info.seconds)
+    return info
 
 
 def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
@@ -142,6 +145,7 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
         RankFailureError: (several ranks) on the ranks whose own load succeeded, when another
             rank's failed.
     """
+    t0 = time.perf_counter()
     ex = exchange(timeout)
     sharing = share.enabled(ex.world)
     error = plan = paths = None
@@ -170,6 +174,7 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
         if sharing:
             share.forget()  # every rank raised in the same round: all drop the gloo group
         raise
+    log_load(str(path), plan, time.perf_counter() - t0)
     return result
 
 
@@ -235,6 +240,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
     Raises:
         StateMismatchError: the checkpoint has no ``key``. CheckpointError: as ``load``.
     """
+    t0 = time.perf_counter()
     m, paths = open_for_read(path, storage_options)
     node = _subtree(saved_tree(m, rank), key)
     plan, made = ReadPlan(m), {}
@@ -248,6 +254,7 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
 
     state = build(node, tensor, blob=partial(read_blob, m, paths))
     plan.run(paths, threads)
+    log_load(str(path), plan, time.perf_counter() - t0)
     return state
 
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from . import knobs, stage
 from .api import SaveInfo, _check_metadata
 from .errors import CheckpointError
+from .observe import log_save
 from .guard import Watch, find_guards, owners, storage_key
 from .incremental import base_name
 from .saver import plan_save
@@ -43,6 +44,7 @@ class SaveHandle:
         self._staged.set()
         self._watch: Watch | None = None
         self.stall_seconds = 0.0  # how long async_save blocked the caller
+        self._stall_known = threading.Event()  # set once stall_seconds is final (for the log)
 
     @property
     def wait_seconds(self) -> float:
@@ -85,8 +87,11 @@ class SaveHandle:
     def _run(self, planned, stager) -> None:
         try:
             report = planned.finish(stager.batches())
-            self._info = SaveInfo.from_report(self.path, report,
-                                              time.perf_counter() - self._started)
+            self._info = info = SaveInfo.from_report(self.path, report,
+                                                     time.perf_counter() - self._started)
+            self._stall_known.wait()
+            log_save(info.path, info.raw_bytes, info.stored_bytes, info.seconds,
+                     stall=self.stall_seconds)
         except BaseException as exc:  # kept for result() and the next async_save
             self._error = exc
         finally:
@@ -194,9 +199,12 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
         handle = SaveHandle(storage.url(name), t0)
         handle._staged, handle._watch = stager.staged, watch
         _WRITER.submit(handle._run, planned, stager)
-        if watch is not None:
-            watch.install()
-        stager.run()
-        handle.stall_seconds = time.perf_counter() - t0
+        try:
+            if watch is not None:
+                watch.install()
+            stager.run()
+        finally:
+            handle.stall_seconds = time.perf_counter() - t0
+            handle._stall_known.set()
         _inflight = handle
     return handle

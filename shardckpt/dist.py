@@ -14,8 +14,10 @@ gloo collective is issued, so a round never interleaves with the training's own 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -101,7 +103,10 @@ class Exchange:
         if answer.get("per_rank"):
             mine = f"{prefix}/answer/{self.rank}"
             answer["ok"]["mine"] = json.loads(self._store("get", error, mine))
-            self.store.delete_key(mine)
+            try:
+                self.store.delete_key(mine)  # tidying only: the round is decided already
+            except Exception:  # the store's host died since; the next request reports it
+                pass
         return answer["ok"]
 
     def _store(self, op: str, error: BaseException | None, *args):
@@ -162,9 +167,27 @@ class LocalExchange:
         return answer
 
 
+_LOCAL_ONLY = contextvars.ContextVar("shardckpt_local_only", default=False)
+
+
+@contextmanager
+def local_only():
+    """Within this block, saves and loads of this thread involve this process alone, even where a
+    process group exists (a framework that saves replicated state from rank 0 only, as
+    Lightning's DDP does)."""
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
 def exchange(timeout: float | None = None):
-    """The Exchange for this process: distributed when a process group with >1 rank exists."""
+    """The Exchange for this process: distributed when a process group with >1 rank exists
+    (outside ``local_only``)."""
     import torch.distributed as dist
+    if _LOCAL_ONLY.get():
+        return LocalExchange()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return Exchange(timeout)
     return LocalExchange()

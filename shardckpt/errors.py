@@ -99,6 +99,16 @@ class DiskFullError(StorageError):
         super().__init__(_errno.ENOSPC, message)
 
 
+class MissingExtraError(CheckpointError, ImportError):
+    """An integration (``shardckpt.integrations``) or CLI option needs an optional dependency
+    that is not installed; the message names the ``pip install 'shardckpt[extra]'`` command."""
+
+
+class ExportError(CheckpointError, ValueError):
+    """An export (``shardckpt.export``) cannot represent the checkpoint: two tensors map to the
+    same output name, or a dtype the output format lacks; names the tensors at fault."""
+
+
 class UnsupportedSaveError(CheckpointError, ValueError):
     """A save was asked for in a mode shardckpt cannot commit as one checkpoint (a DCP save with
     ``use_collectives=False`` on several ranks); nothing was written."""

@@ -23,7 +23,7 @@ import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
-from . import knobs, retire
+from . import knobs, observe, retire
 from .api import load, save
 from .asyncsave import async_save as start_async_save
 from .commit import is_committed
@@ -169,6 +169,9 @@ class CheckpointManager:
         local_keep: committed local checkpoints each node keeps.
         promote_local: a durable save at the step the local tier has just committed copies the
             local checkpoint's encoded files instead of staging the state again (synchronously).
+        on_event: called with a ``shardckpt.observe.CheckpointEvent`` for each save started,
+            committed or failed, each restore, removal and preemption (on every rank; byte
+            counts are the rank's own). Exceptions it raises are logged, not propagated.
 
     Construct it on every rank, in the same order as other process groups: it creates one.
     Use it as a context manager, or call ``close()``: that flushes the save in flight and
@@ -182,8 +185,9 @@ class CheckpointManager:
                  preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
                  storage_options: dict | None = None, save_options: dict | None = None,
                  load_options: dict | None = None, guard=None, incremental: bool = False,
-                 clock: Callable[[], float] = time.monotonic, local_dir=None,
-                 local_every_n_steps: int | None = None, replicas: int = 1,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[[observe.CheckpointEvent], None] | None = None,
+                 local_dir=None, local_every_n_steps: int | None = None, replicas: int = 1,
                  local_keep: int = 1, promote_local: bool = False):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
                             ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps)):
@@ -204,6 +208,7 @@ class CheckpointManager:
         self.save_options = dict(save_options or {})
         self.load_options = dict(load_options or {})
         self._clock = clock
+        self._on_event = on_event
         self._storage = open_storage(self.root, storage_options)
         self._storage.makedirs("")
         self._ranks = _Ranks(float(knobs.get("dist_timeout")))
@@ -253,6 +258,12 @@ class CheckpointManager:
         ``EXIT_PREEMPTED`` so that launchers restart it)."""
         return self._preempted
 
+    @property
+    def preemption_requested(self) -> bool:
+        """A preemption signal reached this process; its checkpoint may not have started yet
+        (a loop that waits for something should stop waiting and call ``maybe_save``)."""
+        return self._watcher is not None and self._watcher.pending
+
     # ----------------------------------------------------------------- saving
     def maybe_save(self, step: int, state_dict: Any, metrics: dict | None = None) -> bool:
         """Save when a save is due (steps or seconds) or a preemption signal arrived.
@@ -298,6 +309,7 @@ class CheckpointManager:
                 self._start(step, state_dict, metrics, "preemption")
             self.wait()
             self._preempted = True
+            self._emit(observe.PREEMPTED, step)
             if self._watcher is not None:
                 self._watcher.committed()
             return True
@@ -318,8 +330,12 @@ class CheckpointManager:
             return
         step, metrics, handle = self._inflight
         self._inflight = None
-        handle.result()
-        self._committed(step, metrics)
+        try:
+            info = handle.result()
+        except BaseException as exc:
+            self._emit(observe.SAVE_FAILED, step, error=f"{type(exc).__name__}: {exc}")
+            raise
+        self._committed(step, metrics, info)
 
     def _reap(self) -> None:
         if self._inflight is not None and self._inflight[2].done():
@@ -345,14 +361,31 @@ class CheckpointManager:
             self._committed(step, metrics)
             return
         if self.async_save:
-            self._inflight = (step, metrics, start_async_save(state_dict, self.path(step),
-                                                              guard=self.guard, **kwargs))
+            handle = start_async_save(state_dict, self.path(step), guard=self.guard, **kwargs)
+            self._inflight = (step, metrics, handle)
+            self._emit(observe.SAVE_STARTED, step, reason=reason, metrics=metrics,
+                       stall_seconds=handle.stall_seconds)
         else:
-            save(state_dict, self.path(step), **kwargs)
-            self._committed(step, metrics)
+            info = save(state_dict, self.path(step), **kwargs)
+            self._emit(observe.SAVE_STARTED, step, reason=reason, metrics=metrics,
+                       stall_seconds=info.seconds)
+            self._committed(step, metrics, info)
 
-    def _committed(self, step: int, metrics: dict | None) -> None:
+    def _emit(self, kind: str, step, **fields) -> None:
+        """Hand one event to ``on_event`` (a failing callback never breaks the training)."""
+        if self._on_event is None:
+            return
+        path = self.path(step) if step is not None else self.root
+        try:
+            self._on_event(observe.CheckpointEvent(kind, step, path, **fields))
+        except Exception:
+            observe.logger.exception("shardckpt: on_event callback failed on %s", kind)
+
+    def _committed(self, step: int, metrics: dict | None, info=None) -> None:
         self._metrics[step] = metrics
+        if info is not None:
+            self._emit(observe.SAVE_COMMITTED, step, metrics=metrics, seconds=info.seconds,
+                       raw_bytes=info.raw_bytes, stored_bytes=info.stored_bytes)
         if self._ranks.rank != 0:
             return
         if self.save_last:
@@ -380,6 +413,7 @@ class CheckpointManager:
         for step in removed:
             self._remove(step_name(step))
             self._metrics.pop(step, None)
+            self._emit(observe.REMOVED, step)
         if removed:  # earlier retired folders whose last user just went
             retire.sweep_all(self._storage)
 
@@ -436,6 +470,7 @@ class CheckpointManager:
 
     def _restored(self, step: int) -> int:
         self._last_step, self._last_time = step, self._clock()
+        self._emit(observe.RESTORED, step, metrics=self.metrics(step))
         return step
 
     def cleanup(self, older_than: float = 3600.0, dry_run: bool = False) -> list[dict]:

@@ -25,6 +25,8 @@ def register(sub, parent) -> None:
                    "only metric, when every checkpoint records the same single one)")
     p.add_argument("--mode", choices=("min", "max"), default="min",
                    help="which end of --monitor is best (default min)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the history (step against "
+                   "size and the metric, kept and best marked) to this PNG (needs matplotlib)")
     p.set_defaults(func=run)
 
 
@@ -94,6 +96,9 @@ def collect(args) -> dict:
 def run(args, out: Output) -> int:
     """List the root; exit 0 (an unreadable checkpoint is shown, not fatal)."""
     doc = collect(args)
+    if args.plot:
+        from .plot import draw
+        draw(doc, args.plot)
     if out.as_json:
         out.json(doc)
         return 0
@@ -112,4 +117,6 @@ def run(args, out: Output) -> int:
                "", "name"], rows, title=f"{doc['root']}")
     if doc["monitor"]:
         out.line(f"best by {doc['monitor']} ({doc['mode']}): {doc['best']}")
+    if args.plot:
+        out.line(f"plotted to {args.plot}")
     return 0

@@ -1,0 +1,29 @@
+"""Bridges to the frameworks users train with; each needs an optional extra.
+
+- ``lightning``: ``ShardCkptIO`` / ``AsyncShardCkptIO``, CheckpointIO plugins for a Lightning
+  ``Trainer`` (``pip install 'shardckpt[lightning]'``).
+- ``accelerate``: ``save_state`` / ``load_state`` of an ``accelerate.Accelerator`` through
+  shardckpt (``pip install 'shardckpt[accelerate]'``).
+- ``tensorboard``: ``TensorBoardEvents``, an ``on_event`` callback writing SummaryWriter scalars
+  (``pip install 'shardckpt[tensorboard]'``).
+
+The core package never imports this folder; importing a module here without its extra raises
+``MissingExtraError`` with the pip command in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import MissingExtraError
+
+__all__ = ["MissingExtraError", "require"]
+
+
+def require(module: str, extra: str, what: str):
+    """Import ``module`` or raise MissingExtraError naming ``pip install 'shardckpt[extra]'``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{what} needs the {module.split('.')[0]} package: "
+                                f"pip install 'shardckpt[{extra}]'") from None
