@@ -63,6 +63,16 @@ def local_path_for(local_dir, node: int) -> str:
     return os.path.abspath(str(local_dir).replace("{node}", str(node)))
 
 
+def _or_warn(action, what: str) -> bool:
+    """Run ``action``; a CheckpointError becomes a warning ``what: error``. Whether it ran."""
+    try:
+        action()
+        return True
+    except CheckpointError as exc:
+        warnings.warn(f"shardckpt: {what}: {type(exc).__name__}: {exc}", stacklevel=4)
+        return False
+
+
 class LocalTier:
     """One manager's local tier (see the module docstring). Construct it on every rank."""
 
@@ -162,13 +172,8 @@ class LocalTier:
     def save_or_warn(self, step: int, state, metadata: dict) -> bool:
         """``save``, with a failure turned into a warning (the training and the durable tier go
         on; the previous local checkpoint stays usable). Whether it committed."""
-        try:
-            self.save(step, state, metadata)
-            return True
-        except CheckpointError as exc:
-            warnings.warn(f"shardckpt: local save of step {step} to {self.dir} failed, nothing "
-                          f"committed: {type(exc).__name__}: {exc}", stacklevel=3)
-            return False
+        return _or_warn(lambda: self.save(step, state, metadata),
+                        f"local save of step {step} to {self.dir} failed, nothing committed")
 
     def _write_and_replicate(self, planned, tmp: str, opts) -> dict:
         self.storage.makedirs(f"{tmp}/{DATA_DIR}")  # rank 0 made node 0's; the others theirs
@@ -234,15 +239,9 @@ class LocalTier:
     def promote_or_warn(self, step: int, storage, name: str) -> bool:
         """``promote`` when the last local save committed ``step``; whether it did (on every
         rank alike). A failed promotion warns; the caller then saves the state as usual."""
-        if self.last_committed != step:
-            return False
-        try:
-            self.promote(step, storage, name)
-            return True
-        except CheckpointError as exc:
-            warnings.warn(f"shardckpt: promoting local step {step} failed, saving it instead: "
-                          f"{type(exc).__name__}: {exc}", stacklevel=3)
-            return False
+        return self.last_committed == step and _or_warn(
+            lambda: self.promote(step, storage, name),
+            f"promoting local step {step} failed, saving it instead")
 
     # ------------------------------------------------------------------ restore
     def restore(self, state, newer_than: int | None, load_options: dict) -> int | None:
