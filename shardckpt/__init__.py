@@ -28,3 +28,5 @@ __all__ = [
 
 from .errors import UnsupportedSaveError  # noqa: E402  (DCP rank-local saves)
 __all__ += ["UnsupportedSaveError"]
+from .errors import TransferError  # noqa: E402  (the local tier's transfers)
+__all__ += ["TransferError"]

@@ -125,3 +125,8 @@ class StateChangedError(CheckpointError, RuntimeError):
     def __init__(self, message: str, *, tensor: str):
         super().__init__(message)
         self.tensor = tensor
+
+
+class TransferError(CheckpointError, ConnectionError):
+    """A peer died, hung past the timeout or sent nonsense while the local tier moved data
+    files between nodes (the message names the peer rank); nothing was committed."""

@@ -76,6 +76,11 @@ KNOBS = {
                                   "native encode pool (never more than pool_bytes); the staging "
                                   "arena gets the rest, so a save adds about the budget. More "
                                   "lets zstd run further ahead; less stages larger batches."),
+    "local_transfer_bytes": Knob("SHARDCKPT_LOCAL_TRANSFER_BYTES", 32 << 20,
+                                 "Block size in which the local tier sends a data file to a "
+                                 "replica node (and on restore fetches one). Each rank holds "
+                                 "about one outgoing and one incoming block; larger blocks mean "
+                                 "fewer gloo messages."),
     "share_reads": Knob("SHARDCKPT_SHARE_READS", "auto",
                         "1: a distributed load reads the manifest and every chunk that several "
                         "ranks need once, and hands the bytes to the others over gloo "

@@ -35,6 +35,7 @@ from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from .read import open_manifest
 from .retention import best_steps, to_keep
 from .storage import open_storage
+from .tiers import LocalTier
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
@@ -160,6 +161,14 @@ class CheckpointManager:
             stores instead of writing them again (``save(..., base=...)``, FORMAT.md 3.6);
             retention then keeps the files that newer checkpoints reference.
         clock: a monotonic clock in seconds (tests replace it).
+        local_dir: node-local folder for the local tier (``{node}`` becomes the node index;
+            see shardckpt/tiers.py and README "Local tier"). None: no local tier.
+        local_every_n_steps: ``maybe_save`` also saves to ``local_dir`` when
+            ``step % local_every_n_steps == 0`` (synchronously, before a durable save).
+        replicas: other nodes that receive a copy of each rank's local data.
+        local_keep: committed local checkpoints each node keeps.
+        promote_local: a durable save at the step the local tier has just committed copies the
+            local checkpoint's encoded files instead of staging the state again (synchronously).
         on_event: called with a ``shardckpt.observe.CheckpointEvent`` for each save started,
             committed or failed, each restore, removal and preemption (on every rank; byte
             counts are the rank's own). Exceptions it raises are logged, not propagated.
@@ -177,9 +186,11 @@ class CheckpointManager:
                  storage_options: dict | None = None, save_options: dict | None = None,
                  load_options: dict | None = None, guard=None, incremental: bool = False,
                  clock: Callable[[], float] = time.monotonic,
-                 on_event: Callable[[observe.CheckpointEvent], None] | None = None):
+                 on_event: Callable[[observe.CheckpointEvent], None] | None = None,
+                 local_dir=None, local_every_n_steps: int | None = None, replicas: int = 1,
+                 local_keep: int = 1, promote_local: bool = False):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
-                            ("keep_best", keep_best)):
+                            ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, not {value!r}")
         if every_n_seconds is not None and not every_n_seconds > 0:
@@ -209,6 +220,9 @@ class CheckpointManager:
         grace = float(knobs.get("grace_seconds")) if grace_seconds is None else grace_seconds
         self._watcher = (PreemptionWatcher(tuple(preemption_signals), grace)
                          if handle_preemption else None)
+        self.local_every_n_steps, self.promote_local = local_every_n_steps, promote_local
+        self._tier = (LocalTier(local_dir, replicas=replicas, keep=local_keep,
+                                save_options=self.save_options) if local_dir is not None else None)
 
     # ----------------------------------------------------------------- queries
     def path(self, step: int) -> str:
@@ -266,6 +280,11 @@ class CheckpointManager:
         self._reap()
         if self._preempted:
             return False
+        if self._tier is not None and self.local_every_n_steps and \
+                step % self.local_every_n_steps == 0:
+            self._tier.save_or_warn(step, state_dict, {META_KEY: {
+                "step": step, "metrics": _json_metrics(metrics), "reason": "local",
+                "unix_time": time.time()}})
         if not self._ranks.dist:
             return self._decide(step, state_dict, metrics, *self._local_flags())
         # Agreed one call late (see _Ranks.collect): no rank waits for the others here.
@@ -337,6 +356,10 @@ class CheckpointManager:
             kwargs.update(content_hashes=True,
                           base=step_name(previous[-1]) if previous else None)
         self._last_step, self._last_time = step, self._clock()
+        if self.promote_local and self._tier is not None and \
+                self._tier.promote_or_warn(step, self._storage, step_name(step)):
+            self._committed(step, metrics)
+            return
         if self.async_save:
             handle = start_async_save(state_dict, self.path(step), guard=self.guard, **kwargs)
             self._inflight = (step, metrics, handle)
@@ -418,6 +441,11 @@ class CheckpointManager:
         self.wait()
         options = {"storage_options": self.storage_options, **self.load_options, **load_options}
         candidates = self._ranks.rank0_list(self.steps())
+        if self._tier is not None and step is None:
+            local = self._tier.restore(state_dict, candidates[-1] - 1 if candidates else None,
+                                       options)
+            if local is not None:
+                return self._restored(local)
         if step is not None:
             if step not in candidates:
                 raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")
@@ -475,6 +503,8 @@ class CheckpointManager:
             if self._watcher is not None:
                 self._watcher.close()
                 self._watcher = None
+            if self._tier is not None:
+                self._tier.close()
             self._ranks.close()
 
     def __enter__(self) -> "CheckpointManager":

@@ -1,0 +1,171 @@
+"""Restore from the local tier: agree on the newest step complete across the nodes, repair each
+node's copy from the others' replicas, load (see tiers.py)."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+
+import torch
+
+from .api import load
+from .commit import RenameCommit
+from .errors import CheckpointError, StateMismatchError, UnsupportedValueError
+from .layout import step_name
+from .read import open_manifest
+from .scan import scan
+from .tier_transfer import exchange_files
+from .types import MANIFEST_NAME
+
+# As in manager.py: errors an older checkpoint would not cure.
+_FATAL = (StateMismatchError, UnsupportedValueError)
+
+
+def _warn(text: str) -> None:
+    warnings.warn(f"shardckpt: {text}", stacklevel=4)
+
+
+def _gather(tier, values: list[int]) -> list[list[int]]:
+    """Every rank's list of ints (all of the same length)."""
+    if tier.world == 1:
+        return [values]
+    mine = torch.tensor(values, dtype=torch.int64)
+    out = [torch.zeros_like(mine) for _ in range(tier.world)]
+    tier.dist.all_gather(out, mine, group=tier.group)
+    return [t.tolist() for t in out]
+
+
+def _candidates(tier, newer_than: int | None) -> list[int]:
+    from .tiers import _CANDIDATES
+    own = tier.steps()[-_CANDIDATES:] if tier.leader else []
+    rows = _gather(tier, own + [-1] * (_CANDIDATES - len(own)))
+    found = sorted({s for row in rows for s in row if s >= 0}, reverse=True)
+    return [s for s in found if newer_than is None or s > newer_than]
+
+
+def _check_copy(tier, step: int):
+    """(manifest crc or -1, the manifest, set of good file indices) of this node's copy."""
+    name = step_name(step)
+    try:
+        data = tier.storage.read(f"{name}/{MANIFEST_NAME}")
+        m = open_manifest(tier.storage, name)
+    except (OSError, CheckpointError) as exc:
+        if tier.storage.exists(name):
+            _warn(f"{tier.path(step)}: node {tier.node}'s manifest is unusable "
+                  f"({type(exc).__name__}: {exc}); other nodes' copies are tried")
+        return -1, None, set()
+    bad = set()
+    for fault in scan(tier.storage, name, m):
+        where = getattr(fault, "file", None)
+        index = next((i for i, f in enumerate(m.files) if f.path == where), None)
+        if index is None:
+            bad = set(range(len(m.files)))
+        else:
+            bad.add(index)
+        _warn(f"{tier.path(step)}: skipping node {tier.node}'s copy of {where or 'its files'}:"
+              f" {type(fault).__name__}: {fault}")
+    present = {i for i, f in enumerate(m.files) if tier.storage.exists(f"{name}/{f.path}")}
+    return zlib.crc32(data) & 0x7FFFFFFF, m, present - bad
+
+
+def _survey(tier, step: int):
+    """Which rank (a node's first) holds a good copy of each file of ``step``; None when some
+    file has none. Also every rank's good-file flags and manifest crc, the agreed crc, and
+    this rank's manifest."""
+    crc, m, good = _check_copy(tier, step) if tier.leader else (-1, None, set())
+    heads = _gather(tier, [crc, len(m.files) if m is not None else -1])
+    holders = [(r, c) for r, (c, _) in enumerate(heads) if c >= 0]
+    if not holders:
+        return None
+    agreed = holders[0][1]
+    n_files = heads[holders[0][0]][1]
+    mine = [1 if (crc == agreed and i in good) else 0 for i in range(n_files)]
+    rows = _gather(tier, mine)
+    owner = []
+    for i in range(n_files):
+        ranks = [r for r, row in enumerate(rows) if row[i]]
+        if not ranks:
+            _warn(f"skipping local {step_name(step)}: file {i} "
+                  f"({m.files[i].path if m else '?'}) has no good copy on any node")
+            return None
+        owner.append(ranks[0])
+    return owner, rows, [c for c, _ in heads], agreed, m
+
+
+def _repair(tier, step: int, owner: list[int], rows: list[list[int]], crcs: list[int],
+            agreed: int, m) -> None:
+    """Fetch the files each node lacks from a holder; in the same order on every rank."""
+    leaders = sorted({min(r for r, n in enumerate(tier.nodes_of) if n == node)
+                      for node in set(tier.nodes_of)})
+    manifest_rank = crcs.index(agreed)
+    moves = []  # (sender, receiver, file index or -1 for the manifest)
+    for leader in leaders:
+        if crcs[leader] != agreed:
+            moves.append((manifest_rank, leader, -1))
+        moves += [(owner[i], leader, i) for i in range(len(owner)) if not rows[leader][i]]
+    if not moves:
+        return
+    m = m if crcs[tier.rank] == agreed else None
+    name = step_name(step)
+    names = {}
+    if m is not None:
+        names = {i: f.path for i, f in enumerate(m.files)}
+    receiving, fetched = [mv for mv in moves if mv[1] == tier.rank], {}
+    tx = None
+    if receiving and receiving[0][2] == -1:  # no usable copy here: rebuild it beside
+        tx = RenameCommit(tier.storage, name, overwrite=True).begin()
+    dest = tier.storage.local_path(tx.tmp if tx else name)
+    try:
+        for sender, receiver, index in moves:
+            if tier.rank == sender:
+                rel = MANIFEST_NAME if index == -1 else names[index]
+                exchange_files(tier.dist, tier.group, tier.storage.local_path(name), [rel],
+                               receiver, None, what=f"restore {name}")
+            elif tier.rank == receiver:
+                got = exchange_files(tier.dist, tier.group, dest, [], None, sender, dest,
+                                     what=f"restore {name}")
+                if index == -1:
+                    m = open_manifest(tier.storage, tx.tmp)
+                    names = {i: f.path for i, f in enumerate(m.files)}
+                fetched.setdefault(sender, []).extend(got)
+        for sender, got in fetched.items():
+            _warn(f"{tier.path(step)}: fetched {', '.join(got)} from rank {sender} "
+                  f"(node {tier.nodes_of[sender]}): missing or corrupt on node {tier.node}")
+        if tx is not None:
+            manifest = tier.storage.read(f"{tx.tmp}/{MANIFEST_NAME}")
+            tier.storage.delete(f"{tx.tmp}/{MANIFEST_NAME}")  # the commit writes it last
+            tx.commit(manifest)
+    finally:
+        if tx is not None:
+            tx.close()
+
+
+def restore_newest(tier, state, newer_than: int | None, load_options: dict) -> int | None:
+    """See ``LocalTier.restore``."""
+    for step in _candidates(tier, newer_than):
+        survey = _survey(tier, step)
+        if survey is None:
+            continue
+        error = None
+        try:
+            _repair(tier, step, *survey)
+        except CheckpointError as exc:
+            error = exc
+        if max(v for (v,) in _gather(tier, [int(error is not None)])):
+            _warn(f"skipping local {step_name(step)}: fetching replicas failed: "
+                  f"{error or 'on another rank'}")
+            continue
+        error = None
+        try:
+            load(state, tier.path(step), **load_options)
+        except CheckpointError as exc:
+            error = exc
+        verdict = 0 if error is None else 2 if isinstance(error, _FATAL) else 1
+        verdict = max(v for (v,) in _gather(tier, [verdict]))
+        if verdict == 0:
+            return step
+        if verdict == 2:
+            raise error or CheckpointError(f"{tier.path(step)}: restore failed on another rank")
+        _warn(f"skipping local {step_name(step)}: {type(error).__name__ if error else ''}"
+              f" {error or 'another rank failed'}")
+    return None
