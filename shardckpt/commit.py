@@ -72,7 +72,7 @@ def remove_leftovers(storage: Storage, names: list[str] | None = None) -> list[s
 
     A set-aside ``.<name>.old-*`` folder is kept while ``name`` has no committed checkpoint: a
     crash between moving the old checkpoint aside and renaming its replacement in leaves it as
-    the only copy. (``shardckpt.layout.collect_garbage`` does the same for manager roots, and
+    the only copy. (``shardckpt.manage.layout.collect_garbage`` does the same for manager roots, and
     also spares leftovers young enough to belong to a running save.)"""
     names = leftovers(storage) if names is None else names
     removed = []

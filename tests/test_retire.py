@@ -8,7 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import layout, retire
+from shardckpt import retire
+from shardckpt.manage import layout
 from shardckpt.commit import list_checkpoints
 from shardckpt.storage import LocalStorage
 from shardckpt.transfer import copy_checkpoint

@@ -2,7 +2,7 @@
 
 One module per subcommand, each with ``register(subparsers, parent)`` and ``run(args, out)``;
 ``output`` renders (JSON, rich tables, plain text, progress), ``common`` holds the global options
-and manifest facts; ``shardckpt.layout`` knows the names under a manager root.
+and manifest facts; ``shardckpt.manage.layout`` knows the names under a manager root.
 
 Exit status: 0 success; 1 a checkpoint fails its checks or any error while doing the work (one
 line on stderr: ``shardckpt: <ErrorType>: <message>``); 2 a usage error. Set

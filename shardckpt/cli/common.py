@@ -9,7 +9,7 @@ import argparse
 import json
 import re
 
-from ..manager import META_KEY
+from ..manage.manager import META_KEY
 from ..read import open_manifest
 from ..storage import open_checkpoint
 from ..tree import dict_items, node_kind, path_text

@@ -1,13 +1,13 @@
 """``shardckpt gc ROOT``: remove what interrupted saves left under a manager root.
 
-The rules live in ``shardckpt.layout.collect_garbage`` (shared with
+The rules live in ``shardckpt.manage.layout.collect_garbage`` (shared with
 ``CheckpointManager.cleanup``); this module parses the arguments and shows the outcome.
 """
 
 from __future__ import annotations
 
 from ..errors import CheckpointNotFoundError
-from ..layout import collect_garbage
+from ..manage.layout import collect_garbage
 from ..storage import open_storage
 from . import common
 from .output import Output, human_bytes

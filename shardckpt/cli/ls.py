@@ -7,10 +7,10 @@ from __future__ import annotations
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..incremental import written_split
 from ..read import open_manifest
-from ..retention import best_steps
+from ..manage.retention import best_steps
 from ..storage import open_storage
-from .. import layout
-from ..layout import LATEST_NAME, STEP_NAME
+from ..manage import layout
+from ..manage.layout import LATEST_NAME, STEP_NAME
 from . import common
 from .output import Output, human_bytes, human_number
 

@@ -9,7 +9,7 @@ import torch
 
 import shardckpt
 from shardckpt import cli
-from shardckpt.manager import META_KEY, step_name
+from shardckpt.manage.manager import META_KEY, step_name
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from shardckpt.manager import CheckpointManager
+from shardckpt.manage.manager import CheckpointManager
 
 from .conftest import save_step
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from shardckpt.manager import CheckpointManager
+from shardckpt.manage.manager import CheckpointManager
 from shardckpt.storage import open_storage
 
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 import shardckpt
-from shardckpt import layout
+from shardckpt.manage import layout
 from shardckpt.storage import LocalStorage
 from shardckpt.testing.ranks import _context
 from tests.helpers import trials

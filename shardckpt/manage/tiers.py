@@ -31,18 +31,18 @@ from datetime import timedelta
 
 import torch
 
-from . import knobs, manifest as manifest_mod
-from .commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
-from .dist import PerRank
-from .errors import CheckpointError
+from .. import knobs, manifest as manifest_mod
+from ..commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
+from ..dist import PerRank
+from ..errors import CheckpointError
 from .layout import STEP_NAME, step_name
-from .merge import build_manifest
-from .plan import plan_chunks
-from .saver import plan_save, write_rank
-from .storage import LocalStorage
+from ..merge import build_manifest
+from ..plan import plan_chunks
+from ..saver import plan_save, write_rank
+from ..storage import LocalStorage
 from .tier_transfer import exchange_files
-from .types import DATA_DIR
-from .write import WriteOptions
+from ..types import DATA_DIR
+from ..write import WriteOptions
 
 __all__ = ["LocalTier", "node_index", "local_path_for"]
 

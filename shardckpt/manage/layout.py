@@ -14,10 +14,10 @@ import re
 import time
 from dataclasses import dataclass
 
-from . import retire
-from .commit import is_committed
-from .storage import Storage
-from .types import DATA_DIR, MANIFEST_NAME
+from .. import retire
+from ..commit import is_committed
+from ..storage import Storage
+from ..types import DATA_DIR, MANIFEST_NAME
 
 STEP_NAME = re.compile(r"step-(\d{8,})")
 LATEST_NAME = "latest"

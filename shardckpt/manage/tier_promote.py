@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 
-from . import knobs, remote_io, retire
-from .commit import commit_for
-from .dist import exchange
-from .errors import CheckpointError
+from .. import knobs, remote_io, retire
+from ..commit import commit_for
+from ..dist import exchange
+from ..errors import CheckpointError
 from .layout import step_name
-from .read import open_manifest
-from .storage import storage_error
-from .types import MANIFEST_NAME
+from ..read import open_manifest
+from ..storage import storage_error
+from ..types import MANIFEST_NAME
 
 
 def _copy(src: str, storage, dst: str) -> None:

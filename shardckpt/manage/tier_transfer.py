@@ -16,10 +16,10 @@ import secrets
 
 import torch
 
-from . import knobs
-from .errors import CheckpointError, TransferError, UnsafeCheckpointError
-from .storage import storage_error
-from .types import DATA_DIR, MANIFEST_NAME
+from .. import knobs
+from ..errors import CheckpointError, TransferError, UnsafeCheckpointError
+from ..storage import storage_error
+from ..types import DATA_DIR, MANIFEST_NAME
 
 _NAME = re.compile(rf"({re.escape(DATA_DIR)}/[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}\.bin|"
                    rf"{re.escape(MANIFEST_NAME)})")

@@ -2,7 +2,7 @@
 
 from hypothesis import given, strategies as st
 
-from shardckpt.retention import best_steps, metric_value, to_keep
+from shardckpt.manage.retention import best_steps, metric_value, to_keep
 
 steps_st = st.lists(st.integers(0, 60), unique=True, max_size=12)
 metric_st = st.one_of(st.none(), st.floats(-5, 5), st.just(float("nan")), st.integers(-5, 5))

@@ -23,18 +23,18 @@ import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
-from . import knobs, observe, retire
-from .api import load, save
-from .asyncsave import async_save as start_async_save
-from .commit import is_committed
-from .errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
+from .. import knobs, observe, retire
+from ..api import load, save
+from ..asyncsave import async_save as start_async_save
+from ..commit import is_committed
+from ..errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
                      UnsupportedValueError)
-from .export import export_weights as export_checkpoint_weights
+from ..export import export_weights as export_checkpoint_weights
 from .layout import LATEST_NAME, STEP_NAME, collect_garbage, step_name
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
-from .read import open_manifest
+from ..read import open_manifest
 from .retention import best_steps, to_keep
-from .storage import open_storage
+from ..storage import open_storage
 from .tiers import LocalTier
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
@@ -162,7 +162,7 @@ class CheckpointManager:
             retention then keeps the files that newer checkpoints reference.
         clock: a monotonic clock in seconds (tests replace it).
         local_dir: node-local folder for the local tier (``{node}`` becomes the node index;
-            see shardckpt/tiers.py and README "Local tier"). None: no local tier.
+            see shardckpt/manage/tiers.py and README "Local tier"). None: no local tier.
         local_every_n_steps: ``maybe_save`` also saves to ``local_dir`` when
             ``step % local_every_n_steps == 0`` (synchronously, before a durable save).
         replicas: other nodes that receive a copy of each rank's local data.

@@ -8,14 +8,14 @@ import zlib
 
 import torch
 
-from .api import load
-from .commit import RenameCommit
-from .errors import CheckpointError, StateMismatchError, UnsupportedValueError
+from ..api import load
+from ..commit import RenameCommit
+from ..errors import CheckpointError, StateMismatchError, UnsupportedValueError
 from .layout import step_name
-from .read import open_manifest
-from .scan import scan
+from ..read import open_manifest
+from ..scan import scan
 from .tier_transfer import exchange_files
-from .types import MANIFEST_NAME
+from ..types import MANIFEST_NAME
 
 # As in manager.py: errors an older checkpoint would not cure.
 _FATAL = (StateMismatchError, UnsupportedValueError)

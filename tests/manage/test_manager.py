@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import shardckpt
 from shardckpt import CheckpointManager, status
-from shardckpt.manager import step_name
+from shardckpt.manage.manager import step_name
 from shardckpt.testing import flip_byte
 
 
@@ -241,7 +241,7 @@ def test_grace_period_expiry_exits_and_keeps_the_last_checkpoint(tmp_path):
 
 _ARMED_CHILD = textwrap.dedent("""
     import signal, time
-    from shardckpt.preemption import PreemptionWatcher
+    from shardckpt.manage.preemption import PreemptionWatcher
     watcher = PreemptionWatcher((signal.SIGUSR2,), grace_seconds=0.3)
     watcher.arm()  # the ranks agreed on a preemption another rank was signalled for
     time.sleep(30)
