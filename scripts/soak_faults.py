@@ -33,7 +33,8 @@ def kill_single(n: int, seed: int, work: str) -> Counter:
     from shardckpt.testing import crash
     rng, total = random.Random(seed), Counter()
     for i in range(n):
-        total += crash.kill_single(os.path.join(work, f"kill-{i}"), seed + i, rng)
+        total += crash.kill_single(os.path.join(work, f"kill-{i}"), seed + i, rng,
+                                   inside=i % 2 == 1)
         shutil.rmtree(os.path.join(work, f"kill-{i}"), ignore_errors=True)
     return total
 

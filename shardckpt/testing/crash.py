@@ -148,9 +148,21 @@ def _ctx():
     return _context()
 
 
-def kill_single(workdir: str, seed: int, rng: random.Random, window: float = 0.6) -> Counter:
+def _wait_for_a_save_in_flight(root: str, limit: float = 1.0) -> None:
+    """Return once a save's temporary folder (a dot name) shows under ``root``, or after
+    ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if any(name.startswith(".") for name in os.listdir(root)):
+            return
+        time.sleep(0.0005)
+
+
+def kill_single(workdir: str, seed: int, rng: random.Random, window: float = 0.6,
+                inside: bool = False) -> Counter:
     """One trial: a process saves in a loop; SIGKILL it ``uniform(0, window)`` s after its first
-    save began; judge what it left."""
+    save began (``inside``: at the first moment after that when a save is seen in flight, since
+    these tiny saves fill only part of the loop); judge what it left."""
     root, log = os.path.join(workdir, "ckpts"), os.path.join(workdir, "progress.log")
     os.makedirs(root)
     proc = _ctx().Process(target=save_loop, args=(root, log, seed), daemon=True)
@@ -159,6 +171,8 @@ def kill_single(workdir: str, seed: int, rng: random.Random, window: float = 0.6
     while not os.path.exists(log) and time.monotonic() < deadline and proc.is_alive():
         time.sleep(0.005)
     time.sleep(rng.uniform(0, window))
+    if inside:
+        _wait_for_a_save_in_flight(root)
     proc.kill()  # SIGKILL
     proc.join()
     if proc.exitcode != -signal.SIGKILL:

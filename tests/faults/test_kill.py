@@ -20,15 +20,18 @@ TIMEOUT = 6.0  # a dead rank is noticed after this long; tiny saves finish well 
 def test_kill_9_of_a_process_saving_in_a_loop(tmp_path):
     rng, total, interrupted = random.Random(20261127), Counter(), 0
     n = trials(20, 200)
-    for i in range(n):
-        out = crash.kill_single(str(tmp_path / f"trial-{i}"), seed=i, rng=rng)
+    for i in range(n):  # every other kill lands at a random instant, the rest inside a save
+        out = crash.kill_single(str(tmp_path / f"trial-{i}"), seed=i, rng=rng, inside=i % 2 == 1)
         interrupted += bool(out["detected"] or out["inflight-ok"])
         total += out
     assert total["lost"] == 0 and total["escaped"] == 0, total
     # The trials did commit (not killed at birth). How many saves fit before the kill depends on
     # the machine's load, so this asks for one per trial on average, not a rate.
     assert total["committed-ok"] >= n, total
-    assert interrupted >= n // 2, (interrupted, total)  # and the kills did land inside saves
+    # And kills did land inside saves. A blind kill does so in about half the trials on a quiet
+    # machine and in a fifth under CI load (a save is a few ms of a ~20 ms loop); a kill that
+    # waits to see a save in flight nearly always does.
+    assert interrupted >= n // 3, (interrupted, total)
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["rank 1 dies", "the coordinator dies"])
