@@ -100,7 +100,7 @@ class SaveHandle:
             self._finished.set()
 
 
-_WRITER = stage.Worker("shardckpt-async-save")
+_WRITER = stage.Worker("shardckpt-async-save", "sc-save", background=True)
 _inflight: SaveHandle | None = None
 _inflight_lock = threading.Lock()
 

@@ -81,6 +81,12 @@ KNOBS = {
                                  "replica node (and on restore fetches one). Each rank holds "
                                  "about one outgoing and one incoming block; larger blocks mean "
                                  "fewer gloo messages."),
+    "background_nice": Knob("SHARDCKPT_BACKGROUND_NICE", 10,
+                            "How much lower than the training the background save thread (and "
+                            "the native encoders and writers it starts) runs, in nice steps. "
+                            "On a host whose cores the training fills, this keeps a save from "
+                            "slowing the steps; it then takes longer. 0 keeps equal priority. "
+                            "The thread that copies guarded tensors is never lowered."),
     "share_reads": Knob("SHARDCKPT_SHARE_READS", "auto",
                         "1: a distributed load reads the manifest and every chunk that several "
                         "ranks need once, and hands the bytes to the others over gloo "

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from . import knobs
 from .plan import chunk_ranges, dense
 from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
@@ -69,22 +70,57 @@ ARENA = StagingArena()
 class Worker:
     """One long-lived background thread: starting a thread per save costs the caller ~1-2 ms
     on a loaded host (``Thread.start`` waits until the thread runs), a pool's ``submit`` does
-    not wait. Saves run one at a time, so one thread suffices; a forked child starts afresh."""
+    not wait. Saves run one at a time, so one thread suffices; a forked child starts afresh.
 
-    def __init__(self, name: str):
-        self.name, self.pool = name, None
+    ``os_name`` (at most 15 characters) names the thread for ``top -H`` and ``/proc``. With
+    ``background=True`` the thread also lowers its own priority by the ``background_nice`` knob,
+    once, at its start: on Linux a thread's nice value is its own and the threads it starts (the
+    native encoders and writers) inherit it, so the training threads win a contended core."""
+
+    def __init__(self, name: str, os_name: str, background: bool = False):
+        self.name, self.os_name, self.background, self.pool = name, os_name[:15], background, None
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self.pool = None  # the parent's thread does not exist in the child
 
+    def _start(self) -> None:
+        name_thread(self.os_name)
+        if self.background:
+            lower_priority(int(knobs.get("background_nice")))
+
     def submit(self, fn, *args) -> Future:
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix=self.name,
+                                           initializer=self._start)
         return self.pool.submit(fn, *args)
 
 
-COPIER = Worker("shardckpt-stage")
+def name_thread(name: str) -> None:
+    """Give the calling thread an OS-visible name (Linux ``prctl(PR_SET_NAME)``); a no-op
+    elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's nice value (Linux: per thread, by its tid). It cannot
+    be undone without privileges, which is why only a dedicated background thread calls it."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
+    except OSError:
+        pass  # a container may forbid it; the save still works at normal priority
+
+
+# Not lowered: the guarded copy must finish before the next optimizer.step().
+COPIER = Worker("shardckpt-stage", "sc-copy")
 
 
 class _Slot:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -102,3 +103,34 @@ def test_killed_during_background_write_keeps_the_previous_checkpoint(tmp_path):
     with pytest.raises(shardckpt.CheckpointNotFoundError):
         shardckpt.load_full(new)
     assert torch.equal(shardckpt.load_full(old)["x"], torch.ones(4))
+
+
+def _threads() -> dict[int, tuple[str, int]]:
+    """This process's threads: tid -> (OS name, nice)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{tid}/stat").read()
+        except OSError:
+            continue  # ended meanwhile
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        out[int(tid)] = (name, int(rest.split()[16]))  # field 19 of stat: nice
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_background_threads_are_named_and_yield_to_the_training(tmp_path):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    state = {f"w{i}": torch.randn(1 << 20) for i in range(16)}  # 64 MiB, many chunks
+    seen: dict[int, tuple[str, int]] = {}
+    handle = shardckpt.async_save(state, tmp_path / "a", chunk_bytes=1 << 18, codec="zstd")
+    while not handle.done():  # sample while encoders and writers run
+        seen.update(_threads())
+    handle.result(timeout=60)
+    seen.update(_threads())
+    saving = [nice for name, nice in seen.values() if name == "sc-save"]
+    # The writer thread and the native threads it started (they inherit its name and nice).
+    assert len(saving) >= 2, seen
+    assert all(nice == min(base + 10, 19) for nice in saving), seen
+    main = _threads()[threading.get_native_id()]
+    assert main[1] == base, main  # the caller's own priority is untouched
