@@ -77,8 +77,9 @@ class Worker:
     once, at its start: on Linux a thread's nice value is its own and the threads it starts (the
     native encoders and writers) inherit it, so the training threads win a contended core."""
 
-    def __init__(self, name: str, os_name: str, background: bool = False):
-        self.name, self.os_name, self.background, self.pool = name, os_name[:15], background, None
+    def __init__(self, name: str, os_name: str = "", background: bool = False):
+        self.name, self.background, self.pool = name, background, None
+        self.os_name = (os_name or name)[:15]
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
