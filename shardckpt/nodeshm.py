@@ -130,8 +130,8 @@ class NodeFolder:
             raise ValueError(f"bad share file name {name!r}")
         return os.path.join(self.path, name)
 
-    def create_file(self, name: str, size: int):
-        """A new file of ``size`` bytes, mapped writable (``None`` for size 0)."""
+    def create_file(self, name: str, size: int) -> int:
+        """A new file of ``size`` bytes, allocated; its descriptor (the caller closes it)."""
         path = self._file(name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -140,18 +140,21 @@ class NodeFolder:
             raise StorageError(exc.errno or 0, f"share file {path}: {exc}") from exc
         self.written.add(name)
         try:
-            if not size:
-                return None
-            try:
+            if size:
                 # Allocated now, so that a full /dev/shm is an error here, not a SIGBUS later.
                 os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                code = exc.errno or 0
-                raise StorageError(code, f"share file {path}: {size} bytes: "
-                                   f"{'no space left' if code == errno.ENOSPC else exc}") from exc
-            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except OSError as exc:
             os.close(fd)
+            code = exc.errno or 0
+            raise StorageError(code, f"share file {path}: {size} bytes: "
+                               f"{'no space left' if code == errno.ENOSPC else exc}") from exc
+        return fd
+
+    def open_written(self, name: str) -> int:
+        """A new write descriptor (its own file position) of a file this rank made."""
+        if name not in self.written:
+            raise ValueError(f"share file {name!r} is not this rank's")
+        return os.open(self._file(name), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def map_file(self, name: str, size: int):
         """Another local rank's file, mapped read-only; it must hold exactly ``size`` bytes."""
@@ -165,7 +168,7 @@ class NodeFolder:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size != size:
                 raise UnsafeCheckpointError(f"share file {path} has {st.st_size} bytes, "
                                             f"expected {size}, or is not this user's file")
-            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+            return map_fd(fd, size) if size else b""
         finally:
             os.close(fd)
 
@@ -198,6 +201,53 @@ class NodeFolder:
         """After a failed load: the whole folder, whoever made it."""
         self.written.clear()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+_COPY_IN_KERNEL = [hasattr(os, "sendfile")]  # cleared once the kernel refuses
+
+
+def copy_range(src: int, offset: int, dst: int, at: int, length: int) -> int:
+    """Copy ``length`` bytes from ``src`` at ``offset`` to ``dst`` at ``at``; the bytes copied
+    (fewer when ``src`` ends early). ``dst`` must be this caller's own descriptor: ``sendfile``
+    writes at its file position. In the kernel where it can (page cache to page cache, about
+    twice as fast here as a read into a mapping), else through a bounded buffer."""
+    done = 0
+    if _COPY_IN_KERNEL[0]:
+        os.lseek(dst, at, os.SEEK_SET)
+    while done < length and _COPY_IN_KERNEL[0]:
+        try:
+            n = os.sendfile(dst, src, offset + done, length - done)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or done:
+                raise
+            _COPY_IN_KERNEL[0] = False
+            break
+        if n <= 0:
+            return done
+        done += n
+    while done < length:
+        data = os.pread(src, min(length - done, 8 << 20), offset + done)
+        if not data:
+            break
+        write_all(dst, data, at + done)
+        done += len(data)
+    return done
+
+
+def write_all(fd: int, data, at: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``at``."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
+def map_fd(fd: int, size: int, write: bool = False) -> mmap.mmap:
+    """``size`` bytes of an open share file, mapped shared and faulted in at once (one call
+    instead of a page fault per 4 KiB as the decoder walks it)."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+    return mmap.mmap(fd, size, flags, prot)
 
 
 def close(mapped) -> None:

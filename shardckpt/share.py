@@ -47,6 +47,7 @@ from .storage import open_checkpoint
 __all__ = ["Session", "SharedPlan", "ShareLostError", "enabled", "forget", "needs", "assign"]
 
 _GROUP: dict = {}  # the gloo group of the current default process group, per timeout
+_TOPOLOGY: dict = {}  # per gloo group: (group, node of each rank, pid of each rank)
 # Errors a leader may meet opening the manifest, re-raised as the same type on its node.
 _RELAYED = ("CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
             "UnsafeCheckpointError", "StorageError")
@@ -81,10 +82,31 @@ def group(timeout: float):
 
 
 def forget() -> None:
-    """Drop the cached gloo group. Called on every rank of a failed shared load (the ranks
+    """Drop the cached gloo group and node map. Called on every rank of a failed shared load (the ranks
     raise in the same round, so all of them make a new group for the next load together): a
     group whose peer died is never reused."""
     _GROUP.clear()
+    _TOPOLOGY.clear()
+
+
+def _topology(g, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """``(node of every rank, pid of this rank's node leader)``, found once per gloo group by
+    one all-reduce of (launcher's node index, host key, pid) rows: ranks share a node when
+    both agree, so an emulated or misdeclared node never spans two hosts' memory."""
+    import torch.distributed as dist
+    cached = _TOPOLOGY.get(id(g))
+    if cached is None or cached[0] is not g:
+        rows = torch.zeros((world, 3), dtype=torch.int64)
+        rows[rank] = torch.tensor([dist_mod.node_index(rank, unknown=0), nodeshm.host_key(),
+                                   os.getpid()])
+        _collective("the node map", dist.all_reduce, rows, group=g)  # an all-gather
+        ids: dict = {}
+        node = np.array([ids.setdefault(k, len(ids)) for k in map(tuple, rows[:, :2].tolist())],
+                        np.int64)
+        pids = rows[:, 2].numpy().copy()
+        cached = _TOPOLOGY[id(g)] = (g, node, pids)
+    _, node, pids = cached
+    return node, int(pids[np.flatnonzero(node == node[rank])[0]])
 
 
 def _collective(what: str, fn, *args, **kwargs):
@@ -116,21 +138,14 @@ class Session:
     _loads = 0  # this process's shared loads so far: names the folder when it leads
 
     def __init__(self, rank: int, world: int, timeout: float):
-        import torch.distributed as dist
         Session._loads += 1
         self.rank, self.world, self.timeout = rank, world, timeout
         self.g = group(timeout)
         self.folder: NodeFolder | None = None
-        rows = torch.zeros((world, 4), dtype=torch.int64)
-        rows[rank] = torch.tensor([dist_mod.node_index(rank, unknown=0), nodeshm.host_key(),
-                                   os.getpid(), Session._loads])
-        _collective("the node map", dist.all_reduce, rows, group=self.g)  # an all-gather
-        ids: dict = {}
-        self.node = np.array([ids.setdefault(k, len(ids)) for k in
-                              map(tuple, rows[:, :2].tolist())], np.int64)
+        self.node, self.leader_pid = _topology(self.g, rank, world)
         self.local = np.flatnonzero(self.node == self.node[rank])
         self.leader = int(self.local[0])
-        self.leader_id = tuple(int(v) for v in rows[self.leader, 2:])  # (pid, load number)
+        self.leader_id = (self.leader_pid, Session._loads)  # the folder's name; see open_manifest
 
     def assign(self, payloads: dict) -> dict:
         """The coordinator's decision for the "needs" round (shareplan.assign, with nodes)."""
@@ -143,16 +158,19 @@ class Session:
         node as the same type (with its message); each rank parses and checks the bytes."""
         import torch.distributed as dist
         storage, name = open_checkpoint(path, storage_options)
-        data, failure, status = None, None, torch.zeros(self.world, dtype=torch.int64)
+        data, failure, status = None, None, torch.zeros((self.world, 2), dtype=torch.int64)
         if self.rank == self.leader:
             try:
                 data = read.manifest_bytes(storage, name)
             except Exception as exc:  # any failure: the node's ranks wait in the reduce below
                 failure = exc
-            status[self.rank] = self._post_manifest(data, failure)
+            status[self.rank] = torch.tensor([self._post_manifest(data, failure), Session._loads])
         _collective("the manifest", dist.all_reduce, status, group=self.g)
         if self.rank != self.leader:
-            data = self._take_manifest(int(status[self.leader]))
+            # The leader's load number names its folder (the same as ours unless a rank
+            # joined late: it is the leader's that counts).
+            self.leader_id = (self.leader_pid, int(status[self.leader, 1]))
+            data = self._take_manifest(int(status[self.leader, 0]))
         elif failure is not None:
             raise failure
         m = read.checked_manifest(storage, name, data)
@@ -167,10 +185,11 @@ class Session:
             f"{type(failure).__name__}\0{failure}".encode()[:4096]
         try:
             self.folder = NodeFolder.create(*self.leader_id)
-            mapped = self.folder.create_file(_MANIFEST, len(payload))
-            if mapped is not None:
-                mapped[:] = payload
-                nodeshm.close(mapped)
+            fd = self.folder.create_file(_MANIFEST, len(payload))
+            try:
+                nodeshm.write_all(fd, payload, 0)
+            finally:
+                os.close(fd)
         except CheckpointError:
             return 0
         return len(payload) + 1 if failure is None else -(len(payload) + 1)
@@ -210,12 +229,22 @@ class Session:
             self.folder.remove_all() if failed else self.folder.remove()
             self.folder = None
 
-    def _buffer(self, k: int, size: int):
-        """This round's holding buffer: a file of the node folder when local ranks may map it,
-        else plain memory. ``(numpy view, mapping or None)``."""
+    def _hold(self, k: int, size: int, pos: dict, reading: list[int], table, paths):
+        """This round's holding buffer with the chunks this rank reads in place: a file of the
+        node folder that local ranks map (filled by the kernel from a local data file, no copy
+        through this process), else plain memory. ``(numpy view, mapping or None)``."""
         if self.folder is None or not size:
-            return np.empty(size, np.uint8), None
-        mapped = self.folder.create_file(f"r{k}-{self.rank}", size)
+            buf = np.empty(size, np.uint8)
+            _read_runs(_runs(reading, pos, table), paths, lambda: None, buf)
+            return buf, None
+        name = f"r{k}-{self.rank}"
+        fd = self.folder.create_file(name, size)
+        try:
+            _read_runs(_runs(reading, pos, table), paths, lambda: self.folder.open_written(name),
+                       None)
+            mapped = nodeshm.map_fd(fd, size, write=True)
+        finally:
+            os.close(fd)
         return np.frombuffer(mapped, np.uint8), mapped
 
     def _round(self, k, plan, shared, chunks, taken, paths, threads, previous) -> tuple:
@@ -226,8 +255,7 @@ class Session:
         reading = [c for c in chunks if table[c, 3] == me]
         failure, buf, mapped = None, np.empty(0, np.uint8), None
         try:
-            buf, mapped = self._buffer(k, size)
-            _read_into(buf, pos, reading, table, paths)
+            buf, mapped = self._hold(k, size, pos, reading, table, paths)
         except Exception as exc:  # a storage error, reported on every rank below
             failure = exc
         if lay.cross:
@@ -315,14 +343,41 @@ class _Layout:
         return pos, at
 
 
-def _read_into(buf: np.ndarray, pos: dict, reading: list[int], table, paths) -> None:
-    """Read the stored bytes of the chunks in ``reading`` into their places in ``buf``."""
-    if not reading:
+def _runs(reading: list[int], pos: dict, table) -> list[tuple]:
+    """The chunks this rank reads as ``(file, offset, length, position)`` runs, adjacent chunks
+    (next in the data file and in the buffer) merged into one read."""
+    runs: list[list] = []
+    for c in reading:
+        f, offset, length = (int(v) for v in table[c, :3])
+        last = runs[-1] if runs else None
+        if last and last[0] == f and last[1] + last[2] == offset and last[3] + last[2] == pos[c]:
+            last[2] += length
+        else:
+            runs.append([f, offset, length, pos[c]])
+    return [tuple(r) for r in runs]
+
+
+def _read_runs(runs: list[tuple], paths, out_fd, buf) -> None:
+    """Read each run of stored bytes into ``buf`` (memory) or, with ``buf`` None, into the file
+    ``out_fd()`` opens for each run (its own file position), at its position; runs in
+    parallel."""
+    if not runs:
         return
-    view = memoryview(buf)
-    with ThreadPoolExecutor(max(1, min(len(reading), knobs.get("remote_concurrency")))) as pool:
-        list(pool.map(lambda c: fetch(paths[table[c, 0]], int(table[c, 1]), int(table[c, 2]),
-                                      view[pos[c]:pos[c] + int(table[c, 2])]), reading))
+    view = None if buf is None else memoryview(buf)
+
+    def one(run):
+        f, offset, length, at = run
+        if view is not None:
+            fetch(paths[f], offset, length, view[at:at + length])
+        else:
+            fd = out_fd()
+            try:
+                fetch_to_file(paths[f], offset, length, fd, at)
+            finally:
+                os.close(fd)
+
+    with ThreadPoolExecutor(max(1, min(len(runs), knobs.get("remote_concurrency")))) as pool:
+        list(pool.map(one, runs))
 
 
 def fetch(source, offset: int, length: int, out: memoryview) -> None:
@@ -331,8 +386,8 @@ def fetch(source, offset: int, length: int, out: memoryview) -> None:
     label = getattr(source, "rel", str(source))
     if isinstance(source, remote_io.RemoteFile):
         data = source.storage.read(source.path, offset, length)
-        got = len(data)
-        out[:got] = data[:length]
+        got = min(len(data), length)
+        out[:got] = data[:got]
     else:
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -346,6 +401,30 @@ def fetch(source, offset: int, length: int, out: memoryview) -> None:
             raise errors.StorageError(exc.errno or 0, f"{label}: {exc}") from exc
         finally:
             os.close(fd)
+    _check_length(got, length, offset, label)
+
+
+def fetch_to_file(source, offset: int, length: int, out_fd: int, at: int) -> None:
+    """Copy ``length`` stored bytes at ``offset`` of a data file into the share file ``out_fd``
+    at ``at``: in the kernel for a local file (``sendfile``), through
+    memory for a remote one."""
+    label = getattr(source, "rel", str(source))
+    if isinstance(source, remote_io.RemoteFile):
+        data = source.storage.read(source.path, offset, length)
+        nodeshm.write_all(out_fd, data[:length], at)
+        _check_length(len(data), length, offset, label)
+        return
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        got = nodeshm.copy_range(fd, offset, out_fd, at, length)
+    except OSError as exc:
+        raise errors.StorageError(exc.errno or 0, f"{label}: {exc}") from exc
+    finally:
+        os.close(fd)
+    _check_length(got, length, offset, label)
+
+
+def _check_length(got: int, length: int, offset: int, label: str) -> None:
     if got != length:
         raise errors.CorruptCheckpointError(f"{length} bytes at {offset} ended early",
                                             file=label)
