@@ -130,8 +130,12 @@ class NodeFolder:
             raise ValueError(f"bad share file name {name!r}")
         return os.path.join(self.path, name)
 
-    def create_file(self, name: str, size: int) -> int:
-        """A new file of ``size`` bytes, allocated; its descriptor (the caller closes it)."""
+    def create_file(self, name: str, size: int, allocate_from: int = 0) -> int:
+        """A new file of ``size`` bytes; its descriptor (the caller closes it). Bytes from
+        ``allocate_from`` on are allocated now: they will be written through a mapping, and a
+        full /dev/shm must be an error here, not a SIGBUS later. The bytes before are left to
+        the writes that fill them (which report a full /dev/shm as ENOSPC, and skip zeroing
+        pages first)."""
         path = self._file(name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -140,9 +144,9 @@ class NodeFolder:
             raise StorageError(exc.errno or 0, f"share file {path}: {exc}") from exc
         self.written.add(name)
         try:
-            if size:
-                # Allocated now, so that a full /dev/shm is an error here, not a SIGBUS later.
-                os.posix_fallocate(fd, 0, size)
+            os.ftruncate(fd, size)
+            if size > allocate_from:
+                os.posix_fallocate(fd, allocate_from, size - allocate_from)
         except OSError as exc:
             os.close(fd)
             code = exc.errno or 0

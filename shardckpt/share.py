@@ -185,7 +185,7 @@ class Session:
             f"{type(failure).__name__}\0{failure}".encode()[:4096]
         try:
             self.folder = NodeFolder.create(*self.leader_id)
-            fd = self.folder.create_file(_MANIFEST, len(payload))
+            fd = self.folder.create_file(_MANIFEST, len(payload), allocate_from=len(payload))
             try:
                 nodeshm.write_all(fd, payload, 0)
             finally:
@@ -238,7 +238,10 @@ class Session:
             _read_runs(_runs(reading, pos, table), paths, lambda: None, buf)
             return buf, None
         name = f"r{k}-{self.rank}"
-        fd = self.folder.create_file(name, size)
+        # Read chunks are written into the file (sendfile, pwrite); received ones, after
+        # them, land through the mapping (all-to-all): only those are allocated ahead.
+        read_end = sum(int(table[c, 2]) for c in reading)
+        fd = self.folder.create_file(name, size, allocate_from=read_end)
         try:
             _read_runs(_runs(reading, pos, table), paths, lambda: self.folder.open_written(name),
                        None)
