@@ -82,9 +82,9 @@ def group(timeout: float):
 
 
 def forget() -> None:
-    """Drop the cached gloo group and node map. Called on every rank of a failed shared load (the ranks
-    raise in the same round, so all of them make a new group for the next load together): a
-    group whose peer died is never reused."""
+    """Drop the cached gloo group and node map. Called on every rank of a failed shared load
+    (the ranks raise in the same round, so all of them make a new group for the next load
+    together): a group whose peer died is never reused."""
     _GROUP.clear()
     _TOPOLOGY.clear()
 
