@@ -13,8 +13,9 @@ rank loads whole, saved by one process), "FSDP same world" (Shard(0) DTensors sa
 Bytes read from storage, summed over ranks, are counted two ways: ``requested`` sums what
 shardckpt asked storage for (native chunk reads, shared fetches, storage reads of manifest and
 headers; every data-file header check counts 16 bytes); ``rchar`` is the kernel's count of bytes
-each rank process read by read(2)/pread(2) during the load (it also counts reads of sockets and
-pipes made through read(2), so gloo traffic may show up there). A load's wall is the slowest
+each rank process read by read(2)/pread(2)/sendfile(2) during the load (it also counts reads of
+sockets and pipes made through read(2), so gloo traffic may show up there; bytes taken from a
+mapped /dev/shm file are not reads). A load's wall is the slowest
 rank's, from a common barrier. ``--cold`` drops the page cache before each load (needs root).
 """
 
