@@ -1,19 +1,21 @@
 """Distributed loads on 4 gloo ranks: bytes read from storage and wall time, shared reads vs not.
 
 Usage:
-    python scripts/bench_share_load.py [--mib 128] [--reps 3] [--cold]
+    python scripts/bench_share_load.py [--mib 128] [--reps 3] [--cold] [--local-world 2]
 
 Three load shapes, each into zeroed targets on 4 ranks: "DDP replicated" (plain tensors every
 rank loads whole, saved by one process), "FSDP same world" (Shard(0) DTensors saved and loaded on
 4 ranks), "reshard 2->4" (saved on 2 ranks, loaded on 4). Contenders: shardckpt with shared reads
-(the default, share.py), shardckpt with ``SHARDCKPT_SHARE_READS=0`` (every rank reads what it
-needs, as before), and DCP (``dcp.load`` with ``FileSystemReader``).
+(the default, share.py: shared memory within a node, gloo across nodes), shardckpt with
+``SHARDCKPT_SHARE_READS=0`` (every rank reads what it needs), and DCP (``dcp.load`` with
+``FileSystemReader``). ``--local-world 2`` emulates 2 nodes of 2 ranks (``LOCAL_WORLD_SIZE``).
 
 Bytes read from storage, summed over ranks, are counted two ways: ``requested`` sums what
 shardckpt asked storage for (native chunk reads, shared fetches, storage reads of manifest and
 headers; every data-file header check counts 16 bytes); ``rchar`` is the kernel's count of bytes
-each rank process read by read(2)/pread(2) during the load (it also counts reads of sockets and
-pipes made through read(2), so gloo traffic may show up there). A load's wall is the slowest
+each rank process read by read(2)/pread(2)/sendfile(2) during the load (it also counts reads of
+sockets and pipes made through read(2), so gloo traffic may show up there; bytes taken from a
+mapped /dev/shm file are not reads). A load's wall is the slowest
 rank's, from a common barrier. ``--cold`` drops the page cache before each load (needs root).
 """
 
@@ -83,14 +85,19 @@ class Requested:
         from shardckpt.storage.wrapper import StorageWrapper
         self.total = 0
         native, fetch, me = read.read_file_chunks, share.fetch, self
+        to_file = share.fetch_to_file
 
         def read_file_chunks(source, reads, threads):
             me.total += sum(r[1] for r in reads)
             return native(source, reads, threads)
 
-        def counted_fetch(source, offset, length):
+        def counted_fetch(source, offset, length, out):
             me.total += length
-            return fetch(source, offset, length)
+            return fetch(source, offset, length, out)
+
+        def counted_to_file(source, offset, length, out_fd, at):
+            me.total += length
+            return to_file(source, offset, length, out_fd, at)
 
         class Counting(StorageWrapper):
             def read(self, path, offset=0, length=None):
@@ -100,17 +107,19 @@ class Requested:
 
         check = read._check_file
 
-        def check_file(real, f):
+        def check_file(real, f, label=None):
             me.total += 16
-            return check(real, f)
+            return check(real, f, label)
 
-        read.read_file_chunks, share.fetch, read._check_file = \
-            read_file_chunks, counted_fetch, check_file
+        read.read_file_chunks, share.fetch, share.fetch_to_file, read._check_file = \
+            read_file_chunks, counted_fetch, counted_to_file, check_file
         WRAPPERS.append(lambda s: Counting(s))
 
 
-def _load_rank(rank, world, shape, mib, path, dcp_path, reps, cold):
+def _load_rank(rank, world, shape, mib, path, dcp_path, reps, cold, local_world):
     import torch.distributed as dist
+    if local_world:
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world)
     import torch.distributed.checkpoint as dcp
     counter = Requested()
     out = {c: [] for c in CONTENDERS}
@@ -139,7 +148,8 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def run_shape(shape: str, save_world: int, mib: int, reps: int, cold: bool, root: str):
+def run_shape(shape: str, save_world: int, mib: int, reps: int, cold: bool, root: str,
+              local_world: int = 0):
     path, dcp_path = os.path.join(root, f"{shape}-sc"), os.path.join(root, f"{shape}-dcp")
     run_with_ranks(save_world, _save_rank, "ddp" if shape == "ddp" else shape, mib, path,
                    dcp_path, timeout=900) if save_world > 1 else \
@@ -147,8 +157,8 @@ def run_shape(shape: str, save_world: int, mib: int, reps: int, cold: bool, root
     size = bc.disk_bytes(path)
     dcp_size = bc.disk_bytes(dcp_path)
     results = run_with_ranks(WORLD, _load_rank, shape, mib, path, dcp_path, reps, cold,
-                             timeout=1800)
-    rows = []
+                             local_world, timeout=1800)
+    rows, medians = [], {}
     for name in CONTENDERS:
         reps_ = [[res.value[name][i] for res in results] for i in range(reps)]
         walls = [max(r["wall"] for r in rep) for rep in reps_]
@@ -156,9 +166,13 @@ def run_shape(shape: str, save_world: int, mib: int, reps: int, cold: bool, root
         rchar = bc.median([sum(r["rchar"] for r in rep) for rep in reps_])
         ok = all(r["ok"] for rep in reps_ for r in rep)
         base = dcp_size if name == "DCP" else size
+        medians[name] = bc.median(walls)
         rows.append([name, f"{bc.median(walls):.3f}", f"{min(walls):.2f}-{max(walls):.2f}",
                      f"{base:,}", "-" if name == "DCP" else f"{requested / base:.3f}",
                      f"{rchar / base:.3f}", "ok" if ok else "WRONG"])
+    for row, name in zip(rows, CONTENDERS):
+        row[3:3] = [f"{medians[name] / medians['DCP']:.2f}",
+                    f"{medians[name] / medians['shardckpt unshared']:.2f}"]
     return rows
 
 
@@ -175,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cold", action="store_true")
     p.add_argument("--shapes", default="ddp,fsdp,reshard")
+    p.add_argument("--local-world", type=int, default=0,
+                   help="ranks per emulated node (default: all 4 on one node)")
     args = p.parse_args(argv)
     shapes = {"ddp": ("DDP replicated", 1), "fsdp": ("FSDP same world 4->4", WORLD),
               "reshard": ("reshard 2->4", 2)}
@@ -182,10 +198,13 @@ def main(argv=None) -> int:
         for key in args.shapes.split(","):
             title, save_world = shapes[key]
             rows = run_shape("ddp" if key == "ddp" else key, save_world, args.mib, args.reps,
-                             args.cold, root)
-            print(f"\n{title}: {WORLD} loading ranks, {args.mib} MiB state, median of "
+                             args.cold, root, args.local_world)
+            nodes = f"{WORLD // args.local_world} nodes x {args.local_world}" \
+                if args.local_world else "1 node"
+            print(f"\n{title}: {WORLD} loading ranks ({nodes}), {args.mib} MiB state, median of "
                   f"{args.reps}, {'cold' if args.cold else 'warm'} page cache")
-            print(bc.table(["contender", "wall s", "min-max", "checkpoint bytes",
+            print(bc.table(["contender", "wall s", "min-max", "/DCP", "/unshared",
+                            "checkpoint bytes",
                             "requested/size", "rchar/size", "check"], rows), flush=True)
     return 0
 

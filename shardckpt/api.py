@@ -127,7 +127,8 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     have no state yet gain it from the checkpoint. With several ranks every rank calls it; each
     reads only the chunks that overlap its shards, and all ranks agree on success. Bytes several
     ranks need (the manifest, replicated tensors, chunks straddling new shards) are read from
-    storage by one rank and handed to the others over gloo (share.py; knob ``share_reads``).
+    storage by one rank and handed to the others through shared memory on its node and over gloo
+    across nodes (share.py; knob ``share_reads``).
 
     Args:
         strict: report keys missing from either side (else they are skipped).
@@ -148,9 +149,11 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     t0 = time.perf_counter()
     ex = exchange(timeout)
     sharing = share.enabled(ex.world)
-    error = plan = paths = None
+    error = plan = paths = session = None
     try:
-        m, paths = (share.open_manifest(path, storage_options, ex.rank, ex.timeout) if sharing
+        if sharing:
+            session = share.Session(ex.rank, ex.world, ex.timeout)
+        m, paths = (session.open_manifest(path, storage_options) if sharing
                     else open_for_read(path, storage_options))
         result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict,
                                   blob=partial(read_blob, m, paths))
@@ -163,28 +166,32 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     try:
         if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
             decision = ex.round("needs", None if error else share.needs(plan), error,
-                                share.assign, raise_own=True)
+                                session.assign if session else None, raise_own=True)
         if error is None:
             error = _fill(plan, placement, paths, threads,
-                          (ex, share.SharedPlan(decision, ex.rank)) if sharing else None)
+                          (session, share.SharedPlan(decision, ex.rank)) if sharing else None)
         # A rank whose collective broke reports it; the round names the rank that went silent.
         ex.round("load", True, error, lambda _: True,
                  raise_own=not isinstance(error, share.ShareLostError))
     except Exception:
         if sharing:
             share.forget()  # every rank raised in the same round: all drop the gloo group
+            if session is not None:
+                session.close(failed=True)
         raise
+    if session is not None:
+        session.close()  # after the last round: no local rank still maps the node's files
     log_load(str(path), plan, time.perf_counter() - t0)
     return result
 
 
 def _fill(plan: ReadPlan, placement, paths, threads, shared) -> Exception | None:
     """Fetch, decode and place every planned chunk (the shared ones first, when ``shared`` is
-    ``(exchange, SharedPlan)``); the error that stopped it, or None."""
+    ``(share.Session, SharedPlan)``); the error that stopped it, or None."""
     try:
         if shared:
-            ex, decision = shared
-            share.fetch_shared(plan, decision, paths, ex.world, ex.timeout, threads)
+            session, decision = shared
+            session.fetch(plan, decision, paths, threads)
         plan.run(paths, threads)
         placement.apply()
     except Exception as exc:

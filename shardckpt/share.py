@@ -1,23 +1,30 @@
-"""Read each byte once on a distributed load: one rank fetches, the others get it over gloo.
+"""Read each byte once on a distributed load: one rank fetches, the others get it through shared
+memory on its node and over gloo across nodes.
 
 Without this, every rank of a DDP job reads the whole checkpoint (N times its size from the
 shared file system), every rank reads the manifest, and on a reshard a chunk that overlaps
-several new shards is read by each of them. Here:
+several new shards is read by each of them. Here, in a ``Session``:
 
-- ``open_manifest``: rank 0 alone reads ``manifest.json``; its bytes go to every rank by a gloo
-  broadcast, and every rank still checks them (CRC-32C, every rule of FORMAT.md 3) itself.
-- ``plan`` (the "needs" round of dist.Exchange): every rank posts the chunks its read plan
-  names; the coordinator gives each chunk that several ranks need to one of them to read
-  (least-loaded, staying on one reader for runs of adjacent chunks). A chunk only one rank needs
-  stays in that rank's own read plan (read and decoded straight into place, as before).
-- ``fetch_shared``: in rounds of at most ``share_round_bytes``, each reader fetches its chunks'
-  stored bytes and one gloo all-to-all hands every rank the ones it needs. Every rank decodes
-  what it uses with the native decoder, which verifies each chunk's CRC-32C first: bytes from a
-  peer are data only, checked like bytes from disk, never unpickled.
+- the ranks learn who shares a node with whom (launcher's node index plus a host key, one tiny
+  gloo all-reduce); the lowest rank of a node is its leader and makes the node's shared-memory
+  folder (nodeshm.py);
+- ``open_manifest``: each node's leader alone reads ``manifest.json`` and puts its bytes in the
+  folder; every rank of the node takes them from there and checks them (CRC-32C, every rule of
+  FORMAT.md 3) itself;
+- the "needs" round (dist.Exchange, decision by shareplan.assign) gives each chunk several ranks
+  need one reader in the job, one receiver on each other node that needs it, and tells every
+  needer which local rank's file to take it from;
+- ``fetch``: in rounds of at most ``share_round_bytes``, each reader reads its chunks' stored
+  bytes straight into a file of the folder, one gloo all-to-all (only in rounds that cross
+  nodes) hands each receiver its chunks into its own file, and after one tiny all-reduce every
+  rank maps its node's files and decodes what it uses with the native decoder, which verifies
+  each chunk's CRC-32C first: shared bytes are data only, checked like bytes from disk.
 
 A rank that dies mid-share breaks the gloo collective (or lets it time out after the load's
 timeout) on the others; they report ``ShareLostError`` to the load's final round, which then
-raises ``RankFailureError`` on every rank naming the silent one.
+raises ``RankFailureError`` on every rank naming the silent one. ``close`` removes the folder
+(after a failure, any surviving rank of the node does), and a later leader sweeps a folder whose
+leader died.
 """
 
 from __future__ import annotations
@@ -30,15 +37,21 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from . import codecs, errors, knobs, read, remote_io, tables
+from . import codecs, dist as dist_mod, errors, knobs, nodeshm, read, remote_io
 from .errors import CheckpointError
+from .nodeshm import NodeFolder
+from .shareplan import SharedPlan, assign, needs, take_shared
 from .status import raise_for
 from .storage import open_checkpoint
 
+__all__ = ["Session", "SharedPlan", "ShareLostError", "enabled", "forget", "needs", "assign"]
+
 _GROUP: dict = {}  # the gloo group of the current default process group, per timeout
-# Errors rank 0 may meet opening the manifest, re-raised as the same type on every rank.
+_TOPOLOGY: dict = {}  # per gloo group: (group, node of each rank, pid of each rank)
+# Errors a leader may meet opening the manifest, re-raised as the same type on its node.
 _RELAYED = ("CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
             "UnsafeCheckpointError", "StorageError")
+_MANIFEST = "m"  # the manifest's file in the node folder
 
 
 class ShareLostError(CheckpointError):
@@ -46,29 +59,14 @@ class ShareLostError(CheckpointError):
 
 
 def enabled(world: int) -> bool:
-    """Whether a load of ``world`` ranks shares its reads (knob ``share_reads``): ``1`` always,
-    ``0`` never, ``auto`` when the job spans several nodes. On one node the page cache already
-    serves every rank after the first read, and moving the bytes through gloo costs more than
-    that (BENCHMARKS.md), so ``auto`` leaves a single-node load alone."""
+    """Whether a load of ``world`` ranks shares its reads (knob ``share_reads``): on (``1``,
+    ``auto``) whenever there are several ranks, off with ``0``. Within a node the bytes go
+    through shared memory, which costs about what re-reading from the page cache does, so even
+    a single-host job shares (BENCHMARKS.md)."""
     mode = str(knobs.get("share_reads")).strip().lower()
-    if world <= 1 or mode in ("0", "off", "false"):
-        return False
-    if mode in ("1", "on", "true"):
-        return True
-    if mode != "auto":
-        raise ValueError(f"SHARDCKPT_SHARE_READS must be auto, 1 or 0, not {mode!r}")
-    return nodes(world) > 1
-
-
-def nodes(world: int) -> int:
-    """How many nodes the job spans, as the launcher says (torchrun's LOCAL_WORLD_SIZE, else
-    SLURM's node count); 1 when nobody says. Every rank reads the same variables, so every rank
-    decides alike."""
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    if local and local.isdigit() and int(local) > 0:
-        return -(-world // int(local))
-    slurm = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
-    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else 1
+    if mode not in ("0", "off", "false", "1", "on", "true", "auto"):
+        raise ValueError(f"SHARDCKPT_SHARE_READS must be 1, 0 or auto, not {mode!r}")
+    return world > 1 and mode not in ("0", "off", "false")
 
 
 def group(timeout: float):
@@ -84,10 +82,31 @@ def group(timeout: float):
 
 
 def forget() -> None:
-    """Drop the cached gloo group. Called on every rank of a failed shared load (the ranks
-    raise in the same round, so all of them make a new group for the next load together): a
-    group whose peer died is never reused."""
+    """Drop the cached gloo group and node map. Called on every rank of a failed shared load
+    (the ranks raise in the same round, so all of them make a new group for the next load
+    together): a group whose peer died is never reused."""
     _GROUP.clear()
+    _TOPOLOGY.clear()
+
+
+def _topology(g, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """``(node of every rank, pid of this rank's node leader)``, found once per gloo group by
+    one all-reduce of (launcher's node index, host key, pid) rows: ranks share a node when
+    both agree, so an emulated or misdeclared node never spans two hosts' memory."""
+    import torch.distributed as dist
+    cached = _TOPOLOGY.get(id(g))
+    if cached is None or cached[0] is not g:
+        rows = torch.zeros((world, 3), dtype=torch.int64)
+        rows[rank] = torch.tensor([dist_mod.node_index(rank, unknown=0), nodeshm.host_key(),
+                                   os.getpid()])
+        _collective("the node map", dist.all_reduce, rows, group=g)  # an all-gather
+        ids: dict = {}
+        node = np.array([ids.setdefault(k, len(ids)) for k in map(tuple, rows[:, :2].tolist())],
+                        np.int64)
+        pids = rows[:, 2].numpy().copy()
+        cached = _TOPOLOGY[id(g)] = (g, node, pids)
+    _, node, pids = cached
+    return node, int(pids[np.flatnonzero(node == node[rank])[0]])
 
 
 def _collective(what: str, fn, *args, **kwargs):
@@ -97,240 +116,330 @@ def _collective(what: str, fn, *args, **kwargs):
         raise ShareLostError(f"sharing {what} over gloo failed: {exc}") from exc
 
 
-def open_manifest(path, storage_options, rank: int, timeout: float):
-    """``(manifest, paths)`` as ``read.open_for_read`` gives them, the manifest's bytes read by
-    rank 0 only and broadcast, and each data file checked only once this rank uses it
-    (``read.LazySources``). Rank 0's failure to read it is raised on every rank as the same
-    type (with its message); each rank parses and checks the bytes it received."""
+def _flag(what: str, failure: BaseException | None, g) -> None:
+    """Every rank says whether it failed (one tiny all-reduce); this rank raises its own
+    failure, the others ``ShareLostError``, so that no rank waits for bytes that never come."""
     import torch.distributed as dist
-    g = group(timeout)
-    storage, name = open_checkpoint(path, storage_options)
-    data, failure = None, None
-    if rank == 0:
-        try:
-            data = read.manifest_bytes(storage, name)
-        except Exception as exc:  # any failure: the others wait in the broadcast below
-            failure = exc
-    head = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
-    _collective("the manifest size", dist.broadcast, head, 0, group=g)
-    if head.item() < 0:
-        text = f"{type(failure).__name__}\0{failure}" if failure is not None else ""
-        buf = _bytes_tensor(text.encode()[:4096])
-        size = torch.tensor([len(buf)], dtype=torch.int64)
-        _collective("the manifest error", dist.broadcast, size, 0, group=g)
-        buf = buf if rank == 0 else torch.empty(int(size.item()), dtype=torch.uint8)
-        _collective("the manifest error", dist.broadcast, buf, 0, group=g)
-        if failure is not None:
-            raise failure
-        raise _relayed(buf.numpy().tobytes().decode(errors="replace"))
-    buf = _bytes_tensor(data) if rank == 0 else torch.empty(int(head.item()), dtype=torch.uint8)
-    _collective("the manifest", dist.broadcast, buf, 0, group=g)
-    m = read.checked_manifest(storage, name, buf.numpy().tobytes() if rank else data)
-    return m, read.LazySources(storage, name, m)
-
-
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
-        torch.empty(0, dtype=torch.uint8)
-
-
-def _relayed(text: str) -> CheckpointError:
-    """Rank 0's manifest failure, on another rank: the same type when it is one of a fixed list
-    (the type travels as a name only; nothing is unpickled), with rank 0's message."""
-    kind, _, message = text.partition("\0")
-    cls = getattr(errors, kind) if kind in _RELAYED else CheckpointError
-    message = f"(rank 0) {message}"
-    return cls(0, message) if cls is errors.StorageError else cls(message)
-
-
-def needs(plan) -> dict:
-    """This rank's payload for the "needs" round: every chunk its read plan names, as
-    ``(file, offset, length)`` rows."""
-    rows = sorted({(f, r.ref.offset, r.ref.length) for f, reads in plan.by_file.items()
-                   for r in reads})
-    return {"need": tables.encode(np.array(rows, np.int64).reshape(-1, 3))}
-
-
-def assign(payloads: dict[int, dict], stick_bytes: int | None = None) -> dict:
-    """The coordinator's decision: each chunk several ranks need, its reader and its needers.
-
-    Returns ``{"chunks": (file, offset, length, reader) rows, "needers": ranks, "counts":
-    needers per chunk}`` as tables, chunks in (file, offset) order. A reader is the least-loaded
-    needer, except that the previous chunk's reader keeps reading while it is a needer and no
-    more than ``stick_bytes`` (default: knob ``upload_part_bytes``; at most half an even share of
-    the shared bytes) ahead of the least-loaded one, so runs of adjacent chunks are read as one
-    sequential stream.
-    """
-    stick = knobs.get("upload_part_bytes") if stick_bytes is None else stick_bytes
-    parts = []
-    for r, p in sorted(payloads.items()):
-        rows = tables.decode(p["need"], 3, f"rank {r} needs")
-        parts.append(np.hstack([rows, np.full((len(rows), 1), r, np.int64)]))
-    allrows = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
-    order = np.lexsort((allrows[:, 3], allrows[:, 1], allrows[:, 0]))
-    allrows = allrows[order]
-    new = np.ones(len(allrows), bool)
-    new[1:] = (allrows[1:, 0] != allrows[:-1, 0]) | (allrows[1:, 1] != allrows[:-1, 1])
-    starts = np.flatnonzero(new)
-    counts = np.diff(np.append(starts, len(allrows)))
-    shared = counts > 1
-    load = np.zeros(max(payloads) + 1, np.int64)
-    # Never stick past an even share: a small checkpoint is still spread over the ranks.
-    stick = min(stick, int(allrows[starts[shared], 2].sum()) // (2 * len(load)))
-    readers, needers, prev = [], [], -1
-    for s, n in zip(starts[shared], counts[shared]):
-        members = allrows[s:s + n, 3]
-        length = int(allrows[s, 2])
-        best = int(members[np.argmin(load[members])])
-        if prev in members and load[prev] - load[best] <= stick:
-            best = prev
-        load[best] += length
-        readers.append(best)
-        needers.append(members)
-        prev = best
-    chunks = np.column_stack([allrows[starts[shared], :3],
-                              np.array(readers, np.int64)]).reshape(-1, 4)
-    flat = np.concatenate(needers) if needers else np.zeros(0, np.int64)
-    return {"chunks": tables.encode(chunks), "needers": tables.encode(flat.reshape(-1, 1)),
-            "counts": tables.encode(counts[shared].reshape(-1, 1))}
-
-
-class SharedPlan:
-    """This rank's part of the coordinator's decision, read once from its tables."""
-
-    def __init__(self, decision: dict, rank: int):
-        self.chunks = tables.decode(decision["chunks"], 4, "share plan")
-        counts = tables.decode(decision["counts"], 1, "share plan")[:, 0]
-        flat = tables.decode(decision["needers"], 1, "share plan")[:, 0]
-        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.needers = flat
-        self.rank = rank
-        owner = np.repeat(np.arange(len(counts)), counts)
-        self.mine = np.zeros(len(counts), bool)  # chunks this rank needs
-        self.mine[owner[flat == rank]] = True
-
-    def needed_by(self, c: int) -> np.ndarray:
-        return self.needers[self.first[c]:self.first[c + 1]]
-
-    def rounds(self, budget: int):
-        """Chunk indices in rounds of at most ``budget`` stored bytes (at least one chunk)."""
-        out, size, start = [], 0, 0
-        for c, length in enumerate(self.chunks[:, 2]):
-            if c > start and size + length > budget:
-                out.append(range(start, c))
-                start, size = c, 0
-            size += int(length)
-        if start < len(self.chunks):
-            out.append(range(start, len(self.chunks)))
-        return out
-
-
-def take_shared(plan, shared: SharedPlan) -> dict:
-    """Remove the shared chunks this rank needs from its own read plan: ``{(file, offset):
-    [ChunkRead, ...]}`` to decode from shared bytes instead."""
-    keys = {(int(f), int(o)) for f, o in shared.chunks[shared.mine, :2]}
-    taken = defaultdict(list)
-    for f in list(plan.by_file):
-        keep = []
-        for r in plan.by_file[f]:
-            (taken[(f, r.ref.offset)] if (f, r.ref.offset) in keys else keep).append(r)
-        if keep:
-            plan.by_file[f] = keep
-        else:
-            del plan.by_file[f]
-    return taken
-
-
-def fetch(source, offset: int, length: int) -> bytes:
-    """``length`` stored bytes at ``offset`` of a data file (a checked real path, or a
-    ``remote_io.RemoteFile``)."""
-    if isinstance(source, remote_io.RemoteFile):
-        data = source.storage.read(source.path, offset, length)
-    else:
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
-    if len(data) != length:
-        raise errors.CorruptCheckpointError(f"{length} bytes at {offset} ended early",
-                                            file=getattr(source, "rel", str(source)))
-    return data
-
-
-def fetch_shared(plan, shared: SharedPlan, paths: list, world: int, timeout: float,
-                 threads: int | None = None) -> int:
-    """Read this rank's share of the shared chunks, exchange them, decode what this rank needs
-    into place (checksums verified). Returns the stored bytes this rank read from storage."""
-    taken = take_shared(plan, shared)
-    g = group(timeout)
-    budget = int(knobs.get("share_round_bytes"))
-    threads = knobs.get("read_threads") if threads is None else threads
-    read_bytes, first_error = 0, None
-    for chunks in shared.rounds(budget):
-        n, error = _round(plan, shared, list(chunks), taken, paths, world, g, threads)
-        read_bytes, first_error = read_bytes + n, first_error or error
-    if first_error is not None:  # raised only now: every rank takes part in every round
-        raise first_error
-    return read_bytes
-
-
-def _fetch_mine(shared: SharedPlan, reading: list[int], paths: list, g) -> dict:
-    """The stored bytes of the chunks this rank reads this round. Every rank then learns whether
-    any reader failed (one tiny all-reduce), so no rank waits for bytes that will never come."""
-    import torch.distributed as dist
-    table, got, failure = shared.chunks, {}, None
-    try:
-        with ThreadPoolExecutor(max(1, min(len(reading), knobs.get("remote_concurrency")))) as p:
-            got = dict(zip(reading, p.map(lambda c: fetch(paths[table[c, 0]], int(table[c, 1]),
-                                                          int(table[c, 2])), reading)))
-    except Exception as exc:  # a storage error, reported on every rank below
-        failure = exc
     flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
-    _collective("read outcomes", dist.all_reduce, flag, op=dist.ReduceOp.MAX, group=g)
+    _collective(what, dist.all_reduce, flag, op=dist.ReduceOp.MAX, group=g)
     if failure is not None:
         raise failure
     if flag.item():
-        raise ShareLostError("another rank failed to read its share of the shared chunks")
-    return got
+        raise ShareLostError(f"another rank failed while {what}")
 
 
-def _round(plan, shared: SharedPlan, chunks: list[int], taken: dict, paths: list, world: int,
-           g, threads: int) -> tuple:
-    """One all-to-all: every rank sends each peer the chunks it read that the peer needs.
-    Returns ``(bytes read, this rank's decode error or None)``."""
-    import torch.distributed as dist
-    me, table = shared.rank, shared.chunks
-    reading = [c for c in chunks if table[c, 3] == me]
-    got = _fetch_mine(shared, reading, paths, g)
-    send = [[c for c in reading if d != me and d in shared.needed_by(c)] for d in range(world)]
-    recv = [[c for c in chunks if table[c, 3] == s and shared.mine[c]] if s != me else []
-            for s in range(world)]
-    out_sizes = [int(table[cs, 2].sum()) if cs else 0 for cs in recv]
-    inp = np.empty(sum(int(table[cs, 2].sum()) if cs else 0 for cs in send), np.uint8)
-    at = 0
-    for cs in send:
-        for c in cs:
-            inp[at:at + table[c, 2]] = np.frombuffer(got[c], np.uint8)
-            at += int(table[c, 2])
-    out = np.empty(sum(out_sizes), np.uint8)
-    _collective("chunks", dist.all_to_all_single, torch.from_numpy(out), torch.from_numpy(inp),
-                output_split_sizes=out_sizes,
-                input_split_sizes=[int(table[cs, 2].sum()) if cs else 0 for cs in send], group=g)
-    positions, at = {}, 0
-    for cs in recv:
-        for c in cs:
-            positions[c] = at
-            at += int(table[c, 2])
-    error = None
-    try:  # a damaged chunk is this rank's error; it still takes part in the later rounds
-        for c in (c for c in reading if shared.mine[c]):
-            _decode(plan, got[c], [(c, 0)], table, taken, threads)
-        if positions:
-            _decode(plan, out, sorted(positions.items()), table, taken, threads)
-    except CheckpointError as exc:
-        error = exc
-    return sum(int(table[c, 2]) for c in reading), error
+class Session:
+    """One shared load on this rank: its node's ranks, their folder, the gloo group.
+
+    Every rank creates one per shared load, in the same order, and calls ``open_manifest``,
+    ``fetch`` (when the "needs" round succeeded) and ``close``.
+    """
+
+    _loads = 0  # this process's shared loads so far: names the folder when it leads
+
+    def __init__(self, rank: int, world: int, timeout: float):
+        Session._loads += 1
+        self.rank, self.world, self.timeout = rank, world, timeout
+        self.g = group(timeout)
+        self.folder: NodeFolder | None = None
+        self.node, self.leader_pid = _topology(self.g, rank, world)
+        self.local = np.flatnonzero(self.node == self.node[rank])
+        self.leader = int(self.local[0])
+        self.leader_id = (self.leader_pid, Session._loads)  # the folder's name; see open_manifest
+
+    def assign(self, payloads: dict) -> dict:
+        """The coordinator's decision for the "needs" round (shareplan.assign, with nodes)."""
+        return assign(payloads, self.node)
+
+    def open_manifest(self, path, storage_options):
+        """``(manifest, paths)`` as ``read.open_for_read`` gives them, the manifest's bytes read
+        by the node's leader only, and each data file checked only once this rank uses it
+        (``read.LazySources``). The leader's failure to read it is raised on every rank of its
+        node as the same type (with its message); each rank parses and checks the bytes."""
+        import torch.distributed as dist
+        storage, name = open_checkpoint(path, storage_options)
+        data, failure, status = None, None, torch.zeros((self.world, 2), dtype=torch.int64)
+        if self.rank == self.leader:
+            try:
+                data = read.manifest_bytes(storage, name)
+            except Exception as exc:  # any failure: the node's ranks wait in the reduce below
+                failure = exc
+            status[self.rank] = torch.tensor([self._post_manifest(data, failure), Session._loads])
+        _collective("the manifest", dist.all_reduce, status, group=self.g)
+        if self.rank != self.leader:
+            # The leader's load number names its folder (the same as ours unless a rank
+            # joined late: it is the leader's that counts).
+            self.leader_id = (self.leader_pid, int(status[self.leader, 1]))
+            data = self._take_manifest(int(status[self.leader, 0]))
+        elif failure is not None:
+            raise failure
+        m = read.checked_manifest(storage, name, data)
+        return m, read.LazySources(storage, name, m)
+
+    def _post_manifest(self, data: bytes | None, failure) -> int:
+        """The leader puts the manifest (or its failure) in the node folder; the status the
+        others read: ``len + 1``, ``-(len + 1)`` for a failure's text, 0 when it could not."""
+        if len(self.local) == 1:
+            return 1
+        payload = data if failure is None else \
+            f"{type(failure).__name__}\0{failure}".encode()[:4096]
+        try:
+            self.folder = NodeFolder.create(*self.leader_id)
+            fd = self.folder.create_file(_MANIFEST, len(payload), allocate_from=len(payload))
+            try:
+                nodeshm.write_all(fd, payload, 0)
+            finally:
+                os.close(fd)
+        except CheckpointError:
+            return 0
+        return len(payload) + 1 if failure is None else -(len(payload) + 1)
+
+    def _take_manifest(self, status: int) -> bytes:
+        """A local rank's copy of the manifest bytes its leader posted (or its failure)."""
+        if status == 0:
+            raise errors.StorageError(0, f"rank {self.leader} could not share the manifest "
+                                         f"through {nodeshm.base_dir()}")
+        self.folder = NodeFolder.attach(*self.leader_id)
+        data = self.folder.read_file(_MANIFEST, abs(status) - 1)
+        if status < 0:
+            raise _relayed(data.decode(errors="replace"), self.leader)
+        return data
+
+    def fetch(self, plan, shared: SharedPlan, paths: list, threads: int | None = None) -> int:
+        """Read this rank's share of the shared chunks, hand them on, decode what this rank
+        needs into place (checksums verified). Returns the stored bytes it read from storage."""
+        if self.folder is not None:
+            self.folder.unlink(_MANIFEST)  # every rank took it before posting its needs
+        taken = take_shared(plan, shared)
+        budget = int(knobs.get("share_round_bytes"))
+        threads = knobs.get("read_threads") if threads is None else threads
+        read_bytes, first_error, previous = 0, None, None
+        for k, chunks in enumerate(shared.rounds(budget)):
+            n, error = self._round(k, plan, shared, list(chunks), taken, paths, threads,
+                                   previous)
+            read_bytes, first_error, previous = read_bytes + n, first_error or error, k
+        if first_error is not None:  # raised only now: every rank takes part in every round
+            raise first_error
+        return read_bytes
+
+    def close(self, failed: bool = False) -> None:
+        """End of the load (after its last round, so every local rank is done with the folder):
+        remove this rank's files and, from the leader or after a failure, the folder."""
+        if self.folder is not None:
+            self.folder.remove_all() if failed else self.folder.remove()
+            self.folder = None
+
+    def _hold(self, k: int, size: int, pos: dict, reading: list[int], table, paths):
+        """This round's holding buffer with the chunks this rank reads in place: a file of the
+        node folder that local ranks map (filled by the kernel from a local data file, no copy
+        through this process), else plain memory. ``(numpy view, mapping or None)``."""
+        if self.folder is None or not size:
+            buf = np.empty(size, np.uint8)
+            _read_runs(_runs(reading, pos, table), paths, lambda: None, buf)
+            return buf, None
+        name = f"r{k}-{self.rank}"
+        # Read chunks are written into the file (sendfile, pwrite); received ones, after
+        # them, land through the mapping (all-to-all): only those are allocated ahead.
+        read_end = sum(int(table[c, 2]) for c in reading)
+        fd = self.folder.create_file(name, size, allocate_from=read_end)
+        try:
+            _read_runs(_runs(reading, pos, table), paths, lambda: self.folder.open_written(name),
+                       None)
+            mapped = nodeshm.map_fd(fd, size, write=True)
+        finally:
+            os.close(fd)
+        return np.frombuffer(mapped, np.uint8), mapped
+
+    def _round(self, k, plan, shared, chunks, taken, paths, threads, previous) -> tuple:
+        """One round. Returns ``(bytes read, this rank's decode error or None)``."""
+        me, table = self.rank, shared.chunks
+        lay = _Layout(shared, chunks)
+        pos, size = lay.positions(me)
+        reading = [c for c in chunks if table[c, 3] == me]
+        failure, buf, mapped = None, np.empty(0, np.uint8), None
+        try:
+            buf, mapped = self._hold(k, size, pos, reading, table, paths)
+        except Exception as exc:  # a storage error, reported on every rank below
+            failure = exc
+        if lay.cross:
+            _flag("reading its share of the shared chunks", failure, self.g)
+            self._send(lay, buf, pos, reading)
+        _flag("handing on its shared chunks", None if lay.cross else failure, self.g)
+        if previous is not None and self.folder is not None:
+            # Every local rank mapped round `previous`'s files before joining this flag.
+            self.folder.unlink(f"r{previous}-{me}")
+        error = None
+        try:  # a damaged chunk is this rank's error; it still takes part in the later rounds
+            self._decode_mine(k, plan, shared, lay, buf, pos, chunks, taken, threads)
+        except CheckpointError as exc:
+            error = exc
+        del buf
+        nodeshm.close(mapped)
+        return sum(int(table[c, 2]) for c in reading), error
+
+    def _send(self, lay: "_Layout", buf: np.ndarray, pos: dict, reading: list[int]) -> None:
+        """The all-to-all of a round that crosses nodes: each reader sends every receiver its
+        chunks, which land straight in the receiver's holding buffer."""
+        import torch.distributed as dist
+        table, me = lay.table, self.rank
+        send = [[c for c in reading if d in lay.recv[c]] if d != me else []
+                for d in range(self.world)]
+        mine = lay.received(me)
+        recv = [[c for c in mine if table[c, 3] == s] for s in range(self.world)]
+        in_sizes = [int(sum(int(table[c, 2]) for c in cs)) for cs in send]
+        out_sizes = [int(sum(int(table[c, 2]) for c in cs)) for cs in recv]
+        inp, at = np.empty(sum(in_sizes), np.uint8), 0
+        for cs in send:
+            for c in cs:
+                n = int(table[c, 2])
+                inp[at:at + n] = buf[pos[c]:pos[c] + n]
+                at += n
+        start = pos[mine[0]] if mine else len(buf)
+        out = buf[start:start + sum(out_sizes)]
+        _collective("chunks", dist.all_to_all_single, torch.from_numpy(out),
+                    torch.from_numpy(inp), output_split_sizes=out_sizes,
+                    input_split_sizes=in_sizes, group=self.g)
+
+    def _decode_mine(self, k, plan, shared, lay, buf, pos, chunks, taken, threads) -> None:
+        """Decode every chunk of the round this rank needs, from its own buffer or from the
+        file of the local rank that holds it."""
+        me, by_source = self.rank, {}
+        for c in chunks:
+            if shared.mine[c]:
+                n, s = shared.entries(c)
+                by_source.setdefault(int(s[n == me][0]), []).append(c)
+        for source, cs in sorted(by_source.items()):
+            if source == me:
+                _decode(plan, buf, [(c, pos[c]) for c in cs], lay.table, taken, threads)
+                continue
+            if self.folder is None or self.node[source] != self.node[me]:
+                raise ShareLostError(f"the share plan sends rank {me} to rank {source}'s "
+                                     "memory, which is not on its node")
+            where, size = lay.positions(source)
+            mapped = self.folder.map_file(f"r{k}-{source}", size)
+            try:
+                _decode(plan, mapped, [(c, where[c]) for c in cs], lay.table, taken, threads)
+            finally:
+                nodeshm.close(mapped)
+
+
+class _Layout:
+    """Which rank holds which chunk of a round, and where in its buffer: the chunks it reads
+    (in order), then those it receives (by reader, then in order). Alike on every rank."""
+
+    def __init__(self, shared: SharedPlan, chunks: list[int]):
+        self.table, self.chunks = shared.chunks, chunks
+        self.recv = {c: shared.receivers(c) for c in chunks}
+        self.cross = any(self.recv.values())
+
+    def received(self, h: int) -> list[int]:
+        return sorted((c for c in self.chunks if h in self.recv[c]),
+                      key=lambda c: (int(self.table[c, 3]), c))
+
+    def positions(self, h: int) -> tuple[dict, int]:
+        """``({chunk: position}, size)`` of rank ``h``'s holding buffer."""
+        held = [c for c in self.chunks if self.table[c, 3] == h] + self.received(h)
+        pos, at = {}, 0
+        for c in held:
+            pos[c] = at
+            at += int(self.table[c, 2])
+        return pos, at
+
+
+def _runs(reading: list[int], pos: dict, table) -> list[tuple]:
+    """The chunks this rank reads as ``(file, offset, length, position)`` runs, adjacent chunks
+    (next in the data file and in the buffer) merged into one read."""
+    runs: list[list] = []
+    for c in reading:
+        f, offset, length = (int(v) for v in table[c, :3])
+        last = runs[-1] if runs else None
+        if last and last[0] == f and last[1] + last[2] == offset and last[3] + last[2] == pos[c]:
+            last[2] += length
+        else:
+            runs.append([f, offset, length, pos[c]])
+    return [tuple(r) for r in runs]
+
+
+def _read_runs(runs: list[tuple], paths, out_fd, buf) -> None:
+    """Read each run of stored bytes into ``buf`` (memory) or, with ``buf`` None, into the file
+    ``out_fd()`` opens for each run (its own file position), at its position; runs in
+    parallel."""
+    if not runs:
+        return
+    view = None if buf is None else memoryview(buf)
+
+    def one(run):
+        f, offset, length, at = run
+        if view is not None:
+            fetch(paths[f], offset, length, view[at:at + length])
+        else:
+            fd = out_fd()
+            try:
+                fetch_to_file(paths[f], offset, length, fd, at)
+            finally:
+                os.close(fd)
+
+    with ThreadPoolExecutor(max(1, min(len(runs), knobs.get("remote_concurrency")))) as pool:
+        list(pool.map(one, runs))
+
+
+def fetch(source, offset: int, length: int, out: memoryview) -> None:
+    """Read ``length`` stored bytes at ``offset`` of a data file (a checked real path, or a
+    ``remote_io.RemoteFile``) into ``out``."""
+    label = getattr(source, "rel", str(source))
+    if isinstance(source, remote_io.RemoteFile):
+        data = source.storage.read(source.path, offset, length)
+        got = min(len(data), length)
+        out[:got] = data[:got]
+    else:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            got = 0
+            while got < length:
+                n = os.preadv(fd, [out[got:]], offset + got)
+                if n <= 0:
+                    break
+                got += n
+        except OSError as exc:
+            raise errors.StorageError(exc.errno or 0, f"{label}: {exc}") from exc
+        finally:
+            os.close(fd)
+    _check_length(got, length, offset, label)
+
+
+def fetch_to_file(source, offset: int, length: int, out_fd: int, at: int) -> None:
+    """Copy ``length`` stored bytes at ``offset`` of a data file into the share file ``out_fd``
+    at ``at``: in the kernel for a local file (``sendfile``), through
+    memory for a remote one."""
+    label = getattr(source, "rel", str(source))
+    if isinstance(source, remote_io.RemoteFile):
+        data = source.storage.read(source.path, offset, length)
+        nodeshm.write_all(out_fd, data[:length], at)
+        _check_length(len(data), length, offset, label)
+        return
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        got = nodeshm.copy_range(fd, offset, out_fd, at, length)
+    except OSError as exc:
+        raise errors.StorageError(exc.errno or 0, f"{label}: {exc}") from exc
+    finally:
+        os.close(fd)
+    _check_length(got, length, offset, label)
+
+
+def _check_length(got: int, length: int, offset: int, label: str) -> None:
+    if got != length:
+        raise errors.CorruptCheckpointError(f"{length} bytes at {offset} ended early",
+                                            file=label)
+
+
+def _relayed(text: str, leader: int) -> CheckpointError:
+    """The leader's manifest failure, on another rank of its node: the same type when it is one
+    of a fixed list (the type travels as a name only; nothing is unpickled), with its message."""
+    kind, _, message = text.partition("\0")
+    cls = getattr(errors, kind) if kind in _RELAYED else CheckpointError
+    message = f"(rank {leader}) {message}"
+    return cls(0, message) if cls is errors.StorageError else cls(message)
 
 
 def _decode(plan, data, placed: list[tuple[int, int]], table: np.ndarray, taken: dict,

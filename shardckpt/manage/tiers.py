@@ -33,7 +33,7 @@ import torch
 
 from .. import knobs, manifest as manifest_mod
 from ..commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
-from ..dist import PerRank
+from ..dist import PerRank, node_index as dist_node_index
 from ..errors import CheckpointError
 from .layout import STEP_NAME, step_name
 from ..merge import build_manifest
@@ -51,11 +51,7 @@ _CANDIDATES = 8  # newest local steps each node offers to a restore
 
 def node_index() -> int:
     """This process's node: ``GROUP_RANK`` (torchrun), else ``RANK // LOCAL_WORLD_SIZE``."""
-    env = os.environ
-    if env.get("GROUP_RANK", "") != "":
-        return int(env["GROUP_RANK"])
-    rank = int(env.get("RANK", "0") or 0)
-    return rank // max(int(env.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return dist_node_index(int(os.environ.get("RANK", "0") or 0))
 
 
 def local_path_for(local_dir, node: int) -> str:

@@ -1,5 +1,6 @@
-"""Distributed loads read each stored byte once (share.py): replicated, resharded, the manifest;
-integrity of shared bytes; a rank that dies mid-share.
+"""Distributed loads read each stored byte once (share.py, nodeshm.py): replicated, resharded,
+the manifest once per node; integrity of shared bytes; a rank that dies mid-share; nothing left
+in /dev/shm. Nodes are emulated through ``LOCAL_WORLD_SIZE`` (2 nodes x 2 ranks on this host).
 
 Bytes are counted by a storage wrapper in every rank: the checkpoints are opened through fsspec's
 ``local://`` file system, so that every read (manifest, headers, chunks) passes through the
@@ -8,13 +9,14 @@ storage interface the wrapper sits on.
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import shardckpt
-from shardckpt import share, tables
+from shardckpt import nodeshm, share, shareplan, tables
 from shardckpt.storage import WRAPPERS
 from shardckpt.storage.wrapper import StorageWrapper
 from shardckpt.testing import run_with_ranks
@@ -49,6 +51,13 @@ def checkpoint_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def assert_no_byte_read_twice(reads) -> None:
+    """Ranged data reads (a chunk, or a run of adjacent ones) never overlap each other."""
+    spans = sorted((p, o, o + n) for p, o, n in reads if "/data/" in p and n > 16)
+    for (p, _, end), (q, start, _) in zip(spans, spans[1:]):
+        assert p != q or start >= end, f"{p} bytes at {start} read twice"
+
+
 def replicated_state(zeros=False) -> dict:
     gen = torch.Generator().manual_seed(7)
     state = {"w": torch.randn(300, 64, generator=gen), "b": torch.randn(999, generator=gen),
@@ -57,18 +66,30 @@ def replicated_state(zeros=False) -> dict:
             for k, v in state.items()}
 
 
-def _share_on():
-    """Share on one host too (``auto`` would not: these ranks are all on this machine)."""
+def _share_on(local_world=None):
+    """Sharing on (the default; set in case the environment says otherwise), and with
+    ``local_world`` the ranks split into nodes of that many."""
     os.environ["SHARDCKPT_SHARE_READS"] = "1"
+    if local_world:
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world)
 
 
-def _load_replicated(rank, world, url):
-    _share_on()
+def leftovers(pids) -> list[str]:
+    """Share folders named after any of ``pids`` (the ranks that led a node)."""
+    mine = f"{nodeshm.PREFIX}{os.getuid()}-"
+    return [n for n in os.listdir(nodeshm.base_dir())
+            if n.startswith(mine) and n[len(mine):].split("-")[0] in {str(p) for p in pids}]
+
+
+def _load_replicated(rank, world, url, local_world=None):
+    if local_world == "group":  # torchrun's node index itself: 2 nodes of 2
+        os.environ["GROUP_RANK"], local_world = str(rank // 2), None
+    _share_on(local_world)
     state = replicated_state(zeros=True)
     _, reads = counted(lambda: shardckpt.load(state, url, timeout=60))
     expect = replicated_state()
     assert torch.equal(state["w"], expect["w"]) and torch.equal(state["b"], expect["b"])
-    return reads
+    return reads, os.getpid()
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +99,21 @@ def replicated(tmp_path_factory):
     return path
 
 
-def test_replicated_load_reads_every_byte_once(replicated):
-    results = run_with_ranks(4, _load_replicated, f"local://{replicated}", timeout=180)
-    reads = [r for res in results for r in res.value]
+@pytest.mark.parametrize("local_world, nodes", [(None, 1), (2, 2), ("group", 2), (1, 4)])
+def test_replicated_load_reads_every_byte_once(replicated, local_world, nodes):
+    results = run_with_ranks(4, _load_replicated, f"local://{replicated}", local_world,
+                             timeout=180)
+    reads = [r for res in results for r in res.value[0]]
     total = sum(n for *_, n in reads)
     assert total <= 1.05 * checkpoint_bytes(replicated), (total, checkpoint_bytes(replicated))
-    chunk_reads = [(p, o) for p, o, n in reads if "/data/" in p and n > 16]
-    assert len(chunk_reads) == len(set(chunk_reads))  # no chunk read twice
-    assert {len(res.value) > 2 for res in results} == {True}  # every rank read a share
-    manifest_reads = [r for r in reads if r[0].endswith("manifest.json")]
-    assert len(manifest_reads) == 1  # one node here: the manifest is read once in all
+    assert_no_byte_read_twice(reads)
+    for res in results:  # every rank read a share (runs of adjacent chunks are one read)
+        assert any("/data/" in p and n > 16 for p, _, n in res.value[0]), res.rank
+    manifest_readers = [res.rank for res in results
+                        if any(r[0].endswith("manifest.json") for r in res.value[0])]
+    assert manifest_readers == list(range(0, 4, 4 // nodes))  # each node's leader, once
+    assert sum(r[0].endswith("manifest.json") for r in reads) == nodes
+    assert leftovers(res.value[1] for res in results) == []
 
 
 def sharded_state(world, rows=40, zeros=False):
@@ -104,8 +130,8 @@ def _save_sharded(rank, world, path):
     shardckpt.save(sharded_state(world), path, codec="raw", chunk_bytes=1024, timeout=60)
 
 
-def _load_sharded(rank, world, url):
-    _share_on()
+def _load_sharded(rank, world, url, local_world=None):
+    _share_on(local_world)
     state = sharded_state(world, zeros=True)
     _, reads = counted(lambda: shardckpt.load(state, url, timeout=60))
     full = torch.arange(40 * 33, dtype=torch.float32).reshape(40, 33)
@@ -114,32 +140,34 @@ def _load_sharded(rank, world, url):
     return reads
 
 
-def test_reshard_reads_each_chunk_once(tmp_path):
+@pytest.mark.parametrize("local_world", [None, 2])
+def test_reshard_reads_each_chunk_once(tmp_path, local_world):
     path = tmp_path / "fsdp2"
     run_with_ranks(2, _save_sharded, str(path), timeout=120)
-    results = run_with_ranks(3, _load_sharded, f"local://{path}", timeout=180)
+    results = run_with_ranks(4, _load_sharded, f"local://{path}", local_world, timeout=180)
     reads = [r for res in results for r in res.value]
     data = [(p, o, n) for p, o, n in reads if "/data/" in p and n > 16]
-    covered = set()
-    for p, o, n in data:  # ranged reads may hold runs of chunks; none may overlap another
-        span = {(p, b) for b in range(o, o + n, 4)}
-        assert not span & covered, f"{p} bytes at {o} read twice"
-        covered |= span
-    total = sum(n for *_, n in reads)
-    assert total <= 1.05 * checkpoint_bytes(path), (total, checkpoint_bytes(path))
+    assert data
+    assert_no_byte_read_twice(reads)
+    # The manifest is read once per node (each node's leader); the rest once in the job.
+    manifest = [n for p, _, n in reads if p.endswith("manifest.json")]
+    assert len(manifest) == (local_world and 2 or 1)
+    rest, size = sum(n for *_, n in reads) - sum(manifest), checkpoint_bytes(path) - manifest[0]
+    assert rest <= 1.05 * size, (rest, size)
 
 
-def _load_corrupt(rank, world, url, good):
-    _share_on()
+def _load_corrupt(rank, world, url, good, local_world):
+    _share_on(local_world)
     state = replicated_state(zeros=True)
     with pytest.raises(shardckpt.CheckpointError) as info:
         shardckpt.load(state, url, timeout=60)
     shardckpt.load(state, good, timeout=60)  # the failed load left the ranks in step
     assert torch.equal(state["w"], replicated_state()["w"])
-    return type(info.value).__name__, str(info.value)
+    return type(info.value).__name__, str(info.value), os.getpid()
 
 
-def test_shared_bytes_are_checked_on_every_rank(replicated, tmp_path):
+@pytest.mark.parametrize("local_world", [None, 2])
+def test_shared_bytes_are_checked_on_every_rank(replicated, tmp_path, local_world):
     import shutil
     path = tmp_path / "bad"
     shutil.copytree(replicated, path)
@@ -147,34 +175,51 @@ def test_shared_bytes_are_checked_on_every_rank(replicated, tmp_path):
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # inside some chunk every rank needs
     data.write_bytes(bytes(raw))
-    results = run_with_ranks(3, _load_corrupt, str(path), str(replicated), timeout=180)
-    kinds = [res.value[0] for res in results]
-    # Every rank decodes the damaged chunk itself: each sees the checksum mismatch.
-    assert kinds == ["CorruptCheckpointError"] * 3, [res.value for res in results]
+    results = run_with_ranks(4, _load_corrupt, str(path), str(replicated), local_world,
+                             timeout=180)
+    # One rank read the damaged chunk; every rank decodes it from shared memory (or from what
+    # gloo brought) itself, and each sees the checksum mismatch naming the file.
+    for kind, message, _ in (res.value for res in results):
+        assert kind == "CorruptCheckpointError", message
+        assert data.name in message and "checksum" in message.lower(), message
+    assert leftovers(res.value[2] for res in results) == []
 
 
-def _die_mid_share(rank, world, path):
-    _share_on()
+def _die_mid_share(rank, world, path, local_world, pid_file):
+    _share_on(local_world)
     import torch.distributed as dist
     if rank == 2:
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+
         def die(*args, **kwargs):
             os._exit(3)
-        dist.all_to_all_single = die
+        if local_world:  # 2 nodes: rank 2 (node 1's leader) dies in the cross-node exchange
+            dist.all_to_all_single = die
+        else:  # one node: rank 2 dies reading its share, its shared-memory file made
+            share.fetch = share.fetch_to_file = die
     state = replicated_state(zeros=True)
+    t0 = time.monotonic()
     try:
-        shardckpt.load(state, path, timeout=15)
+        shardckpt.load(state, path, timeout=10)
     except shardckpt.RankFailureError as exc:
-        return sorted(exc.failures)
-    return "loaded"
+        return sorted(exc.failures), time.monotonic() - t0, os.getpid()
+    return "loaded", time.monotonic() - t0, os.getpid()
 
 
-def test_rank_dying_mid_share_fails_every_rank(replicated):
-    results = run_with_ranks(4, _die_mid_share, str(replicated), timeout=240,
-                             expect_errors=True)
+@pytest.mark.parametrize("local_world", [None, 2])
+def test_rank_dying_mid_share_fails_every_rank(replicated, tmp_path, local_world):
+    pid_file = tmp_path / "pid"
+    results = run_with_ranks(4, _die_mid_share, str(replicated), local_world, str(pid_file),
+                             timeout=240, expect_errors=True)
     assert results[2].exitcode == 3
     for res in (results[0], results[1], results[3]):
         assert res.error is None, res.traceback
-        assert 2 in res.value, res.value
+        failed, seconds, _ = res.value
+        assert 2 in failed, res.value
+        assert seconds < 3 * 10 + 15, res.value  # within the load's rounds' timeouts
+    pids = [res.value[2] for res in results if res.value] + [int(pid_file.read_text())]
+    assert leftovers(pids) == []  # survivors removed the folder, even the dead leader's
 
 
 def _needs(rows):
@@ -209,21 +254,66 @@ def test_rank0_manifest_failure_is_raised_as_its_type_everywhere(tmp_path):
 
 
 @pytest.mark.parametrize("env, world, expect", [
-    ({}, 4, False),                                            # nobody says: one node
-    ({"LOCAL_WORLD_SIZE": "4"}, 4, False),                     # torchrun, one node
-    ({"LOCAL_WORLD_SIZE": "2"}, 4, True),                      # torchrun, two nodes
-    ({"SLURM_JOB_NUM_NODES": "2"}, 4, True),
-    ({"SHARDCKPT_SHARE_READS": "1"}, 4, True),
-    ({"SHARDCKPT_SHARE_READS": "0", "LOCAL_WORLD_SIZE": "1"}, 4, False),
+    ({}, 4, True),                                             # the default: on, one node too
+    ({"SHARDCKPT_SHARE_READS": "auto"}, 4, True),
+    ({"SHARDCKPT_SHARE_READS": "0"}, 4, False),
     ({"SHARDCKPT_SHARE_READS": "1"}, 1, False),                # nothing to share
 ])
-def test_auto_shares_only_across_nodes(monkeypatch, env, world, expect):
-    for name in ("SHARDCKPT_SHARE_READS", "LOCAL_WORLD_SIZE", "SLURM_JOB_NUM_NODES",
-                 "SLURM_NNODES"):
-        monkeypatch.delenv(name, raising=False)
+def test_sharing_is_on_unless_turned_off(monkeypatch, env, world, expect):
+    monkeypatch.delenv("SHARDCKPT_SHARE_READS", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert share.enabled(world) is expect
+
+
+def test_assign_sends_each_chunk_once_to_every_other_node():
+    chunks = [[0, 16 + 100 * i, 100] for i in range(12)]
+    payloads = {r: _needs(chunks) for r in range(4)} | {4: _needs(chunks[:1])}
+    node = [0, 0, 1, 1, 1]
+    plans = [shareplan.SharedPlan(shareplan.assign(payloads, node, stick_bytes=0), rank=r)
+             for r in range(5)]
+    plan = plans[0]
+    received = np.zeros(5, np.int64)
+    for c, (_, _, length, reader) in enumerate(plan.chunks):
+        needers, sources = plan.entries(c)
+        receivers = plan.receivers(c)
+        assert len(receivers) == 1 and node[receivers[0]] != node[reader]  # one, elsewhere
+        received[receivers[0]] += length
+        for n, s in zip(needers, sources):
+            assert node[s] == node[n]  # every needer takes it from its own node
+            assert s == (reader if node[n] == node[reader] else receivers[0])
+    assert {int(r) for r in plan.chunks[:, 3]} == {0, 1, 2, 3}  # reads spread over the job
+    assert all((p.chunks == plan.chunks).all() for p in plans)
+
+
+def test_sweep_removes_only_folders_of_dead_leaders(tmp_path, monkeypatch):
+    import subprocess
+    monkeypatch.setattr(nodeshm, "base_dir", lambda: str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = tmp_path / nodeshm.folder_name(dead.pid, 1)
+    alive = tmp_path / nodeshm.folder_name(os.getpid(), 1)
+    for d in (gone, alive):
+        d.mkdir(mode=0o700)
+        (d / "r0-1").write_bytes(b"x")
+    assert nodeshm.sweep() == [str(gone)]
+    assert not gone.exists() and alive.exists()
+
+
+def test_a_share_folder_others_could_write_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(nodeshm, "base_dir", lambda: str(tmp_path))
+    folder = tmp_path / nodeshm.folder_name(os.getpid(), 7)
+    folder.mkdir()
+    folder.chmod(0o777)
+    with pytest.raises(shardckpt.UnsafeCheckpointError, match="0700"):
+        nodeshm.NodeFolder.attach(os.getpid(), 7)
+    folder.chmod(0o700)
+    mine = nodeshm.NodeFolder.attach(os.getpid(), 7)
+    with pytest.raises(ValueError):
+        mine.map_file("../../etc/passwd", 1)
+    (folder / "r0-1").write_bytes(b"abc")
+    with pytest.raises(shardckpt.UnsafeCheckpointError, match="expected 4"):
+        mine.map_file("r0-1", 4)
 
 
 def test_a_bad_share_mode_is_refused(monkeypatch):
