@@ -15,7 +15,9 @@ shardckpt asked storage for (native chunk reads, shared fetches, storage reads o
 headers; every data-file header check counts 16 bytes); ``rchar`` is the kernel's count of bytes
 each rank process read by read(2)/pread(2)/sendfile(2) during the load (it also counts reads of
 sockets and pipes made through read(2), so gloo traffic may show up there; bytes taken from a
-mapped /dev/shm file are not reads). A load's wall is the slowest
+mapped /dev/shm file are not reads); ``device`` is the kernel's count of bytes the rank processes
+made it fetch from the block device (``read_bytes``; what the page cache already held costs none,
+so on one host it shows the storage traffic itself; a tmpfs root reads nothing). A load's wall is the slowest
 rank's, from a common barrier. ``--cold`` drops the page cache before each load (needs root).
 """
 
@@ -71,9 +73,12 @@ def _save_rank(rank, world, shape, mib, path, dcp_path):
     dcp.save(state, checkpoint_id=dcp_path)
 
 
-def _rchar() -> int:
+def _io() -> tuple[int, int]:
+    """This process's ``(rchar, read_bytes)`` from /proc/self/io: bytes read by system calls,
+    and bytes it made the kernel fetch from the block device (0 for what the page cache held)."""
     with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["rchar"]), int(fields["read_bytes"])
 
 
 class Requested:
@@ -131,16 +136,16 @@ def _load_rank(rank, world, shape, mib, path, dcp_path, reps, cold, local_world)
             if cold and rank == 0:
                 bc.drop_page_cache()
             dist.barrier()
-            counter.total, r0, t0 = 0, _rchar(), time.perf_counter()
+            counter.total, io0, t0 = 0, _io(), time.perf_counter()
             if name == "DCP":
                 dcp.load(state, checkpoint_id=dcp_path)
             else:
                 shardckpt.load(state, path)
             wall = time.perf_counter() - t0
-            rchar = _rchar() - r0
+            rchar, device = (b - a for a, b in zip(io0, _io()))
             ok = all(torch.equal(_local(state[k]), _local(expect[k])) for k in expect)
             out[name].append({"wall": wall, "requested": counter.total, "rchar": rchar,
-                              "ok": ok})
+                              "device": device, "ok": ok})
     return out
 
 
@@ -164,12 +169,13 @@ def run_shape(shape: str, save_world: int, mib: int, reps: int, cold: bool, root
         walls = [max(r["wall"] for r in rep) for rep in reps_]
         requested = bc.median([sum(r["requested"] for r in rep) for rep in reps_])
         rchar = bc.median([sum(r["rchar"] for r in rep) for rep in reps_])
+        device = bc.median([sum(r["device"] for r in rep) for rep in reps_])
         ok = all(r["ok"] for rep in reps_ for r in rep)
         base = dcp_size if name == "DCP" else size
         medians[name] = bc.median(walls)
         rows.append([name, f"{bc.median(walls):.3f}", f"{min(walls):.2f}-{max(walls):.2f}",
                      f"{base:,}", "-" if name == "DCP" else f"{requested / base:.3f}",
-                     f"{rchar / base:.3f}", "ok" if ok else "WRONG"])
+                     f"{rchar / base:.3f}", f"{device / base:.3f}", "ok" if ok else "WRONG"])
     for row, name in zip(rows, CONTENDERS):
         row[3:3] = [f"{medians[name] / medians['DCP']:.2f}",
                     f"{medians[name] / medians['shardckpt unshared']:.2f}"]
@@ -205,7 +211,8 @@ def main(argv=None) -> int:
                   f"{args.reps}, {'cold' if args.cold else 'warm'} page cache")
             print(bc.table(["contender", "wall s", "min-max", "/DCP", "/unshared",
                             "checkpoint bytes",
-                            "requested/size", "rchar/size", "check"], rows), flush=True)
+                            "requested/size", "rchar/size", "device/size", "check"], rows),
+                  flush=True)
     return 0
 
 

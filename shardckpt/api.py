@@ -148,7 +148,7 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
     """
     t0 = time.perf_counter()
     ex = exchange(timeout)
-    sharing = share.enabled(ex.world)
+    sharing = share.enabled(ex.world, path)
     error = plan = paths = session = None
     try:
         if sharing:

@@ -87,12 +87,14 @@ KNOBS = {
                             "On a host whose cores the training fills, this keeps a save from "
                             "slowing the steps; it then takes longer. 0 keeps equal priority. "
                             "The thread that copies guarded tensors is never lowered."),
-    "share_reads": Knob("SHARDCKPT_SHARE_READS", "1",
-                        "1 (or auto): a distributed load reads the manifest once per node and "
-                        "every chunk that several ranks need once in the job; the ranks of a "
-                        "node take the bytes from shared memory (/dev/shm), other nodes get "
-                        "them over gloo (share.py, nodeshm.py). 0: every rank reads what it "
-                        "needs itself (more storage traffic, no copies between ranks)."),
+    "share_reads": Knob("SHARDCKPT_SHARE_READS", "auto",
+                        "1: a distributed load reads the manifest once per node and every chunk "
+                        "that several ranks need once in the job; the ranks of a node take the "
+                        "bytes from shared memory (/dev/shm), other nodes get them over gloo "
+                        "(share.py, nodeshm.py). 0: every rank reads what it needs itself. "
+                        "auto: 1 when the job spans several nodes (LOCAL_WORLD_SIZE < world "
+                        "size, or SLURM's node count) or loads from an object store, else 0: "
+                        "one node's page cache already reads each byte from the disk once."),
     "share_round_bytes": Knob("SHARDCKPT_SHARE_ROUND_BYTES", 256 << 20,
                               "Stored bytes of shared chunks exchanged per all-to-all on load. "
                               "Each rank holds about this much (sent plus received) at once; "

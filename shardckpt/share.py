@@ -58,15 +58,35 @@ class ShareLostError(CheckpointError):
     """A gloo collective of the load's sharing failed: a peer died or timed out."""
 
 
-def enabled(world: int) -> bool:
-    """Whether a load of ``world`` ranks shares its reads (knob ``share_reads``): on (``1``,
-    ``auto``) whenever there are several ranks, off with ``0``. Within a node the bytes go
-    through shared memory, which costs about what re-reading from the page cache does, so even
-    a single-host job shares (BENCHMARKS.md)."""
+def enabled(world: int, path=None) -> bool:
+    """Whether a load of ``world`` ranks from ``path`` shares its reads (knob ``share_reads``):
+    ``1`` always, ``0`` never, ``auto`` (the default) when the job spans several nodes or the
+    checkpoint is in an object store. One node reading a file system needs no sharing: its
+    page cache fetches each byte from the device once and serves every rank after that, faster
+    than handing the bytes over through shared memory (BENCHMARKS.md). Every rank reads the same
+    variables and path, so every rank decides alike."""
     mode = str(knobs.get("share_reads")).strip().lower()
     if mode not in ("0", "off", "false", "1", "on", "true", "auto"):
-        raise ValueError(f"SHARDCKPT_SHARE_READS must be 1, 0 or auto, not {mode!r}")
-    return world > 1 and mode not in ("0", "off", "false")
+        raise ValueError(f"SHARDCKPT_SHARE_READS must be auto, 1 or 0, not {mode!r}")
+    if world <= 1 or mode in ("0", "off", "false"):
+        return False
+    return mode != "auto" or nodes(world) > 1 or _object_store(path)
+
+
+def _object_store(path) -> bool:
+    """Whether ``path`` is an fsspec URL other than ``file://``: no page cache in front of it."""
+    text = os.fspath(path) if path is not None else ""
+    return "://" in text and not text.startswith("file://")
+
+
+def nodes(world: int) -> int:
+    """How many nodes the job spans, as the launcher says (torchrun's ``LOCAL_WORLD_SIZE``, else
+    SLURM's node count); 1 when nobody says."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0:
+        return -(-world // int(local))
+    slurm = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
+    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else 1
 
 
 def group(timeout: float):

@@ -253,17 +253,24 @@ def test_rank0_manifest_failure_is_raised_as_its_type_everywhere(tmp_path):
     assert [res.value for res in results] == ["CheckpointNotFoundError"] * 3
 
 
-@pytest.mark.parametrize("env, world, expect", [
-    ({}, 4, True),                                             # the default: on, one node too
-    ({"SHARDCKPT_SHARE_READS": "auto"}, 4, True),
-    ({"SHARDCKPT_SHARE_READS": "0"}, 4, False),
-    ({"SHARDCKPT_SHARE_READS": "1"}, 1, False),                # nothing to share
+@pytest.mark.parametrize("env, world, path, expect", [
+    ({}, 4, "/ckpt", False),                                      # one node, a file system
+    ({}, 4, "file:///ckpt", False),
+    ({}, 4, "s3://bucket/ckpt", True),                            # no page cache in front
+    ({"LOCAL_WORLD_SIZE": "2"}, 4, "/ckpt", True),                # two nodes
+    ({"SLURM_JOB_NUM_NODES": "2"}, 4, "/ckpt", True),
+    ({"LOCAL_WORLD_SIZE": "4"}, 4, "/ckpt", False),
+    ({"SHARDCKPT_SHARE_READS": "1"}, 4, "/ckpt", True),
+    ({"SHARDCKPT_SHARE_READS": "0"}, 4, "s3://bucket/ckpt", False),
+    ({"SHARDCKPT_SHARE_READS": "1"}, 1, "/ckpt", False),         # nothing to share
 ])
-def test_sharing_is_on_unless_turned_off(monkeypatch, env, world, expect):
-    monkeypatch.delenv("SHARDCKPT_SHARE_READS", raising=False)
+def test_sharing_is_on_where_a_page_cache_does_not_dedupe(monkeypatch, env, world, path, expect):
+    for name in ("SHARDCKPT_SHARE_READS", "LOCAL_WORLD_SIZE", "SLURM_JOB_NUM_NODES",
+                 "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert share.enabled(world) is expect
+    assert share.enabled(world, path) is expect
 
 
 def test_assign_sends_each_chunk_once_to_every_other_node():
