@@ -85,7 +85,7 @@ def remove_leftovers(storage: Storage, names: list[str] | None = None) -> list[s
     return removed
 
 
-_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.bin")
+_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(bin|idx)")  # data and index files
 
 
 def foreign_entry(storage: Storage, name: str) -> str | None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import incremental, tables
-from .errors import UnsupportedValueError
+from . import grid, incremental, tables
+from .errors import CorruptCheckpointError, UnsupportedValueError
 from .tree import fill_values, with_overrides
-from .types import DTYPES, Manifest, TensorEntry
+from .types import DTYPES, FileEntry, IndexEntry, Manifest, TensorEntry, TensorLayout
 
 
 @dataclass
@@ -34,6 +34,11 @@ class GlobalPlan:
     layout_kids: dict[int, np.ndarray] = field(default_factory=dict)  # ... before renames
     layouts: dict[int, list] = field(default_factory=dict)  # rank -> [key, dtype, shape, dt]
     boxes: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> (items, 2 * width)
+    # With chunk indexes (FORMAT.md 3.7): rank -> [item, tensor, shard] rows it writes, and
+    # the manifest's tensors in order.
+    targets: dict[int, np.ndarray] = field(default_factory=dict)
+    tensor_layouts: dict[str, TensorLayout] = field(default_factory=dict)
+    indexed: bool = False
 
 
 class _Keys:
@@ -59,8 +64,9 @@ class _Keys:
         return kid
 
 
-def _pieces(plans: dict[int, dict], keys: _Keys):
-    """Every piece as parallel arrays: rank, item, key id, box row, replica checksum."""
+def _pieces(plans: dict[int, dict], keys: _Keys, rules: "_Rules"):
+    """Every explicit piece as parallel arrays: rank, item, key id, box row, replica checksum.
+    Pieces under a grid rule the whole mesh agrees on are left to ``rules`` (no row each)."""
     parsed: dict[str, tuple] = {}
     ranks, items, kids, boxes, crcs = [], [], [], [], []
     width = max(p["width"] for p in plans.values())
@@ -70,21 +76,110 @@ def _pieces(plans: dict[int, dict], keys: _Keys):
             parsed[p["layout"]] = (np.array([keys.add(*row) for row in layout], np.int64),
                                    layout)
         kid, keys.gp.layouts[rank] = parsed[p["layout"]]
+        explicit, fallback = rules.explicit(rank, p, kid)
         box = (tables.decode(p["boxes"], 2 * p["width"], f"rank {rank} plan") if p["width"]
-               else np.zeros((len(kid), 0), np.int64))
+               else np.zeros((len(explicit), 0), np.int64))
         if p["width"] < width:  # pad offsets and shapes separately to the common width
             pad = np.zeros((len(box), width - p["width"]), np.int64)
             box = np.hstack([box[:, :p["width"]], pad, box[:, p["width"]:], pad])
-        ranks.append(np.full(len(kid), rank, np.int64))
-        items.append(np.arange(len(kid), dtype=np.int64))
-        kids.append(kid)
+        if len(box) != len(explicit):
+            raise CorruptCheckpointError(f"rank {rank} plan: {len(box)} boxes for "
+                                         f"{len(explicit)} pieces")
+        if fallback:  # rule pieces the mesh does not agree on: boxes from the rule
+            explicit, box = rules.with_fallback(rank, explicit, box, fallback, width)
+        crc = tables.decode(p["crc"], 1, f"rank {rank} plan")[:, 0]
+        ranks.append(np.full(len(explicit), rank, np.int64))
+        items.append(explicit)
+        kids.append(kid[explicit])
         boxes.append(box)
-        crcs.append(tables.decode(p["crc"], 1, f"rank {rank} plan")[:, 0])
-        keys.gp.layout_kids[rank], keys.gp.kids[rank], keys.gp.boxes[rank] = kid, kid.copy(), box
+        crcs.append(crc[explicit])
+        keys.gp.layout_kids[rank], keys.gp.kids[rank], keys.gp.boxes[rank] = kid, kid, box
     cat = (lambda a: np.concatenate(a)) if ranks else (lambda a: np.zeros(0, np.int64))
     return (cat(ranks), cat(items), cat(kids),
             np.concatenate(boxes) if boxes else np.zeros((0, 2 * width), np.int64),
             cat(crcs), width)
+
+
+class _Rules:
+    """The grid rules of every rank's plan (FORMAT.md 3.7), judged once per distinct text.
+
+    A key stays a rule when exactly the ranks of its mesh hold it, all under the same rule text
+    (they sent the same plan texts); otherwise its pieces fall back to explicit boxes computed
+    from the rule, so a mixed or partial layout is still saved correctly, only slower.
+    """
+
+    def __init__(self, plans: dict[int, dict], keys: _Keys):
+        self.keys, self.groups, self.parsed = keys, {}, {}
+        for rank, p in sorted(plans.items()):
+            if "grid" in p:
+                self.groups.setdefault((p["layout"], p["grid"]), []).append(rank)
+        seen: dict[int, list] = {}
+        for (layout_text, text), ranks in self.groups.items():
+            doc = tables.unpack_text(text, f"rank {ranks[0]} plan")
+            layout = tables.unpack_text(layout_text, f"rank {ranks[0]} plan")
+            kid = np.array([keys.add(*row) for row in layout], np.int64)
+            rules = [json.loads(t) for t in doc["rules"]]
+            items = np.array([i for i, _ in doc["items"]], np.int64)
+            which = np.array([r for _, r in doc["items"]], np.int64)
+            self.parsed[text] = (rules, items, which)
+            for i, r in zip(items.tolist(), which.tolist()):
+                whole = np.array_equal(np.sort(grid.mesh_ranks(rules[r][0])), ranks)
+                seen.setdefault(int(kid[i]), []).append(whole)
+        self.ruled = {k for k, v in seen.items() if v == [True]}
+
+    def explicit(self, rank: int, plan: dict, kid: np.ndarray) -> tuple[np.ndarray, list]:
+        """This rank's items that have a box row, and its rule items that fall back."""
+        if "grid" not in plan:
+            return np.arange(len(kid), dtype=np.int64), []
+        rules, items, which = self.parsed[plan["grid"]]
+        if len(items) and (items.min() < 0 or items.max() >= len(kid)):
+            raise CorruptCheckpointError(f"rank {rank} plan: grid items out of range")
+        keep = np.ones(len(kid), bool)
+        keep[items] = False
+        fallback = [(int(i), rules[w]) for i, w in zip(items, which)
+                    if int(kid[i]) not in self.ruled]
+        return np.flatnonzero(keep), fallback
+
+    def with_fallback(self, rank, explicit, box, fallback, width):
+        """``explicit`` and ``box`` with the fallback rule items' boxes added, by item."""
+        rows = np.zeros((len(fallback), 2 * width), np.int64)
+        layout = self.keys.gp.layouts[rank]
+        for row, (i, rule) in enumerate(fallback):
+            mesh = grid.mesh_ranks(rule[0]).tolist()
+            if rank not in mesh:
+                raise UnsupportedValueError(f"rank {rank} holds {layout[i][0]} under a rule "
+                                            "whose mesh does not include it")
+            shape = tuple(layout[i][2])
+            offs, sizes = grid.predicted_box(rule, shape, np.unravel_index(
+                mesh.index(rank), rule[0][0]))
+            rows[row, :len(shape)], rows[row, width:width + len(shape)] = offs, sizes
+        items = np.concatenate([explicit, [i for i, _ in fallback]]).astype(np.int64)
+        order = np.argsort(items, kind="stable")
+        return items[order], np.concatenate([box, rows])[order]
+
+    def assignments(self) -> dict[int, list]:
+        """``{rank: [(items, cells), ...]}``: which rule pieces each rank writes."""
+        out: dict[int, list] = {}
+        for (layout_text, text), ranks in self.groups.items():
+            rules, items, which = self.parsed[text]
+            kid = self.keys.gp.layout_kids[ranks[0]]
+            for w, rule in enumerate(rules):
+                mine = items[(which == w) & np.isin(kid[items], list(self.ruled))]
+                if len(mine):
+                    for r, got in grid.assign(rule, mine, grid.mesh_ranks(rule[0])).items():
+                        out.setdefault(r, []).append(got)
+        return out
+
+    def splits(self) -> dict[int, tuple]:
+        """``{key id: splits}`` of every ruled key."""
+        out = {}
+        for (layout_text, text), ranks in self.groups.items():
+            rules, items, which = self.parsed[text]
+            kid = self.keys.gp.layout_kids[ranks[0]]
+            for i, w in zip(items.tolist(), which.tolist()):
+                if int(kid[i]) in self.ruled:
+                    out[int(kid[i])] = grid.splits_of(rules[w], self.keys.gp.shapes[kid[i]])
+        return out
 
 
 def _fingerprint(rows: np.ndarray) -> np.ndarray:
@@ -111,16 +206,21 @@ def _groups(rows: np.ndarray):
     return order, np.flatnonzero(new)
 
 
-def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
+def merge_plans(plans: dict[int, dict], indexed: bool = False) -> GlobalPlan:
     """Assign each distinct piece to exactly one holder.
 
     A DTensor piece held by several ranks (a replica) and a plain tensor whose copies agree are
     written once, by the least-loaded holder. Plain tensors whose copies differ (per-rank RNG)
     are written by every holder under ``<key>@rank<r>`` (tree overrides point there).
+    Cells of a grid rule (grid.py) are assigned by arithmetic per mesh. With ``indexed`` (the
+    ranks write chunk index files, FORMAT.md 3.7) the plan also fixes every written piece's
+    tensor and shard number, and the manifest's tensor layouts (``gp.targets``,
+    ``gp.tensor_layouts``).
     """
-    gp = GlobalPlan()
+    gp = GlobalPlan(indexed=indexed)
     keys = _Keys(gp)
-    rank, item, kid, box, crc, gp.width = _pieces(plans, keys)
+    rules = _Rules(plans, keys)
+    rank, item, kid, box, crc, gp.width = _pieces(plans, keys, rules)
     dtensor = np.array(keys.dtensor, bool)[kid] if len(kid) else np.zeros(0, bool)
     itemsize = np.array([DTYPES[d].itemsize for d in gp.dtypes], np.int64)
     nbytes = np.prod(box[:, gp.width:], axis=1) * itemsize[kid] if len(kid) else kid
@@ -134,6 +234,8 @@ def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
     for r, i, k in zip(rank[own], item[own], kid[own]):
         _, dtype, shape, _ = gp.layouts[int(r)][i]  # this rank's own dtype and shape
         new = keys.add(f"{gp.keys[k]}@rank{r}", dtype, shape, False)
+        if gp.kids[int(r)] is gp.layout_kids[int(r)]:  # shared by ranks of one layout
+            gp.kids[int(r)] = gp.kids[int(r)].copy()
         gp.kids[int(r)][i] = new
     # Everything else: group identical (key, box) pieces; single holders are forced.
     shared = ~own
@@ -154,9 +256,52 @@ def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
     mask[np.concatenate(pick)] = True
     chosen = np.flatnonzero(mask)  # already in (rank, item) order: no sort
     bounds = np.searchsorted(rank[chosen], np.arange(len(load) + 1))
-    for r in plans:
-        gp.assign[r] = item[chosen[bounds[r]:bounds[r + 1]]]
+    by_rule = rules.assignments()
+    if not indexed:
+        if by_rule:
+            raise UnsupportedValueError("grid rules need a save that writes chunk indexes")
+        for r in plans:
+            gp.assign[r] = item[chosen[bounds[r]:bounds[r + 1]]]
+        return gp
+    final = kid.copy()
+    final[own] = [gp.kids[int(r)][i] for r, i in zip(rank[own], item[own])]
+    _index_targets(gp, plans, rules.splits(), by_rule, chosen, bounds, item, final,
+                   np.concatenate([box, rank[:, None]], axis=1))
     return gp
+
+
+def _index_targets(gp: GlobalPlan, plans, splits: dict, by_rule: dict, chosen, bounds, item,
+                   final, box) -> None:
+    """The tensor order of the manifest, each tensor's layout, and for every rank the
+    ``[item, tensor, shard]`` rows of what it writes (``gp.targets``, ``gp.assign``). ``box``
+    rows end with the piece's rank: an explicit layout records each shard's writer."""
+    kid = final[chosen]
+    order = _stable_order(kid)
+    runs = np.searchsorted(kid[order], np.arange(len(gp.keys) + 1))
+    shard = np.empty(len(kid), np.int64)
+    shard[order] = np.arange(len(kid)) - runs[kid[order]]
+    has = np.diff(runs) > 0
+    has[list(splits)] = True
+    tid = np.cumsum(has) - 1
+    w, srt = gp.width, box[chosen][order]
+    for k in np.flatnonzero(has).tolist():
+        dtype, shape = DTYPES[gp.dtypes[k]], gp.shapes[k]
+        if k in splits:
+            gp.tensor_layouts[gp.keys[k]] = TensorLayout(dtype, shape, splits=splits[k])
+        else:
+            b, nd = srt[runs[k]:runs[k + 1]], len(shape)
+            gp.tensor_layouts[gp.keys[k]] = TensorLayout(
+                dtype, shape, boxes=np.concatenate([b[:, :nd], b[:, w:w + nd], b[:, -1:]],
+                                                   axis=1))
+    for r in plans:
+        at = chosen[bounds[r]:bounds[r + 1]]
+        parts = [np.stack([item[at], tid[final[at]], shard[bounds[r]:bounds[r + 1]]], axis=1)]
+        for items, cells in by_rule.get(r, ()):
+            parts.append(np.stack([items, tid[gp.layout_kids[r][items]], cells], axis=1))
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if len(parts) > 1:
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        gp.targets[r], gp.assign[r] = rows, rows[:, 0]
 
 
 def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
@@ -199,7 +344,10 @@ def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
 
 def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, dict],
                    metadata: dict) -> Manifest:
-    """The global manifest from every rank's report (files, codecs, pieces, chunk rows)."""
+    """The global manifest from every rank's report (files, codecs, pieces, chunk rows; or
+    with chunk indexes, files and the index file alone)."""
+    if gp.indexed:
+        return _indexed_manifest(gp, plans, results, metadata)
     chains, chain_ids = [], {}
     files, first, ref_index = incremental.file_entries(results)  # references: FORMAT.md 3.6
     hashed = all("hashes" in res for res in results.values())
@@ -226,6 +374,23 @@ def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, di
     return Manifest(world_size=len(plans), files=tuple(files), codecs=tuple(chains),
                     tensors=tensors, tree=tree, metadata=metadata, created_unix=time.time(),
                     rank_overrides=tuple(overrides) or None, hashes=hashes)
+
+
+def _indexed_manifest(gp: GlobalPlan, plans, results, metadata: dict) -> Manifest:
+    """A revision 1.4 manifest (FORMAT.md 3.7): the layouts fixed by the plan, every rank's
+    data files and its index file; no chunk row passes through here."""
+    files, indexes = [], []
+    for rank in sorted(results):
+        res = results[rank]
+        files += [FileEntry(f["path"], int(f["size"]), rank) for f in res["files"]]
+        if res.get("index"):
+            ix = res["index"]
+            indexes.append(IndexEntry(ix["path"], int(ix["size"]), rank, int(ix["crc32c"])))
+    tree, overrides = rank_trees(plans, gp)
+    return Manifest(world_size=len(plans), files=tuple(files), codecs=(),
+                    tensors=dict(gp.tensor_layouts), tree=tree, metadata=metadata,
+                    created_unix=time.time(), rank_overrides=tuple(overrides) or None,
+                    indexes=tuple(indexes))
 
 
 def _stable_order(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""Regular layouts described by rule (FORMAT.md 3.7, revision 1.4): a tensor cut into an even grid.
+
+A DTensor whose placements are ``Shard`` and ``Replicate`` on a device mesh holds one cell of a
+grid: each sharded tensor dimension is cut into as many parts as its mesh dimension has ranks
+(torch.chunk's sizes), and replicas share a cell. Each rank sends that rule instead of its box;
+ranks holding the same tensors under the same rule send the same text, so the coordinator compares
+strings and computes who writes which cell with array arithmetic per mesh, never a row per piece.
+Anything else (``_StridedShard``, ``Partial``, two mesh dimensions splitting one tensor dimension,
+a piece the rule does not predict) falls back to an explicit box.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import UnsafeCheckpointError
+from .types import MANIFEST_NAME
+
+KINDS = ("chunk", "even")  # torch.chunk's sizes; sizes differing by at most one (divmod)
+MAX_PARTS = 1 << 24
+
+
+def cell_bounds(n, parts: int, kind: str, index):
+    """``(start, size)`` of cell ``index`` (int or array) of a dimension of ``n`` cut into
+    ``parts``: ``chunk`` gives every cell ceil(n / parts) elements until they run out, ``even``
+    gives the first ``n % parts`` cells one element more than the others."""
+    index = np.asarray(index, np.int64)
+    if kind == "chunk":
+        step = -(-n // parts)
+        start = np.minimum(index * step, n)
+        return start, np.minimum(start + step, n) - start
+    q, r = divmod(n, parts)
+    return index * q + np.minimum(index, r), q + (index < r)
+
+
+def boxes(shape: tuple, splits) -> np.ndarray:
+    """Every cell's box (offsets, then sizes; ``2 * ndim`` columns), row-major over ``splits``
+    (``[dim, parts, kind]`` by increasing dim)."""
+    nd = len(shape)
+    cells = math.prod(p for _, p, _ in splits)
+    out = np.zeros((cells, 2 * nd), np.int64)
+    out[:, nd:] = shape
+    grids = np.unravel_index(np.arange(cells), [p for _, p, _ in splits]) if splits else ()
+    for (dim, parts, kind), index in zip(splits, grids):
+        out[:, dim], out[:, nd + dim] = cell_bounds(shape[dim], parts, kind, index)
+    return out
+
+
+def check_splits(raw, shape: tuple, where: str) -> tuple:
+    """A parsed ``grid`` member (FORMAT.md 3.7) as a tuple of ``(dim, parts, kind)``."""
+    bad = UnsafeCheckpointError(f"{MANIFEST_NAME}: {where}: grid must be [[dim, parts, kind], "
+                                f"...] with increasing dims below {len(shape)}, parts in [1, "
+                                f"{MAX_PARTS}] and kind one of {KINDS}")
+    if not isinstance(raw, list) or len(raw) > len(shape):
+        raise bad
+    out, last = [], -1
+    for s in raw:
+        if not (isinstance(s, list) and len(s) == 3 and all(type(v) is int for v in s[:2])
+                and last < s[0] < len(shape) and 1 <= s[1] <= MAX_PARTS and s[2] in KINDS):
+            raise bad
+        last = s[0]
+        out.append((s[0], s[1], s[2]))
+    if math.prod(p for _, p, _ in out) > MAX_PARTS:
+        raise bad
+    return tuple(out)
+
+
+# --- the rank's side: a DTensor's rule ---
+
+def rule_of(t, offsets: tuple, local_shape: tuple):
+    """The rule of DTensor ``t`` as JSON-ready ``[mesh, place]``, or None when its layout is not
+    a plain grid or its piece is not the cell the rule predicts. ``mesh`` is ``[shape, ranks]``
+    (``ranks`` ``[first]`` for consecutive ranks); ``place`` one ``[tensor dim, kind]`` or None
+    (replicated) per mesh dimension."""
+    from torch.distributed.tensor import Replicate, Shard
+    mesh = t.device_mesh
+    ranks = mesh.mesh.reshape(-1).tolist()
+    place, dims = [], set()
+    for p in t.placements:
+        if type(p) is Shard and p.dim not in dims:
+            dims.add(p.dim)
+            place.append([p.dim, "chunk"])
+        elif type(p) is Replicate:
+            place.append(None)
+        else:
+            return None
+    start = ranks[0]
+    mesh_json = [list(mesh.mesh.shape),
+                 [start] if ranks == list(range(start, start + len(ranks))) else ranks]
+    rule = [mesh_json, place]
+    coord = np.unravel_index(ranks.index(_global_rank()), mesh.mesh.shape)
+    box = predicted_box(rule, tuple(t.shape), coord)
+    return rule if box == (tuple(offsets), tuple(local_shape)) else None
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def splits_of(rule, shape: tuple) -> tuple:
+    """The ``(dim, parts, kind)`` splits (by dim) that rule ``[mesh, place]`` cuts ``shape``
+    into."""
+    mesh_shape = rule[0][0]
+    return tuple(sorted((p[0], mesh_shape[d], p[1]) for d, p in enumerate(rule[1]) if p))
+
+
+def predicted_box(rule, shape: tuple, coord) -> tuple:
+    """``(offsets, shape)`` of the cell the rank at mesh coordinate ``coord`` holds."""
+    offs, sizes = [0] * len(shape), list(shape)
+    for d, p in enumerate(rule[1]):
+        if p:
+            start, size = cell_bounds(shape[p[0]], rule[0][0][d], p[1], int(coord[d]))
+            offs[p[0]], sizes[p[0]] = int(start), int(size)
+    return tuple(offs), tuple(sizes)
+
+
+# --- the coordinator's side: who holds and who writes each cell ---
+
+def mesh_ranks(mesh) -> np.ndarray:
+    """The global ranks of mesh ``[shape, ranks]``, in mesh order."""
+    shape, ranks = mesh
+    n = math.prod(shape)
+    if len(ranks) == 1:
+        return np.arange(ranks[0], ranks[0] + n, dtype=np.int64)
+    out = np.asarray(ranks, np.int64)
+    if len(out) != n:
+        raise UnsafeCheckpointError(f"a plan's mesh lists {len(out)} ranks for shape {shape}")
+    return out
+
+
+def cells_and_replicas(rule) -> tuple[np.ndarray, np.ndarray, int]:
+    """For each position of the rule's mesh: its cell (row-major over the splits by tensor dim)
+    and its replica number, and how many replicas each cell has."""
+    shape, place = rule[0][0], rule[1]
+    coords = np.unravel_index(np.arange(math.prod(shape)), shape)
+    sharded = sorted((p[0], d) for d, p in enumerate(place) if p)
+    cell = np.zeros(math.prod(shape), np.int64)
+    for _, d in sharded:
+        cell = cell * shape[d] + coords[d]
+    replica, copies = np.zeros(len(cell), np.int64), 1
+    for d, p in enumerate(place):
+        if p is None:
+            replica, copies = replica * shape[d] + coords[d], copies * shape[d]
+    return cell, replica, copies
+
+
+def assign(rule, items: np.ndarray, ranks: np.ndarray) -> dict[int, tuple]:
+    """``{rank: (items it writes, their cell)}`` for tensors ``items`` that share ``rule``:
+    of a cell's replicas, the one whose replica number is ``(j + cell) % copies`` writes the
+    ``j``-th tensor, so that replicated cells spread over their holders."""
+    cell, replica, copies = cells_and_replicas(rule)
+    first = (replica - cell) % copies
+    out = {}
+    for r, c, f in zip(ranks.tolist(), cell.tolist(), first.tolist()):
+        mine = items[f::copies]
+        out[r] = (mine, np.full(len(mine), c, np.int64))
+    return out
