@@ -147,14 +147,17 @@ def cells_and_replicas(rule) -> tuple[np.ndarray, np.ndarray, int]:
     return cell, replica, copies
 
 
-def assign(rule, items: np.ndarray, ranks: np.ndarray) -> dict[int, tuple]:
-    """``{rank: (items it writes, their cell)}`` for tensors ``items`` that share ``rule``:
-    of a cell's replicas, the one whose replica number is ``(j + cell) % copies`` writes the
-    ``j``-th tensor, so that replicated cells spread over their holders."""
+def assign(rule, items: np.ndarray, kids: np.ndarray, ranks: list[int]) -> dict[int, tuple]:
+    """``{rank: (items it writes, their cell)}`` for ``ranks`` (of the rule's mesh) holding
+    tensors ``items`` (key ids ``kids``) under ``rule``. Of a cell's replicas the one numbered
+    ``(key id + cell) % copies`` writes it: every rank reaches the same choice from the key
+    alone, and replicated cells spread over their holders."""
     cell, replica, copies = cells_and_replicas(rule)
-    first = (replica - cell) % copies
+    mesh = mesh_ranks(rule[0])
+    where = np.argsort(mesh)
+    pos = where[np.searchsorted(mesh[where], ranks)]
     out = {}
-    for r, c, f in zip(ranks.tolist(), cell.tolist(), first.tolist()):
-        mine = items[f::copies]
-        out[r] = (mine, np.full(len(mine), c, np.int64))
+    for r, p in zip(ranks, pos.tolist()):
+        mine = items if copies == 1 else items[(kids + cell[p]) % copies == replica[p]]
+        out[r] = (mine, np.full(len(mine), cell[p], np.int64))
     return out

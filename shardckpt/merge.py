@@ -111,29 +111,42 @@ class _Rules:
     def __init__(self, plans: dict[int, dict], keys: _Keys):
         self.keys, self.groups, self.parsed = keys, {}, {}
         for rank, p in sorted(plans.items()):
-            if "grid" in p:
-                self.groups.setdefault((p["layout"], p["grid"]), []).append(rank)
-        seen: dict[int, list] = {}
+            self.groups.setdefault((p["layout"], p.get("grid")), []).append(rank)
+        holders: dict[int, dict] = {}  # key id -> rule text -> rank arrays holding it so
+        explicit: set[int] = set()
         for (layout_text, text), ranks in self.groups.items():
-            doc = tables.unpack_text(text, f"rank {ranks[0]} plan")
             layout = tables.unpack_text(layout_text, f"rank {ranks[0]} plan")
             kid = np.array([keys.add(*row) for row in layout], np.int64)
+            if text is None:
+                explicit.update(kid.tolist())
+                continue
+            doc = tables.unpack_text(text, f"rank {ranks[0]} plan")
             rules = [json.loads(t) for t in doc["rules"]]
             items = np.array([i for i, _ in doc["items"]], np.int64)
             which = np.array([r for _, r in doc["items"]], np.int64)
+            if len(items) and (items.min() < 0 or items.max() >= len(kid)):
+                raise CorruptCheckpointError(f"rank {ranks[0]} plan: grid items out of range")
             self.parsed[text] = (rules, items, which)
-            for i, r in zip(items.tolist(), which.tolist()):
-                whole = np.array_equal(np.sort(grid.mesh_ranks(rules[r][0])), ranks)
-                seen.setdefault(int(kid[i]), []).append(whole)
-        self.ruled = {k for k, v in seen.items() if v == [True]}
+            rest = np.ones(len(kid), bool)
+            rest[items] = False
+            explicit.update(kid[rest].tolist())
+            for i, w in zip(items.tolist(), which.tolist()):
+                holders.setdefault(int(kid[i]), {}).setdefault(doc["rules"][w], []).append(
+                    np.asarray(ranks, np.int64))
+        self.ruled = set()
+        for k, by_text in holders.items():
+            if k in explicit or len(by_text) != 1:
+                continue
+            (text, held), = by_text.items()
+            mesh = np.sort(grid.mesh_ranks(json.loads(text)[0]))
+            if np.array_equal(np.sort(np.concatenate(held)), mesh):
+                self.ruled.add(k)
 
     def explicit(self, rank: int, plan: dict, kid: np.ndarray) -> tuple[np.ndarray, list]:
         """This rank's items that have a box row, and its rule items that fall back."""
         if "grid" not in plan:
             return np.arange(len(kid), dtype=np.int64), []
         rules, items, which = self.parsed[plan["grid"]]
-        if len(items) and (items.min() < 0 or items.max() >= len(kid)):
-            raise CorruptCheckpointError(f"rank {rank} plan: grid items out of range")
         keep = np.ones(len(kid), bool)
         keep[items] = False
         fallback = [(int(i), rules[w]) for i, w in zip(items, which)
@@ -160,13 +173,16 @@ class _Rules:
     def assignments(self) -> dict[int, list]:
         """``{rank: [(items, cells), ...]}``: which rule pieces each rank writes."""
         out: dict[int, list] = {}
+        ruled = np.array(sorted(self.ruled), np.int64)
         for (layout_text, text), ranks in self.groups.items():
+            if text is None:
+                continue
             rules, items, which = self.parsed[text]
             kid = self.keys.gp.layout_kids[ranks[0]]
             for w, rule in enumerate(rules):
-                mine = items[(which == w) & np.isin(kid[items], list(self.ruled))]
+                mine = items[(which == w) & np.isin(kid[items], ruled)]
                 if len(mine):
-                    for r, got in grid.assign(rule, mine, grid.mesh_ranks(rule[0])).items():
+                    for r, got in grid.assign(rule, mine, kid[mine], ranks).items():
                         out.setdefault(r, []).append(got)
         return out
 
@@ -174,6 +190,8 @@ class _Rules:
         """``{key id: splits}`` of every ruled key."""
         out = {}
         for (layout_text, text), ranks in self.groups.items():
+            if text is None:
+                continue
             rules, items, which = self.parsed[text]
             kid = self.keys.gp.layout_kids[ranks[0]]
             for i, w in zip(items.tolist(), which.tolist()):
