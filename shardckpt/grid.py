@@ -148,7 +148,7 @@ def cells_and_replicas(rule) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def assign(rule, items: np.ndarray, kids: np.ndarray, ranks: list[int]) -> dict[int, tuple]:
-    """``{rank: (items it writes, their cell)}`` for ``ranks`` (of the rule's mesh) holding
+    """``{rank: (items it writes, their cell number)}`` for ``ranks`` (of the rule's mesh) holding
     tensors ``items`` (key ids ``kids``) under ``rule``. Of a cell's replicas the one numbered
     ``(key id + cell) % copies`` writes it: every rank reaches the same choice from the key
     alone, and replicated cells spread over their holders."""
@@ -159,5 +159,5 @@ def assign(rule, items: np.ndarray, kids: np.ndarray, ranks: list[int]) -> dict[
     out = {}
     for r, p in zip(ranks, pos.tolist()):
         mine = items if copies == 1 else items[(kids + cell[p]) % copies == replica[p]]
-        out[r] = (mine, np.full(len(mine), cell[p], np.int64))
+        out[r] = (mine, int(cell[p]))
     return out

@@ -68,6 +68,7 @@ def _pieces(plans: dict[int, dict], keys: _Keys, rules: "_Rules"):
     """Every explicit piece as parallel arrays: rank, item, key id, box row, replica checksum.
     Pieces under a grid rule the whole mesh agrees on are left to ``rules`` (no row each)."""
     parsed: dict[str, tuple] = {}
+    decoded: dict[str, np.ndarray] = {}  # ranks often send the same table text (replicas)
     ranks, items, kids, boxes, crcs = [], [], [], [], []
     width = max(p["width"] for p in plans.values())
     for rank, p in sorted(plans.items()):
@@ -77,7 +78,7 @@ def _pieces(plans: dict[int, dict], keys: _Keys, rules: "_Rules"):
                                    layout)
         kid, keys.gp.layouts[rank] = parsed[p["layout"]]
         explicit, fallback = rules.explicit(rank, p, kid)
-        box = (tables.decode(p["boxes"], 2 * p["width"], f"rank {rank} plan") if p["width"]
+        box = (_decoded(decoded, p["boxes"], 2 * p["width"], rank) if p["width"]
                else np.zeros((len(explicit), 0), np.int64))
         if p["width"] < width:  # pad offsets and shapes separately to the common width
             pad = np.zeros((len(box), width - p["width"]), np.int64)
@@ -87,7 +88,7 @@ def _pieces(plans: dict[int, dict], keys: _Keys, rules: "_Rules"):
                                          f"{len(explicit)} pieces")
         if fallback:  # rule pieces the mesh does not agree on: boxes from the rule
             explicit, box = rules.with_fallback(rank, explicit, box, fallback, width)
-        crc = tables.decode(p["crc"], 1, f"rank {rank} plan")[:, 0]
+        crc = _decoded(decoded, p["crc"], 1, rank)[:, 0]
         ranks.append(np.full(len(explicit), rank, np.int64))
         items.append(explicit)
         kids.append(kid[explicit])
@@ -98,6 +99,13 @@ def _pieces(plans: dict[int, dict], keys: _Keys, rules: "_Rules"):
     return (cat(ranks), cat(items), cat(kids),
             np.concatenate(boxes) if boxes else np.zeros((0, 2 * width), np.int64),
             cat(crcs), width)
+
+
+def _decoded(cache: dict, text: str, columns: int, rank: int) -> np.ndarray:
+    """``tables.decode`` once per distinct text (the arrays are only read)."""
+    if (text, columns) not in cache:
+        cache[text, columns] = tables.decode(text, columns, f"rank {rank} plan")
+    return cache[text, columns]
 
 
 class _Rules:
@@ -130,28 +138,36 @@ class _Rules:
             rest = np.ones(len(kid), bool)
             rest[items] = False
             explicit.update(kid[rest].tolist())
+            group = len(self.parsed) - 1
             for i, w in zip(items.tolist(), which.tolist()):
                 holders.setdefault(int(kid[i]), {}).setdefault(doc["rules"][w], []).append(
-                    np.asarray(ranks, np.int64))
-        self.ruled = set()
+                    group)
+        ranks_of = [np.asarray(r, np.int64) for (_, t), r in self.groups.items() if t]
+        self.ruled, whole = set(), {}
         for k, by_text in holders.items():
             if k in explicit or len(by_text) != 1:
                 continue
             (text, held), = by_text.items()
-            mesh = np.sort(grid.mesh_ranks(json.loads(text)[0]))
-            if np.array_equal(np.sort(np.concatenate(held)), mesh):
+            if (text, tuple(held)) not in whole:  # judged once per rule and holder groups
+                mesh = np.sort(grid.mesh_ranks(json.loads(text)[0]))
+                whole[text, tuple(held)] = np.array_equal(
+                    np.sort(np.concatenate([ranks_of[g] for g in held])), mesh)
+            if whole[text, tuple(held)]:
                 self.ruled.add(k)
+        self._explicit: dict = {}
 
     def explicit(self, rank: int, plan: dict, kid: np.ndarray) -> tuple[np.ndarray, list]:
         """This rank's items that have a box row, and its rule items that fall back."""
         if "grid" not in plan:
             return np.arange(len(kid), dtype=np.int64), []
-        rules, items, which = self.parsed[plan["grid"]]
-        keep = np.ones(len(kid), bool)
-        keep[items] = False
-        fallback = [(int(i), rules[w]) for i, w in zip(items, which)
-                    if int(kid[i]) not in self.ruled]
-        return np.flatnonzero(keep), fallback
+        if (plan["layout"], plan["grid"]) not in self._explicit:  # once per group
+            rules, items, which = self.parsed[plan["grid"]]
+            keep = np.ones(len(kid), bool)
+            keep[items] = False
+            fallback = [(int(i), rules[w]) for i, w in zip(items, which)
+                        if int(kid[i]) not in self.ruled]
+            self._explicit[plan["layout"], plan["grid"]] = np.flatnonzero(keep), fallback
+        return self._explicit[plan["layout"], plan["grid"]]
 
     def with_fallback(self, rank, explicit, box, fallback, width):
         """``explicit`` and ``box`` with the fallback rule items' boxes added, by item."""
@@ -171,7 +187,7 @@ class _Rules:
         return items[order], np.concatenate([box, rows])[order]
 
     def assignments(self) -> dict[int, list]:
-        """``{rank: [(items, cells), ...]}``: which rule pieces each rank writes."""
+        """``{rank: [(items, cell), ...]}``: which rule pieces each rank writes."""
         out: dict[int, list] = {}
         ruled = np.array(sorted(self.ruled), np.int64)
         for (layout_text, text), ranks in self.groups.items():
@@ -311,14 +327,21 @@ def _index_targets(gp: GlobalPlan, plans, splits: dict, by_rule: dict, chosen, b
             gp.tensor_layouts[gp.keys[k]] = TensorLayout(
                 dtype, shape, boxes=np.concatenate([b[:, :nd], b[:, w:w + nd], b[:, -1:]],
                                                    axis=1))
+    tids: dict[int, np.ndarray] = {}  # rule items arrays are shared by the ranks of a group
     for r in plans:
-        at = chosen[bounds[r]:bounds[r + 1]]
-        parts = [np.stack([item[at], tid[final[at]], shard[bounds[r]:bounds[r + 1]]], axis=1)]
-        for items, cells in by_rule.get(r, ()):
-            parts.append(np.stack([items, tid[gp.layout_kids[r][items]], cells], axis=1))
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if len(parts) > 1:
-            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        lo, hi = bounds[r], bounds[r + 1]
+        ruled = by_rule.get(r, ())
+        rows = np.empty((hi - lo + sum(len(i) for i, _ in ruled), 3), np.int64)
+        at = chosen[lo:hi]
+        rows[:hi - lo, 0], rows[:hi - lo, 1], rows[:hi - lo, 2] = item[at], tid[final[at]], \
+            shard[lo:hi]
+        pos = hi - lo
+        for items, cell in ruled:
+            if id(items) not in tids:
+                tids[id(items)] = tid[gp.layout_kids[r][items]]
+            rows[pos:pos + len(items), 0], rows[pos:pos + len(items), 1] = items, tids[id(items)]
+            rows[pos:pos + len(items), 2] = cell
+            pos += len(items)
         gp.targets[r], gp.assign[r] = rows, rows[:, 0]
 
 
@@ -347,7 +370,8 @@ def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
             value_paths = skeleton_paths(r)[0]
             own += [[value_paths[i], v] for i, v in enumerate(unpack(r, "values"))
                     if v != base_values[i]]
-        renamed = np.flatnonzero(gp.layout_kids[r] != gp.kids[r])
+        renamed = (() if gp.kids[r] is gp.layout_kids[r]  # nothing renamed: not copied
+                   else np.flatnonzero(gp.layout_kids[r] != gp.kids[r]))
         if len(renamed):
             _, tensor_paths, kinds = skeleton_paths(r)
             own += [[tensor_paths[gp.keys[gp.layout_kids[r][i]]],
