@@ -74,10 +74,42 @@ def parse(data: bytes, entry: IndexEntry) -> tuple[list[str], list, np.ndarray]:
     return doc["files"], doc["codecs"], rows
 
 
+BUNDLE_MAGIC = b"SHRDCKPTBUNDLE1\n"  # never the start of a manifest, which is "{"
+
+
+def bundle(manifest: bytes, indexes: list[bytes]) -> bytes:
+    """The manifest's bytes and its index files' in one blob: the magic, the part count and
+    each part's length (little-endian u64), then the parts."""
+    parts = [manifest] + indexes
+    head = np.array([len(parts)] + [len(p) for p in parts], "<u8").tobytes()
+    return BUNDLE_MAGIC + head + b"".join(parts)
+
+
+def unbundle(data: bytes) -> tuple[bytes, list[bytes] | None]:
+    """``(manifest bytes, index bytes in manifest order)`` of a bundle, or ``(data, None)``
+    for plain manifest bytes. A malformed bundle is CorruptCheckpointError."""
+    if not data.startswith(BUNDLE_MAGIC):
+        return data, None
+    at = len(BUNDLE_MAGIC)
+    bad = CorruptCheckpointError("malformed manifest bundle", file="manifest.json")
+    if len(data) < at + 8:
+        raise bad
+    count = int(np.frombuffer(data, "<u8", 1, at)[0])
+    if not 1 <= count <= (len(data) - at) // 8 - 1:
+        raise bad
+    sizes = np.frombuffer(data, "<u8", count, at + 8).astype(np.int64)
+    start = at + 8 * (count + 1)
+    if (sizes < 0).any() or start + int(sizes.sum()) != len(data):
+        raise bad
+    ends = start + np.cumsum(sizes)
+    parts = [data[e - n:e] for e, n in zip(ends.tolist(), sizes.tolist())]
+    return parts[0], parts[1:]
+
+
 def join(m: Manifest, read) -> Manifest:
     """Manifest ``m`` (revision 1.4, TensorLayouts) with every tensor's chunk rows gathered from
-    its index files, as a ``Manifest`` of TensorEntries; ``read(entry)`` returns an index's
-    bytes. The codec chains of all indexes are interned into the result's ``codecs``.
+    its index files, as a ``Manifest`` of TensorEntries; ``read(i, entry)`` returns the bytes
+    of index ``i``. The codec chains of all indexes are interned into the result's ``codecs``.
 
     Raises:
         CorruptCheckpointError: an index is missing, damaged, or names a tensor, shard, file
@@ -89,8 +121,8 @@ def join(m: Manifest, read) -> Manifest:
     first = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
     file_ids = {f.path: i for i, f in enumerate(m.files) if f.base is None}
     chain_ids, parts = {}, []
-    for entry in m.indexes:
-        files, index_chains, rows = parse(read(entry), entry)
+    for i, entry in enumerate(m.indexes):
+        files, index_chains, rows = parse(read(i, entry), entry)
         where = CorruptCheckpointError
         try:
             fmap = np.array([file_ids[p] for p in files] or [0], np.int64)

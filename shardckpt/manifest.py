@@ -177,8 +177,14 @@ def parse(data: bytes) -> Manifest:
         tensors = dict(zip(doc["tensors"], tables.decode_entries(headers, sizes, chains)))
         _check_stored_bytes(files, tensors)
     else:
+        if doc["codecs"] or "content_hashes" in doc:
+            raise _unsafe("a manifest with indexes has no codecs and no content_hashes")
         tensors = dict(zip(doc["tensors"], _layouts(headers)))
     world_size = _int(doc["world_size"], "world_size", 1, 1 << 24)
+    for key, t in tensors.items():
+        if isinstance(t, TensorLayout) and t.boxes is not None and len(t.boxes) and \
+                (t.boxes[:, -1].min() < 0 or t.boxes[:, -1].max() >= world_size):
+            raise _unsafe(f"tensor {key!r}: a shard's writer is not a saving rank")
     overrides = _parse_overrides(doc.get("rank_overrides"), world_size)
     for tree in [doc["tree"]] + [node for _, own in overrides or () for _, node in own]:
         missing = {k for k in tensor_keys(tree) if k not in tensors}
