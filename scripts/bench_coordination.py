@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import numpy as np  # noqa: E402
 
 from shardckpt import chunk_index, grid, manifest as manifest_mod, tables  # noqa: E402
-from shardckpt.merge import build_manifest, merge_plans  # noqa: E402
+from shardckpt.merge import build_manifest, merge_plans, target_rows  # noqa: E402
 from shardckpt.tree import split_values  # noqa: E402
 
 REPLICATED = 10  # of the tensors, how many are plain replicated tensors (norms, counters)
@@ -159,10 +159,18 @@ def simulate(ranks: int, tensors: int, workdir: str, form: str = "index") -> dic
     t0 = time.perf_counter()
     plans = {r: json.loads(text) for r, text in enumerate(plan_texts)}
     gp = merge_plans(plans, indexed=form == "index")
-    mine = gp.targets if form == "index" else gp.assign
-    answers = {r: json.dumps({"mine": tables.encode(a)}) for r, a in mine.items()}
+    if form == "index":
+        common = json.dumps({"templates": gp.templates})
+        answers = {r: json.dumps({"mine": a}) for r, a in gp.answers.items()}
+    else:
+        answers = {r: json.dumps({"mine": tables.encode(a)}) for r, a in gp.assign.items()}
     t_plan = time.perf_counter() - t0
     assert len(answers) == ranks
+    if form == "index":  # each rank's own decoding of its answer (not timed)
+        common, cache = json.loads(common), {}
+        mine = {r: target_rows(common, json.loads(a)["mine"], cache) for r, a in answers.items()}
+    else:
+        mine = gp.assign
     del answers
 
     reports, index_bytes = [], 0

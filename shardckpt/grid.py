@@ -156,8 +156,10 @@ def assign(rule, items: np.ndarray, kids: np.ndarray, ranks: list[int]) -> dict[
     mesh = mesh_ranks(rule[0])
     where = np.argsort(mesh)
     pos = where[np.searchsorted(mesh[where], ranks)]
-    out = {}
+    out, picks = {}, {}  # (key id + cell) % copies == replica: one selection per residue
     for r, p in zip(ranks, pos.tolist()):
-        mine = items if copies == 1 else items[(kids + cell[p]) % copies == replica[p]]
-        out[r] = (mine, int(cell[p]))
+        f = int(replica[p] - cell[p]) % copies
+        if f not in picks:
+            picks[f] = items if copies == 1 else items[kids % copies == f]
+        out[r] = (picks[f], int(cell[p]))
     return out

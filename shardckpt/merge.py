@@ -36,7 +36,8 @@ class GlobalPlan:
     boxes: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> (items, 2 * width)
     # With chunk indexes (FORMAT.md 3.7): rank -> [item, tensor, shard] rows it writes, and
     # the manifest's tensors in order.
-    targets: dict[int, np.ndarray] = field(default_factory=dict)
+    answers: dict[int, dict] = field(default_factory=dict)  # target_rows() reads one
+    templates: list[str] = field(default_factory=list)     # rule rows shared by many ranks
     tensor_layouts: dict[str, TensorLayout] = field(default_factory=dict)
     indexed: bool = False
 
@@ -248,8 +249,8 @@ def merge_plans(plans: dict[int, dict], indexed: bool = False) -> GlobalPlan:
     are written by every holder under ``<key>@rank<r>`` (tree overrides point there).
     Cells of a grid rule (grid.py) are assigned by arithmetic per mesh. With ``indexed`` (the
     ranks write chunk index files, FORMAT.md 3.7) the plan also fixes every written piece's
-    tensor and shard number, and the manifest's tensor layouts (``gp.targets``,
-    ``gp.tensor_layouts``).
+    tensor and shard number, and the manifest's tensor layouts (``gp.answers``,
+    ``gp.templates``, ``gp.tensor_layouts``).
     """
     gp = GlobalPlan(indexed=indexed)
     keys = _Keys(gp)
@@ -306,8 +307,9 @@ def merge_plans(plans: dict[int, dict], indexed: bool = False) -> GlobalPlan:
 
 def _index_targets(gp: GlobalPlan, plans, splits: dict, by_rule: dict, chosen, bounds, item,
                    final, box) -> None:
-    """The tensor order of the manifest, each tensor's layout, and for every rank the
-    ``[item, tensor, shard]`` rows of what it writes (``gp.targets``, ``gp.assign``). ``box``
+    """The tensor order of the manifest, each tensor's layout, and for every rank what it
+    writes: ``gp.answers`` (read by ``target_rows``) with ``gp.templates``, the rule rows that
+    ranks of one group share, encoded once instead of once per rank. ``box``
     rows end with the piece's rank: an explicit layout records each shard's writer."""
     kid = final[chosen]
     order = _stable_order(kid)
@@ -327,22 +329,35 @@ def _index_targets(gp: GlobalPlan, plans, splits: dict, by_rule: dict, chosen, b
             gp.tensor_layouts[gp.keys[k]] = TensorLayout(
                 dtype, shape, boxes=np.concatenate([b[:, :nd], b[:, w:w + nd], b[:, -1:]],
                                                    axis=1))
-    tids: dict[int, np.ndarray] = {}  # rule items arrays are shared by the ranks of a group
+    templates: dict[int, int] = {}  # rule items arrays are shared by the ranks of a group
+    empty = tables.encode(np.zeros((0, 3), np.int64))
     for r in plans:
         lo, hi = bounds[r], bounds[r + 1]
-        ruled = by_rule.get(r, ())
-        rows = np.empty((hi - lo + sum(len(i) for i, _ in ruled), 3), np.int64)
         at = chosen[lo:hi]
-        rows[:hi - lo, 0], rows[:hi - lo, 1], rows[:hi - lo, 2] = item[at], tid[final[at]], \
-            shard[lo:hi]
-        pos = hi - lo
-        for items, cell in ruled:
-            if id(items) not in tids:
-                tids[id(items)] = tid[gp.layout_kids[r][items]]
-            rows[pos:pos + len(items), 0], rows[pos:pos + len(items), 1] = items, tids[id(items)]
-            rows[pos:pos + len(items), 2] = cell
-            pos += len(items)
-        gp.targets[r], gp.assign[r] = rows, rows[:, 0]
+        rows = np.stack([item[at], tid[final[at]], shard[lo:hi]], axis=1)
+        rules = []
+        for items, cell in by_rule.get(r, ()):
+            if id(items) not in templates:
+                templates[id(items)] = len(gp.templates)
+                gp.templates.append(tables.encode(np.stack(
+                    [items, tid[gp.layout_kids[r][items]]], axis=1)))
+            rules.append([templates[id(items)], cell])
+        gp.answers[r] = {"rows": tables.encode(rows) if len(rows) else empty, "rules": rules}
+
+
+def target_rows(common: dict, mine: dict, cache: dict | None = None) -> np.ndarray:
+    """The ``[item, tensor, shard]`` rows a rank writes, from the plan round's answer:
+    its explicit rows, and for each rule template it follows, the template's
+    ``[item, tensor]`` rows with its cell as the shard."""
+    cache = {} if cache is None else cache
+    parts = [tables.decode(mine["rows"], 3, "assignment")]
+    for t, cell in mine["rules"]:
+        if t not in cache:
+            cache[t] = tables.decode(common["templates"][t], 2, "assignment")
+        part = np.empty((len(cache[t]), 3), np.int64)
+        part[:, :2], part[:, 2] = cache[t], cell
+        parts.append(part)
+    return np.concatenate(parts)
 
 
 def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:

@@ -19,7 +19,7 @@ from . import tables
 from . import retire
 from .commit import commit_for
 from .dist import PerRank, exchange
-from .merge import build_manifest, merge_plans
+from .merge import build_manifest, merge_plans, target_rows
 from .plan import local_plan, plan_chunks
 from .tree import flatten
 from .types import DATA_DIR, HEADER_BYTES, TensorItem
@@ -41,9 +41,11 @@ class Coordinator:
             retire.check_replaceable(self.storage, self.name)
         self.tx.begin()
         self.begun = True
-        mine = self.gp.targets if self.indexed else self.gp.assign
-        return PerRank({"tmp": self.tx.tmp, "indexed": self.indexed},
-                       {r: tables.encode(a) for r, a in mine.items()})
+        if self.indexed:
+            return PerRank({"tmp": self.tx.tmp, "indexed": True,
+                            "templates": self.gp.templates}, self.gp.answers)
+        return PerRank({"tmp": self.tx.tmp},
+                       {r: tables.encode(a) for r, a in self.gp.assign.items()})
 
     def commit(self, results: dict[int, dict]) -> dict:
         m = build_manifest(self.gp, self.plans, results, self.metadata)
@@ -187,8 +189,8 @@ class PlannedSave:
         self.ex, self.coord, self.storage, self.opts = ex, coord, storage, opts
         self.index = index  # incremental.BaseIndex of an incremental save
         self.tmp, self.items = answer["tmp"], items
-        self.targets = (tables.decode(answer["mine"], 3, "assignment")
-                        if answer.get("indexed") else None)
+        self.targets = (target_rows(answer, answer["mine"]) if answer.get("indexed")
+                        else None)
         self.assigned = (self.targets[:, 0] if self.targets is not None else
                          tables.decode(answer["mine"], 1, "assignment")[:, 0])
 

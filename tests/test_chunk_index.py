@@ -181,7 +181,7 @@ def test_grid_cells_tile_the_dimension_like_torch(n, parts, kind):
 def test_rule_groups_and_explicit_fallback_in_the_merge():
     """Ranks agreeing on a rule give one grid entry; a key whose ranks do not (one rank sends
     an explicit box) falls back to boxes and still covers the tensor exactly once."""
-    from shardckpt.merge import build_manifest, merge_plans
+    from shardckpt.merge import build_manifest, merge_plans, target_rows
     from shardckpt.manifest import check_complete
     from tests.test_merge_scale import rule_plans
     plans = rule_plans(8, explicit_rank=3)
@@ -191,8 +191,8 @@ def test_rule_groups_and_explicit_fallback_in_the_merge():
     assert m.tensors["g0"].splits == ((0, 8, "chunk"),)
     assert m.tensors["g1"].splits is None and len(m.tensors["g1"].boxes) == 8
     written = {}
-    for r, rows in gp.targets.items():
-        for item, tensor, shard in rows.tolist():
+    for r, answer in gp.answers.items():
+        for item, tensor, shard in target_rows({"templates": gp.templates}, answer).tolist():
             assert (tensor, shard) not in written
             written[tensor, shard] = r
     cells = sum(len(t.all_boxes()) for t in m.tensors.values())

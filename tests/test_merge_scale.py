@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from shardckpt import grid, manifest as manifest_mod, tables
-from shardckpt.merge import build_manifest, merge_plans
+from shardckpt.merge import build_manifest, merge_plans, target_rows
 from shardckpt.tree import split_values
 
 TENSORS = 16
@@ -108,7 +108,7 @@ def _coordinate_indexed(ranks: int, tensors: int = TENSORS):
     gp = merge_plans(plans, indexed=True)
     results = {r: {"files": [{"path": f"data/rank-{r:05d}.bin", "size": 4096}],
                    "index": {"path": f"data/rank-{r:05d}.idx", "size": 200, "crc32c": r}}
-               for r in gp.targets}
+               for r in gp.answers}
     m = build_manifest(gp, plans, results, {})
     manifest_mod.check_complete(m, "simulated")
     data = manifest_mod.to_json(m)
@@ -120,7 +120,10 @@ def test_rules_make_the_manifest_independent_of_pieces():
     m = manifest_mod.parse(data)
     assert len(m.indexes) == 4096 and m.tensors["g3"].splits == ((0, 4096, "chunk"),)
     assert len(data) < 200 * 4096 + 20_000, len(data)  # files and indexes only: no piece rows
-    assert sum(len(t) for t in gp.targets.values()) == 4096 * 62 + 2  # each cell written once
+    common, cache = {"templates": gp.templates}, {}
+    rows = [target_rows(common, a, cache) for a in gp.answers.values()]
+    assert sum(len(t) for t in rows) == 4096 * 62 + 2  # each cell written once
+    assert len(gp.templates) == 1  # the rule rows are shared by every rank
 
 
 def test_per_piece_cost_with_rules_stays_flat_from_512_to_8192_ranks():
