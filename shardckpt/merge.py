@@ -334,7 +334,8 @@ def _index_targets(gp: GlobalPlan, plans, splits: dict, by_rule: dict, chosen, b
     for r in plans:
         lo, hi = bounds[r], bounds[r + 1]
         at = chosen[lo:hi]
-        rows = np.stack([item[at], tid[final[at]], shard[lo:hi]], axis=1)
+        rows = empty if lo == hi else tables.encode(  # most ranks write only rule pieces
+            np.stack([item[at], tid[final[at]], shard[lo:hi]], axis=1))
         rules = []
         for items, cell in by_rule.get(r, ()):
             if id(items) not in templates:
@@ -342,7 +343,7 @@ def _index_targets(gp: GlobalPlan, plans, splits: dict, by_rule: dict, chosen, b
                 gp.templates.append(tables.encode(np.stack(
                     [items, tid[gp.layout_kids[r][items]]], axis=1)))
             rules.append([templates[id(items)], cell])
-        gp.answers[r] = {"rows": tables.encode(rows) if len(rows) else empty, "rules": rules}
+        gp.answers[r] = {"rows": rows, "rules": rules}
 
 
 def target_rows(common: dict, mine: dict, cache: dict | None = None) -> np.ndarray:
