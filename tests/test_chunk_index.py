@@ -203,3 +203,20 @@ def test_rule_groups_and_explicit_fallback_in_the_merge():
                                     "grid": [[0, 8, "chunk"]]}
     assert np.array_equal(grid.boxes((64, 4), m.tensors["g0"].splits)[:, 0],
                           np.arange(0, 64, 8))
+
+
+def test_manifest_bytes_carry_the_index_files_in_one_checked_bundle(indexed):
+    """What one rank fetches and broadcasts (share.py) holds the indexes too, so the other
+    ranks read nothing more from storage to open the checkpoint."""
+    from shardckpt import read
+    from shardckpt.storage import open_checkpoint
+    storage, name = open_checkpoint(indexed)
+    blob = read.manifest_bytes(storage, name)
+    assert blob.startswith(chunk_index.BUNDLE_MAGIC)
+    os.unlink(indexed / INDEX)  # not read again: the bundle has it
+    m = read.checked_manifest(storage, name, blob)
+    assert len(m.tensors["w"].chunks) > 1
+    for bad in (blob[:-1], blob[:len(chunk_index.BUNDLE_MAGIC) + 4],
+                chunk_index.BUNDLE_MAGIC + (1 << 60).to_bytes(8, "little")):
+        with pytest.raises(CorruptCheckpointError):
+            read.checked_manifest(storage, name, bad)
