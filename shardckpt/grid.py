@@ -11,11 +11,13 @@ a piece the rule does not predict) falls back to an explicit box.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 
-from .errors import UnsafeCheckpointError
+from . import tables
+from .errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
 from .types import MANIFEST_NAME
 
 KINDS = ("chunk", "even")  # torch.chunk's sizes; sizes differing by at most one (divmod)
@@ -163,3 +165,112 @@ def assign(rule, items: np.ndarray, kids: np.ndarray, ranks: list[int]) -> dict[
             picks[f] = items if copies == 1 else items[kids % copies == f]
         out[r] = (picks[f], int(cell[p]))
     return out
+
+
+class Rules:
+    """The coordinator's view of the grid rules of every rank's plan (FORMAT.md 3.7), judged
+    once per distinct text; ``keys`` is the merge's tensor table (merge._Keys).
+
+    A key stays a rule when exactly the ranks of its mesh hold it, all under the same rule text
+    (they sent the same plan texts); otherwise its pieces fall back to explicit boxes computed
+    from the rule, so a mixed or partial layout is still saved correctly, only slower.
+    """
+
+    def __init__(self, plans: dict[int, dict], keys):
+        self.keys, self.groups, self.parsed = keys, {}, {}
+        for rank, p in sorted(plans.items()):
+            self.groups.setdefault((p["layout"], p.get("grid")), []).append(rank)
+        holders: dict[int, dict] = {}  # key id -> rule text -> rank arrays holding it so
+        explicit: set[int] = set()
+        for (layout_text, text), ranks in self.groups.items():
+            layout = tables.unpack_text(layout_text, f"rank {ranks[0]} plan")
+            kid = np.array([keys.add(*row) for row in layout], np.int64)
+            if text is None:
+                explicit.update(kid.tolist())
+                continue
+            doc = tables.unpack_text(text, f"rank {ranks[0]} plan")
+            rules = [json.loads(t) for t in doc["rules"]]
+            items = np.array([i for i, _ in doc["items"]], np.int64)
+            which = np.array([r for _, r in doc["items"]], np.int64)
+            if len(items) and (items.min() < 0 or items.max() >= len(kid)):
+                raise CorruptCheckpointError(f"rank {ranks[0]} plan: grid items out of range")
+            self.parsed[text] = (rules, items, which)
+            rest = np.ones(len(kid), bool)
+            rest[items] = False
+            explicit.update(kid[rest].tolist())
+            group = len(self.parsed) - 1
+            for i, w in zip(items.tolist(), which.tolist()):
+                holders.setdefault(int(kid[i]), {}).setdefault(doc["rules"][w], []).append(
+                    group)
+        ranks_of = [np.asarray(r, np.int64) for (_, t), r in self.groups.items() if t]
+        self.ruled, whole = set(), {}
+        for k, by_text in holders.items():
+            if k in explicit or len(by_text) != 1:
+                continue
+            (text, held), = by_text.items()
+            if (text, tuple(held)) not in whole:  # judged once per rule and holder groups
+                mesh = np.sort(mesh_ranks(json.loads(text)[0]))
+                whole[text, tuple(held)] = np.array_equal(
+                    np.sort(np.concatenate([ranks_of[g] for g in held])), mesh)
+            if whole[text, tuple(held)]:
+                self.ruled.add(k)
+        self._explicit: dict = {}
+
+    def explicit(self, rank: int, plan: dict, kid: np.ndarray) -> tuple[np.ndarray, list]:
+        """This rank's items that have a box row, and its rule items that fall back."""
+        if "grid" not in plan:
+            return np.arange(len(kid), dtype=np.int64), []
+        if (plan["layout"], plan["grid"]) not in self._explicit:  # once per group
+            rules, items, which = self.parsed[plan["grid"]]
+            keep = np.ones(len(kid), bool)
+            keep[items] = False
+            fallback = [(int(i), rules[w]) for i, w in zip(items, which)
+                        if int(kid[i]) not in self.ruled]
+            self._explicit[plan["layout"], plan["grid"]] = np.flatnonzero(keep), fallback
+        return self._explicit[plan["layout"], plan["grid"]]
+
+    def with_fallback(self, rank, explicit, box, fallback, width):
+        """``explicit`` and ``box`` with the fallback rule items' boxes added, by item."""
+        rows = np.zeros((len(fallback), 2 * width), np.int64)
+        layout = self.keys.gp.layouts[rank]
+        for row, (i, rule) in enumerate(fallback):
+            mesh = mesh_ranks(rule[0]).tolist()
+            if rank not in mesh:
+                raise UnsupportedValueError(f"rank {rank} holds {layout[i][0]} under a rule "
+                                            "whose mesh does not include it")
+            shape = tuple(layout[i][2])
+            offs, sizes = predicted_box(rule, shape, np.unravel_index(
+                mesh.index(rank), rule[0][0]))
+            rows[row, :len(shape)], rows[row, width:width + len(shape)] = offs, sizes
+        items = np.concatenate([explicit, [i for i, _ in fallback]]).astype(np.int64)
+        order = np.argsort(items, kind="stable")
+        return items[order], np.concatenate([box, rows])[order]
+
+    def assignments(self) -> dict[int, list]:
+        """``{rank: [(items, cell), ...]}``: which rule pieces each rank writes."""
+        out: dict[int, list] = {}
+        ruled = np.array(sorted(self.ruled), np.int64)
+        for (layout_text, text), ranks in self.groups.items():
+            if text is None:
+                continue
+            rules, items, which = self.parsed[text]
+            kid = self.keys.gp.layout_kids[ranks[0]]
+            for w, rule in enumerate(rules):
+                mine = items[(which == w) & np.isin(kid[items], ruled)]
+                if len(mine):
+                    for r, got in assign(rule, mine, kid[mine], ranks).items():
+                        out.setdefault(r, []).append(got)
+        return out
+
+    def splits(self) -> dict[int, tuple]:
+        """``{key id: splits}`` of every ruled key."""
+        out = {}
+        for (layout_text, text), ranks in self.groups.items():
+            if text is None:
+                continue
+            rules, items, which = self.parsed[text]
+            kid = self.keys.gp.layout_kids[ranks[0]]
+            for i, w in zip(items.tolist(), which.tolist()):
+                if int(kid[i]) in self.ruled:
+                    out[int(kid[i])] = splits_of(rules[w], self.keys.gp.shapes[kid[i]])
+        return out
