@@ -220,3 +220,15 @@ def test_manifest_bytes_carry_the_index_files_in_one_checked_bundle(indexed):
                 chunk_index.BUNDLE_MAGIC + (1 << 60).to_bytes(8, "little")):
         with pytest.raises(CorruptCheckpointError):
             read.checked_manifest(storage, name, bad)
+
+
+def test_a_save_replaces_an_indexed_checkpoint_but_no_foreign_file(indexed, monkeypatch):
+    monkeypatch.setenv("SHARDCKPT_CHUNK_INDEX", "0")
+    with pytest.raises(shardckpt.CheckpointExistsError):
+        shardckpt.save(_state(), indexed)
+    shardckpt.save(_state(), indexed, overwrite=True)  # .idx files are a checkpoint's own
+    assert "indexes" not in read_doc(indexed)
+    assert_same(_state(), _load(indexed))
+    (indexed / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(shardckpt.CheckpointExistsError, match="notes.txt"):
+        shardckpt.save(_state(), indexed, overwrite=True)
