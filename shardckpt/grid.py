@@ -81,9 +81,10 @@ def rule_of(t, offsets: tuple, local_shape: tuple):
     ranks = mesh.mesh.reshape(-1).tolist()
     place, dims = [], set()
     for p in t.placements:
-        if type(p) is Shard and p.dim not in dims:
-            dims.add(p.dim)
-            place.append([p.dim, "chunk"])
+        dim = p.dim % max(t.ndim, 1) if type(p) is Shard else None  # Shard(-1) is the last
+        if dim is not None and dim not in dims:
+            dims.add(dim)
+            place.append([dim, "chunk"])
         elif type(p) is Replicate:
             place.append(None)
         else:

@@ -242,7 +242,11 @@ def _layouts(headers) -> list[TensorLayout]:
 
 
 def check_layouts(layouts: list[TensorLayout], keys: list[str]) -> None:
-    """Explicit boxes lie inside their tensor and cover it exactly once (FORMAT.md 3.3)."""
+    """Grid rules are well formed (3.7); explicit boxes lie inside their tensor and cover it
+    exactly once (3.3). A writer runs it before committing too."""
+    for k, t in zip(keys, layouts):
+        if t.splits is not None:
+            grid.check_splits([list(s) for s in t.splits], t.shape, f"tensor {k!r}")
     explicit = [(k, t) for k, t in zip(keys, layouts) if t.splits is None]
     if explicit:
         entries = [_chunkless(t) for _, t in explicit]
