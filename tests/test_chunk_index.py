@@ -232,3 +232,45 @@ def test_a_save_replaces_an_indexed_checkpoint_but_no_foreign_file(indexed, monk
     (indexed / "data" / "notes.txt").write_text("mine")
     with pytest.raises(shardckpt.CheckpointExistsError, match="notes.txt"):
         shardckpt.save(_state(), indexed, overwrite=True)
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_VALUES = st.one_of(st.integers(-2**63, 2**63 - 1), st.none(), st.text(max_size=5),
+                    st.lists(st.integers(-3, 3), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cells=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 8),
+                                st.integers(-2**63, 2**63 - 1)), min_size=1, max_size=4),
+       grid_value=_VALUES, field=st.sampled_from(["files", "codecs", "rank", "version", None]),
+       value=_VALUES)
+def test_fuzzed_indexes_and_layouts_raise_only_checkpoint_errors(indexed, cells, grid_value,
+                                                                field, value):
+    """Hostile but well-signed index rows, index fields and grid members: a load either
+    succeeds or raises a CheckpointError, never anything else."""
+    original = {p: (indexed / p).read_bytes() for p in (INDEX, "manifest.json")}
+    try:
+        def edit(files, chains, rows):
+            for r, c, v in cells:
+                rows[r % len(rows), c] = v
+            return files, chains, rows
+        _replace_index(indexed, edit)
+        if field is not None:
+            doc = json.loads((indexed / INDEX).read_bytes().rsplit(chunk_index.CRC_MEMBER, 1)[0]
+                             + b"}")
+            doc[field] = value
+            body = json.dumps(doc, separators=(",", ":")).encode()[:-1]
+            data = body + chunk_index.CRC_MEMBER + str(codecs.backend.crc32c(body)).encode() + b"}"
+            (indexed / INDEX).write_bytes(data)
+            rewrite(indexed, lambda d: d["indexes"][0].update(
+                size=len(data), crc32c=codecs.backend.crc32c(data)))
+        rewrite(indexed, lambda d: d["tensors"].update(g={"dtype": "float32", "shape": [4],
+                                                          "grid": grid_value}))
+        try:
+            shardckpt.load_full(indexed)
+        except shardckpt.CheckpointError:
+            pass
+    finally:
+        for p, data in original.items():
+            (indexed / p).write_bytes(data)
