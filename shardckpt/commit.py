@@ -85,13 +85,13 @@ def remove_leftovers(storage: Storage, names: list[str] | None = None) -> list[s
     return removed
 
 
-_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.bin")
+_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(bin|idx)")  # data and index files
 
 
 def foreign_entry(storage: Storage, name: str) -> str | None:
     """The first path under ``name`` that no checkpoint consists of (FORMAT.md 1: only
-    ``manifest.json`` and ``data/<file>.bin``), or None. A save never deletes such a file,
-    overwriting or not: it may be the user's ``config.yaml``."""
+    ``manifest.json``, ``data/<file>.bin`` and ``data/<file>.idx``), or None. A save never
+    deletes such a file, overwriting or not: it may be the user's ``config.yaml``."""
     for entry in storage.list(name):
         if entry == DATA_DIR:
             for sub in storage.list(f"{name}/{DATA_DIR}"):

@@ -95,6 +95,13 @@ KNOBS = {
                         "auto: 1 when the job spans several nodes (LOCAL_WORLD_SIZE < world "
                         "size, or SLURM's node count) or loads from an object store, else 0: "
                         "one node's page cache already reads each byte from the disk once."),
+    "chunk_index": Knob("SHARDCKPT_CHUNK_INDEX", "auto",
+                        "1: every rank writes its chunk rows into its own index file "
+                        "data/rank-NNNNN.idx and regular DTensor layouts are described by rule "
+                        "(FORMAT.md 3.7), so the coordinator's work and the manifest stay small "
+                        "at thousands of ranks; 0: the inline form of revision 1.3 (every chunk "
+                        "row in manifest.json); auto: 1 when several ranks save. Incremental "
+                        "saves always use the inline form."),
     "share_round_bytes": Knob("SHARDCKPT_SHARE_ROUND_BYTES", 256 << 20,
                               "Stored bytes of shared chunks exchanged per all-to-all on load. "
                               "Each rank holds about this much (sent plus received) at once; "

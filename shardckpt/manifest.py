@@ -13,12 +13,12 @@ import re
 
 import numpy as np
 
-from . import codecs, refs, tables
+from . import codecs, grid, refs, tables
 from ._version import __version__
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 from .tree import tensor_keys
 from .types import (DTYPES, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, FileEntry,
-                    Manifest)
+                    IndexEntry, Manifest, TensorLayout)
 
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NUMEL = 1 << 53
@@ -36,17 +36,34 @@ def to_json(m: Manifest) -> bytes:
         "checksum": "crc32c",
         "files": [_file_json(f) for f in m.files],
         "codecs": [list(c) for c in m.codecs],
-        "tensors": {key: {"dtype": t.dtype.name, "shape": list(t.shape), **tables.encode_entry(t)}
+        "tensors": {key: {"dtype": t.dtype.name, "shape": list(t.shape), **_tables_json(t)}
                     for key, t in m.tensors.items()},
         "tree": m.tree,
         "metadata": m.metadata,
     }
+    if _indexed(m):
+        doc["indexes"] = [{"path": i.path, "size": i.size, "rank": i.rank, "crc32c": i.crc}
+                          for i in m.indexes]
     if m.rank_overrides:
         doc["rank_overrides"] = [list(o) for o in m.rank_overrides]
     if m.hashes is not None:
         doc["content_hashes"] = refs.hashes_json(m.hashes)
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()[:-1]
     return body + CRC_MEMBER + str(codecs.backend.crc32c(body)).encode() + b"}"
+
+
+def _indexed(m: Manifest) -> bool:
+    """Whether ``m`` is written in the revision 1.4 form: layouts here, chunk rows in indexes.
+    A joined manifest (TensorEntries) is written inline, as revision 1.3 lays it out."""
+    return m.indexes is not None and all(isinstance(t, TensorLayout) for t in m.tensors.values())
+
+
+def _tables_json(t) -> dict:
+    if not isinstance(t, TensorLayout):
+        return tables.encode_entry(t)
+    if t.splits is not None:
+        return {"grid": [list(s) for s in t.splits]}
+    return {"boxes": tables.encode(t.boxes)}
 
 
 def _file_json(f: FileEntry) -> dict:
@@ -111,8 +128,11 @@ def _tensor_header(key, raw) -> tuple:
     """``(key, raw, dtype, shape)`` of a tensor entry whose JSON fields are checked; its tables
     are decoded and checked for all tensors at once (tables.decode_entries)."""
     where = f"tensor {key!r}"
-    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "shards", "chunks"}:
-        raise _unsafe(f"{where}: an entry has exactly dtype, shape, shards, chunks")
+    if not isinstance(raw, dict) or set(raw) not in ({"dtype", "shape", "shards", "chunks"},
+                                                     {"dtype", "shape", "grid"},
+                                                     {"dtype", "shape", "boxes"}):
+        raise _unsafe(f"{where}: an entry has exactly dtype, shape, and shards and chunks "
+                      "(or, with indexes, grid or boxes)")
     dtype = DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
     if dtype is None:
         raise _unsafe(f"{where}: unknown dtype {raw['dtype']!r:.40}")
@@ -150,9 +170,21 @@ def parse(data: bytes) -> Manifest:
     chains = [codecs.kind_of(c) for c in doc["codecs"]]
     sizes = np.array([f.size for f in files], dtype=np.int64)
     headers = [_tensor_header(k, v) for k, v in doc["tensors"].items()]
-    tensors = dict(zip(doc["tensors"], tables.decode_entries(headers, sizes, chains)))
-    _check_stored_bytes(files, tensors)
+    indexes = _parse_indexes(doc.get("indexes"), files)
+    if indexes is None:
+        if any("shards" not in raw for _, raw, _, _ in headers):
+            raise _unsafe("a grid or boxes entry without indexes")
+        tensors = dict(zip(doc["tensors"], tables.decode_entries(headers, sizes, chains)))
+        _check_stored_bytes(files, tensors)
+    else:
+        if doc["codecs"] or "content_hashes" in doc:
+            raise _unsafe("a manifest with indexes has no codecs and no content_hashes")
+        tensors = dict(zip(doc["tensors"], _layouts(headers)))
     world_size = _int(doc["world_size"], "world_size", 1, 1 << 24)
+    for key, t in tensors.items():
+        if isinstance(t, TensorLayout) and t.boxes is not None and len(t.boxes) and \
+                (t.boxes[:, -1].min() < 0 or t.boxes[:, -1].max() >= world_size):
+            raise _unsafe(f"tensor {key!r}: a shard's writer is not a saving rank")
     overrides = _parse_overrides(doc.get("rank_overrides"), world_size)
     for tree in [doc["tree"]] + [node for _, own in overrides or () for _, node in own]:
         missing = {k for k in tensor_keys(tree) if k not in tensors}
@@ -164,8 +196,77 @@ def parse(data: bytes) -> Manifest:
                     tree=doc["tree"], metadata=doc["metadata"],
                     writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
                     created_unix=doc.get("created_unix", 0.0),
-                    rank_overrides=overrides,
-                    hashes=refs.parse_hashes(doc.get("content_hashes"), tensors))
+                    rank_overrides=overrides, indexes=indexes,
+                    hashes=None if indexes is not None else
+                    refs.parse_hashes(doc.get("content_hashes"), tensors))
+
+
+def _parse_indexes(raw, files) -> tuple[IndexEntry, ...] | None:
+    """``indexes`` (FORMAT.md 3.7): ``[{"path", "size", "rank", "crc32c"}, ...]``, paths of the
+    section 1 pattern ending ``.idx``, unique and distinct from the data files'."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise _unsafe("indexes must be a list")
+    out, seen = [], {f.path for f in files if f.base is None}
+    for i, e in enumerate(raw):
+        if not isinstance(e, dict) or set(e) != {"path", "size", "rank", "crc32c"}:
+            raise _unsafe(f"indexes[{i}] must have exactly path, size, rank, crc32c")
+        path = e["path"]
+        if not isinstance(path, str) or not FILE_PATH.fullmatch(path) \
+                or not path.endswith(".idx") or path in seen:
+            raise _unsafe(f"indexes[{i}].path {path!r:.120} is not a unique data/<name>.idx path")
+        seen.add(path)
+        out.append(IndexEntry(path, _int(e["size"], f"indexes[{i}].size", 1, MAX_MANIFEST_BYTES),
+                              _int(e["rank"], f"indexes[{i}].rank", 0, 1 << 24),
+                              _int(e["crc32c"], f"indexes[{i}].crc32c", 0, 0xFFFFFFFF)))
+    return tuple(out)
+
+
+def _layouts(headers) -> list[TensorLayout]:
+    """The TensorLayouts of a revision 1.4 manifest, explicit boxes checked to cover their
+    tensor exactly once (chunk rows are checked once joined, chunk_index.join)."""
+    out = []
+    for key, raw, dtype, shape in headers:
+        where = f"tensor {key!r}"
+        if "grid" in raw:
+            out.append(TensorLayout(dtype, shape, splits=grid.check_splits(raw["grid"], shape,
+                                                                           where)))
+        elif "boxes" in raw:
+            out.append(TensorLayout(dtype, shape, boxes=tables.decode(
+                raw["boxes"], 2 * len(shape) + 1, f"{where} boxes")))
+        else:
+            raise _unsafe(f"{where}: a manifest with indexes has grid or boxes entries")
+    check_layouts(out, [k for k, *_ in headers])
+    return out
+
+
+def check_layouts(layouts: list[TensorLayout], keys: list[str]) -> None:
+    """Grid rules are well formed (3.7); explicit boxes lie inside their tensor and cover it
+    exactly once (3.3). A writer runs it before committing too."""
+    for k, t in zip(keys, layouts):
+        if t.splits is not None:
+            grid.check_splits([list(s) for s in t.splits], t.shape, f"tensor {k!r}")
+    explicit = [(k, t) for k, t in zip(keys, layouts) if t.splits is None]
+    if explicit:
+        entries = [_chunkless(t) for _, t in explicit]
+        tables.check_entries([k for k, _ in explicit], entries, np.zeros(0, np.int64), [],
+                             chunks=False)
+
+
+def _chunkless(t: TensorLayout):
+    """A chunkless TensorEntry of an explicit layout, for the shard checks of tables.py."""
+    from .types import TensorEntry
+    return TensorEntry(t.dtype, t.shape, t.all_boxes(), np.zeros(len(t.boxes), np.int64),
+                       np.zeros((0, 7), np.int64))
+
+
+def check_joined(m: Manifest) -> None:
+    """Every rule of FORMAT.md 3.3 and 5 on a revision 1.4 manifest whose chunk rows were
+    joined from its index files (chunk_index.join), as ``parse`` checks an inline one."""
+    sizes = np.array([f.size for f in m.files], dtype=np.int64)
+    tables.check_entries(list(m.tensors), list(m.tensors.values()), sizes, chain_kinds(m))
+    _check_stored_bytes(m.files, m.tensors)
 
 
 def _check_stored_bytes(files, tensors) -> None:
@@ -217,8 +318,11 @@ def check_complete(m: Manifest, where: str) -> None:
     """
     sizes = np.array([f.size for f in m.files], dtype=np.int64)
     try:
-        tables.check_entries(list(m.tensors), list(m.tensors.values()), sizes,
-                             [codecs.kind_of(c) for c in m.codecs])
+        if _indexed(m):
+            check_layouts(list(m.tensors.values()), list(m.tensors))
+        else:
+            tables.check_entries(list(m.tensors), list(m.tensors.values()), sizes,
+                                 [codecs.kind_of(c) for c in m.codecs])
         missing = {k for k in tensor_keys(m.tree) if k not in m.tensors}
         if missing:
             raise _unsafe(f"state tree names unknown tensors {sorted(missing)[:5]}")

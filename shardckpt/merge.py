@@ -3,8 +3,10 @@
 Work is linear in ranks x tensors and vectorized: ranks with the same tensor layout or tree
 skeleton (the usual case) share one parsed copy, pieces are numpy rows, replicas are found by
 sorting 64-bit fingerprints of their boxes (checked exactly), and only pieces held by several
-ranks are assigned one at a time (to the least-loaded holder). ``scripts/bench_coordination.py``
-measures it at 4096 ranks x 500 tensors.
+ranks are assigned one at a time (to the least-loaded holder). With chunk indexes (FORMAT.md
+3.7) DTensors on a plain grid never become rows: ranks with the same plan texts form a group,
+each rule's cells are assigned by arithmetic per mesh (grid.py), and the manifest lists files,
+not chunks. ``scripts/bench_coordination.py`` measures it up to 65536 ranks x 500 tensors.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import incremental, tables
-from .errors import UnsupportedValueError
+from . import grid, incremental, tables
+from .errors import CorruptCheckpointError, UnsupportedValueError
 from .tree import fill_values, with_overrides
-from .types import DTYPES, Manifest, TensorEntry
+from .types import DTYPES, FileEntry, IndexEntry, Manifest, TensorEntry, TensorLayout
 
 
 @dataclass
@@ -34,6 +36,12 @@ class GlobalPlan:
     layout_kids: dict[int, np.ndarray] = field(default_factory=dict)  # ... before renames
     layouts: dict[int, list] = field(default_factory=dict)  # rank -> [key, dtype, shape, dt]
     boxes: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> (items, 2 * width)
+    # With chunk indexes (FORMAT.md 3.7): rank -> [item, tensor, shard] rows it writes, and
+    # the manifest's tensors in order.
+    answers: dict[int, dict] = field(default_factory=dict)  # target_rows() reads one
+    templates: list[str] = field(default_factory=list)     # rule rows shared by many ranks
+    tensor_layouts: dict[str, TensorLayout] = field(default_factory=dict)
+    indexed: bool = False
 
 
 class _Keys:
@@ -59,9 +67,11 @@ class _Keys:
         return kid
 
 
-def _pieces(plans: dict[int, dict], keys: _Keys):
-    """Every piece as parallel arrays: rank, item, key id, box row, replica checksum."""
+def _pieces(plans: dict[int, dict], keys: _Keys, rules: grid.Rules):
+    """Every explicit piece as parallel arrays: rank, item, key id, box row, replica checksum.
+    Pieces under a grid rule the whole mesh agrees on are left to ``rules`` (no row each)."""
     parsed: dict[str, tuple] = {}
+    decoded: dict[str, np.ndarray] = {}  # ranks often send the same table text (replicas)
     ranks, items, kids, boxes, crcs = [], [], [], [], []
     width = max(p["width"] for p in plans.values())
     for rank, p in sorted(plans.items()):
@@ -70,21 +80,35 @@ def _pieces(plans: dict[int, dict], keys: _Keys):
             parsed[p["layout"]] = (np.array([keys.add(*row) for row in layout], np.int64),
                                    layout)
         kid, keys.gp.layouts[rank] = parsed[p["layout"]]
-        box = (tables.decode(p["boxes"], 2 * p["width"], f"rank {rank} plan") if p["width"]
-               else np.zeros((len(kid), 0), np.int64))
+        explicit, fallback = rules.explicit(rank, p, kid)
+        box = (_decoded(decoded, p["boxes"], 2 * p["width"], rank) if p["width"]
+               else np.zeros((len(explicit), 0), np.int64))
         if p["width"] < width:  # pad offsets and shapes separately to the common width
             pad = np.zeros((len(box), width - p["width"]), np.int64)
             box = np.hstack([box[:, :p["width"]], pad, box[:, p["width"]:], pad])
-        ranks.append(np.full(len(kid), rank, np.int64))
-        items.append(np.arange(len(kid), dtype=np.int64))
-        kids.append(kid)
+        if len(box) != len(explicit):
+            raise CorruptCheckpointError(f"rank {rank} plan: {len(box)} boxes for "
+                                         f"{len(explicit)} pieces")
+        if fallback:  # rule pieces the mesh does not agree on: boxes from the rule
+            explicit, box = rules.with_fallback(rank, explicit, box, fallback, width)
+        crc = _decoded(decoded, p["crc"], 1, rank)[:, 0]
+        ranks.append(np.full(len(explicit), rank, np.int64))
+        items.append(explicit)
+        kids.append(kid[explicit])
         boxes.append(box)
-        crcs.append(tables.decode(p["crc"], 1, f"rank {rank} plan")[:, 0])
-        keys.gp.layout_kids[rank], keys.gp.kids[rank], keys.gp.boxes[rank] = kid, kid.copy(), box
+        crcs.append(crc[explicit])
+        keys.gp.layout_kids[rank], keys.gp.kids[rank], keys.gp.boxes[rank] = kid, kid, box
     cat = (lambda a: np.concatenate(a)) if ranks else (lambda a: np.zeros(0, np.int64))
     return (cat(ranks), cat(items), cat(kids),
             np.concatenate(boxes) if boxes else np.zeros((0, 2 * width), np.int64),
             cat(crcs), width)
+
+
+def _decoded(cache: dict, text: str, columns: int, rank: int) -> np.ndarray:
+    """``tables.decode`` once per distinct text (the arrays are only read)."""
+    if (text, columns) not in cache:
+        cache[text, columns] = tables.decode(text, columns, f"rank {rank} plan")
+    return cache[text, columns]
 
 
 def _fingerprint(rows: np.ndarray) -> np.ndarray:
@@ -111,16 +135,21 @@ def _groups(rows: np.ndarray):
     return order, np.flatnonzero(new)
 
 
-def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
+def merge_plans(plans: dict[int, dict], indexed: bool = False) -> GlobalPlan:
     """Assign each distinct piece to exactly one holder.
 
     A DTensor piece held by several ranks (a replica) and a plain tensor whose copies agree are
     written once, by the least-loaded holder. Plain tensors whose copies differ (per-rank RNG)
     are written by every holder under ``<key>@rank<r>`` (tree overrides point there).
+    Cells of a grid rule (grid.py) are assigned by arithmetic per mesh. With ``indexed`` (the
+    ranks write chunk index files, FORMAT.md 3.7) the plan also fixes every written piece's
+    tensor and shard number, and the manifest's tensor layouts (``gp.answers``,
+    ``gp.templates``, ``gp.tensor_layouts``).
     """
-    gp = GlobalPlan()
+    gp = GlobalPlan(indexed=indexed)
     keys = _Keys(gp)
-    rank, item, kid, box, crc, gp.width = _pieces(plans, keys)
+    rules = grid.Rules(plans, keys)
+    rank, item, kid, box, crc, gp.width = _pieces(plans, keys, rules)
     dtensor = np.array(keys.dtensor, bool)[kid] if len(kid) else np.zeros(0, bool)
     itemsize = np.array([DTYPES[d].itemsize for d in gp.dtypes], np.int64)
     nbytes = np.prod(box[:, gp.width:], axis=1) * itemsize[kid] if len(kid) else kid
@@ -134,6 +163,8 @@ def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
     for r, i, k in zip(rank[own], item[own], kid[own]):
         _, dtype, shape, _ = gp.layouts[int(r)][i]  # this rank's own dtype and shape
         new = keys.add(f"{gp.keys[k]}@rank{r}", dtype, shape, False)
+        if gp.kids[int(r)] is gp.layout_kids[int(r)]:  # shared by ranks of one layout
+            gp.kids[int(r)] = gp.kids[int(r)].copy()
         gp.kids[int(r)][i] = new
     # Everything else: group identical (key, box) pieces; single holders are forced.
     shared = ~own
@@ -154,9 +185,74 @@ def merge_plans(plans: dict[int, dict]) -> GlobalPlan:
     mask[np.concatenate(pick)] = True
     chosen = np.flatnonzero(mask)  # already in (rank, item) order: no sort
     bounds = np.searchsorted(rank[chosen], np.arange(len(load) + 1))
-    for r in plans:
-        gp.assign[r] = item[chosen[bounds[r]:bounds[r + 1]]]
+    by_rule = rules.assignments()
+    if not indexed:
+        if by_rule:
+            raise UnsupportedValueError("grid rules need a save that writes chunk indexes")
+        for r in plans:
+            gp.assign[r] = item[chosen[bounds[r]:bounds[r + 1]]]
+        return gp
+    final = kid.copy()
+    final[own] = [gp.kids[int(r)][i] for r, i in zip(rank[own], item[own])]
+    _index_targets(gp, plans, rules.splits(), by_rule, chosen, bounds, item, final,
+                   np.concatenate([box, rank[:, None]], axis=1))
     return gp
+
+
+def _index_targets(gp: GlobalPlan, plans, splits: dict, by_rule: dict, chosen, bounds, item,
+                   final, box) -> None:
+    """The tensor order of the manifest, each tensor's layout, and for every rank what it
+    writes: ``gp.answers`` (read by ``target_rows``) with ``gp.templates``, the rule rows that
+    ranks of one group share, encoded once instead of once per rank. ``box``
+    rows end with the piece's rank: an explicit layout records each shard's writer."""
+    kid = final[chosen]
+    order = _stable_order(kid)
+    runs = np.searchsorted(kid[order], np.arange(len(gp.keys) + 1))
+    shard = np.empty(len(kid), np.int64)
+    shard[order] = np.arange(len(kid)) - runs[kid[order]]
+    has = np.diff(runs) > 0
+    has[list(splits)] = True
+    tid = np.cumsum(has) - 1
+    w, srt = gp.width, box[chosen][order]
+    for k in np.flatnonzero(has).tolist():
+        dtype, shape = DTYPES[gp.dtypes[k]], gp.shapes[k]
+        if k in splits:
+            gp.tensor_layouts[gp.keys[k]] = TensorLayout(dtype, shape, splits=splits[k])
+        else:
+            b, nd = srt[runs[k]:runs[k + 1]], len(shape)
+            gp.tensor_layouts[gp.keys[k]] = TensorLayout(
+                dtype, shape, boxes=np.concatenate([b[:, :nd], b[:, w:w + nd], b[:, -1:]],
+                                                   axis=1))
+    templates: dict[int, int] = {}  # rule items arrays are shared by the ranks of a group
+    empty = tables.encode(np.zeros((0, 3), np.int64))
+    for r in plans:
+        lo, hi = bounds[r], bounds[r + 1]
+        at = chosen[lo:hi]
+        rows = empty if lo == hi else tables.encode(  # most ranks write only rule pieces
+            np.stack([item[at], tid[final[at]], shard[lo:hi]], axis=1))
+        rules = []
+        for items, cell in by_rule.get(r, ()):
+            if id(items) not in templates:
+                templates[id(items)] = len(gp.templates)
+                gp.templates.append(tables.encode(np.stack(
+                    [items, tid[gp.layout_kids[r][items]]], axis=1)))
+            rules.append([templates[id(items)], cell])
+        gp.answers[r] = {"rows": rows, "rules": rules}
+
+
+def target_rows(common: dict, mine: dict, cache: dict | None = None) -> np.ndarray:
+    """The ``[item, tensor, shard]`` rows a rank writes, from the plan round's answer:
+    its explicit rows, and for each rule template it follows, the template's
+    ``[item, tensor]`` rows with its cell as the shard."""
+    cache = {} if cache is None else cache
+    parts = [tables.decode(mine["rows"], 3, "assignment")]
+    for t, cell in mine["rules"]:
+        if t not in cache:
+            cache[t] = tables.decode(common["templates"][t], 2, "assignment")
+        part = np.empty((len(cache[t]), 3), np.int64)
+        part[:, :2], part[:, 2] = cache[t], cell
+        parts.append(part)
+    return np.concatenate(parts)
 
 
 def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
@@ -184,7 +280,8 @@ def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
             value_paths = skeleton_paths(r)[0]
             own += [[value_paths[i], v] for i, v in enumerate(unpack(r, "values"))
                     if v != base_values[i]]
-        renamed = np.flatnonzero(gp.layout_kids[r] != gp.kids[r])
+        renamed = (() if gp.kids[r] is gp.layout_kids[r]  # nothing renamed: not copied
+                   else np.flatnonzero(gp.layout_kids[r] != gp.kids[r]))
         if len(renamed):
             _, tensor_paths, kinds = skeleton_paths(r)
             own += [[tensor_paths[gp.keys[gp.layout_kids[r][i]]],
@@ -199,7 +296,10 @@ def rank_trees(plans: dict[int, dict], gp: GlobalPlan) -> tuple[dict, list]:
 
 def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, dict],
                    metadata: dict) -> Manifest:
-    """The global manifest from every rank's report (files, codecs, pieces, chunk rows)."""
+    """The global manifest from every rank's report (files, codecs, pieces, chunk rows; or
+    with chunk indexes, files and the index file alone)."""
+    if gp.indexed:
+        return _indexed_manifest(gp, plans, results, metadata)
     chains, chain_ids = [], {}
     files, first, ref_index = incremental.file_entries(results)  # references: FORMAT.md 3.6
     hashed = all("hashes" in res for res in results.values())
@@ -226,6 +326,23 @@ def build_manifest(gp: GlobalPlan, plans: dict[int, dict], results: dict[int, di
     return Manifest(world_size=len(plans), files=tuple(files), codecs=tuple(chains),
                     tensors=tensors, tree=tree, metadata=metadata, created_unix=time.time(),
                     rank_overrides=tuple(overrides) or None, hashes=hashes)
+
+
+def _indexed_manifest(gp: GlobalPlan, plans, results, metadata: dict) -> Manifest:
+    """A revision 1.4 manifest (FORMAT.md 3.7): the layouts fixed by the plan, every rank's
+    data files and its index file; no chunk row passes through here."""
+    files, indexes = [], []
+    for rank in sorted(results):
+        res = results[rank]
+        files += [FileEntry(f["path"], int(f["size"]), rank) for f in res["files"]]
+        if res.get("index"):
+            ix = res["index"]
+            indexes.append(IndexEntry(ix["path"], int(ix["size"]), rank, int(ix["crc32c"])))
+    tree, overrides = rank_trees(plans, gp)
+    return Manifest(world_size=len(plans), files=tuple(files), codecs=(),
+                    tensors=dict(gp.tensor_layouts), tree=tree, metadata=metadata,
+                    created_unix=time.time(), rank_overrides=tuple(overrides) or None,
+                    indexes=tuple(indexes))
 
 
 def _stable_order(values: np.ndarray) -> np.ndarray:

@@ -70,20 +70,32 @@ def _replica_crc(item: TensorItem, limit: int):
     return codecs.backend.crc32c(tensor_bytes(host_contiguous(t)))
 
 
-def local_plan(tree: dict, items: list[TensorItem], world: int) -> dict:
+def local_plan(tree: dict, items: list[TensorItem], world: int, rules: bool = False) -> dict:
     """This rank's plan as JSON text fields and int64 tables, cheap for the coordinator to
     compare across thousands of ranks (merge.py): the tensor layout (key, dtype, global shape,
-    is-DTensor), the tree's skeleton and its values, each piece's box and replica checksum."""
+    is-DTensor), the tree's skeleton and its values, each piece's box and replica checksum.
+
+    With ``rules`` (a save that writes chunk index files, FORMAT.md 3.7), DTensors on a plain
+    grid are described by their rule (``grid`` field: ``[[item, rule id], ...]`` and the
+    distinct rule texts), the same text on every rank of the mesh; only the other pieces get a
+    box row."""
     limit = knobs.get("replica_check_bytes") if world > 1 else -1
     layout = [[it.key, DTYPE_BY_TORCH[it.tensor.dtype].name, list(it.global_shape), it.dtensor]
               for it in items]
+    ruled = [i for i, it in enumerate(items) if rules and it.rule is not None]
+    explicit = sorted(set(range(len(items))) - set(ruled))
     width = max((len(it.global_shape) for it in items), default=0)
-    boxes = np.zeros((len(items), 2 * width), dtype=np.int64)
-    for i, it in enumerate(items):
-        nd = len(it.global_shape)
-        boxes[i, :nd], boxes[i, width:width + nd] = it.offsets, tuple(it.tensor.shape)
+    boxes = np.zeros((len(explicit), 2 * width), dtype=np.int64)
+    for row, i in enumerate(explicit):
+        it, nd = items[i], len(items[i].global_shape)
+        boxes[row, :nd], boxes[row, width:width + nd] = it.offsets, tuple(it.tensor.shape)
     crcs = [_replica_crc(it, limit) for it in items]
     skeleton, values = split_values(tree)
-    return {"layout": tables.pack_text(layout), "skeleton": tables.pack_text(skeleton),
+    plan = {"layout": tables.pack_text(layout), "skeleton": tables.pack_text(skeleton),
             "values": tables.pack_text(values), "width": width, "boxes": tables.encode(boxes),
             "crc": tables.encode(np.array([-1 if c is None else c for c in crcs], np.int64))}
+    if rules:
+        texts = list(dict.fromkeys(items[i].rule for i in ruled))
+        plan["grid"] = tables.pack_text({"rules": texts, "items": [
+            [i, texts.index(items[i].rule)] for i in ruled]})
+    return plan

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import codecs, knobs, manifest as manifest_mod, remote_io
+from . import chunk_index, codecs, knobs, manifest as manifest_mod, remote_io
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
                      UnsafeCheckpointError)
 from .status import raise_for
@@ -38,7 +38,10 @@ def open_manifest(storage: Storage, name: str) -> Manifest:
 
 
 def manifest_bytes(storage: Storage, name: str) -> bytes:
-    """The checkpoint's manifest bytes, bounded in size, unchecked (``checked_manifest``)."""
+    """The checkpoint's manifest bytes, bounded in size, unchecked (``checked_manifest``). For a
+    revision 1.4 manifest, the bytes of its index files follow in one framed blob
+    (chunk_index.bundle): whoever fetches this once (share.py: one rank, then a broadcast)
+    hands every rank all it needs to open the checkpoint."""
     where = storage.url(name)
     if not storage.exists(name):
         raise CheckpointNotFoundError(f"{where}: no checkpoint here")
@@ -51,16 +54,43 @@ def manifest_bytes(storage: Storage, name: str) -> bytes:
     if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
     # Bounded even if the file grows after the size check.
-    return storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
+    data = storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
+    if b'"indexes":' not in data:  # no revision 1.4 index files (cheap test, no parse)
+        return data
+    m = manifest_mod.parse(data)  # for its list of indexes; receivers check everything again
+    if m.indexes is None:
+        return data
+    return chunk_index.bundle(data, [_index_bytes(storage, name, e) for e in m.indexes])
 
 
 def checked_manifest(storage: Storage, name: str, data: bytes) -> Manifest:
-    """Manifest bytes of checkpoint ``name`` parsed and validated (FORMAT.md 3)."""
+    """Manifest bytes of checkpoint ``name`` parsed and validated (FORMAT.md 3); a revision 1.4
+    manifest gets its chunk rows joined from its index files (FORMAT.md 3.7), checked alike."""
+    data, fetched = chunk_index.unbundle(data)
     m = manifest_mod.parse(data)
     if any(f.base == name for f in m.files):
         raise UnsafeCheckpointError(f"{storage.url(name)}/{MANIFEST_NAME}: a file names its own "
                                     "checkpoint as its base")
-    return dataclasses.replace(m, name=name)
+    m = dataclasses.replace(m, name=name)
+    if m.indexes is not None:
+        if fetched is not None and len(fetched) != len(m.indexes):
+            raise CorruptCheckpointError("manifest bundle lacks index files",
+                                         file=MANIFEST_NAME)
+        m = chunk_index.join(m, lambda i, entry: fetched[i] if fetched is not None
+                             else _index_bytes(storage, name, entry))
+        manifest_mod.check_joined(m)
+    return m
+
+
+def _index_bytes(storage: Storage, name: str, entry) -> bytes:
+    """An index file's bytes, read inside the checkpoint and bounded by its recorded size."""
+    root = storage.local_path(name)
+    if root is not None:
+        check_inside(root, entry.path)
+    try:
+        return storage.read(f"{name}/{entry.path}", 0, entry.size + 1)
+    except FileNotFoundError:
+        raise CorruptCheckpointError("chunk index file is missing", file=entry.path) from None
 
 
 def file_label(m: Manifest, f: FileEntry) -> str:

@@ -14,11 +14,12 @@ from functools import partial
 
 import numpy as np
 
-from . import incremental, manifest as manifest_mod, remote_io, tables
+from . import chunk_index, codecs, incremental, knobs, manifest as manifest_mod, remote_io
+from . import tables
 from . import retire
 from .commit import commit_for
 from .dist import PerRank, exchange
-from .merge import build_manifest, merge_plans
+from .merge import build_manifest, merge_plans, target_rows
 from .plan import local_plan, plan_chunks
 from .tree import flatten
 from .types import DATA_DIR, HEADER_BYTES, TensorItem
@@ -28,17 +29,21 @@ from .write import CodecTable, WriteOptions, add_stats, write_data_files
 class Coordinator:
     """Rank 0's side of a save: owns the temporary folder and writes the manifest."""
 
-    def __init__(self, storage, name: str, overwrite: bool, metadata: dict):
-        self.storage, self.name, self.metadata = storage, name, metadata
+    def __init__(self, storage, name: str, overwrite: bool, metadata: dict,
+                 indexed: bool = False):
+        self.storage, self.name, self.metadata, self.indexed = storage, name, metadata, indexed
         self.tx = commit_for(storage, name, overwrite)
         self.plans, self.gp, self.begun = None, None, False
 
     def plan(self, plans: dict[int, dict]) -> dict:
-        self.plans, self.gp = plans, merge_plans(plans)
+        self.plans, self.gp = plans, merge_plans(plans, self.indexed)
         if self.tx.overwrite:  # never replace a checkpoint whose files others reference
             retire.check_replaceable(self.storage, self.name)
         self.tx.begin()
         self.begun = True
+        if self.indexed:
+            return PerRank({"tmp": self.tx.tmp, "indexed": True,
+                            "templates": self.gp.templates}, self.gp.answers)
         return PerRank({"tmp": self.tx.tmp},
                        {r: tables.encode(a) for r, a in self.gp.assign.items()})
 
@@ -59,7 +64,7 @@ def _rels(rank: int, batch: int, files: int) -> list[str]:
 
 
 def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
-               opts: WriteOptions, index=None) -> dict:
+               opts: WriteOptions, index=None, placed=None) -> dict:
     """Write this rank's pieces into its data files, batch after batch; the report: files,
     codec chains, ``[item, nchunks]`` per piece and the chunk rows, as int64 tables.
 
@@ -68,6 +73,8 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
     ``pieces`` lists every piece's key (an empty tensor has no chunks, but is a piece).
     With ``index`` (an incremental save, incremental.BaseIndex) chunks the base already stores
     become reference rows; a data file left with nothing but its header is removed.
+    With ``placed`` (``[item, tensor, shard]`` rows, FORMAT.md 3.7) the chunk rows go into this
+    rank's index file instead of the report.
     """
     report = _RankReport(pieces, opts, index)
     for batch, (sources, done) in enumerate(batches):
@@ -93,7 +100,9 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
         report.raw += sum(s.nbytes for s in sources)
         if done is not None:
             done()
-    return report.as_dict()
+    if placed is None:
+        return report.as_dict()
+    return report.write_index(storage, tmp, rank, placed)
 
 
 class _RankReport:
@@ -139,6 +148,18 @@ class _RankReport:
             report["ref_files"] = self.index.ref_files
         return report
 
+    def write_index(self, storage, tmp: str, rank: int, placed: np.ndarray) -> dict:
+        """Write this rank's chunk index (FORMAT.md 3.7); the report names it instead of rows."""
+        where = {int(i): (int(t), int(s)) for i, t, s in placed.tolist()}
+        rows = [[*where[int(k)], *row] for k, v in self.rows.items() for row in v]
+        data = chunk_index.to_bytes(rank, [f["path"] for f in self.files], self.table.chains,
+                                    np.array(rows, np.int64).reshape(-1, chunk_index.COLUMNS))
+        rel = chunk_index.index_path(rank)
+        storage.write(f"{tmp}/{rel}", data, durable=True)
+        return {"files": self.files, "raw_bytes": self.raw, "tensors": len(self.rows),
+                "stats": self.stats,
+                "index": {"path": rel, "size": len(data), "crc32c": codecs.backend.crc32c(data)}}
+
 
 def _drop_empty(storage, tmp: str, rels: list[str], sizes: list[int]) -> dict[int, int]:
     """Delete the data files of a batch that hold only the header (every chunk was
@@ -168,7 +189,10 @@ class PlannedSave:
         self.ex, self.coord, self.storage, self.opts = ex, coord, storage, opts
         self.index = index  # incremental.BaseIndex of an incremental save
         self.tmp, self.items = answer["tmp"], items
-        self.assigned = tables.decode(answer["mine"], 1, "assignment")[:, 0]
+        self.targets = (target_rows(answer, answer["mine"]) if answer.get("indexed")
+                        else None)
+        self.assigned = (self.targets[:, 0] if self.targets is not None else
+                         tables.decode(answer["mine"], 1, "assignment")[:, 0])
 
     def pieces(self) -> list[TensorItem]:
         """The items this rank writes, keyed by their item index."""
@@ -185,7 +209,7 @@ class PlannedSave:
                     batches = [(sources, hosts.clear)]  # hosts live until written
                 keys = [str(int(i)) for i in self.assigned]
                 report = write_rank(self.storage, self.tmp, self.ex.rank, keys, batches,
-                                    self.opts, self.index)
+                                    self.opts, self.index, self.targets)
             except Exception as exc:
                 error = exc
             self.ex.round("write", {k: v for k, v in (report or {}).items() if k != "stats"},
@@ -199,20 +223,34 @@ class PlannedSave:
             self.coord.close()
 
 
+def uses_index(world: int, opts: WriteOptions, base: str | None) -> bool:
+    """Whether a save writes chunk index files (FORMAT.md 3.7; knob ``chunk_index``): by
+    default when several ranks save; never with content hashes (incremental saves), which
+    revision 1.4 keeps in the inline form."""
+    choice = str(knobs.get("chunk_index"))
+    if base is not None or opts.content_hashes or choice == "0":
+        return False
+    return choice == "1" or world > 1
+
+
 def plan_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
-              timeout: float | None, base: str | None = None) -> PlannedSave:
+              timeout: float | None, base: str | None = None,
+              indexed: bool | None = None) -> PlannedSave:
     """Flatten the state and run the plan round (collective). Raises RankFailureError (several
     ranks) or the error itself (one process); then nothing was created. ``base``: the sibling
-    checkpoint an incremental save references (incremental.py); it implies content hashes."""
+    checkpoint an incremental save references (incremental.py); it implies content hashes.
+    ``indexed``: whether to write chunk index files (default: ``uses_index``)."""
     ex = exchange(timeout)
-    coord = Coordinator(storage, name, overwrite, metadata) if ex.rank == 0 else None
     if base is not None:
         opts = replace(opts, content_hashes=True)
+    if indexed is None:
+        indexed = uses_index(ex.world, opts, base)
+    coord = Coordinator(storage, name, overwrite, metadata, indexed) if ex.rank == 0 else None
     try:
         items, plan, error, index = [], None, None, None
         try:
             tree, items = flatten(state)
-            plan = local_plan(tree, items, ex.world)
+            plan = local_plan(tree, items, ex.world, rules=indexed)
             index = incremental.open_base(storage, base)
         except Exception as exc:
             error = exc

@@ -114,16 +114,18 @@ def decode_entries(items: list[tuple[str, dict, DType, tuple]], file_sizes: np.n
 
 
 def check_entries(keys: list[str], entries: list[TensorEntry], file_sizes: np.ndarray,
-                  chains: list[tuple[int, int]]) -> None:
+                  chains: list[tuple[int, int]], chunks: bool = True) -> None:
     """Every table rule of FORMAT.md 3.3 for ``entries`` at once: shards inside the tensor,
     chunks inside their files, chunks tiling their shard, shards covering their tensor once.
     A save runs it before committing too, so a manifest no reader would accept is never
-    committed."""
+    committed. ``chunks`` False checks the shards alone (a revision 1.4 layout, whose chunk
+    rows live in the index files)."""
     if entries:
         batch = _Batch(keys, entries)
         _check_shards(batch)
-        _check_chunks(batch, file_sizes, chains)
-        _check_tiling(batch)
+        if chunks:
+            _check_chunks(batch, file_sizes, chains)
+            _check_tiling(batch)
         _check_cover(batch)
 
 

@@ -10,11 +10,13 @@ name, so a reader hands them back as bytes without ever interpreting them.
 from __future__ import annotations
 
 import io
+import json
 import sys
 from typing import Any, Callable
 
 import torch
 
+from . import grid
 from .errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
 from .types import DTYPE_BY_TORCH, DTYPES, TensorItem
 
@@ -66,6 +68,20 @@ def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple, bool]:
     return t, tuple(t.shape), (0,) * t.dim(), False
 
 
+_RULES: dict = {}
+
+
+def _rule(t, offsets: tuple, local_shape: tuple) -> str | None:
+    """DTensor ``t``'s grid rule as JSON text (grid.py), cached per layout like its offsets."""
+    layout = (t.device_mesh, t.placements, tuple(t.shape), local_shape)
+    if layout not in _RULES:
+        if len(_RULES) > 100_000:
+            _RULES.clear()
+        rule = grid.rule_of(t, offsets, local_shape)
+        _RULES[layout] = None if rule is None else json.dumps(rule, separators=(",", ":"))
+    return _RULES[layout]
+
+
 def _storage_identity(t: torch.Tensor):
     """Tensors equal under this key are the same view of the same memory: saved once."""
     if t.numel() == 0:
@@ -101,7 +117,8 @@ class _Flattener:
         if ident is not None and ident in self.by_identity:
             return {"tensor": self.by_identity[ident]}
         key = self.unique_key(path)
-        self.items.append(TensorItem(key, local, global_shape, offsets, is_dtensor))
+        rule = _rule(t, offsets, tuple(local.shape)) if is_dtensor else None
+        self.items.append(TensorItem(key, local, global_shape, offsets, is_dtensor, rule))
         if ident is not None:
             self.by_identity[ident] = key
         return {"tensor": key}

@@ -64,6 +64,34 @@ class FileEntry:
         return f"{self.base}/{self.path}"
 
 
+@dataclass(frozen=True)
+class IndexEntry:
+    """A rank's chunk index file (FORMAT.md 3.7, revision 1.4): where its chunk rows are."""
+
+    path: str  # "data/rank-NNNNN.idx"
+    size: int
+    rank: int
+    crc: int  # CRC-32C of the whole file
+
+
+@dataclass(frozen=True, eq=False)
+class TensorLayout:
+    """A tensor of a revision 1.4 manifest before its chunk rows are joined from the index
+    files: a grid rule (``splits``: ``(dim, parts, kind)``) or explicit ``boxes``."""
+
+    dtype: "DType"
+    shape: tuple[int, ...]
+    splits: tuple | None = None
+    boxes: np.ndarray | None = None  # (S, 2 * ndim + 1) when ``splits`` is None: box, writer
+
+    def all_boxes(self) -> np.ndarray:
+        """Every shard's box (offsets, then sizes), the grid's cells row-major."""
+        if self.splits is None:
+            return self.boxes[:, :-1]
+        from .grid import boxes
+        return boxes(self.shape, self.splits)
+
+
 CHUNK_COLUMNS = ("file", "offset", "length", "start", "count", "codec", "crc32c")
 
 
@@ -153,6 +181,9 @@ class Manifest:
     # order; None when the save did not hash (FORMAT.md 3.6).
     hashes: np.ndarray | None = field(default=None, compare=False)
     name: str = field(default="", compare=False)  # its folder name once opened (messages)
+    # Revision 1.4: the per-rank chunk index files; ``tensors`` then holds TensorLayouts until
+    # read.checked_manifest joins the rows in (and keeps this, so copies bring the files along).
+    indexes: tuple[IndexEntry, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +200,7 @@ class TensorItem:
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     dtensor: bool = False
+    rule: str | None = None  # a DTensor's grid rule as JSON text (grid.rule_of), if it has one
 
 
 @dataclass(frozen=True)

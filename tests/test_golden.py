@@ -59,3 +59,19 @@ def test_a_reader_meeting_an_unknown_node_kind_refuses_it(tmp_path):
     with pytest.raises(shardckpt.UnsafeCheckpointError, match="from_the_future"):
         from shardckpt.tree import build
         build(json.loads(text), lambda k: None, blob=lambda k: b"")
+
+
+def test_golden_revision_1_4_index_files_and_grid_rules_load():
+    """Revision 1.4 (FORMAT.md 3.7), saved by 2 ranks: grid rules, explicit boxes, chunk
+    index files; consolidates on one process, and each saving rank's values come back."""
+    import json
+    from tests.data.golden.make_golden_index import NAME, full_state
+    path = os.path.join(GOLDEN, NAME)
+    doc = json.load(open(os.path.join(path, "manifest.json")))
+    assert len(doc["indexes"]) == 2 and doc["tensors"]["model/w"]["grid"] == [[0, 2, "chunk"]]
+    assert "boxes" in doc["tensors"]["model/odd"]
+    expected = full_state()
+    assert_same(expected, shardckpt.load_full(path))
+    expected["position"] = 101
+    assert_same(expected, shardckpt.load_full(path, rank=1))
+    shardckpt.verify(path)

@@ -67,8 +67,10 @@ def promote(tier, step: int, storage, name: str) -> None:
         answer = ex.round("promote-begin", True, error, tx and begin)
         error = None
         try:
-            for f in (f for f in m.files if f.rank == ex.rank):
-                _copy(os.path.join(folder, f.path), storage, f"{answer['tmp']}/{f.path}")
+            mine = [f.path for f in m.files if f.rank == ex.rank]
+            mine += [i.path for i in m.indexes or () if i.rank == ex.rank]  # FORMAT.md 3.7
+            for path in mine:
+                _copy(os.path.join(folder, path), storage, f"{answer['tmp']}/{path}")
         except (OSError, CheckpointError) as exc:
             error = exc
         manifest = tier.storage.read(f"{step_name(step)}/{MANIFEST_NAME}") \

@@ -139,7 +139,8 @@ class LocalTier:
         opts = WriteOptions.resolve(**{k: v for k, v in self.save_options.items()
                                        if k in WriteOptions.__dataclass_fields__})
         name = step_name(step)
-        planned = plan_save(state, self.storage, name, opts, metadata, True, None)
+        planned = plan_save(state, self.storage, name, opts, metadata, True, None,
+                            indexed=False)  # the tier builds an inline manifest
         tmp = planned.tmp
         try:
             report, error = None, None

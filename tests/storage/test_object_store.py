@@ -118,3 +118,17 @@ def test_corrupt_object_is_named(memory_url):
     storage.write(rel, bytes(data[:-5]), exclusive=False)
     with pytest.raises(shardckpt.CorruptCheckpointError, match="bytes"):
         shardckpt.load_full(url)
+
+
+def test_index_form_on_object_stores(store, monkeypatch):
+    """Revision 1.4 (chunk index files) on object stores: saved, overwritten (an .idx key is
+    a checkpoint's own, FORMAT.md 4.3), loaded and verified."""
+    monkeypatch.setenv("SHARDCKPT_CHUNK_INDEX", "1")
+    base, opts = store
+    url, state = f"{base}/step-2", make_state()
+    shardckpt.save(make_state(seed=3), url, chunk_bytes=64 << 10, storage_options=opts)
+    shardckpt.save(state, url, chunk_bytes=64 << 10, storage_options=opts, overwrite=True)
+    storage = open_storage(url, opts)
+    assert "rank-00000.idx" in storage.list("data")
+    assert_state_equal(shardckpt.load_full(url, storage_options=opts), state)
+    assert shardckpt.verify(url, storage_options=opts).tensors == 4
