@@ -51,9 +51,15 @@ def checkpoint_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def is_manifest(path: str) -> bool:
+    """The manifest and the chunk index files it lists (FORMAT.md 3.7) travel as one blob."""
+    return path.endswith("manifest.json") or path.endswith(".idx")
+
+
 def assert_no_byte_read_twice(reads) -> None:
     """Ranged data reads (a chunk, or a run of adjacent ones) never overlap each other."""
-    spans = sorted((p, o, o + n) for p, o, n in reads if "/data/" in p and n > 16)
+    spans = sorted((p, o, o + n) for p, o, n in reads
+                   if "/data/" in p and n > 16 and not is_manifest(p))
     for (p, _, end), (q, start, _) in zip(spans, spans[1:]):
         assert p != q or start >= end, f"{p} bytes at {start} read twice"
 
@@ -149,10 +155,15 @@ def test_reshard_reads_each_chunk_once(tmp_path, local_world):
     data = [(p, o, n) for p, o, n in reads if "/data/" in p and n > 16]
     assert data
     assert_no_byte_read_twice(reads)
-    # The manifest is read once per node (each node's leader); the rest once in the job.
-    manifest = [n for p, _, n in reads if p.endswith("manifest.json")]
-    assert len(manifest) == (local_world and 2 or 1)
-    rest, size = sum(n for *_, n in reads) - sum(manifest), checkpoint_bytes(path) - manifest[0]
+    # The manifest and its index files are read once per node (each node's leader); the rest
+    # once in the job.
+    nodes = local_world and 2 or 1
+    assert sum(p.endswith("manifest.json") for p, _, _ in reads) == nodes
+    indexes = {p for p, _, _ in reads if p.endswith(".idx")}
+    assert all(sum(p == i for p, _, _ in reads) == nodes for i in indexes)
+    meta = sum(n for p, _, n in reads if is_manifest(p))
+    rest = sum(n for *_, n in reads) - meta
+    size = checkpoint_bytes(path) - meta // nodes
     assert rest <= 1.05 * size, (rest, size)
 
 
