@@ -193,8 +193,9 @@ def _load_step(tier, state, step: int, load_options: dict) -> bool:
         # Files found corrupt by the ranks of this node: the same set on each of them.
         fresh = {i for r, (v, i) in enumerate(rows)
                  if i >= 0 and tier.nodes_of[r] == tier.node} - bad
-        unknown = any(v and i < 0 for v, i in rows)  # a failure naming no file: no refetch
-        if unknown or not _gather_any(tier, bool(fresh)):
+        # Ranks that failed naming no file (RankFailureError: another rank's failure) retry
+        # with the rest; a round in which no rank names a new file ends the attempts.
+        if not _gather_any(tier, bool(fresh)):
             _warn(f"skipping local {step_name(step)}: {type(error).__name__ if error else ''}"
                   f" {error or 'another rank failed'}")
             return False

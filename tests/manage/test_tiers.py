@@ -93,7 +93,9 @@ def test_a_local_save_in_flight_makes_the_next_one_skip(tmp_path, monkeypatch):
     monkeypatch.setattr(tiers.LocalTier, "_write_and_replicate", slow)
     local = tmp_path / "local"
     with manager(tmp_path, local, local_on_busy="skip", local_keep=3) as m:
-        m.maybe_save(1, state(1))
+        first = state(1)
+        m.maybe_save(1, first)
+        first["w"].add_(100)  # changed after the call: the save holds the staged values
         with pytest.warns(UserWarning, match="local step 2 skipped.*step 1 is still running"):
             m.maybe_save(2, state(2))
         assert m._tier.skipped == 1
