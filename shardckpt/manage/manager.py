@@ -121,7 +121,11 @@ class _Ranks:
 
     def close(self) -> None:
         if self._pending is not None:
-            self._pending[0].wait()
+            try:
+                self._pending[0].wait()
+            except RuntimeError as exc:  # a peer died: nothing is left to agree on
+                warnings.warn(f"shardckpt: the manager's last flag round failed at close "
+                              f"(a rank is gone?): {exc}", stacklevel=3)
             self._pending = None
         if self.group is not None:
             self.dist.destroy_process_group(self.group)

@@ -38,7 +38,7 @@ import torch
 from .. import knobs, manifest as manifest_mod
 from ..commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
 from ..dist import PerRank, node_index as dist_node_index
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TransferError
 from .layout import STEP_NAME, step_name
 from ..merge import build_manifest
 from ..plan import plan_chunks
@@ -176,7 +176,12 @@ class LocalTier:
         if self.on_busy == "wait":
             self.wait()
         self._collect()
-        if self._any(self._job is not None and not self._job.done()):
+        try:
+            busy = self._any(self._job is not None and not self._job.done())
+        except TransferError as exc:  # a rank is gone: this local save cannot take place
+            self._fail(step, exc)
+            return False
+        if busy:
             self.skipped += 1
             warnings.warn(f"shardckpt: local step {step} skipped: the local save of step "
                           f"{self._job_step} is still running ({self.skipped} skipped so far)",
@@ -238,7 +243,11 @@ class LocalTier:
         if self.ctl is None:
             return flag
         t = torch.tensor([int(flag)], dtype=torch.int64)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.ctl)
+        try:
+            self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.ctl)
+        except RuntimeError as exc:  # gloo's word for a dead or hung peer
+            raise TransferError(f"rank {self.rank}: the local tier's busy round failed: "
+                                f"{exc}") from exc
         return bool(int(t))
 
     def save_or_warn(self, step: int, state, metadata: dict) -> bool:

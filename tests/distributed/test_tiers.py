@@ -58,6 +58,7 @@ def _save(rank, world, root, local, steps, every_n_steps=None, die=None, big=0,
         warnings.simplefilter("always")
         for step in steps:
             if die is not None and step == die[1] and rank == 3:
+                m._tier.wait()  # the previous local save is done: it must not die with it
                 _arm_death(die[0])
             values = state(world, step)
             if big:
