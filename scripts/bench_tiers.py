@@ -160,7 +160,10 @@ def _train(rank, world, root, local, hidden, batch, steps):
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             if m is not None:
+                t1 = time.perf_counter()
                 m.maybe_save(step, {"model": net.state_dict(), "opt": opt.state_dict()})
+                if len(times):  # a block's first step warms up
+                    out.setdefault("save_call", []).append(time.perf_counter() - t1)
             times.append(time.perf_counter() - t0)
         if m is not None:
             m.close()
@@ -211,6 +214,10 @@ def main() -> None:
           f"(median): +{100 * (every / base - 1):.1f}% per step; local saves skipped "
           f"{train['skipped']}, failed {train['failed']}, last committed step "
           f"{train['committed_last']}")
+    call = bc.median(train["save_call"])
+    print(f"  maybe_save call (this rank's stall) median {call:.4f} s, max "
+          f"{max(train['save_call']):.4f} s = {100 * call / base:.1f}% of the checkpoint-free "
+          f"step")
 
 
 if __name__ == "__main__":
