@@ -189,6 +189,11 @@ def parse_args(argv=None):
                    help="incremental checkpoints: unchanged chunks are referenced, not rewritten")
     p.add_argument("--codec", choices=("auto", "zstd", "raw"), default=None,
                    help="checkpoint codec (default: the knob, auto)")
+    p.add_argument("--local-dir", default=None,
+                   help="local tier folder on each node ($VARS expanded, {node}: the node "
+                        "index); with --local-every")
+    p.add_argument("--local-every", type=int, default=0,
+                   help="steps between local-tier saves, replicated on another node (0: none)")
     return p.parse_args(argv)
 
 
@@ -268,7 +273,9 @@ def main(argv=None) -> int:
         async_save=not args.sync_save, load_options={"per_rank": "rank0"},
         guard=optim,  # parameters and moments are copied during the next forward/backward
         incremental=args.incremental,
-        save_options={"codec": args.codec} if args.codec else None)
+        save_options={"codec": args.codec} if args.codec else None,
+        local_dir=os.path.expandvars(args.local_dir) if args.local_dir else None,
+        local_every_n_steps=args.local_every or None, replicas=1)
     resumed = mgr.restore(state)
     step = state["step"] if resumed is not None else 0
     say(f"[train] resumed from {mgr.path(resumed)} at world size {world}" if resumed is not None

@@ -173,14 +173,15 @@ class Stager:
     """
 
     def __init__(self, pieces: list[TensorItem], budget: int, chunk_bytes: int,
-                 eager: int | None = None, watch=None):
+                 eager: int | None = None, watch=None, arena: StagingArena | None = None):
         total = sum(_aligned(p.tensor.numel() * p.tensor.element_size()) for p in pieces)
         budget = max(budget, MIN_BUDGET)
         self.pieces, self.chunk_bytes, self.aborted = pieces, chunk_bytes, False
         self.eager = len(pieces) if eager is None else eager
         self.watch, self.streaming = watch, total > budget
-        ARENA.lock.acquire()
-        arena = ARENA.take(min(total, budget) if self.streaming else total)
+        self.arena = ARENA if arena is None else arena  # the local tier stages into its own
+        self.arena.lock.acquire()
+        arena = self.arena.take(min(total, budget) if self.streaming else total)
         half = arena.numel() // 2 // ALIGN * ALIGN
         self.slot_bytes = half if self.streaming else max(total, ALIGN)
         self.slots = ([_Slot(arena[:half]), _Slot(arena[half:2 * half])] if self.streaming
@@ -332,7 +333,7 @@ class Stager:
         with _RELEASE:
             if not getattr(self, "released", False):
                 self.released = True
-                ARENA.lock.release()
+                self.arena.lock.release()
 
 
 _RELEASE = threading.Lock()

@@ -121,7 +121,11 @@ class _Ranks:
 
     def close(self) -> None:
         if self._pending is not None:
-            self._pending[0].wait()
+            try:
+                self._pending[0].wait()
+            except RuntimeError as exc:  # a peer died: nothing is left to agree on
+                warnings.warn(f"shardckpt: the manager's last flag round failed at close "
+                              f"(a rank is gone?): {exc}", stacklevel=3)
             self._pending = None
         if self.group is not None:
             self.dist.destroy_process_group(self.group)
@@ -164,7 +168,12 @@ class CheckpointManager:
         local_dir: node-local folder for the local tier (``{node}`` becomes the node index;
             see shardckpt/manage/tiers.py and README "Local tier"). None: no local tier.
         local_every_n_steps: ``maybe_save`` also saves to ``local_dir`` when
-            ``step % local_every_n_steps == 0`` (synchronously, before a durable save).
+            ``step % local_every_n_steps == 0``: the state is copied into the tier's own
+            staging arena (``save_options['staging_budget_bytes']``) and the rest runs in the background; a
+            step whose previous local save still runs is skipped, with a counted warning;
+            a failure is a warning at the next call (tiers.py ``save_async``).
+        local_on_busy: ``"skip"`` (default) a local step while the previous local save runs,
+            with a counted warning, or ``"wait"`` for it (every such step then commits).
         replicas: other nodes that receive a copy of each rank's local data.
         local_keep: committed local checkpoints each node keeps.
         promote_local: a durable save at the step the local tier has just committed copies the
@@ -188,7 +197,7 @@ class CheckpointManager:
                  clock: Callable[[], float] = time.monotonic,
                  on_event: Callable[[observe.CheckpointEvent], None] | None = None,
                  local_dir=None, local_every_n_steps: int | None = None, replicas: int = 1,
-                 local_keep: int = 1, promote_local: bool = False):
+                 local_keep: int = 1, promote_local: bool = False, local_on_busy: str = "skip"):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
                             ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -222,7 +231,10 @@ class CheckpointManager:
                          if handle_preemption else None)
         self.local_every_n_steps, self.promote_local = local_every_n_steps, promote_local
         self._tier = (LocalTier(local_dir, replicas=replicas, keep=local_keep,
-                                save_options=self.save_options) if local_dir is not None else None)
+                                save_options=self.save_options,
+                                staging_budget_bytes=self.save_options.get("staging_budget_bytes"),
+                                on_busy=local_on_busy)
+                      if local_dir is not None else None)
 
     # ----------------------------------------------------------------- queries
     def path(self, step: int) -> str:
@@ -282,7 +294,7 @@ class CheckpointManager:
             return False
         if self._tier is not None and self.local_every_n_steps and \
                 step % self.local_every_n_steps == 0:
-            self._tier.save_or_warn(step, state_dict, {META_KEY: {
+            self._tier.save_async(step, state_dict, {META_KEY: {
                 "step": step, "metrics": _json_metrics(metrics), "reason": "local",
                 "unix_time": time.time()}})
         if not self._ranks.dist:

@@ -1,8 +1,16 @@
 """Restore from the local tier: agree on the newest step complete across the nodes, repair each
-node's copy from the others' replicas, load (see tiers.py)."""
+node's copy from the others' replicas, load (see tiers.py).
+
+Checksums are checked once, by the load itself: a survey only looks at each node's manifest and
+which data files are present with the right size. A load that meets a corrupt file
+(CorruptCheckpointError naming it) marks that node's copy of the file bad; the ranks survey again,
+fetch the file from a node holding a replica and load again; with no good copy left the step is
+skipped (then an older one, then the durable tier).
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
 import zlib
 
@@ -10,10 +18,10 @@ import torch
 
 from ..api import load
 from ..commit import RenameCommit
-from ..errors import CheckpointError, StateMismatchError, UnsupportedValueError
+from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchError,
+                      UnsupportedValueError)
 from .layout import step_name
 from ..read import open_manifest
-from ..scan import scan
 from .tier_transfer import exchange_files
 from ..types import MANIFEST_NAME
 
@@ -43,8 +51,10 @@ def _candidates(tier, newer_than: int | None) -> list[int]:
     return [s for s in found if newer_than is None or s > newer_than]
 
 
-def _check_copy(tier, step: int):
-    """(manifest crc or -1, the manifest, set of good file indices) of this node's copy."""
+def _check_copy(tier, step: int, bad: set):
+    """(manifest crc or -1, the manifest, set of usable file indices) of this node's copy:
+    present with the manifest's size and not in ``bad`` (found corrupt by an earlier load).
+    Checksums are left to the load."""
     name = step_name(step)
     try:
         data = tier.storage.read(f"{name}/{MANIFEST_NAME}")
@@ -54,25 +64,23 @@ def _check_copy(tier, step: int):
             _warn(f"{tier.path(step)}: node {tier.node}'s manifest is unusable "
                   f"({type(exc).__name__}: {exc}); other nodes' copies are tried")
         return -1, None, set()
-    bad = set()
-    for fault in scan(tier.storage, name, m):
-        where = getattr(fault, "file", None)
-        index = next((i for i, f in enumerate(m.files) if f.path == where), None)
-        if index is None:
-            bad = set(range(len(m.files)))
-        else:
-            bad.add(index)
-        _warn(f"{tier.path(step)}: skipping node {tier.node}'s copy of {where or 'its files'}:"
-              f" {type(fault).__name__}: {fault}")
-    present = {i for i, f in enumerate(m.files) if tier.storage.exists(f"{name}/{f.path}")}
+    present = {i for i, f in enumerate(m.files) if f.base is None and
+               _size(tier.storage.local_path(f"{name}/{f.path}")) == f.size}
     return zlib.crc32(data) & 0x7FFFFFFF, m, present - bad
 
 
-def _survey(tier, step: int):
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def _survey(tier, step: int, bad: set):
     """Which rank (a node's first) holds a good copy of each file of ``step``; None when some
     file has none. Also every rank's good-file flags and manifest crc, the agreed crc, and
     this rank's manifest."""
-    crc, m, good = _check_copy(tier, step) if tier.leader else (-1, None, set())
+    crc, m, good = _check_copy(tier, step, bad) if tier.leader else (-1, None, set())
     heads = _gather(tier, [crc, len(m.files) if m is not None else -1])
     holders = [(r, c) for r, (c, _) in enumerate(heads) if c >= 0]
     if not holders:
@@ -140,32 +148,72 @@ def _repair(tier, step: int, owner: list[int], rows: list[list[int]], crcs: list
             tx.close()
 
 
-def restore_newest(tier, state, newer_than: int | None, load_options: dict) -> int | None:
-    """See ``LocalTier.restore``."""
-    for step in _candidates(tier, newer_than):
-        survey = _survey(tier, step)
+def _corrupt_index(tier, step: int, error) -> int:
+    """The manifest index of the file a CorruptCheckpointError names, else -1."""
+    where = getattr(error, "file", None) if isinstance(error, CorruptCheckpointError) else None
+    if not where:
+        return -1
+    try:
+        m = open_manifest(tier.storage, step_name(step))
+    except CheckpointError:
+        return -1
+    return next((i for i, f in enumerate(m.files)
+                 if where == f.path or str(where).endswith("/" + f.path)), -1)
+
+
+def _load_step(tier, state, step: int, load_options: dict) -> bool:
+    """Repair and load ``step``, refetching files a load finds corrupt; whether it loaded.
+    Collective; raises errors no older checkpoint would cure."""
+    bad: set[int] = set()  # this node's files found corrupt (kept by its first rank)
+    while True:
+        survey = _survey(tier, step, bad)
         if survey is None:
-            continue
+            return False
         error = None
         try:
             _repair(tier, step, *survey)
         except CheckpointError as exc:
             error = exc
-        if max(v for (v,) in _gather(tier, [int(error is not None)])):
+        if _gather_any(tier, error is not None):
             _warn(f"skipping local {step_name(step)}: fetching replicas failed: "
                   f"{error or 'on another rank'}")
-            continue
+            return False
         error = None
         try:
             load(state, tier.path(step), **load_options)
         except CheckpointError as exc:
             error = exc
         verdict = 0 if error is None else 2 if isinstance(error, _FATAL) else 1
-        verdict = max(v for (v,) in _gather(tier, [verdict]))
+        rows = _gather(tier, [verdict, _corrupt_index(tier, step, error) if verdict else -1])
+        verdict = max(v for v, _ in rows)
         if verdict == 0:
-            return step
+            return True
         if verdict == 2:
             raise error or CheckpointError(f"{tier.path(step)}: restore failed on another rank")
-        _warn(f"skipping local {step_name(step)}: {type(error).__name__ if error else ''}"
-              f" {error or 'another rank failed'}")
+        # Files found corrupt by the ranks of this node: the same set on each of them.
+        fresh = {i for r, (v, i) in enumerate(rows)
+                 if i >= 0 and tier.nodes_of[r] == tier.node} - bad
+        # Ranks that failed naming no file (RankFailureError: another rank's failure) retry
+        # with the rest; a round in which no rank names a new file ends the attempts.
+        if not _gather_any(tier, bool(fresh)):
+            _warn(f"skipping local {step_name(step)}: {type(error).__name__ if error else ''}"
+                  f" {error or 'another rank failed'}")
+            return False
+        if fresh:
+            _warn(f"{tier.path(step)}: node {tier.node}'s copy of file(s) {sorted(fresh)} "
+                  f"failed its checks ({error or 'on another rank of the node'}); fetching "
+                  f"a replica")
+        bad |= fresh
+
+
+def _gather_any(tier, flag: bool) -> bool:
+    """Whether ``flag`` holds on some rank (collective)."""
+    return bool(max(v for (v,) in _gather(tier, [int(flag)])))
+
+
+def restore_newest(tier, state, newer_than: int | None, load_options: dict) -> int | None:
+    """See ``LocalTier.restore``."""
+    for step in _candidates(tier, newer_than):
+        if _load_step(tier, state, step, load_options):
+            return step
     return None

@@ -6,20 +6,24 @@ same manifest (the whole checkpoint's) and the data files of the node's own rank
 replicas it holds for ranks of ``replicas`` other nodes. ``{node}`` in ``local_dir`` is replaced
 by the node index (torchrun's ``GROUP_RANK``, else ``RANK // LOCAL_WORLD_SIZE``).
 
-Save (collective, ``LocalTier.save``): the plan round of the ordinary save; every rank encodes
-and writes its files into the agreed hidden temporary folder on its node (the native writer,
-fsync'ed); rank ``r`` sends its files to rank ``(r + k * L) % W`` for ``k`` in
-``1..replicas`` (L ranks per node) and receives the ones of ``(r - k * L) % W``, over gloo
-(transfer.py). Only when every rank reports its files and replicas durable does rank 0 build the
-manifest; each node's first rank then writes it into its folder and renames the folder into
-place (the same atomic commit as the durable tier). Any failure, a peer's death included, fails
-the save on every rank and commits nothing.
+Save (``LocalTier.save_async``, what the manager calls): the plan round of the ordinary save
+and a copy of this rank's state into the tier's own staging arena (stage.py, within the staging
+budget) run in the caller's thread; then a background thread encodes and writes the rank's files
+into the agreed hidden temporary folder on its node (the native writer, fsync'ed) and sends them
+to rank ``(r + k * L) % W`` for ``k`` in ``1..replicas`` (L ranks per node) while receiving the
+ones of ``(r - k * L) % W``, over a gloo group of the tier's own (tier_transfer.py). Only when
+every rank reports its files and replicas durable does rank 0 build the manifest; each node's
+first rank then writes it into its folder and renames the folder into place (the same atomic
+commit as the durable tier). Any failure, a peer's death included, fails the save on every rank
+and commits nothing; it is a warning at the next call. A local step whose previous save still
+runs is skipped on every rank (they agree on a second small group), or waited for.
 
-Restore (``LocalTier.restore``): the ranks agree on the candidate steps (from every node's
-committed local checkpoints), and for each, newest first, every node's first rank checks its
-copy (manifest and every chunk's checksum, ``scan``). A step is complete when every data file
-passes on some node. Files a node lacks, or holds corrupt, are fetched from a node holding a
-good copy; then every rank loads from its own node's folder (resharding as any load does).
+Restore (``LocalTier.restore``, tier_restore.py): the ranks agree on the candidate steps (from
+every node's committed local checkpoints), and for each, newest first, every node's first rank
+looks at its copy (manifest, which files are present with their size). Files a node lacks are
+fetched from a node holding a copy; then every rank loads from its own node's folder
+(resharding as any load does), the load checking every checksum once. A file it finds corrupt is
+fetched again from a replica and the load repeated.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ import torch
 from .. import knobs, manifest as manifest_mod
 from ..commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
 from ..dist import PerRank, node_index as dist_node_index
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TransferError
 from .layout import STEP_NAME, step_name
 from ..merge import build_manifest
 from ..plan import plan_chunks
+from .. import stage
+from ..asyncsave import split_budget
 from ..saver import plan_save, write_rank
 from ..storage import LocalStorage
 from .tier_transfer import exchange_files
@@ -47,6 +53,9 @@ from ..write import WriteOptions
 __all__ = ["LocalTier", "node_index", "local_path_for"]
 
 _CANDIDATES = 8  # newest local steps each node offers to a restore
+# Background local saves, one at a time per process (each tier's own thread would do no better:
+# a tier's saves are serial anyway). Lowered priority, as async_save's writer.
+_WORKER = stage.Worker("shardckpt-local-save", "sc-local", background=True)
 
 
 def node_index() -> int:
@@ -73,7 +82,8 @@ class LocalTier:
     """One manager's local tier (see the module docstring). Construct it on every rank."""
 
     def __init__(self, local_dir, *, replicas: int = 1, keep: int = 1,
-                 save_options: dict | None = None):
+                 save_options: dict | None = None, staging_budget_bytes: int | None = None,
+                 on_busy: str = "skip"):
         import torch.distributed as dist
         if not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be an int >= 0, not {replicas!r}")
@@ -94,21 +104,31 @@ class LocalTier:
             replicas = n_nodes - 1
         if replicas and any(self.nodes_of.count(n) != self.per_node for n in self.nodes_of):
             raise ValueError("replicas need the same number of ranks on every node")
-        self.replicas, self.keep = replicas, keep
+        if on_busy not in ("skip", "wait"):
+            raise ValueError(f"local_on_busy must be 'skip' or 'wait', not {on_busy!r}")
+        self.replicas, self.keep, self.on_busy = replicas, keep, on_busy
         self.dir = local_path_for(local_dir, self.node)
         os.makedirs(self.dir, exist_ok=True)
         self.storage = LocalStorage(self.dir)
         self.leader = self.rank == min(r for r, n in enumerate(self.nodes_of) if n == self.node)
         self.save_options = dict(save_options or {})
         self.last_committed: int | None = None  # the step of the last local save, if it committed
+        self.staging_budget = staging_budget_bytes  # None: stage.default_budget()
+        self.arena = stage.StagingArena()  # its own: a durable async save may be staging too
+        self._job, self._job_step = None, None  # the background save in flight (a Future)
+        self.skipped = self.failed = 0  # local saves skipped (one in flight) / failed
 
     # ------------------------------------------------------------------ group
     def _gather_nodes(self) -> list[int]:
-        self.group = None
+        self.group = self.ctl = None
         if not self.dist or self.world == 1:
             return [0]
         timeout = timedelta(seconds=float(knobs.get("dist_timeout")))
+        # Two groups of the tier's own, made once: ``group`` carries the replicas (in the
+        # background thread), ``ctl`` the caller's small agreements while one may be running;
+        # neither is ever used by the training's collectives or a durable save.
         self.group = self.dist.new_group(backend="gloo", timeout=timeout)
+        self.ctl = self.dist.new_group(backend="gloo", timeout=timeout)
         out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
         self.dist.all_gather(out, torch.tensor([node_index()], dtype=torch.int64),
                              group=self.group)
@@ -131,21 +151,128 @@ class LocalTier:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, metadata: dict) -> None:
-        """Save ``state`` as local step ``step`` on every node, with its replicas (collective).
+        """Save ``state`` as local step ``step`` on every node, with its replicas (collective,
+        synchronous; waits for a background save in flight first).
 
         Raises DiskFullError / StorageError / TransferError here, RankFailureError on the
         other ranks; then nothing was committed and older local checkpoints are untouched.
         """
+        self.wait()
+        planned, name = self._plan(step, state, metadata)
+        sources, hosts = plan_chunks(planned.pieces(), planned.opts.chunk_bytes)
+        self._complete(step, name, planned, [(sources, hosts.clear)])
+
+    def save_async(self, step: int, state, metadata: dict) -> bool:
+        """Start local step ``step`` and return once this rank's state is copied into the
+        tier's own staging arena (collective). Encoding, writing, the replica transfer and the
+        commit run in a background thread. Whether a save started.
+
+        A save still in flight on any rank makes every rank skip this one (counted in
+        ``skipped``, with a warning): with saves every step the tier then saves as often as
+        its writes allow, and the training never waits for them. With ``on_busy="wait"``
+        every rank waits for it instead (every step then gets its local checkpoint). The previous save's failure
+        is a warning here (``failed`` counts them); the training and the durable tier go on.
+        """
+        if self.on_busy == "wait":
+            self.wait()
+        self._collect()
+        try:
+            busy = self._any(self._job is not None and not self._job.done())
+        except TransferError as exc:  # a rank is gone: this local save cannot take place
+            self._fail(step, exc)
+            return False
+        if busy:
+            self.skipped += 1
+            warnings.warn(f"shardckpt: local step {step} skipped: the local save of step "
+                          f"{self._job_step} is still running ({self.skipped} skipped so far)",
+                          stacklevel=3)
+            return False
+        self._collect()  # done since the check, on this rank
+        try:
+            planned, name = self._plan(step, state, metadata)
+        except CheckpointError as exc:
+            self._fail(step, exc)
+            return False
+        budget = self.staging_budget or stage.default_budget()
+        arena_bytes, planned.opts = split_budget(budget, planned.opts)
+        try:
+            stager = stage.Stager(planned.pieces(), arena_bytes, planned.opts.chunk_bytes,
+                                  arena=self.arena)
+        except BaseException:
+            planned.close()
+            raise
+        self._job_step = step
+        self._job = _WORKER.submit(self._background, step, name, planned, stager)
+        stager.run()  # a state larger than the arena streams: this then waits for the writes
+        return True
+
+    def _background(self, step: int, name: str, planned, stager) -> None:
+        try:
+            self._complete(step, name, planned, stager.batches())
+        finally:
+            stager.abort()
+            stager.release()
+
+    def wait(self) -> bool | None:
+        """Wait for the background save in flight; whether it committed (None: none ran).
+        A failure is a warning, never raised."""
+        if self._job is None:
+            return None
+        self._job.exception()  # waits; _collect reads it
+        return self._collect()
+
+    def _collect(self) -> bool | None:
+        """Retire a finished background save: warn about its failure."""
+        job, step = self._job, self._job_step
+        if job is None or not job.done():
+            return None
+        self._job = None
+        exc = job.exception()
+        if exc is not None:
+            self._fail(step, exc)
+        return exc is None
+
+    def _fail(self, step: int, exc: BaseException) -> None:
+        self.failed += 1
+        warnings.warn(f"shardckpt: local save of step {step} to {self.dir} failed, nothing "
+                      f"committed: {type(exc).__name__}: {exc}", stacklevel=4)
+
+    def _any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank (on the control group: the data group may be
+        busy in the background)."""
+        if self.ctl is None:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        try:
+            self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.ctl)
+        except RuntimeError as exc:  # gloo's word for a dead or hung peer
+            raise TransferError(f"rank {self.rank}: the local tier's busy round failed: "
+                                f"{exc}") from exc
+        return bool(int(t))
+
+    def save_or_warn(self, step: int, state, metadata: dict) -> bool:
+        """``save``, with a failure turned into a warning (the training and the durable tier go
+        on; the previous local checkpoint stays usable). Whether it committed."""
+        return _or_warn(lambda: self.save(step, state, metadata),
+                        f"local save of step {step} to {self.dir} failed, nothing committed")
+
+    def _plan(self, step: int, state, metadata: dict):
+        """The plan round of local step ``step`` (collective, caller's thread: the store
+        rounds are numbered in call order)."""
         opts = WriteOptions.resolve(**{k: v for k, v in self.save_options.items()
                                        if k in WriteOptions.__dataclass_fields__})
         name = step_name(step)
         planned = plan_save(state, self.storage, name, opts, metadata, True, None,
                             indexed=False)  # the tier builds an inline manifest
+        return planned, name
+
+    def _complete(self, step: int, name: str, planned, batches) -> None:
+        """Write, replicate and commit a planned local save (collective on the tier's group)."""
         tmp = planned.tmp
         try:
             report, error = None, None
             try:
-                report = self._write_and_replicate(planned, tmp, opts)
+                report = self._write_and_replicate(planned, tmp, batches)
             except Exception as exc:
                 error = exc
             coord = planned.coord
@@ -166,20 +293,13 @@ class LocalTier:
         if self.leader:
             self._retain(step)
 
-    def save_or_warn(self, step: int, state, metadata: dict) -> bool:
-        """``save``, with a failure turned into a warning (the training and the durable tier go
-        on; the previous local checkpoint stays usable). Whether it committed."""
-        return _or_warn(lambda: self.save(step, state, metadata),
-                        f"local save of step {step} to {self.dir} failed, nothing committed")
-
-    def _write_and_replicate(self, planned, tmp: str, opts) -> dict:
+    def _write_and_replicate(self, planned, tmp: str, batches) -> dict:
+        opts = planned.opts
         self.storage.makedirs(f"{tmp}/{DATA_DIR}")  # rank 0 made node 0's; the others theirs
         report, failed = {"files": []}, None
         try:
-            sources, hosts = plan_chunks(planned.pieces(), opts.chunk_bytes)
             keys = [str(int(i)) for i in planned.assigned]
-            report = write_rank(self.storage, tmp, self.rank, keys, [(sources, hosts.clear)],
-                                opts)
+            report = write_rank(self.storage, tmp, self.rank, keys, batches, opts)
             report.pop("stats", None)
         except CheckpointError as exc:
             failed = exc  # still take part in the transfers: no peer waits on us in vain
@@ -222,10 +342,12 @@ class LocalTier:
         self.storage.delete(hidden)
 
     def close(self) -> None:
-        """Remove the tier's process group."""
-        if self.group is not None:
-            self.dist.destroy_process_group(self.group)
-            self.group = None
+        """Wait for the background save in flight; remove the tier's process groups."""
+        self.wait()
+        for g in (self.group, self.ctl):
+            if g is not None:
+                self.dist.destroy_process_group(g)
+        self.group = self.ctl = None
 
     def promote(self, step: int, storage, name: str) -> None:
         """Make local ``step`` a durable checkpoint ``name`` of ``storage`` by copying its
@@ -236,6 +358,7 @@ class LocalTier:
     def promote_or_warn(self, step: int, storage, name: str) -> bool:
         """``promote`` when the last local save committed ``step``; whether it did (on every
         rank alike). A failed promotion warns; the caller then saves the state as usual."""
+        self.wait()  # a background save of ``step`` may still be committing
         return self.last_committed == step and _or_warn(
             lambda: self.promote(step, storage, name),
             f"promoting local step {step} failed, saving it instead")
@@ -245,4 +368,5 @@ class LocalTier:
         """Load the newest local step (newer than ``newer_than``, if given) complete across the
         nodes into ``state``; its step, or None. Collective."""
         from .tier_restore import restore_newest
+        self.wait()
         return restore_newest(self, state, newer_than, load_options)

@@ -46,7 +46,7 @@ def _env(rank: int) -> None:
 
 def manager(root, local, **kw):
     kw = {"every_n_steps": None, "local_every_n_steps": 1, "async_save": False,
-          "handle_preemption": False, **kw}
+          "handle_preemption": False, "local_on_busy": "wait", **kw}
     return shardckpt.CheckpointManager(root, local_dir=f"{local}/node-{{node}}", **kw)
 
 
@@ -58,12 +58,13 @@ def _save(rank, world, root, local, steps, every_n_steps=None, die=None, big=0,
         warnings.simplefilter("always")
         for step in steps:
             if die is not None and step == die[1] and rank == 3:
+                m._tier.wait()  # the previous local save is done: it must not die with it
                 _arm_death(die[0])
             values = state(world, step)
             if big:
                 values["big"] = torch.full((big,), float(rank))  # per rank: one file each
             m.maybe_save(step, values)
-    m.wait()
+        m.close()  # flushes the local save in flight (its failure is a warning)
     return [str(w.message) for w in seen if "shardckpt" in str(w.message)]
 
 

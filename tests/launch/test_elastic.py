@@ -8,6 +8,7 @@ every host is preempted, one host restarts it); the ``slow`` tests run each scen
 the faults (a link cut, a host that never returns, an unreachable rendezvous).
 """
 
+import os
 import time
 
 import pytest
@@ -145,4 +146,29 @@ def test_every_host_preempted_then_one_host_resumes(two_hosts, tmp_path, referen
     final = job.start(a)
     assert final.wait(240) == 0, elastic.tail(final.text())
     assert resumes(final.text())[0][1] == 2
+    assert_matches(job, reference)
+
+
+def test_lost_host_resumes_from_the_local_tier_replicas(two_hosts, tmp_path, reference):
+    """Local saves every step on each host's own folder, replicated on the other host; no
+    durable checkpoint. host1 is killed; host0 restarts alone (world 4 -> 2) from the newest
+    local step its folder completes with host1's replicas, with no durable checkpoint to read,
+    and its losses equal the uninterrupted run's (bit-exact resume)."""
+    a, b = two_hosts
+    local = {h.hostname: tmp_path / f"local-{h.hostname}" for h in (a, b)}
+    flags = [*FLAGS, "--save-every", "0", "--local-dir", "$SHARDCKPT_TEST_LOCAL",
+             "--local-every", "1"]
+    job = Job(two_hosts, tmp_path / "logs", flags, SHARDCKPT_DIST_TIMEOUT="8")
+    job.start(a, SHARDCKPT_TEST_LOCAL=str(local[a.hostname]))
+    job.start(b, SHARDCKPT_TEST_LOCAL=str(local[b.hostname]))
+    job.wait_for(r"^step=6 ", 180)
+    before = elastic._seen(job)
+    b.kill()
+    step, world = elastic._next_resume(job, before, 180)
+    assert world == 2 and step >= 5, (step, world)
+    assert not list(job.ckpt.glob("step-*/manifest.json"))  # nothing durable to read from
+    own = local[a.hostname] / f"step-{step:08d}" / "data"
+    assert len({n.split(".")[0] for n in os.listdir(own)}) == 4  # its own ranks + replicas
+    final = job.agents[0]
+    assert final.wait(240) == 0, elastic.tail(final.text())
     assert_matches(job, reference)

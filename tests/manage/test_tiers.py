@@ -3,6 +3,7 @@ local dir (DiskFullError, a warning, the durable tier goes on), and the CLI on a
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from shardckpt.testing.faults import tiny_filesystem
 
 def manager(tmp_path, local, **kw):
     kw = {"every_n_steps": None, "local_every_n_steps": 1, "async_save": False,
-          "handle_preemption": False, **kw}
+          "handle_preemption": False, "local_on_busy": "wait", **kw}
     return shardckpt.CheckpointManager(tmp_path / "durable", local_dir=local, **kw)
 
 
@@ -56,10 +57,11 @@ def test_full_local_dir_warns_and_durable_goes_on(tmp_path):
             m.maybe_save(1, state(1))
             big = {"w": torch.randn(2 << 20), "step": 2}  # 8 MiB raw, twice the file system
             with pytest.warns(UserWarning, match="local save of step 2.*DiskFullError"):
-                m.maybe_save(2, big)
-            assert m.steps() == [1, 2]  # the durable tier committed both
-        assert os.listdir(local) == ["step-00000001"]  # no debris, the old one intact
-        shardckpt.verify(local / "step-00000001")
+                m.maybe_save(2, big)  # the background write fails: warned at the next call
+                m.maybe_save(3, state(3))
+            assert m.steps() == [1, 2, 3]  # the durable tier committed every step
+        assert os.listdir(local) == ["step-00000003"]  # no debris, the old one intact
+        shardckpt.verify(local / "step-00000003")
 
 
 def test_promotion_copies_the_local_checkpoint(tmp_path):
@@ -75,3 +77,32 @@ def test_promotion_copies_the_local_checkpoint(tmp_path):
     target = state(0)
     shardckpt.load(target, durable)
     assert target["step"] == 4 and torch.equal(target["w"], state(4)["w"])
+
+
+def test_a_local_save_in_flight_makes_the_next_one_skip(tmp_path, monkeypatch):
+    """The default ``local_on_busy="skip"``: the caller never waits for a slow local write;
+    the skipped step is counted and warned about, the saves in flight still commit."""
+    from shardckpt.manage import tiers
+    release = threading.Event()
+    original = tiers.LocalTier._write_and_replicate
+
+    def slow(self, *args):
+        release.wait(30)
+        return original(self, *args)
+
+    monkeypatch.setattr(tiers.LocalTier, "_write_and_replicate", slow)
+    local = tmp_path / "local"
+    with manager(tmp_path, local, local_on_busy="skip", local_keep=3) as m:
+        first = state(1)
+        m.maybe_save(1, first)
+        first["w"].add_(100)  # changed after the call: the save holds the staged values
+        with pytest.warns(UserWarning, match="local step 2 skipped.*step 1 is still running"):
+            m.maybe_save(2, state(2))
+        assert m._tier.skipped == 1
+        release.set()
+        assert m._tier.wait() is True
+        m.maybe_save(3, state(3))
+    assert sorted(os.listdir(local)) == ["step-00000001", "step-00000003"]
+    target = state(0)
+    shardckpt.load(target, local / "step-00000001")  # staged at the call: step 1's values
+    assert torch.equal(target["w"], state(1)["w"])
