@@ -167,8 +167,8 @@ def test_lost_host_resumes_from_the_local_tier_replicas(two_hosts, tmp_path, ref
     step, world = elastic._next_resume(job, before, 180)
     assert world == 2 and step >= 5, (step, world)
     assert not list(job.ckpt.glob("step-*/manifest.json"))  # nothing durable to read from
-    own = local[a.hostname] / f"step-{step:08d}" / "data"
-    assert len({n.split(".")[0] for n in os.listdir(own)}) == 4  # its own ranks + replicas
+    # (Not checked: which files host0's folder of that step holds. The resumed job keeps saving
+    # with local_keep=1, so retention may already have removed it: a race that failed CI.)
     final = job.agents[0]
     assert final.wait(240) == 0, elastic.tail(final.text())
     assert_matches(job, reference)
