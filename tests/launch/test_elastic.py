@@ -8,7 +8,6 @@ every host is preempted, one host restarts it); the ``slow`` tests run each scen
 the faults (a link cut, a host that never returns, an unreachable rendezvous).
 """
 
-import os
 import time
 
 import pytest
