@@ -19,7 +19,7 @@ from . import tables
 from . import retire
 from .commit import commit_for
 from .dist import PerRank, exchange
-from .merge import build_manifest, merge_plans, target_rows
+from .merge import build_manifest, merged, target_rows
 from .plan import local_plan, plan_chunks
 from .tree import flatten
 from .types import DATA_DIR, HEADER_BYTES, TensorItem
@@ -36,7 +36,7 @@ class Coordinator:
         self.plans, self.gp, self.begun = None, None, False
 
     def plan(self, plans: dict[int, dict]) -> dict:
-        self.plans, self.gp = plans, merge_plans(plans, self.indexed)
+        self.plans, self.gp = plans, merged(plans, self.indexed)
         if self.tx.overwrite:  # never replace a checkpoint whose files others reference
             retire.check_replaceable(self.storage, self.name)
         self.tx.begin()
@@ -196,7 +196,9 @@ class PlannedSave:
 
     def pieces(self) -> list[TensorItem]:
         """The items this rank writes, keyed by their item index."""
-        return [replace(self.items[int(i)], key=str(int(i))) for i in self.assigned]
+        items = self.items
+        return [TensorItem(str(i), items[i].tensor, items[i].global_shape, items[i].offsets,
+                           items[i].dtensor, items[i].rule) for i in self.assigned.tolist()]
 
     def finish(self, batches=None) -> dict:
         """The write round and the commit; returns this rank's report. ``batches`` as for

@@ -38,11 +38,12 @@ def default_budget() -> int:
     """0.6 x the host's available memory, shared by the node's local ranks."""
     available = 0
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
+        with open("/proc/meminfo", "rb") as f:
+            text = f.read()
+        at = text.find(b"MemAvailable:")
+        if at >= 0:
+            available = int(text[at:].split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
     if not available:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

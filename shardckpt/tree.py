@@ -106,13 +106,15 @@ class _Flattener:
         return key
 
     def tensor(self, t: torch.Tensor, path: tuple) -> dict:
-        where = path_text(path)
-        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
-            raise UnsupportedValueError(f"{where}: cannot save a {t.layout} / {t.device.type} "
-                                        f"tensor (only dense, materialized tensors)")
+        # The hot path of a save's stall (a model has hundreds of tensors): no work here that
+        # only an error message needs.
+        if t.layout != torch.strided or t.is_quantized or t.is_meta:
+            raise UnsupportedValueError(f"{path_text(path)}: cannot save a {t.layout} / "
+                                        f"{t.device.type} tensor (only dense, materialized "
+                                        "tensors)")
         if t.dtype not in DTYPE_BY_TORCH:
-            raise UnsupportedValueError(f"{where}: dtype {t.dtype} is not in format v1")
-        local, global_shape, offsets, is_dtensor = local_box(t.detach())
+            raise UnsupportedValueError(f"{path_text(path)}: dtype {t.dtype} is not in format v1")
+        local, global_shape, offsets, is_dtensor = local_box(t.detach() if t.requires_grad else t)
         ident = _storage_identity(local)
         if ident is not None and ident in self.by_identity:
             return {"tensor": self.by_identity[ident]}

@@ -130,3 +130,18 @@ def test_per_piece_cost_with_rules_stays_flat_from_512_to_8192_ranks():
     small = min(_coordinate_indexed(512)[0] for _ in range(3)) / (512 * TENSORS)
     large = min(_coordinate_indexed(8192)[0] for _ in range(2)) / (8192 * TENSORS)
     assert large < 3 * small, (large * 1e9, small * 1e9)
+
+
+def test_a_repeated_layout_reuses_the_merge_and_a_changed_one_does_not():
+    from shardckpt.merge import merged
+    plans = _plans(4)
+    first = merged(plans)
+    again = {r: dict(p, values=tables.pack_text([{"int": 5}])) for r, p in plans.items()}
+    assert merged(again) is first  # only the tree's values changed: same pieces, same answer
+    moved = _plans(4)
+    moved[3] = dict(moved[3], crc=tables.encode(np.array([7, 9] + [-1] * (TENSORS - 2),
+                                                         np.int64)))
+    fresh = merged(moved)
+    assert fresh is not first
+    assert fresh.kids[3] is not fresh.layout_kids[3]  # rank 3's replica differs: renamed
+    assert merged(plans, indexed=True) is not first
