@@ -23,6 +23,7 @@ from .observe import log_save
 from .guard import Watch, find_guards, owners, storage_key
 from .incremental import base_name
 from .saver import plan_save
+from .tree import dtensor_type
 from .storage import open_checkpoint
 from .write import WriteOptions
 
@@ -134,10 +135,12 @@ def split_budget(budget: int, opts: WriteOptions) -> tuple[int, WriteOptions]:
 def _order(planned, guards) -> tuple[list, Watch | None]:
     """This rank's pieces, eager ones first; and the Watch of the lazy ones (None if none)."""
     pieces = planned.pieces()
-    owned = owners(guards) if guards else {}
+    if not guards:
+        return pieces, None
+    owned, dt = owners(guards), dtensor_type()
     eager, lazy = [], []
     for p in pieces:
-        g = owned.get(storage_key(p.tensor))
+        g = owned.get(storage_key(p.tensor, dt))
         (lazy if g else eager).append((min(g[0]) if g else 0, p, g))
     if not lazy:
         return pieces, None

@@ -39,7 +39,7 @@ from .plan import plan_chunks
 from .read import ReadPlan, open_for_read, read_blob
 from .saver import _targets
 from .storage import open_checkpoint
-from .tree import _Flattener, build, dict_items, node_kind
+from .tree import _Flattener, build, dict_items, escape, node_kind
 from .types import DATA_DIR, DTYPE_BY_TORCH, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
 from .write import CodecTable, WriteOptions, write_data_files
 
@@ -162,9 +162,9 @@ def _value_node(planner, item) -> tuple[dict, list[TensorItem]]:
             raise UnsupportedValueError(f"{fqn}: not a plain value ({exc})") from None
     f = _Flattener()
     # Bytes values get keys of their own under the FQN, apart from every tensor FQN.
-    blob_root = f"{fqn}::bytes"
+    blob_root = escape(f"{fqn}::bytes")
     try:
-        node = f.node(value, (blob_root,))
+        node = f.node(value, blob_root)
     except UnsupportedValueError as exc:
         raise UnsupportedValueError(str(exc).replace(blob_root, fqn)) from None
     return _blob_nodes_only(node, fqn), f.items

@@ -53,9 +53,10 @@ def _walk(obj, found: dict, depth: int) -> None:
             _walk(v, found, depth + 1)
 
 
-def storage_key(t: torch.Tensor):
-    """What identifies the memory of ``t`` (a DTensor's local shard); None when empty."""
-    dt = dtensor_type()
+def storage_key(t: torch.Tensor, dt=None):
+    """What identifies the memory of ``t`` (a DTensor's local shard); None when empty.
+    ``dt``: ``tree.dtensor_type()``, if the caller has it at hand."""
+    dt = dt or dtensor_type()
     if dt is not None and isinstance(t, dt):
         t = t.to_local()
     if t.numel() == 0:
@@ -76,7 +77,7 @@ def owners(guards: list[Optimizer]) -> dict:
     dt = dtensor_type()
 
     def add(t, g):
-        key = storage_key(t)
+        key = storage_key(t, dt)
         if key is not None:
             guards, witnesses = owned.setdefault(key, (set(), []))
             guards.add(g)

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from . import codecs, knobs, tables
-from .tree import split_values
 from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
 
@@ -70,10 +69,12 @@ def _replica_crc(item: TensorItem, limit: int):
     return codecs.backend.crc32c(tensor_bytes(host_contiguous(t)))
 
 
-def local_plan(tree: dict, items: list[TensorItem], world: int, rules: bool = False) -> dict:
+def local_plan(skeleton: dict, values: list, items: list[TensorItem], world: int,
+               rules: bool = False) -> dict:
     """This rank's plan as JSON text fields and int64 tables, cheap for the coordinator to
     compare across thousands of ranks (merge.py): the tensor layout (key, dtype, global shape,
-    is-DTensor), the tree's skeleton and its values, each piece's box and replica checksum.
+    is-DTensor), the tree's skeleton and its values (``tree.flatten_split``), each piece's box
+    and replica checksum. The layout and skeleton texts are reused while they repeat.
 
     With ``rules`` (a save that writes chunk index files, FORMAT.md 3.7), DTensors on a plain
     grid are described by their rule (``grid`` field: ``[[item, rule id], ...]`` and the
@@ -83,15 +84,17 @@ def local_plan(tree: dict, items: list[TensorItem], world: int, rules: bool = Fa
     layout = [[it.key, DTYPE_BY_TORCH[it.tensor.dtype].name, list(it.global_shape), it.dtensor]
               for it in items]
     ruled = [i for i, it in enumerate(items) if rules and it.rule is not None]
-    explicit = sorted(set(range(len(items))) - set(ruled))
+    explicit = sorted(set(range(len(items))) - set(ruled)) if ruled else range(len(items))
     width = max((len(it.global_shape) for it in items), default=0)
-    boxes = np.zeros((len(explicit), 2 * width), dtype=np.int64)
-    for row, i in enumerate(explicit):
-        it, nd = items[i], len(items[i].global_shape)
-        boxes[row, :nd], boxes[row, width:width + nd] = it.offsets, tuple(it.tensor.shape)
-    crcs = [_replica_crc(it, limit) for it in items]
-    skeleton, values = split_values(tree)
-    plan = {"layout": tables.pack_text(layout), "skeleton": tables.pack_text(skeleton),
+    rows = []
+    for i in explicit:  # [offsets..., 0 padding, local shape..., 0 padding]
+        it = items[i]
+        pad = (0,) * (width - len(it.global_shape))
+        rows.append((*it.offsets, *pad, *it.tensor.shape, *pad))
+    boxes = np.array(rows, dtype=np.int64).reshape(len(rows), 2 * width)
+    crcs = [_replica_crc(it, limit) for it in items] if limit >= 0 else [None] * len(items)
+    plan = {"layout": tables.pack_text_again("layout", layout),
+            "skeleton": tables.pack_text_again("skeleton", skeleton),
             "values": tables.pack_text(values), "width": width, "boxes": tables.encode(boxes),
             "crc": tables.encode(np.array([-1 if c is None else c for c in crcs], np.int64))}
     if rules:

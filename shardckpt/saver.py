@@ -21,7 +21,7 @@ from .commit import commit_for
 from .dist import PerRank, exchange
 from .merge import build_manifest, merged, target_rows
 from .plan import local_plan, plan_chunks
-from .tree import flatten
+from .tree import flatten_split
 from .types import DATA_DIR, HEADER_BYTES, TensorItem
 from .write import CodecTable, WriteOptions, add_stats, write_data_files
 
@@ -251,8 +251,8 @@ def plan_save(state, storage, name: str, opts: WriteOptions, metadata: dict, ove
     try:
         items, plan, error, index = [], None, None, None
         try:
-            tree, items = flatten(state)
-            plan = local_plan(tree, items, ex.world, rules=indexed)
+            skeleton, values, items = flatten_split(state)
+            plan = local_plan(skeleton, values, items, ex.world, rules=indexed)
             index = incremental.open_base(storage, base)
         except Exception as exc:
             error = exc

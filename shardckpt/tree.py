@@ -31,7 +31,10 @@ def is_stateful(obj) -> bool:
 
 def escape(segment) -> str:
     """One key-path segment as FORMAT.md 3.3 writes it."""
-    return str(segment).replace("~", "~0").replace("/", "~1")
+    text = str(segment)
+    if "~" in text or "/" in text:
+        return text.replace("~", "~0").replace("/", "~1")
+    return text
 
 
 def path_text(path) -> str:
@@ -83,21 +86,38 @@ def _rule(t, offsets: tuple, local_shape: tuple) -> str | None:
 
 
 def _storage_identity(t: torch.Tensor):
-    """Tensors equal under this key are the same view of the same memory: saved once."""
+    """Tensors equal under this key are the same view of the same memory: saved once. (The
+    address of the first element stands for the storage and the offset in it: with the dtype,
+    shape and strides equal, equal addresses mean the same elements.)"""
     if t.numel() == 0:
         return None
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-            t.stride(), t.dtype)
+    return t.device, t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+def _child(prefix: str, segment) -> str:
+    """The escaped key path of a container's member, from its container's."""
+    return f"{prefix}/{escape(segment)}" if prefix else escape(segment)
 
 
 class _Flattener:
-    def __init__(self):
+    """Walks a state once. A node's position is carried as its escaped key path (FORMAT.md
+    3.3), built one segment at a time: the path of a tensor is its key."""
+
+    def __init__(self, values: list | None = None):
         self.items: list[TensorItem] = []
         self.keys: set[str] = set()
         self.by_identity: dict = {}
+        self.dtensor = dtensor_type()
+        self.values = values  # when a list: leaves go there, the tree gets placeholders
 
-    def unique_key(self, path: tuple) -> str:
-        base = "/".join(escape(s) for s in path)
+    def leaf(self, node: dict) -> dict:
+        """A non-tensor leaf, or its ``{"value": i}`` placeholder (see ``split_values``)."""
+        if self.values is None:
+            return node
+        self.values.append(node)
+        return {"value": len(self.values) - 1}
+
+    def unique_key(self, base: str) -> str:
         key, n = base, 1
         while key in self.keys:
             n += 1
@@ -105,75 +125,82 @@ class _Flattener:
         self.keys.add(key)
         return key
 
-    def tensor(self, t: torch.Tensor, path: tuple) -> dict:
+    def tensor(self, t: torch.Tensor, prefix: str) -> dict:
         # The hot path of a save's stall (a model has hundreds of tensors): no work here that
         # only an error message needs.
         if t.layout != torch.strided or t.is_quantized or t.is_meta:
-            raise UnsupportedValueError(f"{path_text(path)}: cannot save a {t.layout} / "
+            raise UnsupportedValueError(f"{prefix or '<root>'}: cannot save a {t.layout} / "
                                         f"{t.device.type} tensor (only dense, materialized "
                                         "tensors)")
         if t.dtype not in DTYPE_BY_TORCH:
-            raise UnsupportedValueError(f"{path_text(path)}: dtype {t.dtype} is not in format v1")
-        local, global_shape, offsets, is_dtensor = local_box(t.detach() if t.requires_grad else t)
+            raise UnsupportedValueError(f"{prefix or '<root>'}: dtype {t.dtype} is not in "
+                                        "format v1")
+        if t.requires_grad:
+            t = t.detach()
+        if self.dtensor is not None and isinstance(t, self.dtensor):
+            local, global_shape, offsets, is_dtensor = local_box(t)
+        else:
+            local, global_shape, offsets, is_dtensor = t, tuple(t.shape), (0,) * t.dim(), False
         ident = _storage_identity(local)
         if ident is not None and ident in self.by_identity:
             return {"tensor": self.by_identity[ident]}
-        key = self.unique_key(path)
+        key = self.unique_key(prefix)
         rule = _rule(t, offsets, tuple(local.shape)) if is_dtensor else None
         self.items.append(TensorItem(key, local, global_shape, offsets, is_dtensor, rule))
         if ident is not None:
             self.by_identity[ident] = key
         return {"tensor": key}
 
-    def blob(self, data: bytes, kind: str, path: tuple) -> dict:
+    def blob(self, data: bytes, kind: str, prefix: str) -> dict:
         """A bytes-like value as a uint8 tensor of its own (FORMAT.md 3.4, revision 1.2)."""
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
             torch.empty(0, dtype=torch.uint8)
-        key = self.unique_key(path)
+        key = self.unique_key(prefix)
         self.items.append(TensorItem(key, t, tuple(t.shape), (0,), False))
         return {kind: key}
 
-    def node(self, obj, path: tuple, depth: int = 0) -> dict:
+    def node(self, obj, prefix: str = "", depth: int = 0) -> dict:
+        """The tree node of ``obj`` found at the escaped key path ``prefix``."""
         if depth > MAX_DEPTH:
             raise UnsupportedValueError(f"state nested deeper than {MAX_DEPTH} levels")
         if isinstance(obj, torch.Tensor):
-            return self.tensor(obj, path)
-        if isinstance(obj, (bytes, bytearray, memoryview)):
-            return self.blob(bytes(obj), "bytes", path)
-        if isinstance(obj, io.BytesIO):
-            return self.blob(obj.getvalue(), "bytesio", path)
-        if isinstance(obj, torch.Size):
-            return {"size": [int(d) for d in obj]}
-        if isinstance(obj, bool):
-            return {"bool": obj}
-        if isinstance(obj, int):
-            return {"int": int(obj)}
-        if isinstance(obj, float):
-            return {"float": float(obj).hex()}
-        if isinstance(obj, str):
-            return {"str": obj}
-        if obj is None:
-            return {"none": None}
-        if isinstance(obj, torch.dtype):
-            if obj not in DTYPE_BY_TORCH:
-                raise UnsupportedValueError(f"{path_text(path)}: dtype {obj}")
-            return {"dtype": DTYPE_BY_TORCH[obj].name}
+            return self.tensor(obj, prefix)
         if isinstance(obj, dict):
             items = []
             for k, v in obj.items():
                 if isinstance(k, bool) or not isinstance(k, (str, int)):
                     raise UnsupportedValueError(
-                        f"{path_text(path)}: dict key {k!r} is not a "
-                        "str or int")
-                items.append([k, self.node(v, path + (k,), depth + 1)])
+                        f"{prefix or '<root>'}: dict key {k!r} is not a str or int")
+                items.append([k, self.node(v, _child(prefix, k), depth + 1)])
             return {"dict": items}
+        if isinstance(obj, torch.Size):  # a tuple, saved as its own kind
+            return self.leaf({"size": [int(d) for d in obj]})
         if isinstance(obj, (list, tuple)):
             kind = "tuple" if isinstance(obj, tuple) else "list"
-            return {kind: [self.node(v, path + (i,), depth + 1) for i, v in enumerate(obj)]}
+            return {kind: [self.node(v, _child(prefix, i), depth + 1)
+                           for i, v in enumerate(obj)]}
+        if isinstance(obj, bool):
+            return self.leaf({"bool": obj})
+        if isinstance(obj, int):
+            return self.leaf({"int": int(obj)})
+        if isinstance(obj, float):
+            return self.leaf({"float": float(obj).hex()})
+        if isinstance(obj, str):
+            return self.leaf({"str": obj})
+        if obj is None:
+            return self.leaf({"none": None})
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return self.blob(bytes(obj), "bytes", prefix)
+        if isinstance(obj, io.BytesIO):
+            return self.blob(obj.getvalue(), "bytesio", prefix)
+        if isinstance(obj, torch.dtype):
+            if obj not in DTYPE_BY_TORCH:
+                raise UnsupportedValueError(f"{prefix or '<root>'}: dtype {obj}")
+            return self.leaf({"dtype": DTYPE_BY_TORCH[obj].name})
         if is_stateful(obj):
-            return self.node(obj.state_dict(), path, depth + 1)
+            return self.node(obj.state_dict(), prefix, depth + 1)
         raise UnsupportedValueError(
-            f"{path_text(path)}: cannot save a {type(obj).__name__} "
+            f"{prefix or '<root>'}: cannot save a {type(obj).__name__} "
             "without pickling; convert it to tensors, numbers, strings, lists or dicts")
 
 
@@ -181,7 +208,13 @@ def flatten(state) -> tuple[dict, list[TensorItem]]:
     """``(tree, tensors)`` of a state; raises UnsupportedValueError naming the path of a value
     that cannot be saved."""
     f = _Flattener()
-    return f.node(state, ()), f.items
+    return f.node(state), f.items
+
+
+def flatten_split(state) -> tuple[dict, list, list[TensorItem]]:
+    """``(skeleton, values, tensors)``: ``flatten`` and ``split_values`` in one walk."""
+    f = _Flattener(values=[])
+    return f.node(state), f.values, f.items
 
 
 def _scalar(kind: str, value):
