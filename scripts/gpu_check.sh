@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Usage: scripts/gpu_check.sh
 #   The CUDA checks, for the rare session with a GPU machine, in one command under 5 minutes:
-#   tests/gpu and scripts/bench_gpu.py (device-to-host staging throughput vs a bare pinned
+#   tests/gpu and scripts/bench/gpu.py (device-to-host staging throughput vs a bare pinned
 #   copy_, the stall of async_save for a multi-GiB state, and with --guarded how much of a
 #   guarded save's device-to-host copy hides behind the next forward/backward). Uses the python3 on PATH and its
 #   CUDA torch. Offline machines: put wheels of scikit-build-core, nanobind, zstandard, crc32c in
@@ -17,5 +17,5 @@ fi
 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
   || echo "gpu_check: native build failed here; the checks run on the reference codec"
 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
-"$PY" scripts/bench_gpu.py --size-gib "${SIZE_GIB:-2}"
-"$PY" scripts/bench_gpu.py --guarded --size-gib "${SIZE_GIB:-2}"
+"$PY" scripts/bench/gpu.py --size-gib "${SIZE_GIB:-2}"
+"$PY" scripts/bench/gpu.py --guarded --size-gib "${SIZE_GIB:-2}"

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: the states they measure and the plumbing around a run.
+"""The benchmarks' shared harness: the states they measure and the plumbing around a run.
 
 Two states stand for what users checkpoint: an LLM-shaped state of a chosen size (``llm_state``)
 and a real small model with real AdamW moments (``minilm_state``). Around them: walking nested

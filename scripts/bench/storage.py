@@ -1,10 +1,10 @@
 """Save and load to S3 (moto's server on loopback): shardckpt vs DCP's fsspec writer and reader.
 
 Usage:
-    PYTHONPATH=. .venv/bin/python scripts/bench_storage.py [--size-gib 0.25] [--reps 3]
+    PYTHONPATH=. .venv/bin/python scripts/bench/storage.py [--size-gib 0.25] [--reps 3]
         [--json OUT]
 
-State: bench_common.llm_state of ``--size-gib`` (half bf16 weights, half a ZeRO-1 rank's fp32
+State: harness.llm_state of ``--size-gib`` (half bf16 weights, half a ZeRO-1 rank's fp32
 optimizer share). The S3 server is moto in a child process (``shardckpt.testing.s3_server``),
 reached through s3fs, so it does not share this interpreter's GIL; it keeps objects in memory.
 Contenders run round-robin within each repetition (the starting one rotates); each saves to a
@@ -27,7 +27,7 @@ import uuid
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (first_difference, flat_tensors, fmt, llm_state, log, map_state,  # noqa: E402
+from harness import (first_difference, flat_tensors, fmt, llm_state, log, map_state,  # noqa: E402
                           med, ratio, rotated, spread, state_bytes, table, write_json)
 
 

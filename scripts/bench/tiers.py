@@ -2,7 +2,7 @@
 local tier against the durable tier, and the stall of a local save against a durable one.
 
 Usage:
-    python scripts/bench_tiers.py [--mib 256] [--reps 3]
+    python scripts/bench/tiers.py [--mib 256] [--reps 3]
 
 The state is one Shard(0) float32 DTensor of ``--mib`` MiB in all. The durable tier is a folder
 on the disk; before each durable restore the page cache is dropped (as root: ``sync; echo 3 >
@@ -26,12 +26,12 @@ import tempfile
 import time
 import warnings
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-import bench_common as bc  # noqa: E402
+import harness as bh  # noqa: E402
 import shardckpt  # noqa: E402
 from shardckpt.testing import run_with_ranks  # noqa: E402
 
@@ -197,24 +197,24 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
     cold = res.pop("cold")
-    rows = [[k, f"{bc.median(v):.3f}", " ".join(f"{x:.3f}" for x in v)] for k, v in res.items()]
+    rows = [[k, f"{bh.median(v):.3f}", " ".join(f"{x:.3f}" for x in v)] for k, v in res.items()]
     print(f"state {args.mib} MiB on {WORLD} ranks (2 nodes x 2), codec raw, reps {args.reps}")
-    print(bc.table(["what", "median s", "runs s"], rows))
-    dr, lr = bc.median(res["durable_restore"]), bc.median(res["local_restore"])
+    print(bh.table(["what", "median s", "runs s"], rows))
+    dr, lr = bh.median(res["durable_restore"]), bh.median(res["local_restore"])
     print(f"restore durable(cold)/local = {dr / lr:.2f}x; durable(cold)/local-node1-wiped = "
           f"{dr / res['local_restore_node1_wiped'][0]:.2f}x")
     print(f"durable tier made cold by: {cold}")
-    ls, da = bc.median(res["local_save_stall"]), bc.median(res["durable_async_stall"])
+    ls, da = bh.median(res["local_save_stall"]), bh.median(res["durable_async_stall"])
     print(f"save stall local/durable-async = {ls / da:.2f}; local/durable-sync = "
-          f"{ls / bc.median(res['durable_sync_save']):.2f}")
-    base, every = bc.median(train["none"]), bc.median(train["local_every_step"])
+          f"{ls / bh.median(res['durable_sync_save']):.2f}")
+    base, every = bh.median(train["none"]), bh.median(train["local_every_step"])
     print(f"training: DDP MLP, {train['state_mib']:.1f} MiB state (weights + Adam), "
           f"{len(train['none'])} timed steps each, in interleaved blocks")
     print(f"  step no checkpoint {base:.3f} s, local save every step {every:.3f} s "
           f"(median): +{100 * (every / base - 1):.1f}% per step; local saves skipped "
           f"{train['skipped']}, failed {train['failed']}, last committed step "
           f"{train['committed_last']}")
-    call = bc.median(train["save_call"])
+    call = bh.median(train["save_call"])
     print(f"  maybe_save call (this rank's stall) median {call:.4f} s, max "
           f"{max(train['save_call']):.4f} s = {100 * call / base:.1f}% of the checkpoint-free "
           f"step")

@@ -1,7 +1,7 @@
 """Incremental checkpoints: bytes written per save when most of the state is frozen.
 
 Usage:
-    PYTHONPATH=. .venv/bin/python scripts/bench_incremental.py [--steps 10] [--codec zstd]
+    PYTHONPATH=. .venv/bin/python scripts/bench/incremental.py [--steps 10] [--codec zstd]
         [--dim 256] [--layers 4] [--reps 4] [--json out.json]
 
 Runs launch/train.py twice with the same seed, fine-tuning with the embeddings and the first
@@ -30,11 +30,11 @@ import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import shardckpt  # noqa: E402
-from scripts.bench_common import fmt, leaves, log, table, write_json  # noqa: E402
+from harness import fmt, leaves, log, table, write_json  # noqa: E402
 from shardckpt.read import open_manifest  # noqa: E402
 from shardckpt.storage import open_checkpoint  # noqa: E402
 

@@ -1,7 +1,7 @@
 """What checkpointing adds to a real training loop: guarded vs eager shardckpt vs DCP.
 
 Usage:
-    PYTHONPATH=. .venv/bin/python scripts/bench_train_overhead.py [--width 2048] [--layers 16]
+    PYTHONPATH=. .venv/bin/python scripts/bench/train_overhead.py [--width 2048] [--layers 16]
         [--batch 64] [--reps 2] [--dir DIR] [--json OUT] [--quick]
 
 The loop: an MLP of ``--layers`` fp32 ``width x width`` layers (16 x 2048: 268 MiB of
@@ -38,8 +38,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402 - needs the path above
-from bench_common import check, med, ratio, rotated  # noqa: E402
+import harness as bh  # noqa: E402 - needs the path above
+from harness import check, med, ratio, rotated  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -162,16 +162,16 @@ def run(args, root: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x = torch.randn(args.batch, args.width)
     savers = {n: Saver(n, model, opt, root) if n != "none" else None for n in CONTENDERS}
-    bc.log(f"model: {sum(p.numel() for p in model.parameters()) * 4 / bc.GIB:.3f} GiB params")
+    bh.log(f"model: {sum(p.numel() for p in model.parameters()) * 4 / bh.GIB:.3f} GiB params")
     for n in CONTENDERS:  # first saves and first steps off the record
-        bc.log(f"warm-up {n}: {block(model, opt, x, savers[n], 2, 1)['step']:.3f} s/step")
+        bh.log(f"warm-up {n}: {block(model, opt, x, savers[n], 2, 1)['step']:.3f} s/step")
     records = {mode: {n: [] for n in CONTENDERS} for mode in (1, 10)}
     for rep in range(args.reps):
         for mode, steps in ((1, STEPS_EVERY_1), (10, 10)):
             for n in rotated(list(CONTENDERS), rep):
                 rec = block(model, opt, x, savers[n], steps, mode)
                 records[mode][n].append(rec)
-                bc.log(f"rep {rep + 1}/{args.reps} every {mode}: {n}: {rec['step']:.3f} s/step "
+                bh.log(f"rep {rep + 1}/{args.reps} every {mode}: {n}: {rec['step']:.3f} s/step "
                        f"(cpu: main {rec['main_cpu']:.2f}, torch workers "
                        f"{rec['torch_cpu']:.2f}, checkpointing {rec['ckpt_cpu']:.2f})")
     for s in savers.values():
@@ -187,10 +187,10 @@ def report(result: dict) -> list[dict]:
         added = {n: med(r, "step") - base for n, r in recs.items()}
         print(f"\n=== saving every {mode} step(s): median over {len(recs['none'])} blocks")
         rows = [[n, f"{med(r, 'step'):.3f}", f"{added[n]:+.3f}",
-                 bc.fmt(ratio(added[n], base) * 100, "+.1f"),
+                 bh.fmt(ratio(added[n], base) * 100, "+.1f"),
                  *(f"{med(r, k):.2f}" for k in ("main_cpu", "torch_cpu", "ckpt_cpu"))]
                 for n, r in recs.items()]
-        print(bc.table(["contender", "s/step", "added s/step", "added %", "main cpu s/step",
+        print(bh.table(["contender", "s/step", "added s/step", "added %", "main cpu s/step",
                         "torch workers cpu", "checkpointing cpu"], rows))
         if mode == 1:
             results.append(check("every step: guarded added time <= 0.5x DCP's",
@@ -206,7 +206,7 @@ def report(result: dict) -> list[dict]:
     for c in results:
         verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
         limit = "" if c["limit"] is None else f" (limit {c['limit']})"
-        print(f"  {verdict:4}  {c['check']}: {bc.fmt(c['value'], '.3f')}{limit}")
+        print(f"  {verdict:4}  {c['check']}: {bh.fmt(c['value'], '.3f')}{limit}")
     return results
 
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
     result["checks"] = report(result)
-    bc.write_json(result, args.json)
+    bh.write_json(result, args.json)
     return 0
 
 

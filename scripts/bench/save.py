@@ -1,7 +1,7 @@
 """Sync save and load of shardckpt against torch.save, safetensors and DCP, on 1 and 2 ranks.
 
 Usage:
-    PYTHONPATH=. .venv/bin/python scripts/bench_save.py [--size-gib 1.0] [--reps 3]
+    PYTHONPATH=. .venv/bin/python scripts/bench/save.py [--size-gib 1.0] [--reps 3]
         [--states a,b] [--dir DIR] [--json OUT] [--quick] [--no-dist] [--no-single]
 
 States: (a) an LLM-shaped state of ``--size-gib`` (half bf16 weights, half fp32 optimizer
@@ -15,7 +15,7 @@ table: a bare memcpy of the state and one fsynced sequential write of its bytes 
 Loads run after a page-cache drop where the kernel allows it, and once more warm.
 Progress goes to stderr; the report to stdout; ``--json`` keeps every measurement.
 
-The distributed section (bench_dist.py; ``--no-dist`` skips it) saves the same states row-sharded
+The distributed section (save_dist.py; ``--no-dist`` skips it) saves the same states row-sharded
 over 2 gloo ranks against DCP, and loads them back on 1 and on 4 ranks (resharding).
 """
 
@@ -36,9 +36,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402 - needs the path above
-import bench_dist  # noqa: E402
-from bench_common import (check, first_error, med, ratio, remove, rotated,  # noqa: E402
+import harness as bh  # noqa: E402 - needs the path above
+import save_dist  # noqa: E402
+from harness import (check, first_error, med, ratio, remove, rotated,  # noqa: E402
                           slug, spread)
 
 # DCP warns that no process group exists; a single-process save is what we measure.
@@ -65,7 +65,7 @@ RAW_PARALLEL = f"raw write+fsync, {CORES} streams"
 # ---- savers: each writes ``state`` to ``path`` durably and returns extra facts (or None) -------
 
 def save_memcpy(state, path):
-    return {HOLD: [t.clone() for t in bc.tensors_of(state)]}
+    return {HOLD: [t.clone() for t in bh.tensors_of(state)]}
 
 
 def write_all(f, buf) -> None:
@@ -79,9 +79,9 @@ def save_raw(state, path):
     # buffer measured slower here (an extra copy of every small tensor), and a floor must be
     # the fastest plain write there is.
     with open(path, "wb", buffering=0) as f:
-        for t in bc.tensors_of(state):
-            write_all(f, bc.byte_view(t).numpy())
-    bc.fsync_tree(path)
+        for t in bh.tensors_of(state):
+            write_all(f, bh.byte_view(t).numpy())
+    bh.fsync_tree(path)
 
 
 def save_raw_parallel(state, path):
@@ -91,7 +91,7 @@ def save_raw_parallel(state, path):
     os.makedirs(path)
     shares = [[] for _ in range(CORES)]
     sizes = [0] * CORES
-    for t in sorted(bc.tensors_of(state), key=lambda t: -t.numel() * t.element_size()):
+    for t in sorted(bh.tensors_of(state), key=lambda t: -t.numel() * t.element_size()):
         i = sizes.index(min(sizes))
         shares[i].append(t)
         sizes[i] += t.numel() * t.element_size()
@@ -99,23 +99,23 @@ def save_raw_parallel(state, path):
     def write(i):
         with open(os.path.join(path, f"part-{i}"), "wb", buffering=0) as f:
             for t in shares[i]:
-                write_all(f, bc.byte_view(t).numpy())
+                write_all(f, bh.byte_view(t).numpy())
             os.fsync(f.fileno())
     with ThreadPoolExecutor(CORES) as pool:
         list(pool.map(write, range(CORES)))
-    bc.fsync_tree(path)
+    bh.fsync_tree(path)
 
 
 def save_torch(state, path):
     torch.save(state, path)
-    bc.fsync_tree(path)
+    bh.fsync_tree(path)
 
 
 def save_safetensors(state, path):
-    tensors, plain = bc.flat_tensors(state)
+    tensors, plain = bh.flat_tensors(state)
     # safetensors keeps only str -> str metadata: the plain leaves travel as one JSON string.
     save_file(tensors, path, metadata={"plain": json.dumps(plain, default=str)})
-    bc.fsync_tree(path)
+    bh.fsync_tree(path)
 
 
 def dcp_saver(**writer_args):
@@ -167,8 +167,8 @@ def read_exact(f, buf) -> None:
 
 def load_raw(ctx):
     with open(ctx.paths[RAW_FLOOR], "rb", buffering=0) as f:
-        for t in bc.tensors_of(ctx.target):
-            read_exact(f, bc.byte_view(t).numpy())
+        for t in bh.tensors_of(ctx.target):
+            read_exact(f, bh.byte_view(t).numpy())
     return ctx.target
 
 
@@ -214,7 +214,7 @@ def measure_save(saver: Saver, state, path: str) -> dict:
         remove(path)
         return {"error": f"{type(exc).__name__}: {exc}"}
     HELD[saver.name] = extra.pop(HOLD, None)
-    record = {"wall": wall, "disk_bytes": bc.disk_bytes(path) if os.path.exists(path) else None}
+    record = {"wall": wall, "disk_bytes": bh.disk_bytes(path) if os.path.exists(path) else None}
     record.update(extra)
     return record
 
@@ -225,7 +225,7 @@ def warm_up(state, workdir: str) -> None:
     Lazy imports, thread pools and first-call setup would otherwise land on whichever
     contender happens to run first.
     """
-    small = dict(list(bc.flat_tensors(state)[0].items())[-4:])
+    small = dict(list(bh.flat_tensors(state)[0].items())[-4:])
     for saver in SAVERS:
         path = os.path.join(workdir, f"warmup-{slug(saver.name)}")
         measure_save(saver, small, path)
@@ -242,7 +242,7 @@ def run_saves(label: str, state, workdir: str, reps: int) -> tuple[dict, dict]:
             path = os.path.join(workdir, f"{label}-{slug(saver.name)}-r{rep}")
             record = measure_save(saver, state, path)
             results[saver.name].append(record)
-            bc.log(f"({label}) save rep {rep + 1}/{reps} {saver.name}: "
+            bh.log(f"({label}) save rep {rep + 1}/{reps} {saver.name}: "
                    f"{record.get('error') or format(record['wall'], '.2f') + ' s'}")
             if saver.keep and rep == reps - 1 and "error" not in record:
                 kept[saver.name] = path
@@ -254,17 +254,17 @@ def run_saves(label: str, state, workdir: str, reps: int) -> tuple[dict, dict]:
 
 def bf16_subset_bytes(label: str, state, workdir: str) -> dict | None:
     """Disk bytes of the bf16 tensors alone, by shardckpt zstd and by DCP defaults (one save)."""
-    tensors, _ = bc.flat_tensors(state)
+    tensors, _ = bh.flat_tensors(state)
     subset = {k: t for k, t in tensors.items() if t.dtype == torch.bfloat16}
     if not subset or len(subset) == len(tensors):
         return None
-    out = {"raw_bytes": bc.state_bytes(subset)}
+    out = {"raw_bytes": bh.state_bytes(subset)}
     for name, fn in (("shardckpt zstd", shardckpt_saver("zstd")), (DCP_DEFAULT, dcp_saver())):
         path = os.path.join(workdir, f"{label}-bf16-{slug(name)}")
         record = measure_save(Saver(name, fn), subset, path)
         out[name] = record.get("disk_bytes")
         remove(path)
-    bc.log(f"({label}) bf16 subset: {out}")
+    bh.log(f"({label}) bf16 subset: {out}")
     return out
 
 
@@ -283,18 +283,18 @@ def timed_load(loader: Loader, ctx: LoadContext, cold: bool, check: bool) -> dic
     # survive a cache drop, and the "cold" load would read them from memory.
     HELD.pop(loader.name, None)
     if loader.in_place:
-        for t in bc.tensors_of(ctx.target):
+        for t in bh.tensors_of(ctx.target):
             t.zero_()  # a loader that silently skips a tensor must not pass the check
     if cold:
-        bc.drop_page_cache()
+        bh.drop_page_cache()
     t0 = time.perf_counter()
     result = loader.fn(ctx)
     if not loader.in_place:
-        bc.touch_pages(result)
+        bh.touch_pages(result)
     wall = time.perf_counter() - t0
     record = {"wall": wall}
     if check:
-        problem = bc.first_difference(ctx.expected, bc.flat_tensors(result)[0])
+        problem = bh.first_difference(ctx.expected, bh.flat_tensors(result)[0])
         record["check"] = problem or "ok"
     if not loader.in_place:
         HELD[loader.name] = result  # see HOLD
@@ -315,8 +315,8 @@ def measure_load(loader: Loader, ctx: LoadContext, cold_ok: bool, check: bool) -
 
 
 def run_loads(label: str, state, kept: dict, reps: int, cold_ok: bool) -> dict:
-    target = bc.map_state(state, torch.empty_like)
-    ctx = LoadContext(state, target, kept, bc.flat_tensors(state)[0])
+    target = bh.map_state(state, torch.empty_like)
+    ctx = LoadContext(state, target, kept, bh.flat_tensors(state)[0])
     results = {ld.name: [] for ld in LOADERS}
     for rep in range(reps):
         for loader in rotated(LOADERS, rep):
@@ -324,7 +324,7 @@ def run_loads(label: str, state, kept: dict, reps: int, cold_ok: bool) -> dict:
             results[loader.name].append(record)
             msg = record.get("error") or (f"cold {record['cold']['wall']:.2f} s, "
                                           f"warm {record['warm']['wall']:.2f} s")
-            bc.log(f"({label}) load rep {rep + 1}/{reps} {loader.name}: {msg}")
+            bh.log(f"({label}) load rep {rep + 1}/{reps} {loader.name}: {msg}")
     HELD.clear()
     return results
 
@@ -341,8 +341,8 @@ def save_rows(saves: dict, raw_bytes: int) -> list[list[str]]:
             rows.append([name, "ERROR: " + (first_error(records) or "?")[:90]])
             continue
         rows.append([name, f"{wall:.3f}", spread(records, "wall"), f"{raw_bytes / wall / 1e9:.2f}",
-                     bc.fmt(size and int(size), ",d"), bc.fmt(ratio(size, dcp_bytes), ".3f"),
-                     bc.fmt(ratio(wall, dcp_wall), ".2f"), bc.fmt(ratio(wall, floor), ".2f")])
+                     bh.fmt(size and int(size), ",d"), bh.fmt(ratio(size, dcp_bytes), ".3f"),
+                     bh.fmt(ratio(wall, dcp_wall), ".2f"), bh.fmt(ratio(wall, floor), ".2f")])
         if first_error(records):
             rows[-1][0] += " (some reps failed)"
     return rows
@@ -358,22 +358,22 @@ def load_rows(loads: dict, raw_bytes: int) -> list[list[str]]:
             continue
         rows.append([name, f"{cold:.3f}", spread(records, "cold", "wall"),
                      f"{raw_bytes / cold / 1e9:.2f}",
-                     bc.fmt(ratio(cold, dcp_cold), ".2f"), f"{warm:.3f}",
-                     f"{raw_bytes / warm / 1e9:.2f}", bc.fmt(ratio(warm, dcp_warm), ".2f")])
+                     bh.fmt(ratio(cold, dcp_cold), ".2f"), f"{warm:.3f}",
+                     f"{raw_bytes / warm / 1e9:.2f}", bh.fmt(ratio(warm, dcp_warm), ".2f")])
     return rows
 
 
 def print_state_report(label: str, run: dict, cold_ok: bool) -> None:
     raw = run["raw_bytes"]
     print(f"\n=== state ({label}): {run['description']}")
-    print(f"    {raw:,} bytes in {run['tensors']} tensors ({raw / bc.GIB:.3f} GiB); "
+    print(f"    {raw:,} bytes in {run['tensors']} tensors ({raw / bh.GIB:.3f} GiB); "
           f"{run['zero_fraction']:.1%} of the bytes are zero")
     print(f"\nSAVE ({label}), median of {run['reps']} reps; GB/s = state bytes / wall")
-    print(bc.table(["contender", "wall s", "min-max", "GB/s", "bytes on disk", "disk/DCP",
+    print(bh.table(["contender", "wall s", "min-max", "GB/s", "bytes on disk", "disk/DCP",
                     "x DCP", "x floor"], save_rows(run["saves"], raw)))
     cold = "cold" if cold_ok else "'cold' (CACHE NOT DROPPED: warm cache)"
     print(f"\nLOAD ({label}), median of {run['reps']} reps; {cold} = after a page-cache drop")
-    print(bc.table(["contender", "cold s", "min-max", "GB/s", "x DCP", "warm s", "GB/s",
+    print(bh.table(["contender", "cold s", "min-max", "GB/s", "x DCP", "warm s", "GB/s",
                     "x DCP"],
                    load_rows(run["loads"], raw)))
 
@@ -426,23 +426,23 @@ def print_checks(checks: list[dict]) -> None:
     for c in checks:
         verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
         limit = "" if c["limit"] is None else f" (limit {c['limit']})"
-        print(f"  {verdict:4}  {c['check']}: {bc.fmt(c['value'], '.3f')}{limit}")
+        print(f"  {verdict:4}  {c['check']}: {bh.fmt(c['value'], '.3f')}{limit}")
 
 
 # ---- the run ---------------------------------------------------------------------------------
 
 def build_state(label: str, size_gib: float):
-    bc.log(f"building state ({label})")
+    bh.log(f"building state ({label})")
     if label == "a":
-        return bc.llm_state(size_gib)
+        return bh.llm_state(size_gib)
     if label == "b":
-        return bc.minilm_state()
+        return bh.minilm_state()
     raise SystemExit(f"unknown state {label!r} (use a, b)")
 
 
 def run_state(label: str, state, desc: str, args, workdir: str, cold_ok: bool) -> dict:
-    run = {"description": desc, "raw_bytes": bc.state_bytes(state),
-           "tensors": len(bc.tensors_of(state)), "zero_fraction": bc.zero_fraction(state),
+    run = {"description": desc, "raw_bytes": bh.state_bytes(state),
+           "tensors": len(bh.tensors_of(state)), "zero_fraction": bh.zero_fraction(state),
            "reps": args.reps}
     run["saves"], kept = run_saves(label, state, workdir, args.reps)
     run["bf16_subset"] = bf16_subset_bytes(label, state, workdir)
@@ -486,18 +486,18 @@ def run_label(label: str, args, workdir: str, cold_ok: bool, report: dict) -> No
         report["checks"] += state_checks(label, run)
     if not args.dist:
         return
-    source = bench_dist.write_source(state, workdir, label)
+    source = save_dist.write_source(state, workdir, label)
     del state  # the ranks map the file; the parent's copy would only crowd their memory
     try:
-        run = bench_dist.run_dist(label, source, desc, workdir, args.reps, cold_ok)
+        run = save_dist.run_dist(label, source, desc, workdir, args.reps, cold_ok)
     except Exception as exc:  # noqa: BLE001 - the rest of the report still stands
         report["dist"][label] = {"error": f"{type(exc).__name__}: {exc}"}
-        bc.log(f"(dist {label}) failed: {type(exc).__name__}: {str(exc)[:2000]}")
+        bh.log(f"(dist {label}) failed: {type(exc).__name__}: {str(exc)[:2000]}")
         return
     finally:
         remove(source)
     report["dist"][label] = run
-    report["checks"] += bench_dist.dist_checks(label, run)
+    report["checks"] += save_dist.dist_checks(label, run)
 
 
 def main(argv=None) -> int:
@@ -505,7 +505,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(CORES)
     os.makedirs(args.dir or tempfile.gettempdir(), exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="bench_save-", dir=args.dir)
-    cold_ok = bc.drop_page_cache()
+    cold_ok = bh.drop_page_cache()
     report = {"header": header(cold_ok), "args": vars(args), "states": {}, "dist": {},
               "checks": []}
     try:
@@ -520,9 +520,9 @@ def main(argv=None) -> int:
         if "error" in run:
             print(f"\n=== dist state ({label}): ERROR\n{run['error']}")
         else:
-            bench_dist.print_report(label, run)
+            save_dist.print_report(label, run)
     print_checks(report["checks"])
-    bc.write_json(report, args.json)
+    bh.write_json(report, args.json)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Coordination cost of a distributed save, simulated for many ranks in one process.
 
 Usage:
-    python scripts/bench_coordination.py [--ranks 1024,4096,16384,65536] [--tensors 500]
+    python scripts/bench/coordination.py [--ranks 1024,4096,16384,65536] [--tensors 500]
                                          [--form index|inline]
 
 Each simulated rank holds a Shard(0) piece of every tensor (uneven sizes), a few replicated plain
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import numpy as np  # noqa: E402
 

@@ -1,7 +1,7 @@
 """What checkpointing costs a training loop: CheckpointManager.maybe_save with async saves.
 
 Usage:
-    PYTHONPATH=. .venv/bin/python scripts/bench_manager.py [--nproc 2] [--steps 60]
+    PYTHONPATH=. .venv/bin/python scripts/bench/manager.py [--nproc 2] [--steps 60]
         [--save-every 10] [--reps 2]
 
 Runs launch/train.py (the 3.3 M-parameter GPT, FSDP2 over gloo) under torchrun, alternating
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DONE = re.compile(r"done: (\d+) steps; checkpoint stall ([\d.]+) s of ([\d.]+) s")
 
 

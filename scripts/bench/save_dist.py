@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-import bench_common as bc
-from bench_common import check, first_error, med, ratio, remove, rotated, slug, spread
+import harness as bh
+from harness import check, first_error, med, ratio, remove, rotated, slug, spread
 
 warnings.filterwarnings("ignore")  # DCP and DTensor warnings would drown the progress lines
 
@@ -134,18 +134,18 @@ def _open_source(path: str):
 
 def _subset(state, keys: list[str]) -> dict:
     """The tensors at the flattened ``keys`` of ``state``, as a flat dict (warm-ups)."""
-    flat = {"/".join(p): v for p, v in bc.leaves(state)}
+    flat = {"/".join(p): v for p, v in bh.leaves(state)}
     return {k.replace("/", "."): flat[k] for k in keys}
 
 
 def _warmup_keys(source) -> list[str]:
-    return ["/".join(p) for p, v in bc.leaves(source) if isinstance(v, torch.Tensor)][-4:]
+    return ["/".join(p) for p, v in bh.leaves(source) if isinstance(v, torch.Tensor)][-4:]
 
 
 def _first_difference(target, source, rank: int, world: int) -> str | None:
     """The first tensor whose local piece is not bit-identical to its rows of the source."""
-    expected = dict(bc.leaves(source))
-    for path, got in bc.leaves(target):
+    expected = dict(bh.leaves(source))
+    for path, got in bh.leaves(target):
         if not isinstance(got, torch.Tensor):
             continue
         want, got = _expected_rows(expected[path], rank, world), _local(got)
@@ -153,7 +153,7 @@ def _first_difference(target, source, rank: int, world: int) -> str | None:
         if want.shape != got.shape or want.dtype != got.dtype:
             return f"{key}: shape/dtype {tuple(got.shape)} {got.dtype}, expected " \
                    f"{tuple(want.shape)} {want.dtype}"
-        if not torch.equal(bc.byte_view(want), bc.byte_view(got)):
+        if not torch.equal(bh.byte_view(want), bh.byte_view(got)):
             return f"{key}: values differ"
     return None
 
@@ -199,11 +199,11 @@ def _save_rank(rank: int, world: int, label: str, source_path: str, workdir: str
     """Every save contender, ``reps`` round-robin repetitions; this rank's records."""
     mesh = _mesh(world)
     source = _open_source(source_path)
-    state = bc.map_state(source, lambda t: _my_rows(t, mesh))
+    state = bh.map_state(source, lambda t: _my_rows(t, mesh))
     keys = _warmup_keys(source)
     del source  # unmaps the file: each rank now holds only its own rows
     out = {"rank": rank, "local_bytes": sum(_local(t).numel() * _local(t).element_size()
-                                            for t in bc.tensors_of(state)),
+                                            for t in bh.tensors_of(state)),
            "saves": {c.name: [] for c in SAVES}, "kept": {}, "warmup": {}}
     small = _subset(state, keys)
     for c in SAVES:  # lazy imports and first-call setup, off the clock
@@ -220,7 +220,7 @@ def _save_rank(rank: int, world: int, label: str, source_path: str, workdir: str
             record = _timed_save(c, state, path, rank)
             out["saves"][c.name].append(record)
             if rank == 0:
-                bc.log(f"(dist {label}) save rep {rep + 1}/{reps} {c.name}: "
+                bh.log(f"(dist {label}) save rep {rep + 1}/{reps} {c.name}: "
                        f"{record.get('error') or format(record['wall'], '.2f') + ' s on rank 0'}")
                 if c.keep and rep == reps - 1 and "error" not in record:
                     out["kept"][c.name] = path
@@ -232,10 +232,10 @@ def _save_rank(rank: int, world: int, label: str, source_path: str, workdir: str
 # ---- the load worlds (run on the ranks) ------------------------------------------------------
 
 def _timed_load(name: str, target, path: str, rank: int, cold: bool) -> dict:
-    for t in bc.tensors_of(target):
+    for t in bh.tensors_of(target):
         _local(t).zero_()  # a loader that silently skips a tensor must not pass the check
     if rank == 0 and cold:
-        bc.drop_page_cache()
+        bh.drop_page_cache()
     dist.barrier()
     try:
         t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def _load_rank(rank: int, world: int, label: str, source_path: str, kept: dict, 
     """Every loader into zeroed ``Shard(0)`` targets on this world; this rank's records."""
     mesh = _mesh(world)
     source = _open_source(source_path)
-    target = bc.map_state(source, lambda t: _zeros_like_sharded(t, mesh))
+    target = bh.map_state(source, lambda t: _zeros_like_sharded(t, mesh))
     small = _subset(target, _warmup_keys(source))
     for name, (saver, _) in LOADS.items():
         if warmup.get(saver):
@@ -267,7 +267,7 @@ def _load_rank(rank: int, world: int, label: str, source_path: str, kept: dict, 
                 record["check"] = _first_difference(target, source, rank, world) or "ok"
             out["loads"][name].append(record)
             if rank == 0:
-                bc.log(f"(dist {label}) load {SAVE_WORLD}->{world} rep {rep + 1}/{reps} {name}: "
+                bh.log(f"(dist {label}) load {SAVE_WORLD}->{world} rep {rep + 1}/{reps} {name}: "
                        f"{record.get('error') or format(record['wall'], '.2f') + ' s on rank 0'}")
     return out
 
@@ -311,15 +311,15 @@ def run_dist(label: str, source_path: str, desc: str, workdir: str, reps: int,
              cold_ok: bool) -> dict:
     """Saves on 2 ranks, then loads on 1 and on 4; every measurement, merged and raw."""
     source = _open_source(source_path)
-    run = {"description": desc, "raw_bytes": bc.state_bytes(source), "reps": reps,
-           "tensors": len(bc.tensors_of(source)),
-           "sharded": sum(_sharded(t) for t in bc.tensors_of(source)), "cold": cold_ok}
+    run = {"description": desc, "raw_bytes": bh.state_bytes(source), "reps": reps,
+           "tensors": len(bh.tensors_of(source)),
+           "sharded": sum(_sharded(t) for t in bh.tensors_of(source)), "cold": cold_ok}
     del source
     # run_with_ranks' own deadline, so that a hung collective still ends the run: generous
     # (30 s per GiB per timed operation) beside the few seconds per GiB a save or load takes.
-    timeout = 300.0 + 30.0 * run["raw_bytes"] / bc.GIB * reps * len(SAVES)
+    timeout = 300.0 + 30.0 * run["raw_bytes"] / bh.GIB * reps * len(SAVES)
     t0 = time.perf_counter()
-    bc.log(f"(dist {label}) {SAVE_WORLD} ranks: saving")
+    bh.log(f"(dist {label}) {SAVE_WORLD} ranks: saving")
     ranks = [r.value for r in run_with_ranks(SAVE_WORLD, _save_rank, label, source_path,
                                              workdir, reps, timeout=timeout)]
     run["local_bytes"] = [r["local_bytes"] for r in ranks]
@@ -329,7 +329,7 @@ def run_dist(label: str, source_path: str, desc: str, workdir: str, reps: int,
     kept, warmup = ranks[0]["kept"], ranks[0]["warmup"]
     run["loads"], run["load_ranks"] = {}, {}
     for world in LOAD_WORLDS:
-        bc.log(f"(dist {label}) {world} rank(s): loading")
+        bh.log(f"(dist {label}) {world} rank(s): loading")
         loaded = [r.value for r in run_with_ranks(world, _load_rank, label, source_path, kept,
                                                   warmup, reps, cold_ok,
                                                   timeout=timeout)]
@@ -346,7 +346,7 @@ def run_dist(label: str, source_path: str, desc: str, workdir: str, reps: int,
 
 def _per_rank(records: list, key: str, spec: str) -> str:
     n = max((len(r.get(key) or []) for r in records), default=0)
-    return " / ".join(bc.fmt(med(records, key, i), spec) for i in range(n)) or "-"
+    return " / ".join(bh.fmt(med(records, key, i), spec) for i in range(n)) or "-"
 
 
 def save_rows(saves: dict, raw_bytes: int) -> list[list[str]]:
@@ -359,9 +359,9 @@ def save_rows(saves: dict, raw_bytes: int) -> list[list[str]]:
             continue
         rows.append([name + (" (some reps failed)" if first_error(records) else ""),
                      f"{wall:.3f}", spread(records, "wall"), f"{raw_bytes / wall / 1e9:.2f}",
-                     _per_rank(records, "rank_walls", ".3f"), bc.fmt(size and int(size), ",d"),
+                     _per_rank(records, "rank_walls", ".3f"), bh.fmt(size and int(size), ",d"),
                      _per_rank(records, "rank_disk_bytes", ",.0f"),
-                     bc.fmt(ratio(size, dcp_bytes), ".3f"), bc.fmt(ratio(wall, dcp_wall), ".2f")])
+                     bh.fmt(ratio(size, dcp_bytes), ".3f"), bh.fmt(ratio(wall, dcp_wall), ".2f")])
     return rows
 
 
@@ -376,7 +376,7 @@ def load_rows(loads: dict, raw_bytes: int) -> list[list[str]]:
                 continue
             rows.append([f"{name} {worlds}", f"{wall:.3f}", spread(records, "wall"),
                          f"{raw_bytes / wall / 1e9:.2f}", _per_rank(records, "rank_walls", ".3f"),
-                         bc.fmt(ratio(wall, dcp_wall), ".2f"), records[0].get("check", "-")])
+                         bh.fmt(ratio(wall, dcp_wall), ".2f"), records[0].get("check", "-")])
     return rows
 
 
@@ -384,19 +384,19 @@ def print_report(label: str, run: dict) -> None:
     raw = run["raw_bytes"]
     print(f"\n=== dist state ({label}), {SAVE_WORLD} gloo ranks: {run['description']}")
     held = " / ".join(f"{b:,}" for b in run["local_bytes"])
-    print(f"    {raw:,} bytes in {run['tensors']} tensors ({raw / bc.GIB:.3f} GiB); "
+    print(f"    {raw:,} bytes in {run['tensors']} tensors ({raw / bh.GIB:.3f} GiB); "
           f"{run['sharded']} row-sharded (Shard(0)), {run['tensors'] - run['sharded']} replicated")
     print(f"    held per rank {held} bytes; this section took {run['seconds']:.0f} s")
     if run.get("warmup_error"):
         print(f"    warm-up error: {run['warmup_error']}")
     print(f"\nDIST SAVE ({label}), {SAVE_WORLD} ranks, median of {run['reps']} reps; wall = "
           f"slowest rank from a common barrier; GB/s = whole state / wall")
-    print(bc.table(["contender", "wall s", "min-max", "GB/s", "per rank s", "bytes on disk",
+    print(bh.table(["contender", "wall s", "min-max", "GB/s", "per rank s", "bytes on disk",
                     "per rank bytes", "disk/DCP", "x DCP"], save_rows(run["saves"], raw)))
     cold = "after a page-cache drop" if run["cold"] else "WARM CACHE (cache not droppable)"
     print(f"\nDIST LOAD ({label}), resharding into zeroed Shard(0) targets, median of "
           f"{run['reps']} reps, {cold}; {SAVE_WORLD}->4 shares {CORES} cores among 4 ranks")
-    print(bc.table(["contender", "wall s", "min-max", "GB/s", "per rank s", "x DCP", "check"],
+    print(bh.table(["contender", "wall s", "min-max", "GB/s", "per rank s", "x DCP", "check"],
                    load_rows(run["loads"], raw)))
 
 

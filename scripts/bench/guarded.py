@@ -1,4 +1,4 @@
-"""The stall of a guarded ``async_save`` against eager, DCP and a warm copy (``bench_async.py
+"""The stall of a guarded ``async_save`` against eager, DCP and a warm copy (``async_save.py
 --guarded``).
 
 State: a model's fp32 parameters (layers of ``WIDTH`` x ``WIDTH``) plus their AdamW moments,
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-import bench_common as bc
-from bench_common import check, med, ratio, remove, rotated
+import harness as bh
+from harness import check, med, ratio, remove, rotated
 
 WIDTH = 2048
 COPY, EAGER, GUARDED, DCP = ("copy_ into reused buffers", "shardckpt eager",
@@ -31,7 +31,7 @@ COPY, EAGER, GUARDED, DCP = ("copy_ into reused buffers", "shardckpt eager",
 
 def build(size_gib: float):
     """``(model params, buffer, AdamW)`` whose params + moments are about ``size_gib``."""
-    layers = max(1, round(size_gib * bc.GIB / (3 * 4 * WIDTH * WIDTH)))
+    layers = max(1, round(size_gib * bh.GIB / (3 * 4 * WIDTH * WIDTH)))
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(WIDTH, WIDTH, generator=gen) * 0.02)
               for _ in range(layers)]
@@ -59,7 +59,7 @@ def run(args, workdir: str) -> dict:
     params, buffer, opt = build(args.size_gib)
     guarded = _state(params, buffer, opt)
     eager = _state(params, buffer, opt.state_dict())
-    tensors = bc.tensors_of(eager)
+    tensors = bh.tensors_of(eager)
     buffers = [torch.empty_like(t) for t in tensors]
     stager = DefaultStager(CPU_STAGING)
 
@@ -102,9 +102,9 @@ def run(args, workdir: str) -> dict:
                 remove(path)
             if rep >= 0:
                 records[name].append(rec)
-            bc.log(f"rep {rep + 1}/{args.reps} {name}: stall {rec['stall']:.4f} s")
+            bh.log(f"rep {rep + 1}/{args.reps} {name}: stall {rec['stall']:.4f} s")
     stager.close()
-    return {"records": records, "state_bytes": bc.state_bytes(eager),
+    return {"records": records, "state_bytes": bh.state_bytes(eager),
             "description": f"{len(params)} fp32 {WIDTH}x{WIDTH} params + AdamW moments "
                            f"(+ a {WIDTH}-float unguarded buffer)"}
 
@@ -114,11 +114,11 @@ def report(result: dict, reps: int) -> list[dict]:
     records = result["records"]
     stall = {n: med(r, "stall") for n, r in records.items()}
     print(f"\n=== guarded stall: {result['description']}, "
-          f"{result['state_bytes'] / bc.GIB:.3f} GiB")
-    rows = [[n, f"{stall[n]:.4f}", bc.fmt(ratio(stall[n], stall[COPY]), ".3f"),
-             bc.fmt(med(r, "staged"), ".3f"), bc.fmt(med(r, "commit"), ".2f")]
+          f"{result['state_bytes'] / bh.GIB:.3f} GiB")
+    rows = [[n, f"{stall[n]:.4f}", bh.fmt(ratio(stall[n], stall[COPY]), ".3f"),
+             bh.fmt(med(r, "staged"), ".3f"), bh.fmt(med(r, "commit"), ".2f")]
             for n, r in records.items()]
-    print(bc.table(["contender", f"stall s (median of {reps})", "x warm copy",
+    print(bh.table(["contender", f"stall s (median of {reps})", "x warm copy",
                     "staged s (from call)", "commit s"], rows))
     checks = [check("guarded stall <= 0.05x warm copy", ratio(stall[GUARDED], stall[COPY]), 0.05),
               check("guarded stall / eager stall", ratio(stall[GUARDED], stall[EAGER]), None),

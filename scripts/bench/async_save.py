@@ -1,13 +1,13 @@
 """How long ``shardckpt.async_save`` stalls the training, and how much host memory it adds.
 
 Usage:
-    PYTHONPATH=. .venv/bin/python scripts/bench_async.py [--size-gib 1.0] [--reps 5]
+    PYTHONPATH=. .venv/bin/python scripts/bench/async_save.py [--size-gib 1.0] [--reps 5]
         [--dir DIR] [--json OUT] [--quick] [--guarded]
 
-``--guarded`` runs bench_guarded.py instead: a model + AdamW state saved guarded (the optimizer
+``--guarded`` runs guarded.py instead: a model + AdamW state saved guarded (the optimizer
 copies in the background), eager, and by DCP, against a warm copy.
 
-State: an LLM-shaped state of ``--size-gib`` (bench_common.llm_state: half bf16 weights, half a
+State: an LLM-shaped state of ``--size-gib`` (harness.llm_state: half bf16 weights, half a
 ZeRO-1 rank's fp32 optimizer share). ``--quick`` is a smoke test: 0.1 GiB, 1 repetition.
 
 Stall: the time from the call until the caller may change the state again. Contenders run
@@ -55,8 +55,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402 - needs the path above
-from bench_common import check, first_error, med, ratio, remove, rotated  # noqa: E402
+import harness as bh  # noqa: E402 - needs the path above
+from harness import check, first_error, med, ratio, remove, rotated  # noqa: E402
 
 # DCP warns about the missing process group and the experimental API; one process is the point.
 warnings.filterwarnings("ignore")
@@ -82,7 +82,7 @@ DCP_DEFAULT = "DCP async_save (no stager)"
 CPU_STAGING = StagingOptions(use_pinned_memory=False, use_shared_memory=False,
                              use_async_staging=True, use_non_blocking_copy=False)
 # What a contender allocates is freed only at its next turn, off the clock: this VM hands freed
-# memory back to the host and first touch of such pages is slow (see bench_save.py), so a
+# memory back to the host and first touch of such pages is slow (see save.py), so a
 # 1 GiB free would otherwise be charged to whoever runs next.
 HELD: dict[str, object] = {}
 
@@ -99,7 +99,7 @@ class Context:
 # ---- stall contenders: each returns {"stall": s, ...} and leaves its checkpoint committed ------
 
 def stall_clone(state, path, ctx):
-    tensors = bc.flat_tensors(state)[0]
+    tensors = bh.flat_tensors(state)[0]
     t0 = time.perf_counter()
     copies = {k: v.clone() for k, v in tensors.items()}
     stall = time.perf_counter() - t0
@@ -108,7 +108,7 @@ def stall_clone(state, path, ctx):
 
 
 def stall_copy(state, path, ctx):
-    tensors = bc.tensors_of(state)
+    tensors = bh.tensors_of(state)
     if ctx.buffers is None:  # the first save allocates, like a staging arena's first use
         ctx.buffers = [torch.empty_like(t) for t in tensors]
     t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def measure_stall(contender: Contender, state, path: str, ctx: Context) -> dict:
 
 def small_copy(state) -> dict:
     """Copies of a few tensors (new storages, so DCP's stager cache keeps nothing of the state)."""
-    return {k: v.clone() for k, v in list(bc.flat_tensors(state)[0].items())[-4:]}
+    return {k: v.clone() for k, v in list(bh.flat_tensors(state)[0].items())[-4:]}
 
 
 def warm_up(state, workdir: str, ctx: Context) -> None:
@@ -192,7 +192,7 @@ def warm_up(state, workdir: str, ctx: Context) -> None:
     for c in CONTENDERS:
         record = measure_stall(c, state, os.path.join(workdir, "first"), ctx)
         ctx.first[c.name] = record
-        bc.log(f"first save {c.name}: {describe(record)}")
+        bh.log(f"first save {c.name}: {describe(record)}")
 
 
 def describe(record: dict) -> str:
@@ -208,7 +208,7 @@ def run_stalls(state, workdir: str, reps: int) -> dict:
         for c in rotated(CONTENDERS, rep):
             record = measure_stall(c, state, os.path.join(workdir, f"r{rep}"), ctx)
             records[c.name].append(record)
-            bc.log(f"rep {rep + 1}/{reps} {c.name}: {describe(record)}")
+            bh.log(f"rep {rep + 1}/{reps} {c.name}: {describe(record)}")
     HELD.clear()
     if ctx.stager is not None:
         ctx.stager.close()
@@ -241,7 +241,7 @@ def reset_peak_rss() -> bool:
     Without it the peak would still hold the state's build (a temporary fp32 copy of the
     largest tensor), which can hide a save's growth below it.
     """
-    return bc.write_proc("/proc/self/clear_refs", "5")
+    return bh.write_proc("/proc/self/clear_refs", "5")
 
 
 def peak_rss_bytes() -> int:
@@ -264,9 +264,9 @@ def peak_rss_bytes() -> int:
 def rss_child(name: str, size_gib: float, workdir: str) -> dict:
     """Runs in the subprocess: how far one save raises the peak RSS."""
     torch.set_num_threads(CORES)
-    state, _ = bc.llm_state(size_gib)
+    state, _ = bh.llm_state(size_gib)
     stager = DefaultStager(CPU_STAGING) if name.startswith("DCP") else None
-    path = os.path.join(workdir, f"rss-{bc.slug(name)}")
+    path = os.path.join(workdir, f"rss-{bh.slug(name)}")
     rss_save(name, small_copy(state), path + "-warmup", stager)  # imports, pools, threads
     remove(path + "-warmup")
     gc.collect()
@@ -278,7 +278,7 @@ def rss_child(name: str, size_gib: float, workdir: str) -> dict:
     peak = peak_rss_bytes()
     remove(path)
     return {"base": base, "peak": peak, "extra": peak - base, "hwm_reset": reset,
-            "commit": commit, "state_bytes": bc.state_bytes(state)}
+            "commit": commit, "state_bytes": bh.state_bytes(state)}
 
 
 def measure_rss(name: str, size_gib: float, workdir: str) -> dict:
@@ -299,7 +299,7 @@ def run_rss(size_gib: float, workdir: str) -> dict:
     for name in RSS_RUNS:
         results[name] = measure_rss(name, size_gib, workdir)
         extra = results[name].get("extra")
-        bc.log(f"rss {name}: {results[name].get('error') or f'{extra / MIB:.1f} MiB'}")
+        bh.log(f"rss {name}: {results[name].get('error') or f'{extra / MIB:.1f} MiB'}")
     return results
 
 
@@ -323,10 +323,10 @@ def stall_rows(stalls: dict, raw_bytes: int) -> list[list[str]]:
             continue
         first = stalls["first"].get(name, {}).get("stall")
         rows.append([name, f"{stall:.3f}", spread3(recs, "stall"),
-                     f"{raw_bytes / stall / 1e9:.2f}", bc.fmt(ratio(stall, clone), ".2f"),
-                     bc.fmt(ratio(stall, copy), ".2f"), bc.fmt(ratio(stall, dcp_stall), ".2f"),
-                     bc.fmt(med(recs, "call"), ".3f"),
-                     bc.fmt(med(recs, "commit"), ".2f"), bc.fmt(first, ".3f")])
+                     f"{raw_bytes / stall / 1e9:.2f}", bh.fmt(ratio(stall, clone), ".2f"),
+                     bh.fmt(ratio(stall, copy), ".2f"), bh.fmt(ratio(stall, dcp_stall), ".2f"),
+                     bh.fmt(med(recs, "call"), ".3f"),
+                     bh.fmt(med(recs, "commit"), ".2f"), bh.fmt(first, ".3f")])
         if first_error(recs):
             rows[-1][0] += " (some reps failed)"
     return rows
@@ -340,11 +340,11 @@ def rss_rows(rss: dict) -> list[list[str]]:
             rows.append([name, "ERROR: " + r["error"][:100]])
             continue
         budget, pool = RSS_RUNS[name]
-        rows.append([name, bc.fmt(budget and budget / MIB, ".0f"),
-                     bc.fmt(pool and pool / MIB, ".0f"),
-                     f"{r['extra'] / MIB:.1f}", bc.fmt(ratio(r["extra"], budget), ".3f"),
-                     bc.fmt(ratio(r["extra"], budget and budget + pool), ".3f"),
-                     bc.fmt(ratio(r["extra"], dcp_extra), ".2f"), f"{r['commit']:.2f}"])
+        rows.append([name, bh.fmt(budget and budget / MIB, ".0f"),
+                     bh.fmt(pool and pool / MIB, ".0f"),
+                     f"{r['extra'] / MIB:.1f}", bh.fmt(ratio(r["extra"], budget), ".3f"),
+                     bh.fmt(ratio(r["extra"], budget and budget + pool), ".3f"),
+                     bh.fmt(ratio(r["extra"], dcp_extra), ".2f"), f"{r['commit']:.2f}"])
     return rows
 
 
@@ -352,18 +352,18 @@ def print_report(report: dict) -> None:
     raw, reps = report["state_bytes"], report["args"]["reps"]
     print(report["header"])
     print(f"\n=== state: {report['description']}")
-    print(f"    {raw:,} bytes ({raw / bc.GIB:.3f} GiB)")
+    print(f"    {raw:,} bytes ({raw / bh.GIB:.3f} GiB)")
     print(f"\nSTALL, median of {reps} reps (s until the caller may change the state; "
           "GB/s = state bytes / stall)")
-    print(bc.table(["contender", "stall s", "min-max", "GB/s", "x clone", "x copy_", "x DCP",
+    print(bh.table(["contender", "stall s", "min-max", "GB/s", "x clone", "x copy_", "x DCP",
                     "call s", "commit s", "first save s"], stall_rows(report["stalls"], raw)))
     sc = report["stalls"]["records"][SHARDCKPT]
-    print(f"    shardckpt h.stall_seconds median {bc.fmt(med(sc, 'stall_seconds'), '.3f')} s. "
+    print(f"    shardckpt h.stall_seconds median {bh.fmt(med(sc, 'stall_seconds'), '.3f')} s. "
           f"DCP (async stager): 'call s' is when async_save returns, the stall runs to "
           f"staging_completion; stager kept across saves. 'x DCP' is against that row.")
     print("\nPEAK EXTRA RSS, one fresh process each (peak RSS during one save to its commit, "
           "minus the RSS before it)")
-    print(bc.table(["contender", "budget MiB", "pool MiB", "extra MiB", "x budget",
+    print(bh.table(["contender", "budget MiB", "pool MiB", "extra MiB", "x budget",
                     "x budget+pool", "x DCP", "commit s"], rss_rows(report["rss"])))
     print(f"    pool_bytes (shardckpt's native encode pool) comes on top of the staging budget by "
           f"design; the default-budget run uses the default pool "
@@ -405,7 +405,7 @@ def print_checks(results: list[dict]) -> None:
     for c in results:
         verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
         limit = "" if c["limit"] is None else f" (limit {c['limit']})"
-        print(f"  {verdict:4}  {c['check']}: {bc.fmt(c['value'], '.3f')}{limit}")
+        print(f"  {verdict:4}  {c['check']}: {bh.fmt(c['value'], '.3f')}{limit}")
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -417,7 +417,7 @@ def parse_args(argv=None):
     p.add_argument("--dir", help="where to write (a fresh folder inside it; default /tmp)")
     p.add_argument("--json", help="write every measurement to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke test: 0.1 GiB, 1 rep")
-    p.add_argument("--guarded", action="store_true", help="the guarded stall (bench_guarded.py)")
+    p.add_argument("--guarded", action="store_true", help="the guarded stall (guarded.py)")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args(argv)
     if args.quick:
@@ -427,9 +427,9 @@ def parse_args(argv=None):
 
 def stall_phase(args, workdir: str, report: dict) -> None:
     """Build the state, time the stalls; the state is freed before the memory runs start."""
-    bc.log(f"building a {args.size_gib} GiB state")
-    state, desc = bc.llm_state(args.size_gib)
-    report["description"], report["state_bytes"] = desc, bc.state_bytes(state)
+    bh.log(f"building a {args.size_gib} GiB state")
+    state, desc = bh.llm_state(args.size_gib)
+    report["description"], report["state_bytes"] = desc, bh.state_bytes(state)
     report["stalls"] = run_stalls(state, workdir, args.reps)
 
 
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     os.makedirs(args.dir or tempfile.gettempdir(), exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="bench_async-", dir=args.dir)
     if args.guarded:
-        return guarded(args, workdir)
+        return run_guarded(args, workdir)
     report = {"header": (f"bench_async: shardckpt {shardckpt.__version__} (backend "
                          f"{shardckpt.codecs.BACKEND}), torch {torch.__version__}, {CORES} cores"),
               "args": vars(args)}
@@ -454,21 +454,21 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     report["checks"] = checks(report)
     print_report(report)
-    bc.write_json(report, args.json)
+    bh.write_json(report, args.json)
     return 0
 
 
-def guarded(args, workdir: str) -> int:
-    import bench_guarded
+def run_guarded(args, workdir: str) -> int:
+    import guarded
     try:
-        result = bench_guarded.run(args, workdir)
+        result = guarded.run(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"bench_async --guarded: shardckpt {shardckpt.__version__}, torch {torch.__version__}, "
           f"{CORES} cores")
-    result["checks"] = bench_guarded.report(result, args.reps)
+    result["checks"] = guarded.report(result, args.reps)
     print_checks(result["checks"])
-    bc.write_json(result, args.json)
+    bh.write_json(result, args.json)
     return 0
 
 

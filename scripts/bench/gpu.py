@@ -1,7 +1,7 @@
 """GPU staging benchmark: device-to-host throughput and the async_save stall on a CUDA device.
 
 Usage:
-    python scripts/bench_gpu.py [--size-gib 2] [--reps 3] [--guarded]
+    python scripts/bench/gpu.py [--size-gib 2] [--reps 3] [--guarded]
 
 Measures, in one run on one GPU: a bare ``copy_`` of the state into pinned host memory (the
 limit), shardckpt's staging of the same state (``async_save`` until it returns: the training's
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 import shardckpt  # noqa: E402
 
 

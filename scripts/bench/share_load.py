@@ -1,7 +1,7 @@
 """Distributed loads on 4 gloo ranks: bytes read from storage and wall time, shared reads vs not.
 
 Usage:
-    python scripts/bench_share_load.py [--mib 128] [--reps 3] [--cold] [--local-world 2]
+    python scripts/bench/share_load.py [--mib 128] [--reps 3] [--cold] [--local-world 2]
 
 Three load shapes, each into zeroed targets on 4 ranks: "DDP replicated" (plain tensors every
 rank loads whole, saved by one process), "FSDP same world" (Shard(0) DTensors saved and loaded on
@@ -30,12 +30,12 @@ import tempfile
 import time
 import warnings
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-import bench_common as bc  # noqa: E402
+import harness as bh  # noqa: E402
 import shardckpt  # noqa: E402
 from shardckpt.testing import run_with_ranks  # noqa: E402
 
@@ -130,11 +130,11 @@ def _load_rank(rank, world, shape, mib, path, dcp_path, reps, cold, local_world)
     out = {c: [] for c in CONTENDERS}
     expect = rank_state(shape, world, mib, zeros=False)
     for rep in range(reps):
-        for name in bc.rotated(list(CONTENDERS), rep):
+        for name in bh.rotated(list(CONTENDERS), rep):
             state = rank_state(shape, world, mib, zeros=True)
             os.environ["SHARDCKPT_SHARE_READS"] = "0" if name == "shardckpt unshared" else "1"
             if cold and rank == 0:
-                bc.drop_page_cache()
+                bh.drop_page_cache()
             dist.barrier()
             counter.total, io0, t0 = 0, _io(), time.perf_counter()
             if name == "DCP":
@@ -159,21 +159,21 @@ def run_shape(shape: str, save_world: int, mib: int, reps: int, cold: bool, root
     run_with_ranks(save_world, _save_rank, "ddp" if shape == "ddp" else shape, mib, path,
                    dcp_path, timeout=900) if save_world > 1 else \
         _save_single(shape, mib, path, dcp_path)
-    size = bc.disk_bytes(path)
-    dcp_size = bc.disk_bytes(dcp_path)
+    size = bh.disk_bytes(path)
+    dcp_size = bh.disk_bytes(dcp_path)
     results = run_with_ranks(WORLD, _load_rank, shape, mib, path, dcp_path, reps, cold,
                              local_world, timeout=1800)
     rows, medians = [], {}
     for name in CONTENDERS:
         reps_ = [[res.value[name][i] for res in results] for i in range(reps)]
         walls = [max(r["wall"] for r in rep) for rep in reps_]
-        requested = bc.median([sum(r["requested"] for r in rep) for rep in reps_])
-        rchar = bc.median([sum(r["rchar"] for r in rep) for rep in reps_])
-        device = bc.median([sum(r["device"] for r in rep) for rep in reps_])
+        requested = bh.median([sum(r["requested"] for r in rep) for rep in reps_])
+        rchar = bh.median([sum(r["rchar"] for r in rep) for rep in reps_])
+        device = bh.median([sum(r["device"] for r in rep) for rep in reps_])
         ok = all(r["ok"] for rep in reps_ for r in rep)
         base = dcp_size if name == "DCP" else size
-        medians[name] = bc.median(walls)
-        rows.append([name, f"{bc.median(walls):.3f}", f"{min(walls):.2f}-{max(walls):.2f}",
+        medians[name] = bh.median(walls)
+        rows.append([name, f"{bh.median(walls):.3f}", f"{min(walls):.2f}-{max(walls):.2f}",
                      f"{base:,}", "-" if name == "DCP" else f"{requested / base:.3f}",
                      f"{rchar / base:.3f}", f"{device / base:.3f}", "ok" if ok else "WRONG"])
     for row, name in zip(rows, CONTENDERS):
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                 if args.local_world else "1 node"
             print(f"\n{title}: {WORLD} loading ranks ({nodes}), {args.mib} MiB state, median of "
                   f"{args.reps}, {'cold' if args.cold else 'warm'} page cache")
-            print(bc.table(["contender", "wall s", "min-max", "/DCP", "/unshared",
+            print(bh.table(["contender", "wall s", "min-max", "/DCP", "/unshared",
                             "checkpoint bytes",
                             "requested/size", "rchar/size", "device/size", "check"], rows),
                   flush=True)
