@@ -7,7 +7,7 @@ Usage:
 ``--guarded`` runs guarded.py instead: a model + AdamW state saved guarded (the optimizer
 copies in the background), eager, and by DCP, against a warm copy.
 
-State: an LLM-shaped state of ``--size-gib`` (harness.llm_state: half bf16 weights, half a
+State: an LLM-shaped state of ``--size-gib`` (states.llm_state: half bf16 weights, half a
 ZeRO-1 rank's fp32 optimizer share). ``--quick`` is a smoke test: 0.1 GiB, 1 repetition.
 
 Stall: the time from the call until the caller may change the state again. Contenders run
@@ -42,9 +42,7 @@ import argparse
 import gc
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,20 +54,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as bh  # noqa: E402 - needs the path above
-from harness import check, first_error, med, ratio, remove, rotated  # noqa: E402
+import guarded  # noqa: E402
+import states  # noqa: E402
+from harness import CORES, MIB, check, first_error, med, ratio, remove, spread  # noqa: E402
 
 # DCP warns about the missing process group and the experimental API; one process is the point.
 warnings.filterwarnings("ignore")
 
 import shardckpt  # noqa: E402
-import shardckpt.codecs  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: E402
+from torch.distributed.checkpoint.staging import DefaultStager  # noqa: E402
 from shardckpt.write import WriteOptions  # noqa: E402
 
-CORES = os.cpu_count() or 1
-MIB = 1 << 20
 BUDGET = 256 * MIB          # the staging budget of the budgeted memory run
 POOL = 32 * MIB             # its native encode pool, which comes on top of the budget
 RSS_SLACK = 1.10            # the issue allows the budget + 10%
@@ -78,9 +75,7 @@ COPY = "memcpy into reused buffers"
 SHARDCKPT = "shardckpt async_save"
 DCP_STAGED = "DCP async_save (async stager)"
 DCP_DEFAULT = "DCP async_save (no stager)"
-# The accelerator-free DefaultStager: DCP's own defaults demand pinned memory and a device.
-CPU_STAGING = StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                             use_async_staging=True, use_non_blocking_copy=False)
+CPU_STAGING = bh.dcp_cpu_staging()
 # What a contender allocates is freed only at its next turn, off the clock: this VM hands freed
 # memory back to the host and first touch of such pages is slow (see save.py), so a
 # 1 GiB free would otherwise be charged to whoever runs next.
@@ -167,7 +162,7 @@ def measure_stall(contender: Contender, state, path: str, ctx: Context) -> dict:
     try:
         return contender.fn(state, path, ctx)
     except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return bh.error_record(exc)
     finally:
         remove(path)
 
@@ -203,12 +198,8 @@ def run_stalls(state, workdir: str, reps: int) -> dict:
     """``{"records": {contender: [records]}, "first": {contender: record}}``."""
     ctx = Context()
     warm_up(state, workdir, ctx)
-    records = {c.name: [] for c in CONTENDERS}
-    for rep in range(reps):
-        for c in rotated(CONTENDERS, rep):
-            record = measure_stall(c, state, os.path.join(workdir, f"r{rep}"), ctx)
-            records[c.name].append(record)
-            bh.log(f"rep {rep + 1}/{reps} {c.name}: {describe(record)}")
+    records = bh.round_robin(CONTENDERS, reps, lambda c, rep: measure_stall(
+        c, state, os.path.join(workdir, f"r{rep}"), ctx), describe)
     HELD.clear()
     if ctx.stager is not None:
         ctx.stager.close()
@@ -235,63 +226,29 @@ def rss_save(name: str, state, path: str, stager) -> None:
     shardckpt.async_save(state, path, staging_budget_bytes=budget, **tuning).result()
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux >= 4.0).
-
-    Without it the peak would still hold the state's build (a temporary fp32 copy of the
-    largest tensor), which can hide a save's growth below it.
-    """
-    return bh.write_proc("/proc/self/clear_refs", "5")
-
-
-def peak_rss_bytes() -> int:
-    """The RSS high-water mark.
-
-    VmHWM rather than ``ru_maxrss``: every exiting thread folds the high-water mark into
-    ``ru_maxrss`` for good, so after the warm-up's threads end, resetting VmHWM no longer
-    lowers ``ru_maxrss`` and a save's peak below the build's would read as zero growth.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def rss_child(name: str, size_gib: float, workdir: str) -> dict:
     """Runs in the subprocess: how far one save raises the peak RSS."""
     torch.set_num_threads(CORES)
-    state, _ = bh.llm_state(size_gib)
+    state, _ = states.llm_state(size_gib)
     stager = DefaultStager(CPU_STAGING) if name.startswith("DCP") else None
     path = os.path.join(workdir, f"rss-{bh.slug(name)}")
     rss_save(name, small_copy(state), path + "-warmup", stager)  # imports, pools, threads
     remove(path + "-warmup")
     gc.collect()
-    reset = reset_peak_rss()
-    base = peak_rss_bytes()
+    reset = bh.reset_peak_rss()
+    base = bh.peak_rss_bytes()
     t0 = time.perf_counter()
     rss_save(name, state, path, stager)
     commit = time.perf_counter() - t0
-    peak = peak_rss_bytes()
+    peak = bh.peak_rss_bytes()
     remove(path)
     return {"base": base, "peak": peak, "extra": peak - base, "hwm_reset": reset,
             "commit": commit, "state_bytes": bh.state_bytes(state)}
 
 
 def measure_rss(name: str, size_gib: float, workdir: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", name,
-           "--size-gib", str(size_gib), "--dir", workdir]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["?"])[-1]  # the exception's own line
-            return {"error": f"child exit {done.returncode}: {last[:300]}"}
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
-        return {"error": f"{type(exc).__name__}: {exc}"}
+    return bh.run_child([os.path.abspath(__file__), "--rss-child", name,
+                         "--size-gib", str(size_gib), "--dir", workdir])
 
 
 def run_rss(size_gib: float, workdir: str) -> dict:
@@ -305,12 +262,6 @@ def run_rss(size_gib: float, workdir: str) -> dict:
 
 # ---- report ---------------------------------------------------------------------------------
 
-def spread3(records: list, key: str) -> str:
-    """``min-max`` of the repetitions, to the millisecond (stalls are fractions of a second)."""
-    values = [r[key] for r in records if key in r]
-    return f"{min(values):.3f}-{max(values):.3f}" if values else "-"
-
-
 def stall_rows(stalls: dict, raw_bytes: int) -> list[list[str]]:
     records = stalls["records"]
     clone, copy = med(records[CLONE], "stall"), med(records[COPY], "stall")
@@ -322,7 +273,7 @@ def stall_rows(stalls: dict, raw_bytes: int) -> list[list[str]]:
             rows.append([name, "ERROR: " + (first_error(recs) or "?")[:100]])
             continue
         first = stalls["first"].get(name, {}).get("stall")
-        rows.append([name, f"{stall:.3f}", spread3(recs, "stall"),
+        rows.append([name, f"{stall:.3f}", spread(recs, "stall", spec=".3f"),
                      f"{raw_bytes / stall / 1e9:.2f}", bh.fmt(ratio(stall, clone), ".2f"),
                      bh.fmt(ratio(stall, copy), ".2f"), bh.fmt(ratio(stall, dcp_stall), ".2f"),
                      bh.fmt(med(recs, "call"), ".3f"),
@@ -371,7 +322,7 @@ def print_report(report: dict) -> None:
     if any(not r.get("hwm_reset", True) for r in report["rss"].values()):
         print("    WARNING: RSS high-water mark not resettable here; growth below the state's "
               "build peak is hidden.")
-    print_checks(report["checks"])
+    bh.print_checks(report["checks"])
 
 
 def checks(report: dict) -> list[dict]:
@@ -400,14 +351,6 @@ def checks(report: dict) -> list[dict]:
     ]
 
 
-def print_checks(results: list[dict]) -> None:
-    print("\nTARGET CHECKS (ratios of medians)")
-    for c in results:
-        verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
-        limit = "" if c["limit"] is None else f" (limit {c['limit']})"
-        print(f"  {verdict:4}  {c['check']}: {bh.fmt(c['value'], '.3f')}{limit}")
-
-
 # ---- the run ---------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -428,7 +371,7 @@ def parse_args(argv=None):
 def stall_phase(args, workdir: str, report: dict) -> None:
     """Build the state, time the stalls; the state is freed before the memory runs start."""
     bh.log(f"building a {args.size_gib} GiB state")
-    state, desc = bh.llm_state(args.size_gib)
+    state, desc = states.llm_state(args.size_gib)
     report["description"], report["state_bytes"] = desc, bh.state_bytes(state)
     report["stalls"] = run_stalls(state, workdir, args.reps)
 
@@ -443,9 +386,7 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="bench_async-", dir=args.dir)
     if args.guarded:
         return run_guarded(args, workdir)
-    report = {"header": (f"bench_async: shardckpt {shardckpt.__version__} (backend "
-                         f"{shardckpt.codecs.BACKEND}), torch {torch.__version__}, {CORES} cores"),
-              "args": vars(args)}
+    report = {"header": bh.header("bench/async_save"), "args": vars(args)}
     try:
         stall_phase(args, workdir, report)
         gc.collect()
@@ -459,15 +400,13 @@ def main(argv=None) -> int:
 
 
 def run_guarded(args, workdir: str) -> int:
-    import guarded
     try:
         result = guarded.run(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"bench_async --guarded: shardckpt {shardckpt.__version__}, torch {torch.__version__}, "
-          f"{CORES} cores")
+    print(bh.header("bench/async_save --guarded"))
     result["checks"] = guarded.report(result, args.reps)
-    print_checks(result["checks"])
+    bh.print_checks(result["checks"])
     bh.write_json(result, args.json)
     return 0
 

@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ import time
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import numpy as np  # noqa: E402
+
+import harness as bh  # noqa: E402 - this folder is first on the path
 
 from shardckpt import chunk_index, grid, manifest as manifest_mod, tables  # noqa: E402
 from shardckpt.merge import build_manifest, merge_plans, target_rows  # noqa: E402
@@ -133,29 +134,13 @@ def rank_report(rank: int, ranks: int, tensors: int, answer: np.ndarray, form: s
             "chunks": tables.encode(chunks.reshape(-1, 7)), "raw_bytes": size - 16}, 0
 
 
-def _memory() -> dict:
-    """This process's resident and peak resident memory, in bytes (Linux /proc)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
-
-
-def _reset_peak() -> None:
-    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def simulate(ranks: int, tensors: int, workdir: str, form: str = "index") -> dict:
     t0 = time.perf_counter()
     plan_texts = [json.dumps(rank_plan(r, ranks, tensors, form)) for r in range(ranks)]
     per_rank_plan = (time.perf_counter() - t0) / ranks
 
-    _reset_peak()
-    before = _memory()["VmRSS"]
+    bh.reset_peak_rss()
+    before = bh.rss_bytes()
     t0 = time.perf_counter()
     plans = {r: json.loads(text) for r, text in enumerate(plan_texts)}
     gp = merge_plans(plans, indexed=form == "index")
@@ -189,7 +174,7 @@ def simulate(ranks: int, tensors: int, workdir: str, form: str = "index") -> dic
         f.flush()
         os.fsync(f.fileno())
     t_commit = time.perf_counter() - t0
-    peak = _memory()["VmHWM"]
+    peak = bh.peak_rss_bytes()
     os.unlink(path)
     return {"ranks": ranks, "tensors": tensors, "pieces": ranks * tensors,
             "plan_s": t_plan, "commit_s": t_commit, "total_s": t_plan + t_commit,
@@ -213,13 +198,11 @@ def main(argv=None) -> int:
           f"{'total s':>8} {'manifest MB':>11} {'ns/piece':>9} {'RSS before MB':>13} "
           f"{'peak RSS MB':>11} {'growth MB':>9}")
     for ranks in (int(r) for r in args.ranks.split(",")):
-        run = subprocess.run([sys.executable, __file__, "--one", str(ranks), "--tensors",
-                              str(args.tensors), "--form", args.form],
-                             capture_output=True, text=True)
-        if run.returncode:
-            print(f"{ranks:>6} failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
+        r = bh.run_child([__file__, "--one", str(ranks), "--tensors", str(args.tensors),
+                          "--form", args.form], timeout=None)
+        if "error" in r:
+            print(f"{ranks:>6} failed: {r['error']}", flush=True)
             continue
-        r = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"{r['ranks']:>6} {r['tensors']:>7} {r['pieces']:>9} {r['plan_s']:>8.2f} "
               f"{r['commit_s']:>9.2f} {r['total_s']:>8.2f} {r['manifest_mb']:>11.1f} "
               f"{r['total_s'] / r['pieces'] * 1e9:>9.0f} {r['inputs_mb']:>13.0f} "

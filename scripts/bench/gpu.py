@@ -28,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+import harness as bh  # noqa: E402 - this folder is first on the path
 import shardckpt  # noqa: E402
 
 
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     print(f"  bare pinned copy_ (limit)   {c:7.3f} s  {gb / c:6.2f} GB/s")
     print(f"  async_save stall            {s:7.3f} s  {gb / s:6.2f} GB/s  {s / c:5.2f}x the limit")
     print(f"  async_save to commit        {t:7.3f} s")
-    print(f"  {'PASS' if s <= 1.2 * c else 'FAIL'}  stall <= 1.2x bare pinned copy: {s / c:.2f}")
+    bh.print_checks([bh.check("stall <= 1.2x bare pinned copy", bh.ratio(s, c), 1.2)])
     return 0
 
 

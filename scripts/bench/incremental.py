@@ -22,36 +22,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-import shardckpt  # noqa: E402
-from harness import fmt, leaves, log, table, write_json  # noqa: E402
-from shardckpt.read import open_manifest  # noqa: E402
-from shardckpt.storage import open_checkpoint  # noqa: E402
-
-DONE = re.compile(r"done: (\d+) steps; checkpoint stall ([\d.]+) s of ([\d.]+) s")
+import harness as bh
+import shardckpt
+from harness import fmt, leaves, log, table, write_json
+from shardckpt.read import open_manifest
+from shardckpt.storage import open_checkpoint
 
 
 def train(ckpt: str, args, incremental: bool) -> float:
     """Run train.py; returns the seconds spent saving."""
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--checkpoint-dir", ckpt,
-           "--max-steps", str(args.steps), "--save-every", "1", "--keep-last", "0",
-           "--keep-best", "0", "--sync-save", "--freeze", "--codec", args.codec,
-           "--dim", str(args.dim), "--layers", str(args.layers)]
-    if incremental:
-        cmd.append("--incremental")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": ROOT}).stdout
-    return float(DONE.search(out).group(2))
+    argv = ["--checkpoint-dir", ckpt, "--max-steps", str(args.steps), "--save-every", "1",
+            "--keep-last", "0", "--keep-best", "0", "--sync-save", "--freeze",
+            "--codec", args.codec, "--dim", str(args.dim), "--layers", str(args.layers)]
+    return bh.run_train(argv + (["--incremental"] if incremental else []))[0]
 
 
 def own_bytes(path: str) -> tuple[int, int]:

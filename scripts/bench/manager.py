@@ -17,31 +17,20 @@ Target (issue 5): overhead <= 1 % of step time.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DONE = re.compile(r"done: (\d+) steps; checkpoint stall ([\d.]+) s of ([\d.]+) s")
+import harness as bh
 
 
 def one_run(nproc: int, steps: int, save_every: int) -> tuple[float, float, int]:
     """(stall seconds, loop seconds, checkpoints committed) of one training run."""
-    with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-manager-") as ckpt:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", os.path.join(ROOT, "launch", "train.py"),
-               "--checkpoint-dir", ckpt, "--max-steps", str(steps),
-               "--save-every", str(save_every), "--keep-last", "2", "--keep-best", "0"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-        m = DONE.search(out)
-        if m is None:
-            raise RuntimeError(f"train.py printed no summary:\n{out[-2000:]}")
-        saves = steps // save_every if save_every else 0
-        return float(m.group(2)), float(m.group(3)), saves
+    with tempfile.TemporaryDirectory(dir=bh.REPO, prefix=".bench-manager-") as ckpt:
+        stall, loop = bh.run_train(
+            ["--checkpoint-dir", ckpt, "--max-steps", str(steps), "--save-every", str(save_every),
+             "--keep-last", "2", "--keep-best", "0"],
+            nproc=nproc, env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        return stall, loop, steps // save_every if save_every else 0
 
 
 def main() -> None:

@@ -38,20 +38,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as bh  # noqa: E402 - needs the path above
 import save_dist  # noqa: E402
-from harness import (check, first_error, med, ratio, remove, rotated,  # noqa: E402
-                          slug, spread)
+import states  # noqa: E402
+from harness import (CORES, check, dcp_saver, first_error, med, ratio, remove,  # noqa: E402
+                     shardckpt_saver, slug, spread)
 
 # DCP warns that no process group exists; a single-process save is what we measure.
 warnings.filterwarnings("ignore")
 
 import shardckpt  # noqa: E402
-import shardckpt.codecs  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 from torch.distributed.checkpoint._extension import ZStandard  # noqa: E402
 
-CORES = os.cpu_count() or 1
 # Memory a contender allocates (clones, loaded states) is held until that contender's next
 # turn: this VM hands freed memory back to the host and the first touch of such a page is slow,
 # so a 1 GiB free would otherwise be paid for by whoever runs next. Savers hand it over as HOLD.
@@ -116,20 +115,6 @@ def save_safetensors(state, path):
     # safetensors keeps only str -> str metadata: the plain leaves travel as one JSON string.
     save_file(tensors, path, metadata={"plain": json.dumps(plain, default=str)})
     bh.fsync_tree(path)
-
-
-def dcp_saver(**writer_args):
-    def save(state, path):
-        # FileSystemWriter's sync_files=True (its default) fsyncs every file it writes.
-        dcp.save(state, storage_writer=FileSystemWriter(path, **writer_args))
-    return save
-
-
-def shardckpt_saver(codec: str):
-    def save(state, path):
-        info = shardckpt.save(state, path, codec=codec)
-        return {"stored_bytes": info.stored_bytes, "stats": info.stats}
-    return save
 
 
 @dataclass(frozen=True)
@@ -212,7 +197,7 @@ def measure_save(saver: Saver, state, path: str) -> dict:
         wall = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
         remove(path)
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return bh.error_record(exc)
     HELD[saver.name] = extra.pop(HOLD, None)
     record = {"wall": wall, "disk_bytes": bh.disk_bytes(path) if os.path.exists(path) else None}
     record.update(extra)
@@ -235,19 +220,18 @@ def warm_up(state, workdir: str) -> None:
 def run_saves(label: str, state, workdir: str, reps: int) -> tuple[dict, dict]:
     """``({saver: [records]}, {saver: kept path})`` over ``reps`` round-robin repetitions."""
     warm_up(state, workdir)
-    results = {s.name: [] for s in SAVERS}
     kept = {}
-    for rep in range(reps):
-        for saver in rotated(SAVERS, rep):
-            path = os.path.join(workdir, f"{label}-{slug(saver.name)}-r{rep}")
-            record = measure_save(saver, state, path)
-            results[saver.name].append(record)
-            bh.log(f"({label}) save rep {rep + 1}/{reps} {saver.name}: "
-                   f"{record.get('error') or format(record['wall'], '.2f') + ' s'}")
-            if saver.keep and rep == reps - 1 and "error" not in record:
-                kept[saver.name] = path
-            else:
-                remove(path)
+
+    def measure(saver: Saver, rep: int) -> dict:
+        path = os.path.join(workdir, f"{label}-{slug(saver.name)}-r{rep}")
+        record = measure_save(saver, state, path)
+        if saver.keep and rep == reps - 1 and "error" not in record:
+            kept[saver.name] = path
+        else:
+            remove(path)
+        return record
+    results = bh.round_robin(SAVERS, reps, measure, lambda r: r.get("error") or
+                             f"{r['wall']:.2f} s", tag=f"({label}) save ")
     HELD.clear()
     return results, kept
 
@@ -308,7 +292,7 @@ def measure_load(loader: Loader, ctx: LoadContext, cold_ok: bool, check: bool) -
         record = {"cold": timed_load(loader, ctx, cold_ok, check)}
         record["warm"] = timed_load(loader, ctx, False, False)
     except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return bh.error_record(exc)
     if record["cold"].get("check", "ok") != "ok":
         record["error"] = f"wrong data: {record['cold']['check']}"
     return record
@@ -317,14 +301,11 @@ def measure_load(loader: Loader, ctx: LoadContext, cold_ok: bool, check: bool) -
 def run_loads(label: str, state, kept: dict, reps: int, cold_ok: bool) -> dict:
     target = bh.map_state(state, torch.empty_like)
     ctx = LoadContext(state, target, kept, bh.flat_tensors(state)[0])
-    results = {ld.name: [] for ld in LOADERS}
-    for rep in range(reps):
-        for loader in rotated(LOADERS, rep):
-            record = measure_load(loader, ctx, cold_ok, check=rep == 0)
-            results[loader.name].append(record)
-            msg = record.get("error") or (f"cold {record['cold']['wall']:.2f} s, "
-                                          f"warm {record['warm']['wall']:.2f} s")
-            bh.log(f"({label}) load rep {rep + 1}/{reps} {loader.name}: {msg}")
+    results = bh.round_robin(
+        LOADERS, reps, lambda loader, rep: measure_load(loader, ctx, cold_ok, check=rep == 0),
+        lambda r: r.get("error") or (f"cold {r['cold']['wall']:.2f} s, "
+                                     f"warm {r['warm']['wall']:.2f} s"),
+        tag=f"({label}) load ")
     HELD.clear()
     return results
 
@@ -421,22 +402,14 @@ def bytes_checks(label: str, run: dict, whole: float | None) -> list[dict]:
              "value": whole, "limit": None, "pass": None}]
 
 
-def print_checks(checks: list[dict]) -> None:
-    print("\nTARGET CHECKS (ratios of medians)")
-    for c in checks:
-        verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
-        limit = "" if c["limit"] is None else f" (limit {c['limit']})"
-        print(f"  {verdict:4}  {c['check']}: {bh.fmt(c['value'], '.3f')}{limit}")
-
-
 # ---- the run ---------------------------------------------------------------------------------
 
 def build_state(label: str, size_gib: float):
     bh.log(f"building state ({label})")
     if label == "a":
-        return bh.llm_state(size_gib)
+        return states.llm_state(size_gib)
     if label == "b":
-        return bh.minilm_state()
+        return states.minilm_state()
     raise SystemExit(f"unknown state {label!r} (use a, b)")
 
 
@@ -472,9 +445,7 @@ def parse_args(argv=None):
 
 def header(cold_ok: bool) -> str:
     cache = "dropped before each cold load" if cold_ok else "NOT droppable: warm-cache loads"
-    return (f"bench_save: shardckpt {shardckpt.__version__} (backend "
-            f"{shardckpt.codecs.BACKEND}), torch {torch.__version__}, {CORES} cores; "
-            f"page cache {cache}")
+    return bh.header("bench/save", f"page cache {cache}")
 
 
 def run_label(label: str, args, workdir: str, cold_ok: bool, report: dict) -> None:
@@ -491,7 +462,7 @@ def run_label(label: str, args, workdir: str, cold_ok: bool, report: dict) -> No
     try:
         run = save_dist.run_dist(label, source, desc, workdir, args.reps, cold_ok)
     except Exception as exc:  # noqa: BLE001 - the rest of the report still stands
-        report["dist"][label] = {"error": f"{type(exc).__name__}: {exc}"}
+        report["dist"][label] = bh.error_record(exc)
         bh.log(f"(dist {label}) failed: {type(exc).__name__}: {str(exc)[:2000]}")
         return
     finally:
@@ -521,7 +492,7 @@ def main(argv=None) -> int:
             print(f"\n=== dist state ({label}): ERROR\n{run['error']}")
         else:
             save_dist.print_report(label, run)
-    print_checks(report["checks"])
+    bh.print_checks(report["checks"])
     bh.write_json(report, args.json)
     return 0
 

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 import harness as bh
-from harness import check, first_error, med, ratio, remove, rotated, slug, spread
+from harness import (CORES, check, dcp_saver, first_error, local_part, med, ratio, remove,
+                     rotated, shardckpt_saver, slug, spread)
 
 warnings.filterwarnings("ignore")  # DCP and DTensor warnings would drown the progress lines
 
@@ -36,9 +37,8 @@ import shardckpt  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from shardckpt.testing import run_with_ranks  # noqa: E402
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 
-CORES = os.cpu_count() or 1
 SAVE_WORLD = 2
 LOAD_WORLDS = (1, 4)
 SHARD_MIN_ROWS = max(LOAD_WORLDS)  # fewer rows than loading ranks: kept whole (replicated)
@@ -52,19 +52,6 @@ RANK_FILE = re.compile(r"rank-(\d+)[.\d]*\.bin$|^__(\d+)_\d+\.distcp$")
 
 # ---- contenders ------------------------------------------------------------------------------
 
-def _shardckpt_save(codec: str) -> Callable:
-    def save(state, path):
-        info = shardckpt.save(state, path, codec=codec)
-        return {"stored_bytes": info.stored_bytes, "stats": info.stats}
-    return save
-
-
-def _dcp_save(**writer_args) -> Callable:
-    def save(state, path):
-        dcp.save(state, storage_writer=FileSystemWriter(path, **writer_args))
-    return save
-
-
 @dataclass(frozen=True)
 class Contender:
     name: str
@@ -73,11 +60,11 @@ class Contender:
 
 
 SAVES = [
-    Contender(SHARDCKPT_AUTO, _shardckpt_save("auto"), keep=True),
-    Contender("shardckpt zstd", _shardckpt_save("zstd")),
-    Contender("shardckpt raw", _shardckpt_save("raw")),
-    Contender(DCP_DEFAULT, _dcp_save(), keep=True),
-    Contender(DCP_THREADS, _dcp_save(thread_count=CORES)),
+    Contender(SHARDCKPT_AUTO, shardckpt_saver("auto"), keep=True),
+    Contender("shardckpt zstd", shardckpt_saver("zstd")),
+    Contender("shardckpt raw", shardckpt_saver("raw")),
+    Contender(DCP_DEFAULT, dcp_saver(), keep=True),
+    Contender(DCP_THREADS, dcp_saver(thread_count=CORES)),
 ]
 LOADS = {  # loader -> (the save it reads, fn(target, path))
     "shardckpt load": (SHARDCKPT_AUTO, lambda target, path: shardckpt.load(target, path)),
@@ -91,11 +78,6 @@ SHARDCKPT_LOAD, DCP_LOAD = "shardckpt load", "DCP load"
 
 def _sharded(t: torch.Tensor) -> bool:
     return t.dim() >= 1 and t.shape[0] >= SHARD_MIN_ROWS
-
-
-def _mesh(world: int):
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh("cpu", (world,))
 
 
 def _my_rows(source: torch.Tensor, mesh):
@@ -114,10 +96,6 @@ def _zeros_like_sharded(source: torch.Tensor, mesh):
     if not _sharded(source):
         return torch.zeros_like(source)
     return zeros(source.shape, dtype=source.dtype, device_mesh=mesh, placements=[Shard(0)])
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _expected_rows(source: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -148,7 +126,7 @@ def _first_difference(target, source, rank: int, world: int) -> str | None:
     for path, got in bh.leaves(target):
         if not isinstance(got, torch.Tensor):
             continue
-        want, got = _expected_rows(expected[path], rank, world), _local(got)
+        want, got = _expected_rows(expected[path], rank, world), local_part(got)
         key = "/".join(path)
         if want.shape != got.shape or want.dtype != got.dtype:
             return f"{key}: shape/dtype {tuple(got.shape)} {got.dtype}, expected " \
@@ -181,13 +159,11 @@ def _timed_save(c: Contender, state, path: str, rank: int) -> dict:
     """One save, timed on this rank from a common start; rank 0 measures the folder after."""
     if rank == 0:
         os.sync()  # the previous contender's deletions must not be flushed on this one's clock
-    dist.barrier()
     try:
-        t0 = time.perf_counter()
-        record = dict(c.fn(state, path) or {})
-        record["wall"] = time.perf_counter() - t0
+        wall, extra = bh.from_barrier(lambda: c.fn(state, path))
+        record = {**(extra or {}), "wall": wall}
     except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
-        record = {"error": f"{type(exc).__name__}: {exc}"}
+        record = bh.error_record(exc)
     dist.barrier()  # every rank is done before the folder is measured or removed
     if rank == 0 and "error" not in record:
         record["disk"] = rank_bytes(path)
@@ -197,12 +173,12 @@ def _timed_save(c: Contender, state, path: str, rank: int) -> dict:
 def _save_rank(rank: int, world: int, label: str, source_path: str, workdir: str,
                reps: int) -> dict:
     """Every save contender, ``reps`` round-robin repetitions; this rank's records."""
-    mesh = _mesh(world)
+    mesh = bh.cpu_mesh(world)
     source = _open_source(source_path)
     state = bh.map_state(source, lambda t: _my_rows(t, mesh))
     keys = _warmup_keys(source)
     del source  # unmaps the file: each rank now holds only its own rows
-    out = {"rank": rank, "local_bytes": sum(_local(t).numel() * _local(t).element_size()
+    out = {"rank": rank, "local_bytes": sum(local_part(t).numel() * local_part(t).element_size()
                                             for t in bh.tensors_of(state)),
            "saves": {c.name: [] for c in SAVES}, "kept": {}, "warmup": {}}
     small = _subset(state, keys)
@@ -233,22 +209,20 @@ def _save_rank(rank: int, world: int, label: str, source_path: str, workdir: str
 
 def _timed_load(name: str, target, path: str, rank: int, cold: bool) -> dict:
     for t in bh.tensors_of(target):
-        _local(t).zero_()  # a loader that silently skips a tensor must not pass the check
+        local_part(t).zero_()  # a loader that silently skips a tensor must not pass the check
     if rank == 0 and cold:
         bh.drop_page_cache()
-    dist.barrier()
     try:
-        t0 = time.perf_counter()
-        LOADS[name][1](target, path)
-        return {"wall": time.perf_counter() - t0}
+        wall, _ = bh.from_barrier(lambda: LOADS[name][1](target, path))
+        return {"wall": wall}
     except Exception as exc:  # noqa: BLE001 - one failing contender must not abort the run
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return bh.error_record(exc)
 
 
 def _load_rank(rank: int, world: int, label: str, source_path: str, kept: dict, warmup: dict,
                reps: int, cold_ok: bool) -> dict:
     """Every loader into zeroed ``Shard(0)`` targets on this world; this rank's records."""
-    mesh = _mesh(world)
+    mesh = bh.cpu_mesh(world)
     source = _open_source(source_path)
     target = bh.map_state(source, lambda t: _zeros_like_sharded(t, mesh))
     small = _subset(target, _warmup_keys(source))

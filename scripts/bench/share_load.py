@@ -60,9 +60,8 @@ def rank_state(shape: str, world: int, mib: int, zeros: bool) -> dict:
         full = {k: torch.zeros_like(v) for k, v in full.items()}
     if shape == "ddp":
         return full
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = bh.cpu_mesh(world)
     return {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
 
 
@@ -143,14 +142,10 @@ def _load_rank(rank, world, shape, mib, path, dcp_path, reps, cold, local_world)
                 shardckpt.load(state, path)
             wall = time.perf_counter() - t0
             rchar, device = (b - a for a, b in zip(io0, _io()))
-            ok = all(torch.equal(_local(state[k]), _local(expect[k])) for k in expect)
+            ok = all(torch.equal(bh.local_part(state[k]), bh.local_part(expect[k])) for k in expect)
             out[name].append({"wall": wall, "requested": counter.total, "rchar": rchar,
                               "device": device, "ok": ok})
     return out
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def run_shape(shape: str, save_world: int, mib: int, reps: int, cold: bool, root: str,

@@ -4,7 +4,7 @@ Usage:
     PYTHONPATH=. .venv/bin/python scripts/bench/storage.py [--size-gib 0.25] [--reps 3]
         [--json OUT]
 
-State: harness.llm_state of ``--size-gib`` (half bf16 weights, half a ZeRO-1 rank's fp32
+State: states.llm_state of ``--size-gib`` (half bf16 weights, half a ZeRO-1 rank's fp32
 optimizer share). The S3 server is moto in a child process (``shardckpt.testing.s3_server``),
 reached through s3fs, so it does not share this interpreter's GIL; it keeps objects in memory.
 Contenders run round-robin within each repetition (the starting one rotates); each saves to a
@@ -27,8 +27,10 @@ import uuid
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (first_difference, flat_tensors, fmt, llm_state, log, map_state,  # noqa: E402
-                          med, ratio, rotated, spread, state_bytes, table, write_json)
+import harness as bh  # noqa: E402
+from harness import (first_difference, flat_tensors, fmt, log, map_state, med,  # noqa: E402
+                     ratio, spread, state_bytes, table, write_json)
+from states import llm_state  # noqa: E402
 
 
 def _shardckpt(codec):
@@ -86,18 +88,18 @@ def main() -> int:
 
     state, desc = llm_state(args.size_gib)
     log(f"state: {desc}, {state_bytes(state) / 2**20:.0f} MiB")
-    records = {name: [] for name in CONTENDERS}
     with moto_s3(bucket="bench", process=True) as (opts, base):
         fs = s3fs.S3FileSystem(**opts)
         for name in CONTENDERS:  # warm-up: imports, connections, first allocations
             run_one(name, map_state(state, lambda t: t[:2].clone()), base, opts, fs)
-        for rep in range(args.reps):
-            for name in rotated(list(CONTENDERS), rep):
-                rec = run_one(name, state, base, opts, fs)
-                log(f"rep {rep} {name}: save {rec['save']:.2f} s, load {rec['load']:.2f} s")
-                if rec["diff"]:
-                    raise SystemExit(f"{name} loaded wrong data: {rec['diff']}")
-                records[name].append(rec)
+
+        def measure(name, rep):
+            rec = run_one(name, state, base, opts, fs)
+            if rec["diff"]:
+                raise SystemExit(f"{name} loaded wrong data: {rec['diff']}")
+            return rec
+        records = bh.round_robin(list(CONTENDERS), args.reps, measure,
+                                 lambda r: f"save {r['save']:.2f} s, load {r['load']:.2f} s")
     dcp_save, dcp_load = med(records["DCP fsspec"], "save"), med(records["DCP fsspec"], "load")
     rows = []
     for name, recs in records.items():

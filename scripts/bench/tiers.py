@@ -39,9 +39,8 @@ WORLD, PER_NODE = 4, 2
 
 
 def _state(world: int, mib: int, zeros: bool):
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = bh.cpu_mesh(world)
     n = mib << 18  # float32 elements
     gen = torch.Generator().manual_seed(0)
     full = torch.zeros(n) if zeros else torch.randn(n, generator=gen)
@@ -78,9 +77,7 @@ def _drop_caches(rank: int, folder: str) -> str:
     """Make the durable tier's files cold; how ("drop_caches" or "fadvise")."""
     if os.geteuid() == 0:
         if rank == 0:
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
+            bh.drop_page_cache()
         return "drop_caches"
     if rank % PER_NODE == 0:
         _evict(folder)

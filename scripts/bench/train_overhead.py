@@ -46,12 +46,11 @@ warnings.filterwarnings("ignore")
 import shardckpt  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: E402
+from torch.distributed.checkpoint.staging import DefaultStager  # noqa: E402
 
 CONTENDERS = ("none", "guarded", "eager", "dcp")
 STEPS_EVERY_1 = 4
-CPU_STAGING = StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                             use_async_staging=True, use_non_blocking_copy=False)
+CPU_STAGING = bh.dcp_cpu_staging()
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -202,11 +201,7 @@ def report(result: dict) -> list[dict]:
                                  ratio(added["guarded"], base), 0.03))
             results.append(check("every 10 steps: DCP added / step",
                                  ratio(added["dcp"], base), None))
-    print("\nTARGET CHECKS (ratios of medians)")
-    for c in results:
-        verdict = "info" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
-        limit = "" if c["limit"] is None else f" (limit {c['limit']})"
-        print(f"  {verdict:4}  {c['check']}: {bh.fmt(c['value'], '.3f')}{limit}")
+    bh.print_checks(results)
     return results
 
 
@@ -228,9 +223,8 @@ def main(argv=None) -> int:
         result = run(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"bench_train_overhead: shardckpt {shardckpt.__version__}, torch {torch.__version__}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-          f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(bh.header("bench/train_overhead", f"{torch.get_num_threads()} torch threads",
+                    f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after"))
     result["checks"] = report(result)
     bh.write_json(result, args.json)
     return 0
