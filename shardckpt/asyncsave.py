@@ -20,7 +20,7 @@ from . import knobs, stage
 from .api import SaveInfo, _check_metadata
 from .errors import CheckpointError
 from .observe import log_save
-from .guard import Watch, find_guards, owners, storage_key
+from .guard import Watch, arm, find_guards, owners, storage_key
 from .incremental import base_name
 from .saver import plan_save
 from .tree import dtensor_type
@@ -141,13 +141,15 @@ def _order(planned, guards) -> tuple[list, Watch | None]:
     eager, lazy = [], []
     for p in pieces:
         g = owned.get(storage_key(p.tensor, dt))
-        (lazy if g else eager).append((min(g[0]) if g else 0, p, g))
+        pages = arm(p.tensor) if g else False  # watched from here on (guard.py)
+        (lazy if pages is not False else eager).append((min(g[0]) if g else 0, p, g, pages))
     if not lazy:
         return pieces, None
     lazy.sort(key=lambda x: x[0])  # the first guard's tensors first: its step waits least
-    watch = Watch(guards, [planned.items[int(p.key)].key for _, p, _ in lazy],
-                  [p.tensor for _, p, _ in lazy], [g for _, _, g in lazy])
-    return [p for _, p, _ in eager] + [p for _, p, _ in lazy], watch
+    watch = Watch(guards, [planned.items[int(p.key)].key for _, p, _, _ in lazy],
+                  [p.tensor for _, p, _, _ in lazy], [g for _, _, g, _ in lazy],
+                  [w for _, _, _, w in lazy])
+    return [x[1] for x in eager] + [x[1] for x in lazy], watch
 
 
 def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = None,

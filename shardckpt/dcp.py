@@ -34,7 +34,7 @@ from torch.futures import Future
 
 from . import manifest as manifest_mod
 from .commit import commit_for
-from .errors import UnsupportedSaveError, UnsupportedValueError
+from .errors import CheckpointError, UnsupportedSaveError, UnsupportedValueError
 from .plan import plan_chunks
 from .read import ReadPlan, open_for_read, read_blob
 from .saver import _targets
@@ -276,14 +276,27 @@ class Reader(StorageReader):
                  storage_options: dict | None = None):
         super().__init__()
         self.path, self.threads, self.storage_options = path, threads, storage_options
-        self.m, self.leaves = None, {}
+        self.m, self.leaves, self.failed = None, {}, None
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
             self.path = checkpoint_id
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        self.m, self.paths = open_for_read(self.path, self.storage_options)
+        """The checkpoint's DCP metadata.
+
+        DCP's loader catches what this raises and keeps only its text, in an AssertionError.
+        So a CheckpointError is kept and raised by ``set_up_storage_reader``, which DCP lets
+        through: in the ``failures`` of DCP's CheckpointException (``failures[rank][0]``), on
+        every rank. An empty Metadata stands in meanwhile, so every rank reaches the same
+        collective steps.
+        """
+        try:
+            self.m, self.paths = open_for_read(self.path, self.storage_options)
+        except CheckpointError as exc:
+            self.failed = exc
+            return Metadata(state_dict_metadata={})
+        self.failed = None
         self.leaves, planner_data = {}, {}
         for path, node in _dcp_leaves(self.m.tree):
             fqn = ".".join(str(p) for p in path)
@@ -303,6 +316,8 @@ class Reader(StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args,
                               **kwargs) -> None:
+        if self.failed is not None:
+            raise self.failed
         if self.m is None:
             self.read_metadata()
 

@@ -4,10 +4,21 @@ that ``async_save`` may copy those tensors after it returns, during the next for
 A guard owns its parameters and their per-parameter state (``optimizer.state[p]``), matched by
 storage, so views, ``state_dict()`` values and the DTensor local shards of ``get_state_dict``
 count. Each save that copies some of a guard's tensors lazily registers a step pre-hook on it
-that waits for those copies. Nothing is trusted blindly: the version counter of every lazily
-copied tensor is recorded at the call and checked after its copy (and once more when its guard's
-last copy lands, while the step is still held). An in-place change made elsewhere fails the save with StateChangedError; the checkpoint
-is never torn.
+that waits for those copies. Nothing is trusted blindly, and two witnesses watch each lazily
+copied tensor from the call until its copy:
+
+- its version counter (and that of a DTensor's local tensor), checked after its copy and once
+  more when its guard's last copy lands, while the step is still held; an in-place op through
+  the tensor, a view or ``detach()`` moves it, ``set_`` too;
+- its pages (CPU): a write through an alias with a counter of its own (``p.data``, a numpy
+  view, another thread's fresh alias) moves no counter we can see, so the pages the tensor
+  fills are made read-only at the call (csrc/core/write_watch.h) and the first write there is
+  recorded; the bytes at its two partial edge pages are kept by value at the call and copied
+  from there. A CPU tensor this cannot cover (no native core, not dense, under two pages) is
+  copied before the call returns instead.
+
+A change seen either way fails the save with StateChangedError; the checkpoint is never torn.
+On CUDA only the counters watch (a ``p.data`` write there is not seen).
 
 torch runs step pre-hooks while iterating its hook dict, and removing an entry there raises
 ("OrderedDict mutated during iteration") as soon as another hook is registered. So a hook that
@@ -21,6 +32,7 @@ import time
 
 import torch
 
+from . import codecs
 from .errors import StateChangedError
 from .tree import MAX_DEPTH, dtensor_type
 
@@ -94,13 +106,74 @@ def owners(guards: list[Optimizer]) -> dict:
     return owned
 
 
+PAGE = 4096  # the smallest page size of the platforms write watches run on
+
+
+def _native_watch():
+    """The native module when it can watch writes, else None."""
+    native = codecs.backend
+    return native if getattr(native, "watch_writes", None) and \
+        native.features().get("write_watch") else None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    dt = dtensor_type()
+    return t.to_local() if dt is not None and isinstance(t, dt) else t
+
+
+def arm(t: torch.Tensor):
+    """Start watching a tensor to be copied lazily: its ``_Pages`` (CPU), None (CUDA: its
+    counters only), or False when it cannot be watched and must be copied at the call (no
+    native core, not dense, under two pages, or the pages could not be protected)."""
+    local = _local(t)
+    if local.device.type == "cuda":
+        return None
+    if (_WATCH is None or local.device.type != "cpu" or not local.is_contiguous()
+            or local.is_conj() or local.is_neg()
+            or local.numel() * local.element_size() < 2 * PAGE):
+        return False
+    pages = _Pages(local)
+    return pages if pages.id >= 0 else False
+
+
+class _Pages:
+    """The write watch over one CPU tensor's whole pages, and its edges kept by value."""
+
+    def __init__(self, t: torch.Tensor):
+        flat = t.detach().reshape(-1)
+        ptr, size = flat.data_ptr(), flat.element_size()
+        lo = -(-ptr // PAGE) * PAGE
+        hi = (ptr + flat.numel() * size) // PAGE * PAGE
+        self.head = flat[:(lo - ptr) // size].clone()
+        self.tail_at = (hi - ptr) // size
+        self.tail = flat[self.tail_at:].clone()
+        self.id = _WATCH.watch_writes(lo, hi)
+        self.written: bool | None = None if self.id >= 0 else False  # known once unwatched
+
+    def restore_edges(self, dst: torch.Tensor, start: int, count: int) -> None:
+        """``dst`` holds elements [start, start + count): put the edges' values at the call."""
+        end, h = start + count, self.head.numel()
+        if start < h:
+            dst[:min(h, end) - start].copy_(self.head[start:min(h, end)])
+        if end > self.tail_at:
+            at = max(start, self.tail_at)
+            dst[at - start:].copy_(self.tail[at - self.tail_at:end - self.tail_at])
+
+    def unwatch(self) -> bool:
+        """End the watch (once); whether anything wrote the pages meanwhile."""
+        if self.written is None:
+            self.written = _WATCH.unwatch_writes(self.id) == 1
+        return self.written
+
+
 class Watch:
     """One save's lazily copied pieces: their versions at the call, which guard waits for which,
     and the step pre-hooks."""
 
     def __init__(self, guards: list[Optimizer], names: list[str], tensors: list[torch.Tensor],
-                 owned: list[tuple[set, list]]):
+                 owned: list[tuple[set, list]], pages: list | None = None):
         self.guards, self.names, self.tensors = guards, names, tensors
+        self.pages = pages or [None] * len(tensors)  # _Pages of each (arm), None on CUDA
         self.owners = [g for g, _ in owned]
         self.witnesses = [[t, *w] for t, (_, w) in zip(tensors, owned)]
         self.versions = [self._versions(i) for i in range(len(tensors))]  # at the call
@@ -122,16 +195,25 @@ class Watch:
     def check(self, i: int) -> None:
         """Raise StateChangedError when lazy piece ``i`` changed since the call."""
         now = self._versions(i)
-        if now != self.versions[i]:
+        written = self.pages[i] is not None and self.pages[i].unwatch()
+        if now != self.versions[i] or written:
+            how = (f"versions {list(self.versions[i])} -> {list(now)}" if now != self.versions[i]
+                   else "written through an alias such as .data")
             name, guards = self.names[i], ", ".join(
                 type(self.guards[g]).__name__ for g in sorted(self.owners[i]))
             raise StateChangedError(
-                f"{name}: changed in place while async_save was still copying it (versions "
-                f"{list(self.versions[i])} -> {list(now)}); nothing was committed. It is guarded by {guards}, "
+                f"{name}: changed in place while async_save was still copying it ({how}); "
+                f"nothing was committed. It is guarded by {guards}, "
                 f"whose step() waits for the copy: change it only inside optimizer.step(), call "
                 f"handle.wait_staged() before changing it another way, or leave its optimizer "
                 f"out of guard= and of the state so that it is copied before async_save returns",
                 tensor=name)
+
+    def restore_edges(self, i: int, dst: torch.Tensor, start: int, count: int) -> None:
+        """Lazy piece ``i``'s elements [start, start + count) were copied into ``dst``: put
+        back the values at the call of those the page watch does not cover."""
+        if self.pages[i] is not None:
+            self.pages[i].restore_edges(dst, start, count)
 
     def copied(self, i: int) -> None:
         """Lazy piece ``i`` is in the arena: check it; when it completes a guard, check all of
@@ -156,7 +238,10 @@ class Watch:
             self.events[g].set()
 
     def release(self) -> None:
-        """Staging ended (done or failed): no hook waits any longer."""
+        """Staging ended (done or failed): no hook waits any longer, no page is watched."""
+        for pages in self.pages:
+            if pages is not None:
+                pages.unwatch()
         for e in self.events:
             e.set()
 
@@ -191,3 +276,6 @@ class Watch:
         for h in self.hooks:
             h.remove()
         self.hooks = []
+
+
+_WATCH = _native_watch()

@@ -41,6 +41,7 @@ class Placement:
 class _Matcher:
     def __init__(self, manifest: Manifest, strict: bool, blob):
         self.m, self.strict, self.p, self.blob = manifest, strict, Placement(), blob
+        self.replaced: list[tuple] = []  # paths whose dicts become the checkpoint's (optimizer state)
 
     def new_tensor(self, key: str) -> torch.Tensor:
         if key not in self.p.new:
@@ -65,9 +66,12 @@ class _Matcher:
 
     def dict(self, target: dict, items, path: tuple, allow_new: bool) -> dict:
         saved, updates = dict(items), {}
+        replace = any(path[:len(r)] == r for r in self.replaced)
         for k in list(target):
             if k in saved:
                 updates[k] = self.value(target[k], saved[k], path + (k,), allow_new)
+            elif replace:
+                pass  # dropped below: the checkpoint's entries replace the live ones
             elif self.strict:
                 self.p.missing.append(_where(path + (k,)))
         for k, node in saved.items():
@@ -76,7 +80,10 @@ class _Matcher:
                     updates[k] = self.saved_value(node)
                 elif self.strict:
                     self.p.unexpected.append(_where(path + (k,)))
-        self.p.assigns.append(lambda: target.update(updates))
+        if replace:
+            self.p.assigns.append(lambda: (target.clear(), target.update(updates)))
+        else:
+            self.p.assigns.append(lambda: target.update(updates))
         return target
 
     def sequence(self, target, payload, path: tuple, allow_new: bool):
@@ -96,6 +103,11 @@ class _Matcher:
         # already read); other stateful objects (optimizers before their first step) may gain
         # entries that only the checkpoint has.
         allow_new = not isinstance(obj, torch.nn.Module)
+        if isinstance(obj, torch.optim.Optimizer):
+            # Like Optimizer.load_state_dict, the saved per-parameter state replaces the live
+            # one whole: a checkpoint made before the first step has none, so the moments of
+            # later steps must go, under strict=False too.
+            self.replaced.append(path + ("state",))
         sd = self.value(obj.state_dict(), node, path, allow_new)
         self.p.finalizers.append(lambda: obj.load_state_dict(sd))
         return obj

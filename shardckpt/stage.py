@@ -274,6 +274,8 @@ class Stager:
         nbytes = count * dtype.itemsize
         dst = memory[self._offset:self._offset + nbytes].view(flat.dtype)
         self._copy_one(dst, flat[start:start + count])
+        if i >= self.eager:  # a lazy piece: the edges its page watch misses, from the call
+            self.watch.restore_edges(i - self.eager, dst, start, count)
         base = dst.data_ptr()
         for at, n in chunk_ranges(count, dtype.itemsize, self.chunk_bytes):
             self._sources.append(ChunkSource(piece.key, base + at * dtype.itemsize,

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "pipeline.h"
+#include "write_watch.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -75,6 +76,7 @@ nb::dict features() {
   d["crc32c"] = core::crc32c_backend();
   d["threads"] = std::thread::hardware_concurrency();
   d["sync_file_range"] = core::sync_file_range_supported();
+  d["write_watch"] = core::write_watch_supported();
   nb::list policies;
   for (const char* p : {"raw", "zstd", "auto"}) policies.append(p);
   d["policies"] = policies;
@@ -350,4 +352,12 @@ NB_MODULE(_native, m) {
   m.def("decode_chunks", &decode_chunks, "data"_a, "name"_a, "reads"_a, "threads"_a,
         "read_chunks over a bytes-like object: reads' offsets are relative to `data`; `name`\n"
         "labels it in messages. Returns (code, message, chunk, errno).");
+
+  m.def("watch_writes", &core::watch_writes, "lo"_a, "hi"_a,
+        "Make the page-aligned range [lo, hi) read-only and watch it for writes (guard.py).\n"
+        "Returns a watch id >= 0, or -errno when the pages could not be protected.");
+
+  m.def("unwatch_writes", &core::unwatch_writes, "id"_a,
+        "End a watch, making its pages writable again. Returns 1 if anything wrote them while\n"
+        "watched, 0 if not, -1 for an unknown id.");
 }
