@@ -20,7 +20,7 @@ import shutil
 from dataclasses import replace
 
 from . import manifest as manifest_mod, retire
-from .commit import commit_for
+from .commit import commit_for, refuse_to_clobber
 from .errors import CheckpointExistsError
 from .read import ReadPlan, data_sources, open_for_read
 from .remote_io import RemoteFile
@@ -59,13 +59,16 @@ def _checked(storage, tmp: str, where: str, copied) -> bytes:
     return data
 
 
-def _same(a, b) -> bool:
-    """Whether two ``(storage, name)`` pairs are one checkpoint (by URL, or by real path)."""
+def _overlap(a, b) -> bool:
+    """Whether two ``(storage, name)`` pairs are one folder or one lies inside the other (by
+    real path, or by URL)."""
     (sa, na), (sb, nb) = a, b
     la, lb = sa.local_path(na), sb.local_path(nb)
     if la is not None and lb is not None:
-        return os.path.realpath(la) == os.path.realpath(lb)
-    return sa.url(na) == sb.url(nb)
+        la, lb = os.path.realpath(la), os.path.realpath(lb)
+    else:
+        la, lb = sa.url(na).rstrip("/"), sb.url(nb).rstrip("/")
+    return la == lb or la.startswith(lb + "/") or lb.startswith(la + "/")
 
 
 def _copy_file(source, storage, dest: str, size: int) -> None:
@@ -93,16 +96,18 @@ def copy_checkpoint(src, dst, *, overwrite: bool = False, storage_options: dict 
     Raises:
         CheckpointError subclasses: ``src`` fails its checks (every file is checked before the
             first byte is copied), a chunk of the copy fails its checksum or decoding (nothing
-            is committed), ``dst`` exists and ``overwrite`` is false, or ``dst`` is ``src`` or
-            a checkpoint that others reference (CheckpointExistsError).
+            is committed), ``dst`` exists and ``overwrite`` is false, or ``dst`` is, holds or
+            lies inside ``src``, or is a checkpoint that others reference
+            (CheckpointExistsError).
     """
     m, sources = open_for_read(src, storage_options)
     storage, name = open_checkpoint(dst, dst_storage_options)
-    if _same(open_checkpoint(src, storage_options), (storage, name)):
+    if _overlap(open_checkpoint(src, storage_options), (storage, name)):
         raise CheckpointExistsError(f"{storage.url(name)}: a checkpoint cannot be copied onto "
-                                    "itself")
+                                    "itself, into itself, or over the folder holding it")
     tx = commit_for(storage, name, overwrite)
-    if overwrite:  # never replace a checkpoint whose files others reference
+    if overwrite:  # never replace a checkpoint whose files others reference (nor a non-one)
+        refuse_to_clobber(storage, name, overwrite)
         retire.check_replaceable(storage, name)
     tx.begin()
     try:

@@ -122,3 +122,10 @@ def test_a_corrupt_chunk_is_not_copied_into_a_committed_checkpoint(tmp_path, ref
         copy_checkpoint(inc, out)
     assert not os.path.exists(out)
     assert [n for n in os.listdir(tmp_path) if n not in ("base", "inc")] == []
+
+
+def test_copy_into_its_own_folder_is_refused(tmp_path):
+    _, inc = incremental_pair(str(tmp_path))
+    with pytest.raises(shardckpt.CheckpointExistsError, match="into itself"):
+        copy_checkpoint(inc, os.path.join(inc, "sub"))
+    assert sorted(os.listdir(inc)) == ["data", "manifest.json"]
