@@ -174,3 +174,28 @@ def test_restore_gives_none_only_when_nothing_loads(tmp_path):
     for step in (1, 2, 3):
         os.unlink(os.path.join(str(tmp_path), f"step-{step:08d}", "manifest.json"))
     assert restored(tmp_path)[0] is None
+
+
+def _ranks_heal(rank, world, root, which):
+    import torch.distributed as dist
+    mgr = manager(root)
+    for step in range(1, 5):
+        mgr.maybe_save(step, state(step))
+        if step == 2:
+            if rank == 0:  # every data file of that kind, whichever rank wrote it
+                m = manifest(root, 2)
+                for f in m.files:
+                    if (f.base is None) == (which == "own"):
+                        damage(os.path.join(root, f.base or "step-00000002", f.path), "flip")
+            dist.barrier()
+    mgr.close()
+    step, into = restored(root)
+    assert_same(state(4), into)
+    return step
+
+
+@pytest.mark.parametrize("which", ["own", "referenced"])
+def test_two_ranks_heal_a_damaged_base(tmp_path, which):
+    from shardckpt.testing.ranks import run_with_ranks
+    steps = [r.value for r in run_with_ranks(2, _ranks_heal, str(tmp_path), which)]
+    assert steps == [4, 4]
