@@ -68,13 +68,15 @@ _verified: OrderedDict[tuple, set] = OrderedDict()  # identity -> {(offset, leng
 _verified_lock = threading.Lock()  # saves of several managers may run in one process
 
 
-def _identity(storage: Storage, source) -> tuple:
+def _identity(storage: Storage, source) -> tuple | None:
     """What must stay equal for a chunk checked once to count as checked: the file's path and
-    stat (a rewrite moves mtime and ctime, a replacement the inode); an object's URL and size."""
+    stat (a rewrite moves mtime and ctime, a replacement the inode); an object's URL, size and
+    modification time. None (check every time) when the store cannot tell when it changed."""
     if isinstance(source, str):
         st = os.stat(source)
         return (source, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return (storage.url(source.path), storage.size(source.path))
+    when = storage.modified(source.path)
+    return None if when is None else (storage.url(source.path), storage.size(source.path), when)
 
 
 def _stored(storage: Storage, source, offset: int, length: int) -> bytes:
@@ -136,6 +138,8 @@ class BaseFiles:
             self._damaged(f"the chunk at offset {offset} of {self._where(file)}",
                           CorruptCheckpointError("crc32c mismatch"))
             return False
+        if ident is None:
+            return True
         with _verified_lock:
             _verified.setdefault(ident, set()).add((offset, length, crc))
             _verified.move_to_end(ident)
