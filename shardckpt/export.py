@@ -11,7 +11,10 @@ whatever the saving world size was. Names are the key path joined by dots
 - ``export_hf``: the Hugging Face layout, ``model-0000k-of-0000n.safetensors`` files of at most
   ``max_shard_size`` plus ``model.safetensors.index.json``; memory is bounded by one output file.
 
-Outputs are atomic: a temporary file or folder beside the destination, then a rename.
+Outputs are atomic: a temporary file or folder beside the destination, then a rename. An output
+is never the checkpoint it is read from (nor inside it, nor holding one of its files), and
+``overwrite`` replaces only an earlier export or an empty folder: a careless path must not delete
+the checkpoint or a root of them.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import shutil
 import torch
 
 from .api import _subtree, load_full, saved_tree
-from .errors import ExportError
+from .errors import CheckpointExistsError, ExportError
 from .read import open_for_read
+from .storage import open_checkpoint
 from .tree import dict_items, node_kind
 from . import safetensors_out
 
@@ -76,14 +80,16 @@ def export_weights(path, dest, *, format: str = "safetensors", key: str | None =
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
     if format == "safetensors":
         return _stream_one_file(path, os.fspath(dest), key, prefix, storage_options)
+    dest = os.fspath(dest)
+    _refuse_overlap(dest, path, storage_options, open_for_read(path, storage_options)[1])
     value = load_full(path, key=key, storage_options=storage_options)
     if isinstance(value, torch.Tensor):
         value = {"weight": value}
     tensors = flat_tensors(value, prefix.rstrip(".") if prefix else "")
-    dest = os.fspath(dest)
-    tmp = f"{dest}.tmp-{os.getpid()}"
+    tmp = f"{dest}.tmp-{secrets.token_hex(4)}"
     try:
-        torch.save(tensors, tmp)
+        with open(tmp, "xb") as fh:  # exclusive: never through a link planted under that name
+            torch.save(tensors, fh)
         os.replace(tmp, dest)  # a reader never sees half a file
     finally:
         if os.path.exists(tmp):
@@ -114,9 +120,52 @@ def tensor_names(node, prefix: str = "") -> dict[str, str]:
             for i, child in enumerate(payload):
                 walk(child, f"{name}.{i}" if name else str(i))
     walk(node, prefix.rstrip("."))
-    if "" in out:  # the subtree is one bare tensor
+    if "" in out:  # the subtree is one bare tensor (or a tensor under the key "")
+        if "weight" in out:
+            raise ExportError(f"two tensors export under the name 'weight' (keys "
+                              f"{out['weight']!r} and {out['']!r}); rename one")
         out["weight"] = out.pop("")
     return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _refuse_overlap(dest: str, path, storage_options, sources: list) -> None:
+    """Refuse an output ``dest`` that lies inside the checkpoint at ``path``, or is or holds
+    the checkpoint or one of its data files (``sources``, as ``open_for_read`` gives them: a
+    reference lives in a sibling checkpoint): replacing it would destroy what the export reads.
+
+    Raises:
+        ExportError: naming both.
+    """
+    storage, name = open_checkpoint(path, storage_options)
+    folder = storage.local_path(name)
+    if folder is None:
+        return
+    real, folder = os.path.realpath(dest), os.path.realpath(folder)
+    used = [folder] + [os.path.realpath(p) for p in sources if isinstance(p, str)]
+    if _inside(real, folder) or any(_inside(p, real) for p in used):
+        raise ExportError(f"{dest}: the output would overwrite the checkpoint it is read from "
+                          f"({folder}) or a file it uses; pick another path")
+
+
+def _refuse_to_replace(out_dir: str, overwrite: bool) -> None:
+    """An existing ``out_dir`` may be replaced only with ``overwrite`` and only when it is empty
+    or an earlier export (it holds ``model.safetensors.index.json``): the whole folder goes.
+
+    Raises:
+        CheckpointExistsError (a FileExistsError): naming the folder.
+    """
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise CheckpointExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir) or (
+            os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, HF_INDEX))):
+        raise CheckpointExistsError(f"{out_dir}: not an earlier export (no {HF_INDEX}); "
+                                    "refusing to replace it, which would delete it all")
 
 
 def _plan(path, key, prefix, storage_options, dtype=None):
@@ -128,6 +177,7 @@ def _plan(path, key, prefix, storage_options, dtype=None):
 
 def _stream_one_file(path, dest: str, key, prefix, storage_options) -> dict:
     m, paths, items = _plan(path, key, prefix, storage_options)
+    _refuse_overlap(dest, path, storage_options, paths)
     tmp = f"{dest}.tmp-{secrets.token_hex(4)}"
     try:
         total = safetensors_out.write_file(tmp, m, paths, items)
@@ -140,7 +190,9 @@ def _stream_one_file(path, dest: str, key, prefix, storage_options) -> dict:
 
 def parse_size(text) -> int:
     """Bytes of ``5GB`` / ``500MB`` / ``10KiB`` / ``1234`` (decimal units, binary with ``i``)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"not a size: {text!r} (negative)")
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", str(text), re.I)
     if not match:
@@ -172,19 +224,26 @@ def export_hf(path, out_dir, *, key: str | None = "model", max_shard_size="5GB",
         ``{"tensors", "bytes", "files", "out"}``.
 
     Raises:
-        ExportError: a name collision or a dtype safetensors cannot hold.
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+        ExportError: a name collision or a dtype safetensors cannot hold, ``out_dir`` is,
+            holds or lies inside the checkpoint, or ``config`` is no JSON object.
+        ValueError: ``dtype`` is not floating, ``max_shard_size`` is not a size.
+        CheckpointExistsError (a FileExistsError): ``out_dir`` exists and ``overwrite`` is
+            false, or it is neither empty nor an earlier export.
         CheckpointError: as ``load``.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    _refuse_to_replace(out_dir, overwrite)
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, not {dtype!r}")
         dtype = DTYPE_NAMES[dtype.lower()]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating dtype (weights are cast to it), not {dtype!r}")
+    limit = parse_size(max_shard_size)
+    config = _read_config(config) if config is not None else None  # before any work
     m, paths, items = _plan(path, key, prefix, storage_options, dtype)
-    groups = safetensors_out.split(items, parse_size(max_shard_size))
+    _refuse_overlap(out_dir, path, storage_options, paths)
+    groups = safetensors_out.split(items, limit)
     tmp = os.path.join(os.path.dirname(out_dir),
                        f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(4)}")
     os.makedirs(tmp)
@@ -193,7 +252,7 @@ def export_hf(path, out_dir, *, key: str | None = "model", max_shard_size="5GB",
         _write_json(os.path.join(tmp, HF_INDEX),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         if config is not None:
-            _write_config(tmp, config)
+            _write_json(os.path.join(tmp, "config.json"), config)
         _replace_dir(tmp, out_dir)
     finally:
         if os.path.exists(tmp):
@@ -217,11 +276,24 @@ def _write_json(dest: str, doc: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_config(folder: str, config) -> None:
-    if not isinstance(config, dict):
+def _read_config(config) -> dict:
+    """``config`` as a dict: itself, or the JSON object in the file it names.
+
+    Raises:
+        ExportError: not a dict or a readable file holding a JSON object (naming it).
+    """
+    if isinstance(config, dict):
+        return config
+    if not isinstance(config, (str, os.PathLike)):
+        raise ExportError(f"config must be a dict or a path to a JSON file, not {config!r:.80}")
+    try:
         with open(config) as fh:
-            config = json.load(fh)
-    _write_json(os.path.join(folder, "config.json"), config)
+            doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"config {os.fspath(config)!r}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ExportError(f"config {os.fspath(config)!r} holds no JSON object")
+    return doc
 
 
 def _replace_dir(tmp: str, dest: str) -> None:

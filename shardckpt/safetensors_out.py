@@ -52,10 +52,14 @@ def make_items(m: Manifest, names: dict[str, str], cast: torch.dtype | None) -> 
     """The output tensors of ``{name: manifest key}``; ``cast`` converts floating tensors only.
 
     Raises:
-        ExportError: a dtype safetensors cannot hold (complex, fnuz float8), naming the tensor.
+        ExportError: a dtype safetensors cannot hold (complex, fnuz float8), or the name
+            ``__metadata__`` (the header's own member), naming the tensor.
     """
     items = []
     for name, key in names.items():
+        if name == "__metadata__":  # the header's own member: the file would not load
+            raise ExportError(f"tensor {key!r} would be named '__metadata__', which "
+                              "safetensors reserves; rename it or pass a prefix")
         entry = m.tensors[key]
         dtype = entry.dtype.torch
         if cast is not None and dtype.is_floating_point:

@@ -23,7 +23,7 @@ import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
-from .. import knobs, observe, retire
+from .. import incremental as incremental_mod, knobs, observe, retire
 from ..api import load, save
 from ..asyncsave import async_save as start_async_save
 from ..commit import is_committed
@@ -163,7 +163,14 @@ class CheckpointManager:
             ``per_rank="rank0"`` to resume per-rank values on another world size).
         incremental: each save references the chunks the previous committed checkpoint already
             stores instead of writing them again (``save(..., base=...)``, FORMAT.md 3.6);
-            retention then keeps the files that newer checkpoints reference.
+            retention then keeps the files that newer checkpoints reference. A referenced chunk
+            is checked (its file's size, its CRC-32C) before its first reference in the
+            process; a damaged one is written again from the live state.
+        full_every: with ``incremental``, every ``full_every``-th save writes every chunk
+            (None: only the first). A chunk damaged after it was checked breaks every
+            checkpoint that references it; the full save bounds that to fewer than
+            ``full_every`` saves, and lets retention free the old chain. 10 costs one full
+            write per ten saves.
         clock: a monotonic clock in seconds (tests replace it).
         local_dir: node-local folder for the local tier (``{node}`` becomes the node index;
             see shardckpt/manage/tiers.py and README "Local tier"). None: no local tier.
@@ -194,12 +201,14 @@ class CheckpointManager:
                  preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
                  storage_options: dict | None = None, save_options: dict | None = None,
                  load_options: dict | None = None, guard=None, incremental: bool = False,
+                 full_every: int | None = 10,
                  clock: Callable[[], float] = time.monotonic,
                  on_event: Callable[[observe.CheckpointEvent], None] | None = None,
                  local_dir=None, local_every_n_steps: int | None = None, replicas: int = 1,
                  local_keep: int = 1, promote_local: bool = False, local_on_busy: str = "skip"):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
-                            ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps)):
+                            ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps),
+                            ("full_every", full_every)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, not {value!r}")
         if every_n_seconds is not None and not every_n_seconds > 0:
@@ -213,6 +222,7 @@ class CheckpointManager:
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.save_last = monitor, mode, save_last
         self.async_save, self.guard, self.incremental = async_save, guard, incremental
+        self.full_every = full_every
         self.storage_options = storage_options
         self.save_options = dict(save_options or {})
         self.load_options = dict(load_options or {})
@@ -365,8 +375,10 @@ class CheckpointManager:
                   "overwrite": True}
         if self.incremental:  # the newest other committed step is the base (all ranks see it)
             previous = [s for s in self.steps() if s != step]
-            kwargs.update(content_hashes=True,
-                          base=step_name(previous[-1]) if previous else None)
+            base, meta[META_KEY]["chain"] = incremental_mod.managed_base(
+                self._storage, step_name(previous[-1]) if previous else None, self.full_every,
+                META_KEY)
+            kwargs.update(content_hashes=True, base=base)
         self._last_step, self._last_time = step, self._clock()
         if self.promote_local and self._tier is not None and \
                 self._tier.promote_or_warn(step, self._storage, step_name(step)):
