@@ -85,13 +85,17 @@ def checked_manifest(storage: Storage, name: str, data: bytes) -> Manifest:
 
 
 def _on_disk(storage: Storage, name: str):
-    """``data_bytes`` for the metadata budget (budget.py): the total size of data files, each
-    checked on disk first (a manifest may record any size), asked only for a large manifest."""
+    """``data_bytes`` for the metadata budget (budget.py): the bytes data files store, each
+    checked on disk first (a manifest may record any size), asked only for a large manifest. A
+    local file counts its allocated blocks: a sparse file's holes are no bytes on disk."""
     def total(files) -> int:
         root = storage.local_path(name)
-        for f in files:
-            check_data_file(root, f) if root else remote_io.check_object(storage, name, f)
-        return sum(f.size for f in files)
+        if root is None:
+            for f in files:
+                remote_io.check_object(storage, name, f)
+            return sum(f.size for f in files)
+        return sum(min(f.size, getattr(os.stat(check_data_file(root, f)), "st_blocks", 1 << 62)
+                       * 512) for f in files)
     return total
 
 
