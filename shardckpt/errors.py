@@ -48,6 +48,12 @@ class UnsafeCheckpointError(CheckpointError, ValueError):
     a negative or absurd size, an unknown codec or format version."""
 
 
+class MetadataBudgetError(UnsafeCheckpointError, MemoryError):
+    """The manifest and its index files declare more decoded tables and grid cells than the
+    memory budget over the bytes on disk allows (FORMAT.md 5); refused before any of it is
+    decoded, so a small hostile file cannot make a reader allocate gigabytes."""
+
+
 class StateMismatchError(CheckpointError, ValueError):
     """The target state does not match the checkpoint.
 

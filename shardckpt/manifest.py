@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from . import codecs, grid, refs, tables
+from . import budget, codecs, grid, refs, tables
 from ._version import __version__
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 from .tree import tensor_keys
@@ -142,8 +142,16 @@ def _tensor_header(key, raw) -> tuple:
     return key, raw, dtype, shape
 
 
-def parse(data: bytes) -> Manifest:
-    """Parse and validate manifest bytes; raises Corrupt/UnsafeCheckpointError on any breach."""
+def parse(data: bytes, data_bytes=None) -> Manifest:
+    """Parse and validate manifest bytes; raises Corrupt/UnsafeCheckpointError on any breach.
+
+    Its tables are totalled before any is decoded (budget.py): ``data_bytes(files)`` gives the
+    data files' sizes checked on disk, asked for only when the manifest's own bytes do not cover
+    the total; None trusts the recorded sizes (a writer checking its own manifest).
+
+    Raises:
+        MetadataBudgetError: the tables declare more than the bytes on disk allow.
+    """
     if len(data) > MAX_MANIFEST_BYTES:
         raise _unsafe(f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
     data = _check_crc(data)
@@ -171,6 +179,7 @@ def parse(data: bytes) -> Manifest:
     sizes = np.array([f.size for f in files], dtype=np.int64)
     headers = [_tensor_header(k, v) for k, v in doc["tensors"].items()]
     indexes = _parse_indexes(doc.get("indexes"), files)
+    budget.check(_claim(headers), len(data), files, data_bytes, MANIFEST_NAME)
     if indexes is None:
         if any("shards" not in raw for _, raw, _, _ in headers):
             raise _unsafe("a grid or boxes entry without indexes")
@@ -199,6 +208,24 @@ def parse(data: bytes) -> Manifest:
                     rank_overrides=overrides, indexes=indexes,
                     hashes=None if indexes is not None else
                     refs.parse_hashes(doc.get("content_hashes"), tensors))
+
+
+def _claim(headers) -> int:
+    """Bytes the manifest's own tables take once decoded, from their frame headers alone: the
+    inline shard and chunk tables, or a revision 1.4 manifest's explicit boxes (its grid cells
+    are built only when joined with the indexes, chunk_index.join, and counted there)."""
+    ndim, total = max((len(shape) for *_, shape in headers), default=0), 0
+    for key, raw, _, shape in headers:
+        where = f"tensor {key!r}"
+        for field in ("shards", "boxes"):
+            if field in raw:
+                rows = tables.declared_size(raw[field], f"{where} {field}") // (
+                    8 * (2 * len(shape) + 1))
+                total += budget.shard_claim(rows, ndim)
+        if "chunks" in raw:
+            total += budget.chunk_claim(tables.declared_size(raw["chunks"], f"{where} chunks")
+                                        // (8 * 7))
+    return total
 
 
 def _parse_indexes(raw, files) -> tuple[IndexEntry, ...] | None:

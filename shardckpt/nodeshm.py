@@ -6,9 +6,12 @@ from it straight into their tensors: one copy through memory instead of a read f
 a trip through loopback TCP per rank.
 
 The folder lives under ``/dev/shm`` (a temporary directory where there is none), is created by
-the node's leader with mode 0700, and is named ``shardckpt-share-<uid>-<leader pid>-<n>``: the
-other ranks find it from the leader's pid and load counter, and refuse a folder that is not a
-real directory owned by them with mode 0700. Files in it are named by round and rank number
+the node's leader with mode 0700, and is named ``shardckpt-share-<uid>-<leader pid>-<token>``,
+``token`` 63 random bits the leader draws (``secrets``) and hands the other ranks in the
+all-reduce that tells them the manifest is there. Unguessable, so no other local user can take
+the name first and block the load; made by ``mkdir``, which fails if the name exists, so a
+planted folder is never adopted (the leader draws again). The other ranks refuse a folder that
+is not a real directory owned by them with mode 0700. Files in it are named by round and rank number
 only, never by anything read from a peer or a checkpoint. A file is unlinked once every local
 rank has mapped it, the folder when the load ends; a leader sweeps away the folders of leaders
 that died before they could.
@@ -23,6 +26,7 @@ import errno
 import hashlib
 import mmap
 import os
+import secrets
 import shutil
 import socket
 import stat
@@ -54,8 +58,16 @@ def host_key() -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def folder_name(pid: int, n: int) -> str:
-    return f"{PREFIX}{os.getuid()}-{int(pid)}-{int(n)}"
+MAKE_TRIES = 8  # fresh tokens tried before giving up (a collision alone is 2^-63 per try)
+
+
+def folder_name(pid: int, token: int) -> str:
+    return f"{PREFIX}{os.getuid()}-{int(pid)}-{int(token):016x}"
+
+
+def new_token() -> int:
+    """A share folder's token: 63 random bits, positive, so it travels in an int64 tensor."""
+    return secrets.randbits(63)
 
 
 def _alive(pid: int) -> bool:
@@ -89,28 +101,40 @@ class NodeFolder:
     local rank found it (``attach``)."""
 
     def __init__(self, path: str, owner: bool):
-        self.path, self.owner = path, owner
+        self.path, self.owner, self.token = path, owner, 0
         self.written: set[str] = set()  # files this rank made, for unlinking
 
     @classmethod
-    def create(cls, pid: int, n: int) -> "NodeFolder":
-        """The leader's new, private folder (after sweeping dead leaders' leftovers)."""
+    def create(cls, pid: int) -> "NodeFolder":
+        """The leader's new, private folder under a fresh random name (after sweeping dead
+        leaders' leftovers); ``token`` is what the other ranks need to ``attach``. A name that
+        exists already (planted, or a collision) is never used: another token is drawn."""
         base = base_dir()
         sweep(base)
-        path = os.path.join(base, folder_name(pid, n))
-        try:
-            os.mkdir(path, 0o700)
-        except OSError as exc:
-            raise StorageError(exc.errno or 0, f"cannot make the share folder {path}: {exc}") \
-                from exc
+        for _ in range(MAKE_TRIES):
+            token = new_token()
+            path = os.path.join(base, folder_name(pid, token))
+            try:
+                os.mkdir(path, 0o700)  # exclusive: EEXIST if anyone made this name first
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise StorageError(exc.errno or 0, f"cannot make the share folder {path}: "
+                                                   f"{exc}") from exc
+        else:
+            raise StorageError(errno.EEXIST, f"cannot make a share folder in {base}: "
+                                             f"{MAKE_TRIES} fresh random names all existed")
         folder = cls(path, owner=True)
+        folder.token = token
         folder.check()
         return folder
 
     @classmethod
-    def attach(cls, pid: int, n: int) -> "NodeFolder":
-        """The folder the node's leader (process ``pid``, load ``n``) made, checked."""
-        folder = cls(os.path.join(base_dir(), folder_name(pid, n)), owner=False)
+    def attach(cls, pid: int, token: int) -> "NodeFolder":
+        """The folder the node's leader (process ``pid``) made under ``token``, checked."""
+        folder = cls(os.path.join(base_dir(), folder_name(pid, token)), owner=False)
+        folder.token = token
         folder.check()
         return folder
 

@@ -57,7 +57,8 @@ def manifest_bytes(storage: Storage, name: str) -> bytes:
     data = storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
     if b'"indexes":' not in data:  # no revision 1.4 index files (cheap test, no parse)
         return data
-    m = manifest_mod.parse(data)  # for its list of indexes; receivers check everything again
+    m = manifest_mod.parse(data, _on_disk(storage, name))  # for its indexes; receivers
+    # check everything again
     if m.indexes is None:
         return data
     return chunk_index.bundle(data, [_index_bytes(storage, name, e) for e in m.indexes])
@@ -67,7 +68,7 @@ def checked_manifest(storage: Storage, name: str, data: bytes) -> Manifest:
     """Manifest bytes of checkpoint ``name`` parsed and validated (FORMAT.md 3); a revision 1.4
     manifest gets its chunk rows joined from its index files (FORMAT.md 3.7), checked alike."""
     data, fetched = chunk_index.unbundle(data)
-    m = manifest_mod.parse(data)
+    m = manifest_mod.parse(data, _on_disk(storage, name))
     if any(f.base == name for f in m.files):
         raise UnsafeCheckpointError(f"{storage.url(name)}/{MANIFEST_NAME}: a file names its own "
                                     "checkpoint as its base")
@@ -77,9 +78,25 @@ def checked_manifest(storage: Storage, name: str, data: bytes) -> Manifest:
             raise CorruptCheckpointError("manifest bundle lacks index files",
                                          file=MANIFEST_NAME)
         m = chunk_index.join(m, lambda i, entry: fetched[i] if fetched is not None
-                             else _index_bytes(storage, name, entry))
+                             else _index_bytes(storage, name, entry),
+                             _on_disk(storage, name), len(data))
         manifest_mod.check_joined(m)
     return m
+
+
+def _on_disk(storage: Storage, name: str):
+    """``data_bytes`` for the metadata budget (budget.py): the bytes data files store, each
+    checked on disk first (a manifest may record any size), asked only for a large manifest. A
+    local file counts its allocated blocks: a sparse file's holes are no bytes on disk."""
+    def total(files) -> int:
+        root = storage.local_path(name)
+        if root is None:
+            for f in files:
+                remote_io.check_object(storage, name, f)
+            return sum(f.size for f in files)
+        return sum(min(f.size, getattr(os.stat(check_data_file(root, f)), "st_blocks", 1 << 62)
+                       * 512) for f in files)
+    return total
 
 
 def _index_bytes(storage: Storage, name: str, entry) -> bytes:
@@ -300,8 +317,8 @@ class ReadPlan:
     def verify_all(self) -> None:
         """Plan a read of every chunk that only checks and decodes (no destination)."""
         for key, entry in self.m.tensors.items():
-            for index in range(len(entry.boxes)):
-                self._shard(key, entry, entry.shard(index), 0)
+            for index in np.flatnonzero(entry.counts):  # empty shards have nothing to read
+                self._shard(key, entry, entry.shard(int(index)), 0)
 
     def run(self, paths: list, threads: int | None = None) -> None:
         """Fetch, verify and decode every planned chunk, then do the copies. ``paths`` as

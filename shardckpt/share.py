@@ -155,17 +155,14 @@ class Session:
     ``fetch`` (when the "needs" round succeeded) and ``close``.
     """
 
-    _loads = 0  # this process's shared loads so far: names the folder when it leads
-
     def __init__(self, rank: int, world: int, timeout: float):
-        Session._loads += 1
         self.rank, self.world, self.timeout = rank, world, timeout
         self.g = group(timeout)
         self.folder: NodeFolder | None = None
         self.node, self.leader_pid = _topology(self.g, rank, world)
         self.local = np.flatnonzero(self.node == self.node[rank])
         self.leader = int(self.local[0])
-        self.leader_id = (self.leader_pid, Session._loads)  # the folder's name; see open_manifest
+        self.leader_token = 0  # names the node's folder with the leader's pid; open_manifest
 
     def assign(self, payloads: dict) -> dict:
         """The coordinator's decision for the "needs" round (shareplan.assign, with nodes)."""
@@ -184,12 +181,12 @@ class Session:
                 data = read.manifest_bytes(storage, name)
             except Exception as exc:  # any failure: the node's ranks wait in the reduce below
                 failure = exc
-            status[self.rank] = torch.tensor([self._post_manifest(data, failure), Session._loads])
+            posted = self._post_manifest(data, failure)
+            status[self.rank] = torch.tensor([posted, self.folder.token if self.folder else 0])
         _collective("the manifest", dist.all_reduce, status, group=self.g)
         if self.rank != self.leader:
-            # The leader's load number names its folder (the same as ours unless a rank
-            # joined late: it is the leader's that counts).
-            self.leader_id = (self.leader_pid, int(status[self.leader, 1]))
+            # The leader's random token names its folder: only the node's ranks learn it.
+            self.leader_token = int(status[self.leader, 1])
             data = self._take_manifest(int(status[self.leader, 0]))
         elif failure is not None:
             raise failure
@@ -204,7 +201,7 @@ class Session:
         payload = data if failure is None else \
             f"{type(failure).__name__}\0{failure}".encode()[:4096]
         try:
-            self.folder = NodeFolder.create(*self.leader_id)
+            self.folder = NodeFolder.create(self.leader_pid)
             fd = self.folder.create_file(_MANIFEST, len(payload), allocate_from=len(payload))
             try:
                 nodeshm.write_all(fd, payload, 0)
@@ -219,7 +216,7 @@ class Session:
         if status == 0:
             raise errors.StorageError(0, f"rank {self.leader} could not share the manifest "
                                          f"through {nodeshm.base_dir()}")
-        self.folder = NodeFolder.attach(*self.leader_id)
+        self.folder = NodeFolder.attach(self.leader_pid, self.leader_token)
         data = self.folder.read_file(_MANIFEST, abs(status) - 1)
         if status < 0:
             raise _relayed(data.decode(errors="replace"), self.leader)

@@ -87,25 +87,52 @@ def encode_entry(t: TensorEntry) -> dict:
     return {"shards": encode(shards), "chunks": encode(t.chunks)}
 
 
-def decode(text, columns: int, where: str) -> np.ndarray:
-    """An int64 table from base64 text; CorruptCheckpointError names ``where`` if malformed."""
+def declared_size(text, where: str) -> int:
+    """The decoded byte size the table ``text`` declares, read from its zstd frame header alone
+    (nothing is decompressed), so a reader can total its tables before decoding any
+    (budget.py). Refuses a size over ``MAX_TABLE_BYTES``, an unknown one, or one no frame of
+    this length can hold (over ``MAX_ZSTD_RATIO`` per stored byte).
+
+    Raises:
+        CorruptCheckpointError: naming ``where``.
+    """
     if not isinstance(text, str):
         raise CorruptCheckpointError(f"{where} is not a base64 string", file=MANIFEST_NAME)
     try:
-        packed = base64.b64decode(text, validate=True)
-        size = zstandard.get_frame_parameters(packed).content_size
-        if size > MAX_TABLE_BYTES:  # also ZSTD_CONTENTSIZE_UNKNOWN, a huge sentinel
+        head = base64.b64decode(text[:24], validate=True)  # 18 bytes: any frame header
+        size = zstandard.get_frame_parameters(head).content_size
+        stored = len(text) // 4 * 3
+        if size > MAX_TABLE_BYTES or size > stored * MAX_ZSTD_RATIO:  # and CONTENTSIZE_UNKNOWN
             raise ValueError(f"declares {size} bytes")
-        raw = _zstd()[1].decompress(packed, max_output_size=size)
-        if len(raw) != size:
-            raise ValueError("decoded size differs from the declared one")
     except (binascii.Error, ValueError, zstandard.ZstdError) as exc:
         raise CorruptCheckpointError(f"{where} is not a base64 zstd frame of the table: {exc}",
                                      file=MANIFEST_NAME) from None
-    if len(raw) % (8 * columns):
+    return size
+
+
+def decode(text, columns: int, where: str) -> np.ndarray:
+    """An int64 table from base64 text; CorruptCheckpointError names ``where`` if malformed.
+    The frame is decompressed straight into the result: one allocation of the declared size."""
+    size = declared_size(text, where)
+    if size % (8 * columns):
         raise CorruptCheckpointError(f"{where} is not a table of {columns} int64 columns",
                                      file=MANIFEST_NAME)
-    return np.frombuffer(raw, dtype="<i8").reshape(-1, columns).astype(np.int64)
+    out = np.empty(size // 8, "<i8")
+    try:
+        packed = base64.b64decode(text, validate=True)
+        with _zstd()[1].stream_reader(packed, read_across_frames=False) as frame:
+            view, got = memoryview(out).cast("B"), 0
+            while got < size:
+                n = frame.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got != size or frame.read(1):  # short, or more than one frame
+                raise ValueError("decoded size differs from the declared one")
+    except (binascii.Error, ValueError, zstandard.ZstdError) as exc:
+        raise CorruptCheckpointError(f"{where} is not a base64 zstd frame of the table: {exc}",
+                                     file=MANIFEST_NAME) from None
+    return out.reshape(-1, columns).astype(np.int64, copy=False)
 
 
 def _unsafe(where: str, msg: str):
