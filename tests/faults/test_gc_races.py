@@ -37,7 +37,7 @@ def _chain(root, steps=4):
     with CheckpointManager(root, async_save=False, handle_preemption=False,
                            incremental=True) as mgr:
         for step in range(1, steps + 1):
-            mgr.save(step, {"w": torch.arange(512.0) + (step // 2),
+            mgr.save(step, {"w": torch.arange(512.0),  # stored once, by step 1
                             "b": torch.full((64,), 1.0 * step)})
     retire.remove_checkpoint(open_storage(root), step_name(1))
 

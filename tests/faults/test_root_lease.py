@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from shardckpt import errors
-from shardckpt.manage.lease import LEASE_NAME
 from shardckpt.manage.manager import CheckpointManager, step_name
 from shardckpt.testing.ranks import run_with_ranks
+
+LEASE_NAME = ".lease.json"  # shardckpt.manage.lease.LEASE_NAME
 
 
 def _mgr(root, **kw):
@@ -82,6 +83,9 @@ def _foreign(root, expires_in: float, owner="other-job") -> dict:
 def test_expired_lease_of_another_host_is_taken_over(tmp_path):
     _foreign(tmp_path, expires_in=-1)
     with _mgr(tmp_path) as mgr:
+        record = json.loads((tmp_path / LEASE_NAME).read_text())
+        assert (record["pid"], record["host"]) == (os.getpid(), socket.gethostname())
+        assert record["expires"] > time.time()
         mgr.save(1, {"w": torch.ones(2)})
 
 
