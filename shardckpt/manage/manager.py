@@ -259,8 +259,8 @@ class CheckpointManager:
                       if local_dir is not None else None)
 
     def _take_root(self, lease: bool):
-        """Rank 0 takes the root's lease and records ``monitor`` and ``mode`` there for ``ls``
-        (rootinfo.py); every rank raises if the lease is held by another manager."""
+        """Rank 0 takes the root's lease; every rank raises if another manager holds it."""
+        self._info_due = True  # record monitor and mode with the first commit (rootinfo.py)
         try:
             held = take_for_job(self._storage, self._ranks, float(knobs.get("lease_seconds"))) \
                 if lease else None
@@ -269,13 +269,16 @@ class CheckpointManager:
             raise
         if held is not None:  # a dropped manager lets go of its root (also at exit)
             weakref.finalize(self, held.release)
-        if held is not None:
-            try:
-                write_info(self._storage, self.monitor, self.mode)
-            except (OSError, CheckpointError) as exc:
-                warnings.warn(f"shardckpt: cannot record monitor and mode in {self.root}: "
-                              f"{exc}", stacklevel=3)
         return held
+
+    def _record_info(self) -> None:
+        """Rank 0, at the first commit: ``monitor`` and ``mode`` into the root, for ``ls``."""
+        self._info_due = False
+        try:
+            write_info(self._storage, self.monitor, self.mode)
+        except (OSError, CheckpointError) as exc:
+            warnings.warn(f"shardckpt: cannot record monitor and mode in {self.root}: {exc}",
+                          stacklevel=4)
 
     def _check_root(self) -> None:
         """Before a save (collective): stop on every rank when rank 0 lost the root's lease."""
@@ -461,6 +464,8 @@ class CheckpointManager:
                 warnings.warn(f"shardckpt: {step_name(step)} committed, but {exc}; latest "
                               "and retention skipped", stacklevel=3)
                 return
+        if self._info_due:
+            self._record_info()
         if self.save_last:
             self._write_latest(step)
         self._apply_retention()

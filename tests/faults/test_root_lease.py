@@ -156,3 +156,28 @@ def test_ranks_of_one_job_share_rank_0s_lease_and_a_second_job_is_refused_on_eve
         holder.wait()
     assert all(r.value[0] == "refused" for r in results), results
     assert f"pid {holder.pid}" in results[0].value[1]
+
+
+def _job_loses_root(rank, world, root):
+    import json
+    import time
+    from shardckpt.manage.manager import CheckpointManager
+    import torch
+    with CheckpointManager(root, async_save=False, handle_preemption=False) as mgr:
+        mgr.save(1, {"w": torch.full((4,), float(rank))})
+        if rank == 0:  # another job took the root while this one stalled
+            with open(f"{root}/{LEASE_NAME}", "w") as f:
+                json.dump({"owner": "new-job", "host": "elsewhere", "pid": 1,
+                           "renewed": time.time(), "expires": time.time() + 60}, f)
+        try:
+            mgr.save(2, {"w": torch.full((4,), float(rank))})
+            return "saved"
+        except errors.RootLeaseError as exc:
+            return f"refused: {exc}"
+
+
+def test_every_rank_stops_when_rank_0_loses_the_root(tmp_path):
+    root = str(tmp_path / "root")
+    results = run_with_ranks(2, _job_loses_root, root)
+    assert all(r.value.startswith("refused") for r in results), results
+    assert not os.path.exists(os.path.join(root, step_name(2)))
