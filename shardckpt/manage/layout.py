@@ -260,4 +260,6 @@ def _collect_one(storage: Storage, entry: RootEntry, committed: set, older_than:
             remove, row["reason"] = False, "committed meanwhile"
         if remove and not dry_run:
             storage.delete(entry.name)
+            if storage.exists(entry.name):  # delete ignores what it cannot remove (EROFS)
+                remove, row["reason"] = False, "could not be removed (read-only, permissions?)"
         (removed if remove else kept).append(row)

@@ -112,6 +112,7 @@ class RootLease:
         self.owner = secrets.token_hex(8)
         self.path = storage.url(LEASE_NAME)
         self.lost: str | None = None  # why, once this process no longer holds the root
+        self.read_only = False  # creating the lease failed for want of write access
         self._valid_until = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,6 +129,9 @@ class RootLease:
             data = self.storage.read(LEASE_NAME)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a folder in its place, another user's file: typed, named
+            raise exc if isinstance(exc, CheckpointError) else \
+                storage_error(exc, f"reading {self.path}") from exc
         try:
             record = json.loads(data)
         except ValueError:
@@ -144,12 +148,24 @@ class RootLease:
             except FileExistsError:
                 return False
             except OSError as exc:
+                self._drop_partial()
+                self.read_only = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
                 raise exc if isinstance(exc, CheckpointError) else \
                     storage_error(exc, f"writing {self.path}") from exc
         else:
             replace_file(self.storage, LEASE_NAME, data, "lease")
         self._valid_until = record["expires"]
         return True
+
+    def _drop_partial(self) -> None:
+        """After a failed create (disk full): remove the empty or torn file it may have left,
+        which would otherwise hold the root until it ages past ``seconds``. A valid record is
+        another manager's and stays."""
+        try:
+            if self.read() == {}:
+                self.storage.delete(LEASE_NAME)
+        except (OSError, CheckpointError):
+            pass
 
     def _stale(self, record: dict) -> bool:
         """Whether ``record`` may be taken over: expired, or its holder provably gone."""
@@ -257,16 +273,14 @@ def take_for_job(storage: Storage, ranks, seconds: float) -> RootLease | None:
         try:
             lease = RootLease(storage, seconds)
             lease.acquire()
-        except OSError as exc:
-            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
-                failure, text = exc, f"{type(exc).__name__}: {exc}"
-            else:
+        except Exception as exc:  # every rank must learn of it, not wait for rank 0
+            if lease is not None and lease.read_only:
                 observe.logger.warning("shardckpt: no lease on %s, the root is read-only "
                                        "here (%s): this manager can restore, not save",
                                        storage.url(""), exc)
-                lease = None
-        except Exception as exc:  # every rank must learn of it, not wait for rank 0
-            failure, text = exc, f"{type(exc).__name__}: {exc}"
+            else:
+                failure, text = exc, f"{type(exc).__name__}: {exc}"
+            lease = None
     text = bytes(ranks.rank0_list(list(text.encode()))).decode()
     if failure is not None:
         raise failure

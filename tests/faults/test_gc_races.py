@@ -113,3 +113,26 @@ def test_gc_in_a_loop_beside_incremental_saves_with_retention(tmp_path):
     for step in mgr.steps():
         got = shardckpt.load_full(root / step_name(step))
         assert torch.equal(got["b"], torch.full((64,), 1.0 * step))
+
+
+class DeleteFails(StorageWrapper):
+    """A store whose deletes silently leave things behind (LocalStorage's rmtree ignores
+    errors: a read-only mount, another user's files)."""
+
+    def delete(self, path):
+        pass
+
+
+def test_gc_never_reports_removed_what_is_still_there(tmp_path):
+    import os
+    import time
+    with CheckpointManager(tmp_path, async_save=False, handle_preemption=False) as mgr:
+        mgr.save(1, {"w": torch.ones(4)})
+    leftover = tmp_path / ".step-00000002.tmp-ab12"
+    (leftover / "data").mkdir(parents=True)
+    then = time.time() - 7200
+    for p in (leftover / "data", leftover):
+        os.utime(p, (then, then))
+    removed, kept = collect_garbage(DeleteFails(open_storage(tmp_path)), older_than=0)
+    assert removed == [] and [r["name"] for r in kept] == [leftover.name]
+    assert "could not be removed" in kept[0]["reason"]

@@ -181,3 +181,28 @@ def test_every_rank_stops_when_rank_0_loses_the_root(tmp_path):
     results = run_with_ranks(2, _job_loses_root, root)
     assert all(r.value.startswith("refused") for r in results), results
     assert not os.path.exists(os.path.join(root, step_name(2)))
+
+
+def test_disk_full_while_creating_the_lease_leaves_no_empty_lease(tmp_path, monkeypatch):
+    """The create succeeds and the write runs out of space: DiskFullError, and no empty lease
+    file is left to block the next manager until it ages out."""
+    import errno as errno_mod
+
+    from shardckpt import storage as storage_mod
+    from shardckpt.storage.wrapper import StorageWrapper
+
+    class FullOnLease(StorageWrapper):
+        def write(self, path, data, durable=True, exclusive=True):
+            if path == LEASE_NAME:
+                super().write(path, b"", durable, exclusive)  # the inode, not the bytes
+                raise OSError(errno_mod.ENOSPC, "No space left on device")
+            return super().write(path, data, durable, exclusive)
+
+    monkeypatch.setattr(storage_mod, "WRAPPERS", [FullOnLease])
+    with pytest.raises(errors.DiskFullError, match=r"\.lease\.json"):
+        _mgr(tmp_path)
+    assert not (tmp_path / LEASE_NAME).exists()
+    monkeypatch.setattr(storage_mod, "WRAPPERS", [])
+    t0 = time.monotonic()
+    with _mgr(tmp_path):
+        assert time.monotonic() - t0 < 5
