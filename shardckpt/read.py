@@ -48,6 +48,9 @@ def manifest_bytes(storage: Storage, name: str) -> bytes:
                  lambda: CheckpointNotFoundError(f"{where}: removed while being opened")):
         if not storage.exists(name) and _absent(storage, name):
             raise CheckpointNotFoundError(f"{where}: no checkpoint here")
+        local = storage.local_path(name)
+        if local is not None and not os.path.exists(local):  # lexists, not exists: a link
+            raise CheckpointNotFoundError(f"{where}: a symbolic link to nothing")
     rel = f"{name}/{MANIFEST_NAME}"
     with reading(f"{where}/{MANIFEST_NAME}", lambda: IncompleteCheckpointError(
             f"{where}/{MANIFEST_NAME}: removed while being opened (retention or gc)")):
