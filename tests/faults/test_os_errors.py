@@ -219,3 +219,15 @@ def test_manager_root_with_an_unreadable_folder(shared_dir):
     assert [r["name"] for r in doc["removed"]] == [".step-00000003.tmp-ab12"]
     assert [r["name"] for r in doc["kept"]] == [step_name(2)]
     assert os.path.isdir(os.path.join(root, step_name(2)))
+
+
+def test_leftovers_of_a_root_holding_plain_files(tmp_path):
+    """``commit.leftovers`` (the local tier's cleanup) over a root that holds a plain file such
+    as a manager's ``latest``: no NotADirectoryError, and the file is no leftover."""
+    from shardckpt import commit
+    from shardckpt.storage import open_storage
+    with CheckpointManager(tmp_path, async_save=False, handle_preemption=False) as mgr:
+        mgr.save(1, small_state())
+    (tmp_path / "notes.txt").write_text("a user's file")
+    (tmp_path / "step-00000002" / "data").mkdir(parents=True)  # a real leftover
+    assert commit.leftovers(open_storage(tmp_path)) == ["step-00000002"]
