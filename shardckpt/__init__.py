@@ -30,3 +30,7 @@ from .errors import UnsupportedSaveError  # noqa: E402  (DCP rank-local saves)
 __all__ += ["UnsupportedSaveError"]
 from .errors import TransferError  # noqa: E402  (the local tier's transfers)
 __all__ += ["TransferError"]
+
+from .errors import (RootLeaseError, StorageNotADirectoryError,  # noqa: E402  (issue 25)
+                     StoragePermissionError)
+__all__ += ["RootLeaseError", "StoragePermissionError", "StorageNotADirectoryError"]

@@ -62,7 +62,10 @@ def leftovers(storage: Storage) -> list[str]:
 
 
 def _is_debris(storage: Storage, name: str) -> bool:
-    entries = storage.list(name)
+    try:
+        entries = storage.list(name)
+    except NotADirectoryError:  # a plain file (a manager's ``latest``): no save made it
+        return False
     return DATA_DIR in entries and set(entries) <= {DATA_DIR, MANIFEST_NAME} \
         and not is_committed(storage, name)
 

@@ -98,6 +98,30 @@ class StorageError(CheckpointError, OSError):
     """Reading or writing the storage failed (the file is named in the message)."""
 
 
+class StoragePermissionError(StorageError, PermissionError):
+    """A file or folder exists but this process may not read or write it (EACCES/EPERM), e.g.
+    mode 000 or another user's folder; names the path. Not evidence of damage."""
+
+
+class StorageNotADirectoryError(StorageError, NotADirectoryError):
+    """A regular file (or other non-folder) stands where the layout needs a folder: ``data/`` or
+    a checkpoint folder replaced by a file, a reference whose base names a file (ENOTDIR)."""
+
+
+class RootLeaseError(CheckpointError, RuntimeError):
+    """The manager root is held by another ``CheckpointManager`` (two jobs pointed at one root),
+    or this manager lost its hold; nothing was saved or deleted.
+
+    Attributes:
+        holder: the lease's record of its holder (``owner``, ``host``, ``pid``, ``expires``...),
+            or None when unknown.
+    """
+
+    def __init__(self, message: str, *, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder
+
+
 class DiskFullError(StorageError):
     """The storage ran out of space (ENOSPC/EDQUOT); nothing was committed."""
 

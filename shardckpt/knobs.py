@@ -106,6 +106,11 @@ KNOBS = {
                               "Stored bytes of shared chunks exchanged per all-to-all on load. "
                               "Each rank holds about this much (sent plus received) at once; "
                               "smaller rounds cost more collectives."),
+    "lease_seconds": Knob("SHARDCKPT_LEASE_SECONDS", 30.0,
+                          "Validity of a manager's lease on its root (renewed every third of "
+                          "it). Shorter lets a job restarted on another host take the root "
+                          "sooner after a crash; longer rides out longer storage stalls and "
+                          "clock skew between hosts."),
 }
 
 

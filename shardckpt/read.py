@@ -10,6 +10,7 @@ destination holds there, and the backend refuses a read that would not fit exact
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 
 from . import chunk_index, codecs, knobs, manifest as manifest_mod, remote_io
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
-                     UnsafeCheckpointError)
+from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
+                     IncompleteCheckpointError, UnsafeCheckpointError)
 from .status import raise_for
-from .storage import Storage, open_checkpoint
+from .storage import Storage, open_checkpoint, storage_error
 from .tree import local_box
 from .types import (FILE_HEADER, HEADER_BYTES, MANIFEST_NAME, ChunkRead, ChunkRef, FileEntry,
                     Manifest, ShardEntry, TensorEntry)
@@ -43,18 +44,25 @@ def manifest_bytes(storage: Storage, name: str) -> bytes:
     (chunk_index.bundle): whoever fetches this once (share.py: one rank, then a broadcast)
     hands every rank all it needs to open the checkpoint."""
     where = storage.url(name)
-    if not storage.exists(name):
-        raise CheckpointNotFoundError(f"{where}: no checkpoint here")
+    with reading(f"{where}: the checkpoint folder",
+                 lambda: CheckpointNotFoundError(f"{where}: removed while being opened")):
+        if not storage.exists(name) and _absent(storage, name):
+            raise CheckpointNotFoundError(f"{where}: no checkpoint here")
+        local = storage.local_path(name)
+        if local is not None and not os.path.exists(local):  # lexists, not exists: a link
+            raise CheckpointNotFoundError(f"{where}: a symbolic link to nothing")
     rel = f"{name}/{MANIFEST_NAME}"
-    if not storage.exists(rel):
-        raise IncompleteCheckpointError(f"{where}: no {MANIFEST_NAME}; the save that made this "
-                                        "folder never committed")
-    if storage.local_path(rel):
-        check_inside(storage.local_path(name), MANIFEST_NAME)
-    if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
-        raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
-    # Bounded even if the file grows after the size check.
-    data = storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
+    with reading(f"{where}/{MANIFEST_NAME}", lambda: IncompleteCheckpointError(
+            f"{where}/{MANIFEST_NAME}: removed while being opened (retention or gc)")):
+        if not storage.exists(rel) and _absent(storage, rel):
+            raise IncompleteCheckpointError(f"{where}: no {MANIFEST_NAME}; the save that made "
+                                            "this folder never committed")
+        if storage.local_path(rel):
+            check_inside(storage.local_path(name), MANIFEST_NAME)
+        if storage.size(rel) > manifest_mod.MAX_MANIFEST_BYTES:
+            raise UnsafeCheckpointError(f"{where}/{MANIFEST_NAME} is larger than 1 GiB")
+        # Bounded even if the file grows after the size check.
+        data = storage.read(rel, 0, manifest_mod.MAX_MANIFEST_BYTES + 1)
     if b'"indexes":' not in data:  # no revision 1.4 index files (cheap test, no parse)
         return data
     m = manifest_mod.parse(data, _on_disk(storage, name))  # for its indexes; receivers
@@ -62,6 +70,38 @@ def manifest_bytes(storage: Storage, name: str) -> bytes:
     if m.indexes is None:
         return data
     return chunk_index.bundle(data, [_index_bytes(storage, name, e) for e in m.indexes])
+
+
+@contextlib.contextmanager
+def reading(label: str, missing: Callable[[], CheckpointError] | None = None):
+    """Turn an OSError met while opening ``label`` into a typed error naming it: ``missing()``
+    for a file that is not there (when given), else StorageError or its subclass that also is
+    the stdlib type (PermissionError for mode 000, NotADirectoryError for a file where a folder
+    belongs; OSError for a symbolic link loop)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except FileNotFoundError as exc:
+        if missing is None:
+            raise storage_error(exc, label) from exc
+        raise missing() from exc
+    except OSError as exc:
+        raise storage_error(exc, label) from exc
+
+
+def _absent(storage: Storage, rel: str) -> bool:
+    """Whether ``rel``, which ``storage.exists`` does not see, is truly absent. On a local disk
+    ``exists`` is also false when a folder on the way cannot be searched (mode 000), is a file,
+    or loops; an lstat raises the real reason, which ``reading`` types."""
+    local = storage.local_path(rel)
+    if local is None:
+        return True
+    try:
+        os.lstat(local)
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def checked_manifest(storage: Storage, name: str, data: bytes) -> Manifest:
@@ -104,10 +144,9 @@ def _index_bytes(storage: Storage, name: str, entry) -> bytes:
     root = storage.local_path(name)
     if root is not None:
         check_inside(root, entry.path)
-    try:
+    with reading(f"{storage.url(name)}/{entry.path}", lambda: CorruptCheckpointError(
+            "chunk index file is missing", file=entry.path)):
         return storage.read(f"{name}/{entry.path}", 0, entry.size + 1)
-    except FileNotFoundError:
-        raise CorruptCheckpointError("chunk index file is missing", file=entry.path) from None
 
 
 def file_label(m: Manifest, f: FileEntry) -> str:
@@ -158,16 +197,15 @@ def check_data_file(root: str, f: FileEntry) -> str:
 
 def _check_file(real: str, f: FileEntry, label: str | None = None) -> str:
     label = label or f.path
-    try:
+    with reading(f"data file {label} ({real})",
+                 lambda: CorruptCheckpointError("data file is missing", file=label)):
         size = os.stat(real).st_size
-    except FileNotFoundError:
-        raise CorruptCheckpointError("data file is missing", file=label) from None
-    if size != f.size:
-        raise CorruptCheckpointError(f"data file has {size} bytes, the manifest says "
-                                     f"{f.size} (truncated or overwritten)", file=label)
-    with open(real, "rb") as fh:
-        if fh.read(HEADER_BYTES) != FILE_HEADER:
-            raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=label)
+        if size != f.size:
+            raise CorruptCheckpointError(f"data file has {size} bytes, the manifest says "
+                                         f"{f.size} (truncated or overwritten)", file=label)
+        with open(real, "rb") as fh:
+            if fh.read(HEADER_BYTES) != FILE_HEADER:
+                raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=label)
     return real
 
 

@@ -44,6 +44,8 @@ def held_files(storage, name: str, skip: str | None = None):
         try:
             m = open_manifest(storage, other)
         except CheckpointError:
+            if not is_committed(storage, other):
+                continue  # removed meanwhile (retention, another gc): it references nothing
             return ALL, [other]
         mine = {f.path for f in m.files if f.base == name}
         if mine:
@@ -56,7 +58,10 @@ def _drop_folder(storage, name: str) -> None:
     """Delete a folder so that it is never seen half-deleted (the manager's removal)."""
     if storage.atomic_rename:
         hidden = f".{name}{DELETE_MARK}{secrets.token_hex(4)}"
-        storage.rename(name, hidden)
+        try:
+            storage.rename(name, hidden)
+        except FileNotFoundError:  # another sweep (retention, gc) dropped it meanwhile
+            return
         storage.delete(hidden)
     else:
         storage.delete(f"{name}/{MANIFEST_NAME}")

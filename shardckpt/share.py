@@ -50,7 +50,8 @@ _GROUP: dict = {}  # the gloo group of the current default process group, per ti
 _TOPOLOGY: dict = {}  # per gloo group: (group, node of each rank, pid of each rank)
 # Errors a leader may meet opening the manifest, re-raised as the same type on its node.
 _RELAYED = ("CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
-            "UnsafeCheckpointError", "StorageError")
+            "UnsafeCheckpointError", "StorageError", "StoragePermissionError",
+            "StorageNotADirectoryError")
 _MANIFEST = "m"  # the manifest's file in the node folder
 
 
@@ -456,7 +457,7 @@ def _relayed(text: str, leader: int) -> CheckpointError:
     kind, _, message = text.partition("\0")
     cls = getattr(errors, kind) if kind in _RELAYED else CheckpointError
     message = f"(rank {leader}) {message}"
-    return cls(0, message) if cls is errors.StorageError else cls(message)
+    return cls(0, message) if issubclass(cls, errors.StorageError) else cls(message)
 
 
 def _decode(plan, data, placed: list[tuple[int, int]], table: np.ndarray, taken: dict,

@@ -1,6 +1,7 @@
 """``shardckpt ls ROOT``: the checkpoints under a manager root, with sizes (for incremental ones
 the stored bytes written against those referenced in earlier checkpoints), metrics, latest and
-best, and the leftovers of interrupted saves."""
+best, and the leftovers of interrupted saves. "Best" follows the manager's own ``monitor`` and
+``mode``, which it records in the root (manage/rootinfo.py); options override them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..manage.retention import best_steps
 from ..storage import open_storage
 from ..manage import layout
 from ..manage.layout import LATEST_NAME, STEP_NAME
+from ..manage.rootinfo import read_info
 from . import common
 from .output import Output, human_bytes, human_number
 
@@ -22,9 +24,10 @@ def register(sub, parent) -> None:
     p = sub.add_parser("ls", parents=[parent], help=HELP, description=HELP + ".")
     p.add_argument("root", help="the manager's root folder or URL")
     p.add_argument("--monitor", help="metric that ranks checkpoints for 'best' (default: the "
-                   "only metric, when every checkpoint records the same single one)")
-    p.add_argument("--mode", choices=("min", "max"), default="min",
-                   help="which end of --monitor is best (default min)")
+                   "manager's, else the only metric every checkpoint records)")
+    p.add_argument("--mode", choices=("min", "max"), default=None,
+                   help="which end of --monitor is best (default: the manager's; min for a "
+                   "root that does not record it)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the history (step against "
                    "size and the metric, kept and best marked) to this PNG (needs matplotlib)")
     p.set_defaults(func=run)
@@ -35,6 +38,9 @@ def _row(storage, entry: layout.RootEntry) -> dict:
            "best": False, "bytes": None, "raw_bytes": None, "stored_bytes": None,
            "ratio": None, "metrics": None, "reason": None, "unix_time": None, "error": None,
            "written_bytes": None, "referenced_bytes": None}
+    if entry.kind == "unreadable":  # may be committed; this process cannot look inside
+        row["error"] = f"cannot be read: {entry.error}"
+        return row
     if not entry.committed:
         row["bytes"] = layout.folder_bytes(storage, entry.name)
         return row
@@ -83,14 +89,26 @@ def collect(args) -> dict:
     rows = [_row(storage, e) for e in layout.entries(storage)]
     committed = {r["step"]: r for r in rows if r["state"] == "committed"}
     latest = _latest(storage, sorted(committed))
-    monitor = _monitor(list(committed.values()), args.monitor)
+    stored = read_info(storage) or {}
+    monitor = _monitor(list(committed.values()), args.monitor or stored.get("monitor"))
+    mode, source = _mode(args.mode, stored, monitor)
     ranked = best_steps(committed, {s: r["metrics"] for s, r in committed.items()}, monitor,
-                        args.mode, 1) if monitor else []
+                        mode, 1) if monitor else []
     best = ranked[0] if ranked else None
     for step, row in committed.items():
         row["latest"], row["best"] = step == latest, step == best
     return {"root": args.root, "latest": latest, "best": best, "monitor": monitor,
-            "mode": args.mode, "checkpoints": rows}
+            "mode": mode, "mode_source": source, "checkpoints": rows}
+
+
+def _mode(asked: str | None, stored: dict, monitor: str | None) -> tuple[str, str]:
+    """``(mode, where it came from)``: the option, else the manager's for its own monitor,
+    else ``min`` (what ls assumed before managers recorded their mode)."""
+    if asked:
+        return asked, "option"
+    if stored and stored.get("monitor") == monitor:
+        return stored["mode"], "manager"
+    return "min", "assumed"
 
 
 def run(args, out: Output) -> int:
@@ -116,7 +134,9 @@ def run(args, out: Output) -> int:
     out.table(["step", "state", "size", "ratio", "written", "referenced", "metrics", "reason",
                "", "name"], rows, title=f"{doc['root']}")
     if doc["monitor"]:
-        out.line(f"best by {doc['monitor']} ({doc['mode']}): {doc['best']}")
+        assumed = " (mode assumed: the root records no manager's mode)" \
+            if doc["mode_source"] == "assumed" else ""
+        out.line(f"best by {doc['monitor']} ({doc['mode']}): {doc['best']}{assumed}")
     if args.plot:
         out.line(f"plotted to {args.plot}")
     return 0

@@ -5,24 +5,30 @@ Names follow the manager and the commit strategies: ``step-<8+ digits>`` folders
 they hold a manifest; on object stores an interrupted save leaves one without), and hidden
 siblings ``.step-N.tmp-<hex>`` (a save before its rename), ``.step-N.old-<hex>`` (a replaced
 checkpoint moved aside) and ``.step-N.deleting-<hex>`` (retention removing one), plus the
-manager's ``.latest.tmp-<hex>``.
+manager's ``.latest.tmp-<hex>`` (and of its root files, ``.lease.tmp-<hex>``,
+``.manager.tmp-<hex>``). A step folder this process cannot read (permissions, a file in its
+place) is ``unreadable``: it may hold a committed checkpoint, so it is reported and kept.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 
 from .. import retire
 from ..commit import is_committed
-from ..storage import Storage
+from ..errors import CheckpointError
+from ..storage import Storage, storage_error
 from ..types import DATA_DIR, MANIFEST_NAME
 
 STEP_NAME = re.compile(r"step-(\d{8,})")
 LATEST_NAME = "latest"
 HIDDEN = re.compile(r"\.step-(\d{8,})\.(tmp|old|deleting)-[0-9a-f]+")
 LATEST_TMP = re.compile(r"\.latest\.tmp-[0-9a-f]+")
+ROOT_FILE_TMP = re.compile(r"\.(lease|manager)\.tmp-[0-9a-f]+")  # root.py and lease.py
 
 
 def step_name(step: int) -> str:
@@ -32,19 +38,63 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def replace_file(storage: Storage, name: str, data: bytes, stem: str, tries: int = 3) -> None:
+    """Replace the small root file ``name`` (``latest``, the lease, the manager's settings) so
+    that readers see the old bytes or the new, never a part: on disks a temporary
+    ``.<stem>.tmp-<hex>`` renamed over it, on object stores one whole-object write. A temporary
+    that ``gc`` removed before its rename (a short ``--older-than``) is written again.
+
+    Raises:
+        StorageError (DiskFullError, StoragePermissionError...): naming ``name``.
+    """
+    if not storage.atomic_rename:
+        try:
+            storage.write(name, data, durable=True, exclusive=False)
+        except OSError as exc:
+            raise exc if isinstance(exc, CheckpointError) else \
+                storage_error(exc, f"writing {storage.url(name)}") from exc
+        return
+    for attempt in range(tries):
+        tmp = f".{stem}.tmp-{secrets.token_hex(4)}"
+        try:
+            storage.write(tmp, data, durable=True)
+            storage.rename(tmp, name)
+            return
+        except FileNotFoundError:
+            if attempt + 1 < tries:
+                continue  # the temporary was collected before its rename: write it again
+            raise CheckpointError(f"{storage.url(name)}: its temporary was removed {tries} "
+                                  "times before it could be renamed (gc running with "
+                                  "--older-than near 0?)") from None
+        except OSError as exc:
+            _discard(storage, tmp)
+            raise exc if isinstance(exc, CheckpointError) else \
+                storage_error(exc, f"writing {storage.url(name)}") from exc
+
+
+def _discard(storage: Storage, name: str) -> None:
+    try:
+        storage.delete(name)
+    except OSError:
+        pass  # a leftover temporary that gc collects later
+
+
 @dataclass(frozen=True)
 class RootEntry:
     """One name under the root.
 
     Attributes:
         kind: ``committed``, ``uncommitted`` (a step folder without a manifest), ``retired``
-            (deleted, but newer checkpoints reference some of its files: retire.py), ``tmp``,
-            ``old``, ``deleting`` or ``latest-tmp``.
+            (deleted, but newer checkpoints reference some of its files: retire.py),
+            ``unreadable`` (this process cannot look inside: ``error`` says why), ``tmp``,
+            ``old``, ``deleting``, ``latest-tmp``, ``lease-tmp`` or ``manager-tmp``.
+        error: for ``unreadable``, the OS's reason.
     """
 
     name: str
     step: int | None
     kind: str
+    error: str | None = None
 
     @property
     def committed(self) -> bool:
@@ -56,24 +106,48 @@ def entries(storage: Storage) -> list[RootEntry]:
     found = []
     for name in storage.list(""):
         if match := STEP_NAME.fullmatch(name):
-            kind = "committed" if is_committed(storage, name) else \
-                "retired" if retire.is_retired(storage, name) else "uncommitted"
-            found.append(RootEntry(name, int(match.group(1)), kind))
+            found.append(_step_entry(storage, name, int(match.group(1))))
         elif match := HIDDEN.fullmatch(name):
             found.append(RootEntry(name, int(match.group(1)), match.group(2)))
         elif LATEST_TMP.fullmatch(name):
             found.append(RootEntry(name, None, "latest-tmp"))
+        elif match := ROOT_FILE_TMP.fullmatch(name):
+            found.append(RootEntry(name, None, f"{match.group(1)}-tmp"))
     return sorted(found, key=lambda e: (e.step if e.step is not None else -1, e.name))
+
+
+def _step_entry(storage: Storage, name: str, step: int) -> RootEntry:
+    """A step folder's entry. Not seeing a manifest means "never committed" only when the
+    folder can be read: mode 000, or a file in its place, hides one as well."""
+    if is_committed(storage, name):
+        return RootEntry(name, step, "committed")
+    if retire.is_retired(storage, name):
+        return RootEntry(name, step, "retired")
+    try:
+        storage.list(name)
+        if storage.local_path(name):  # a folder listed but not searchable (mode r--)
+            os.lstat(os.path.join(storage.local_path(name), MANIFEST_NAME))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return RootEntry(name, step, "unreadable", f"{exc.strerror or exc}")
+    return RootEntry(name, step, "uncommitted")
 
 
 def _files(storage: Storage, name: str) -> list[str]:
     """The files a checkpoint folder may hold (FORMAT.md: a manifest and ``data/*``); for a
-    plain file, itself. Listing by the known layout keeps this to two list calls on any store."""
+    plain file, itself. Listing by the known layout keeps this to two list calls on any store.
+    What cannot be listed (gone meanwhile, no permission) adds nothing."""
     try:
         storage.list(name)
     except NotADirectoryError:
         return [name]  # a file: the manager's .latest.tmp
-    files = [f"{name}/{DATA_DIR}/{f}" for f in storage.list(f"{name}/{DATA_DIR}")]
+    except OSError:
+        return []
+    try:
+        files = [f"{name}/{DATA_DIR}/{f}" for f in storage.list(f"{name}/{DATA_DIR}")]
+    except OSError:
+        files = []
     if storage.exists(f"{name}/{MANIFEST_NAME}"):
         files.append(f"{name}/{MANIFEST_NAME}")
     return files
@@ -93,7 +167,12 @@ def folder_bytes(storage: Storage, name: str) -> int:
 def last_activity(storage: Storage, name: str) -> float | None:
     """The newest modification time of ``name``, its data folder and its files (a save in
     progress keeps touching them); None when the storage cannot tell."""
-    times = [storage.modified(p) for p in [name, f"{name}/{DATA_DIR}"] + _files(storage, name)]
+    times = []
+    for p in [name, f"{name}/{DATA_DIR}"] + _files(storage, name):
+        try:
+            times.append(storage.modified(p))
+        except OSError:  # gone or unreadable meanwhile: tells nothing
+            pass
     known = [t for t in times if t is not None]
     return max(known) if known else None
 
@@ -148,11 +227,31 @@ def collect_garbage(storage: Storage, older_than: float = 3600.0,
     committed = {e.step for e in found if e.committed}
     now, removed, kept = time.time(), [], []
     for entry in found:
-        if entry.kind == "retired":
-            _sweep_retired(storage, entry, dry_run, removed, kept)
-            continue
-        if entry.committed:
-            continue
+        try:
+            _collect_one(storage, entry, committed, older_than, now, dry_run, removed, kept)
+        except (OSError, CheckpointError) as exc:
+            # One folder that vanished (retention removed it meanwhile) or cannot be read must
+            # not stop the collection of the others: report it and go on.
+            gone = isinstance(exc, FileNotFoundError) and not storage.exists(entry.name)
+            kept.append({"name": entry.name, "kind": entry.kind, "step": entry.step,
+                         "bytes": 0 if gone else None, "age_seconds": None,
+                         "reason": "removed meanwhile by another process" if gone else
+                         f"cannot be collected: {type(exc).__name__}: {exc}"})
+    return removed, kept
+
+
+def _collect_one(storage: Storage, entry: RootEntry, committed: set, older_than: float,
+                 now: float, dry_run: bool, removed: list, kept: list) -> None:
+    """Decide on, and remove unless ``dry_run``, one entry of the root."""
+    if entry.kind == "retired":
+        _sweep_retired(storage, entry, dry_run, removed, kept)
+        return
+    if entry.kind == "unreadable":  # may hold a committed checkpoint this process cannot see
+        kept.append({"name": entry.name, "kind": entry.kind, "step": entry.step,
+                     "bytes": None, "age_seconds": None,
+                     "reason": f"cannot be read ({entry.error}); not removed"})
+        return
+    if not entry.committed:
         remove, why, age = _verdict(storage, entry, committed, older_than, now)
         row = {"name": entry.name, "kind": entry.kind, "step": entry.step,
                "bytes": folder_bytes(storage, entry.name), "age_seconds": age, "reason": why}
@@ -161,5 +260,6 @@ def collect_garbage(storage: Storage, older_than: float = 3600.0,
             remove, row["reason"] = False, "committed meanwhile"
         if remove and not dry_run:
             storage.delete(entry.name)
+            if storage.exists(entry.name):  # delete ignores what it cannot remove (EROFS)
+                remove, row["reason"] = False, "could not be removed (read-only, permissions?)"
         (removed if remove else kept).append(row)
-    return removed, kept

@@ -15,11 +15,12 @@ in a single process, on every rank at the same step. Only rank 0 deletes old che
 
 from __future__ import annotations
 
+import errno
 import math
-import secrets
 import signal
 import time
 import warnings
+import weakref
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -27,22 +28,35 @@ from .. import incremental as incremental_mod, knobs, observe, retire
 from ..api import load, save
 from ..asyncsave import async_save as start_async_save
 from ..commit import is_committed
-from ..errors import (CheckpointError, CheckpointNotFoundError, StateMismatchError, StorageError,
+from ..errors import (CheckpointError, CheckpointNotFoundError, RootLeaseError,
+                     StateMismatchError, StorageError, StorageNotADirectoryError,
                      UnsupportedValueError)
 from ..export import export_weights as export_checkpoint_weights
-from .layout import LATEST_NAME, STEP_NAME, collect_garbage, step_name
+from .layout import (LATEST_NAME, STEP_NAME, collect_garbage, entries, replace_file,
+                     step_name)
+from .lease import take_for_job
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from ..read import open_manifest
 from .retention import best_steps, to_keep
+from .rootinfo import write_info
 from ..storage import open_storage
 from .tiers import LocalTier
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
 META_KEY = "shardckpt.manager"
-# Errors after which an older checkpoint may still load. Others (the target does not fit, a
-# storage outage) would fail the same way on every checkpoint, so restore raises them.
+# Errors that say more about the target or the storage than about one checkpoint (the state does
+# not fit, an outage). Restore still tries older checkpoints, but when none loads it raises the
+# newest such error instead of returning None: starting afresh would be wrong, and the next
+# save's retention would delete the checkpoints that could not be read.
 _FATAL_ON_RESTORE = (StateMismatchError, UnsupportedValueError, StorageError)
+
+
+def _fatal(error: Exception | None) -> bool:
+    """Whether a failed restore is ``_FATAL_ON_RESTORE``; a file where a folder belongs or a
+    link loop is damage to that one checkpoint."""
+    return isinstance(error, _FATAL_ON_RESTORE) and not isinstance(
+        error, StorageNotADirectoryError) and getattr(error, "errno", None) != errno.ELOOP
 
 
 def join(root: str, name: str) -> str:
@@ -188,6 +202,12 @@ class CheckpointManager:
         on_event: called with a ``shardckpt.observe.CheckpointEvent`` for each save started,
             committed or failed, each restore, removal and preemption (on every rank; byte
             counts are the rank's own). Exceptions it raises are logged, not propagated.
+        lease: hold the root's lease (lease.py), so that a second manager on the same root
+            fails with RootLeaseError naming this one; rank 0 holds it for the whole job.
+            False: a follower that only restores and lists (it must not save).
+
+    Raises:
+        RootLeaseError: (every rank) another live manager holds ``root``.
 
     Construct it on every rank, in the same order as other process groups: it creates one.
     Use it as a context manager, or call ``close()``: that flushes the save in flight and
@@ -205,7 +225,8 @@ class CheckpointManager:
                  clock: Callable[[], float] = time.monotonic,
                  on_event: Callable[[observe.CheckpointEvent], None] | None = None,
                  local_dir=None, local_every_n_steps: int | None = None, replicas: int = 1,
-                 local_keep: int = 1, promote_local: bool = False, local_on_busy: str = "skip"):
+                 local_keep: int = 1, promote_local: bool = False, local_on_busy: str = "skip",
+                 lease: bool = True):
         for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
                             ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps),
                             ("full_every", full_every)):
@@ -231,6 +252,7 @@ class CheckpointManager:
         self._storage = open_storage(self.root, storage_options)
         self._storage.makedirs("")
         self._ranks = _Ranks(float(knobs.get("dist_timeout")))
+        self._lease = self._take_root(lease)
         self._metrics: dict[int, dict | None] = {}
         self._inflight = None  # (step, metrics, handle)
         self._last_step: int | None = None
@@ -245,6 +267,40 @@ class CheckpointManager:
                                 staging_budget_bytes=self.save_options.get("staging_budget_bytes"),
                                 on_busy=local_on_busy)
                       if local_dir is not None else None)
+
+    def _take_root(self, lease: bool):
+        """Rank 0 takes the root's lease; every rank raises if another manager holds it."""
+        self._info_due = True  # record monitor and mode with the first commit (rootinfo.py)
+        try:
+            held = take_for_job(self._storage, self._ranks, float(knobs.get("lease_seconds"))) \
+                if lease else None
+        except BaseException:
+            self._ranks.close()
+            raise
+        if held is not None:  # a dropped manager lets go of its root (also at exit)
+            weakref.finalize(self, held.release)
+        return held
+
+    def _record_info(self) -> None:
+        """Rank 0, at the first commit: ``monitor`` and ``mode`` into the root, for ``ls``."""
+        self._info_due = False
+        try:
+            write_info(self._storage, self.monitor, self.mode)
+        except (OSError, CheckpointError) as exc:
+            warnings.warn(f"shardckpt: cannot record monitor and mode in {self.root}: {exc}",
+                          stacklevel=4)
+
+    def _check_root(self) -> None:
+        """Before a save (collective): stop on every rank when rank 0 lost the root's lease."""
+        lost = ""
+        if self._lease is not None:
+            try:
+                self._lease.check()
+            except RootLeaseError as exc:
+                lost = str(exc)
+        if self._ranks.max(int(bool(lost)))[0]:
+            raise RootLeaseError(lost or "(rank 0) this CheckpointManager no longer holds its "
+                                 "root; nothing more is saved or deleted")
 
     # ----------------------------------------------------------------- queries
     def path(self, step: int) -> str:
@@ -365,6 +421,7 @@ class CheckpointManager:
 
     def _start(self, step: int, state_dict, metrics, reason: str) -> None:
         self.wait()  # one save at a time; its retention runs before the next starts
+        self._check_root()
         metrics = _json_metrics(metrics)
         options = dict(self.save_options)
         meta = {**(options.pop("metadata", None) or {}),  # the user's own keys are kept
@@ -412,18 +469,27 @@ class CheckpointManager:
                        raw_bytes=info.raw_bytes, stored_bytes=info.stored_bytes)
         if self._ranks.rank != 0:
             return
+        if self._lease is not None:
+            try:  # another job took the root: its checkpoints are not ours to delete
+                self._lease.check()
+            except RootLeaseError as exc:
+                warnings.warn(f"shardckpt: {step_name(step)} committed, but {exc}; latest "
+                              "and retention skipped", stacklevel=3)
+                return
+        if self._info_due:
+            self._record_info()
         if self.save_last:
             self._write_latest(step)
         self._apply_retention()
 
     def _write_latest(self, step: int) -> None:
-        s, data = self._storage, f"{step_name(step)}\n".encode()
-        if s.atomic_rename:
-            tmp = f".{LATEST_NAME}.tmp-{secrets.token_hex(4)}"
-            s.write(tmp, data, durable=True)
-            s.rename(tmp, LATEST_NAME)
-        else:
-            s.write(LATEST_NAME, data, durable=True, exclusive=False)
+        """Point ``latest`` at ``step``; the step has committed whatever happens here, and
+        ``restore`` does not need the file, so a failure is a warning."""
+        try:
+            replace_file(self._storage, LATEST_NAME, f"{step_name(step)}\n".encode(), "latest")
+        except (OSError, CheckpointError) as exc:
+            warnings.warn(f"shardckpt: {step_name(step)} committed, but {LATEST_NAME} could "
+                          f"not be updated: {type(exc).__name__}: {exc}", stacklevel=3)
 
     def _apply_retention(self) -> None:
         if self.keep_last is None and self.keep_best is None:
@@ -451,20 +517,23 @@ class CheckpointManager:
     def restore(self, state_dict: Any, step: int | None = None, **load_options) -> int | None:
         """Load the newest checkpoint that loads cleanly into ``state_dict``; its step.
 
-        Checkpoints that are incomplete or fail verification are skipped with a warning naming
-        why. With ``step`` exactly that step is loaded, or an error raised. Collective.
+        A checkpoint that fails to load with any CheckpointError (incomplete, damaged,
+        unreadable) is skipped with a warning and a log line naming it and why, and the next
+        older one is tried. With ``step`` exactly that step is loaded, or an error raised.
+        Collective.
 
         Returns:
-            the step loaded, or None when there is no checkpoint (a fresh start).
+            the step loaded, or None when there is no checkpoint, or none that loads and each
+            failed for a fault of its own (a fresh start).
 
         Raises:
             CheckpointNotFoundError: ``step`` was given and is not committed.
-            StateMismatchError, StorageError: the state does not fit the checkpoint, or the
-                storage failed (an older checkpoint would not help).
+            StateMismatchError, StorageError: no checkpoint loaded and the newest such error was
+                about the state or the storage, not one checkpoint (``_FATAL_ON_RESTORE``).
         """
         self.wait()
         options = {"storage_options": self.storage_options, **self.load_options, **load_options}
-        candidates = self._ranks.rank0_list(self.steps())
+        candidates = self._ranks.rank0_list(self._restorable())
         if self._tier is not None and step is None:
             local = self._tier.restore(state_dict, candidates[-1] - 1 if candidates else None,
                                        options)
@@ -475,22 +544,32 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")
             load(state_dict, self.path(step), **options)
             return self._restored(step)
+        fatal = None  # the newest error that is not one checkpoint's fault
         for s in reversed(candidates):
             error = None
             try:
                 load(state_dict, self.path(s), **options)
             except CheckpointError as exc:
                 error = exc
-            verdict = 0 if error is None else 2 if isinstance(error, _FATAL_ON_RESTORE) else 1
+            verdict = 0 if error is None else 2 if _fatal(error) else 1
             (verdict,) = self._ranks.max(verdict)
             if verdict == 0:
                 return self._restored(s)
-            if verdict == 2:
-                raise error or CheckpointError(f"{self.path(s)}: restore failed on another rank")
-            warnings.warn(f"shardckpt: skipping {self.path(s)}: "
-                          f"{type(error).__name__ if error else 'another rank failed'}: {error}",
-                          stacklevel=2)
+            if verdict == 2 and fatal is None:
+                fatal = error if _fatal(error) else CheckpointError(
+                    f"{self.path(s)}: restore failed on another rank")
+            why = f"{type(error).__name__}: {error}" if error else "another rank failed"
+            observe.logger.warning("shardckpt: restore skips %s: %s", self.path(s), why)
+            warnings.warn(f"shardckpt: skipping {self.path(s)}: {why}", stacklevel=2)
+        if fatal is not None:
+            raise fatal
         return None
+
+    def _restorable(self) -> list[int]:
+        """Committed steps and those this process cannot look into (they may be committed:
+        restore tries them, and says why it skips them), ascending."""
+        return sorted(e.step for e in entries(self._storage)
+                      if e.kind in ("committed", "unreadable"))
 
     def _restored(self, step: int) -> int:
         self._last_step, self._last_time = step, self._clock()
@@ -530,6 +609,8 @@ class CheckpointManager:
             if self._tier is not None:
                 self._tier.close()
             self._ranks.close()
+            if self._lease is not None:
+                self._lease.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -7,7 +7,8 @@ import errno
 import os
 import shutil
 
-from ..errors import DiskFullError, StorageError
+from ..errors import (DiskFullError, StorageError, StorageNotADirectoryError,
+                      StoragePermissionError)
 from .base import Storage
 
 _AT_FDCWD = -100
@@ -30,6 +31,11 @@ def storage_error(exc: OSError, what: str) -> StorageError:
     """The typed error for an OSError while doing ``what``."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"{what}: {exc.strerror}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoragePermissionError(exc.errno, f"{what}: {exc.strerror or exc}")
+    if exc.errno == errno.ENOTDIR:
+        return StorageNotADirectoryError(exc.errno, f"{what}: {exc.strerror or exc} (a file "
+                                         "stands where a folder belongs)")
     return StorageError(exc.errno, f"{what}: {exc.strerror or exc}")
 
 
@@ -95,8 +101,11 @@ class LocalStorage(Storage):
         p = self._p(path)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p, ignore_errors=True)
-        elif os.path.lexists(p):
-            os.unlink(p)
+        else:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:  # gone meanwhile (another gc, retention): as asked
+                pass
 
     def rename(self, src: str, dst: str, exchange: bool = False) -> None:
         if not exchange:
