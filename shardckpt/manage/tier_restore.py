@@ -6,6 +6,10 @@ which data files are present with the right size. A load that meets a corrupt fi
 (CorruptCheckpointError naming it) marks that node's copy of the file bad; the ranks survey again,
 fetch the file from a node holding a replica and load again; with no good copy left the step is
 skipped (then an older one, then the durable tier).
+
+Only copies recorded with this tier's job count (tier_check.py): a stranger's folder is never a
+candidate, never the manifest that wins and never the source of a repair; a node holding one
+under the step's name gets this job's copy instead, as a node that has none.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchErro
                       UnsupportedValueError)
 from .layout import step_name
 from ..read import open_manifest
+from .tier_check import JOB_KEY
 from .tier_transfer import exchange_files
 from ..types import MANIFEST_NAME
 
@@ -45,7 +50,7 @@ def _gather(tier, values: list[int]) -> list[list[int]]:
 
 def _candidates(tier, newer_than: int | None) -> list[int]:
     from .tiers import _CANDIDATES
-    own = tier.steps()[-_CANDIDATES:] if tier.leader else []
+    own = tier.own_steps()[-_CANDIDATES:] if tier.leader else []
     rows = _gather(tier, own + [-1] * (_CANDIDATES - len(own)))
     found = sorted({s for row in rows for s in row if s >= 0}, reverse=True)
     return [s for s in found if newer_than is None or s > newer_than]
@@ -64,9 +69,20 @@ def _check_copy(tier, step: int, bad: set):
             _warn(f"{tier.path(step)}: node {tier.node}'s manifest is unusable "
                   f"({type(exc).__name__}: {exc}); other nodes' copies are tried")
         return -1, None, set()
+    if m.metadata.get(JOB_KEY) != tier.job:
+        _warn(f"{tier.path(step)}: node {tier.node}'s copy belongs to another job "
+              f"({_job_text(m.metadata.get(JOB_KEY))}, this job: {_job_text(tier.job)}); "
+              f"ignored")
+        return -1, None, set()
     present = {i for i, f in enumerate(m.files) if f.base is None and
                _size(tier.storage.local_path(f"{name}/{f.path}")) == f.size}
     return zlib.crc32(data) & 0x7FFFFFFF, m, present - bad
+
+
+def _job_text(job) -> str:
+    if not isinstance(job, dict):
+        return "no job recorded: saved by an older shardckpt or without a manager"
+    return f"durable root {job.get('root')!r}, job id {job.get('job')!r}"
 
 
 def _size(path: str) -> int:
