@@ -23,7 +23,7 @@ import torch
 from ..api import load
 from ..commit import RenameCommit
 from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchError,
-                      UnsupportedValueError)
+                      TransferError, UnsupportedValueError)
 from .layout import step_name
 from ..read import open_manifest
 from .tier_check import JOB_KEY
@@ -44,7 +44,11 @@ def _gather(tier, values: list[int]) -> list[list[int]]:
         return [values]
     mine = torch.tensor(values, dtype=torch.int64)
     out = [torch.zeros_like(mine) for _ in range(tier.world)]
-    tier.dist.all_gather(out, mine, group=tier.group)
+    try:
+        tier.dist.all_gather(out, mine, group=tier.group)
+    except RuntimeError as exc:  # gloo's word for a dead or hung peer
+        raise TransferError(f"rank {tier.rank}: a local tier restore round failed: "
+                            f"{exc}") from exc
     return [t.tolist() for t in out]
 
 
@@ -139,19 +143,25 @@ def _repair(tier, step: int, owner: list[int], rows: list[list[int]], crcs: list
     if receiving and receiving[0][2] == -1:  # no usable copy here: rebuild it beside
         tx = RenameCommit(tier.storage, name, overwrite=True).begin()
     dest = tier.storage.local_path(tx.tmp if tx else name)
+    failed = None  # a receiver's first failure: it still takes part in every later move
     try:
         for sender, receiver, index in moves:
-            if tier.rank == sender:
-                rel = MANIFEST_NAME if index == -1 else names[index]
-                exchange_files(tier.dist, tier.group, tier.storage.local_path(name), [rel],
-                               receiver, None, what=f"restore {name}")
-            elif tier.rank == receiver:
-                got = exchange_files(tier.dist, tier.group, dest, [], None, sender, dest,
-                                     what=f"restore {name}")
-                if index == -1:
-                    m = open_manifest(tier.storage, tx.tmp)
-                    names = {i: f.path for i, f in enumerate(m.files)}
-                fetched.setdefault(sender, []).extend(got)
+            try:
+                if tier.rank == sender:
+                    rel = MANIFEST_NAME if index == -1 else names[index]
+                    exchange_files(tier.dist, tier.group, tier.storage.local_path(name), [rel],
+                                   receiver, None, what=f"restore {name}")
+                elif tier.rank == receiver:
+                    got = exchange_files(tier.dist, tier.group, dest, [], None, sender, dest,
+                                         what=f"restore {name}", discard=failed is not None)
+                    if index == -1 and failed is None:
+                        m = open_manifest(tier.storage, tx.tmp)
+                        names = {i: f.path for i, f in enumerate(m.files)}
+                    fetched.setdefault(sender, []).extend(got)
+            except CheckpointError as exc:  # e.g. DiskFullError: the others are not told yet
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         for sender, got in fetched.items():
             _warn(f"{tier.path(step)}: fetched {', '.join(got)} from rank {sender} "
                   f"(node {tier.nodes_of[sender]}): missing or corrupt on node {tier.node}")
@@ -229,6 +239,9 @@ def _gather_any(tier, flag: bool) -> bool:
 
 def restore_newest(tier, state, newer_than: int | None, load_options: dict) -> int | None:
     """See ``LocalTier.restore``."""
+    if tier.leader:  # a repair killed mid-way: its partial files would block a later save
+        for step in tier.steps():
+            tier.sweep_receipts(step_name(step))
     for step in _candidates(tier, newer_than):
         if _load_step(tier, state, step, load_options):
             return step

@@ -33,6 +33,7 @@ fetched again from a replica and the load repeated.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import warnings
 from datetime import timedelta
@@ -59,6 +60,7 @@ from ..write import WriteOptions
 __all__ = ["LocalTier", "node_index", "local_path_for"]
 
 _CANDIDATES = 8  # newest local steps each node offers to a restore
+_RECEIPT = re.compile(r"\..+\.recv-[0-9a-f]+")  # a file being received (tier_transfer.py)
 # Background local saves, one at a time per process (each tier's own thread would do no better:
 # a tier's saves are serial anyway). Lowered priority, as async_save's writer.
 _WORKER = stage.Worker("shardckpt-local-save", "sc-local", background=True)
@@ -286,6 +288,8 @@ class LocalTier:
         opts = WriteOptions.resolve(**{k: v for k, v in self.save_options.items()
                                        if k in WriteOptions.__dataclass_fields__})
         name = step_name(step)
+        if self.leader:  # a save replaces the folder: none of its files may look foreign
+            self.sweep_receipts(name)
         if self.job is not None:
             metadata = {**metadata, JOB_KEY: self.job}
         planned = plan_save(state, self.storage, name, opts, metadata, True, None,
@@ -389,6 +393,16 @@ class LocalTier:
                 self._remove(step_name(s))
                 self._owned.pop(s, None)
         remove_leftovers(self.storage)
+
+    def sweep_receipts(self, name: str) -> list[str]:
+        """Delete the partly received files (``data/.<file>.recv-<hex>``, FORMAT.md 4.4) that a
+        transfer killed mid-way left in this node's committed folder ``name``; what went. Only
+        while no transfer writes there (a restore's repair runs with no save in flight)."""
+        data = f"{name}/{DATA_DIR}"
+        gone = [n for n in self.storage.list(data) if _RECEIPT.fullmatch(n)]
+        for n in gone:
+            self.storage.delete(f"{data}/{n}")
+        return gone
 
     def _remove(self, name: str) -> None:
         hidden = f".{name}{DELETE_MARK}{secrets.token_hex(4)}"
