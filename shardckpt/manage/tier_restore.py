@@ -26,7 +26,7 @@ from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchErro
                       TransferError, UnsupportedValueError)
 from .layout import step_name
 from ..read import open_manifest
-from .tier_check import JOB_KEY
+from .tier_check import JOB_KEY, recorded_job
 from .tier_transfer import exchange_files
 from ..types import MANIFEST_NAME
 
@@ -54,10 +54,21 @@ def _gather(tier, values: list[int]) -> list[list[int]]:
 
 def _candidates(tier, newer_than: int | None) -> list[int]:
     from .tiers import _CANDIDATES
-    own = tier.own_steps()[-_CANDIDATES:] if tier.leader else []
+    own = _own_steps(tier)[-_CANDIDATES:] if tier.leader else []
     rows = _gather(tier, own + [-1] * (_CANDIDATES - len(own)))
     found = sorted({s for row in rows for s in row if s >= 0}, reverse=True)
     return [s for s in found if newer_than is None or s > newer_than]
+
+
+def _own_steps(tier) -> list[int]:
+    """This node's committed steps of this job; the others' are named in a warning."""
+    found = tier.steps()
+    strangers = [s for s in found if not tier.owns(s)]
+    if strangers:
+        job = recorded_job(tier.storage, step_name(strangers[-1]))
+        _warn(f"{tier.dir}: local step(s) {strangers} on node {tier.node} belong to another "
+              f"job (the newest: {_job_text(job)}; this job: {_job_text(tier.job)}); ignored")
+    return [s for s in found if s not in strangers]
 
 
 def _check_copy(tier, step: int, bad: set):
