@@ -15,19 +15,20 @@ ones of ``(r - k * L) % W``, over a gloo group of the tier's own (tier_transfer.
 every rank reports its files and replicas durable does rank 0 build the manifest; each node's
 first rank then checks every replica its node received against it (tier_check.py: a peer that
 sent wrong bytes fails the save), and only when every node's check passed writes it into its
-folder and renames the folder into place (the same atomic commit as the durable tier). Any failure, a peer's death included, fails the save on every rank
-and commits nothing; it is a warning at the next call. A local step whose previous save still
-runs is skipped on every rank (they agree on a second small group), or waited for.
+folder and renames the folder into place (the same atomic commit as the durable tier). Any
+failure, a peer's death included, fails the save on every rank and commits nothing; it is a
+warning at the next call. A local step whose previous save still runs is skipped on every rank
+(they agree on a second small group), or waited for.
 
 Each local manifest records the job it belongs to (the durable root and the job id stored
 there, tier_check.py); a restore ignores every copy recorded with another job or none.
 
 Restore (``LocalTier.restore``, tier_restore.py): the ranks agree on the candidate steps (from
-every node's committed local checkpoints of this job), and for each, newest first, every node's first rank
-looks at its copy (manifest, which files are present with their size). Files a node lacks are
-fetched from a node holding a copy; then every rank loads from its own node's folder
-(resharding as any load does), the load checking every checksum once. A file it finds corrupt is
-fetched again from a replica and the load repeated.
+every node's committed local checkpoints of this job), and for each, newest first, every
+node's first rank looks at its copy (manifest, which files are present with their size).
+Files a node lacks are fetched from a node holding a copy; then every rank loads from its own
+node's folder (resharding as any load does), the load checking every checksum once. A file it
+finds corrupt is fetched again from a replica and the load repeated.
 """
 
 from __future__ import annotations
