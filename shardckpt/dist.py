@@ -10,6 +10,12 @@ each failed rank — never a hang, never one rank raising while the others wait 
 
 The store carries JSON only (plans, chunk tables, error texts): nothing is pickled, and no NCCL or
 gloo collective is issued, so a round never interleaves with the training's own collectives.
+
+Rounds of two saves may overlap in one process (a background local save and a durable save in
+the caller's thread). A c10d store client serves one request at a time, and a round's wait holds
+it until its keys arrive; sharing one client, each thread's post would queue behind the other
+thread's wait, which waits for that very post on another rank: a deadlock. So the main thread
+uses the process's client, and every other thread a connection of its own (``Store.clone``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -60,8 +67,20 @@ class Exchange:
         Exchange._sequence += 1
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.timeout = float(knobs.get("dist_timeout") if timeout is None else timeout)
-        self.store = dist.PrefixStore(f"shardckpt/{Exchange._sequence}/", c10d._get_default_store())
+        self._prefix, self._shared = f"shardckpt/{Exchange._sequence}/", c10d._get_default_store()
+        self._stores: dict[int, Any] = {}  # thread id -> this exchange's keys on its client
         self.round_no = 0
+
+    @property
+    def store(self):
+        """This exchange's key space on the calling thread's store client (module docstring)."""
+        ident = threading.get_ident()
+        store = self._stores.get(ident)
+        if store is None:
+            import torch.distributed as dist
+            store = self._stores[ident] = dist.PrefixStore(self._prefix,
+                                                           thread_client(self._shared))
+        return store
 
     def _wait(self, keys: list[str], deadline: float) -> list[str]:
         """Keys still missing at the deadline (empty when all arrived)."""
@@ -151,6 +170,25 @@ class Exchange:
         if own is not None:
             failures[self.rank] = own  # the real exception object for this rank's own failure
         raise RankFailureError(failures) from own
+
+
+_CLIENTS = threading.local()  # a non-main thread's own client: (the shared store, its clone)
+
+
+def thread_client(shared):
+    """The store client for rounds run in the calling thread: ``shared`` in the main thread, a
+    clone of it (its own connection, made once per thread and store) in any other. A store that
+    cannot clone (FileStore, HashStore) blocks no other client while it waits: shared then."""
+    if threading.current_thread() is threading.main_thread():
+        return shared
+    held = getattr(_CLIENTS, "pair", None)
+    if held is None or held[0] is not shared:  # first use, or a new process group since
+        try:
+            held = (shared, shared.clone())
+        except Exception:  # no clone (RuntimeError "not implemented"): see the docstring
+            held = (shared, shared)
+        _CLIENTS.pair = held
+    return held[1]
 
 
 class LocalExchange:

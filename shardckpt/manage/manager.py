@@ -265,7 +265,7 @@ class CheckpointManager:
         self._tier = (LocalTier(local_dir, replicas=replicas, keep=local_keep,
                                 save_options=self.save_options,
                                 staging_budget_bytes=self.save_options.get("staging_budget_bytes"),
-                                on_busy=local_on_busy)
+                                on_busy=local_on_busy, durable=self._storage)
                       if local_dir is not None else None)
 
     def _take_root(self, lease: bool):

@@ -2,6 +2,14 @@
 again. Each rank copies its own encoded data files from its node's folder to the durable
 storage; rank 0 commits the local checkpoint's manifest there (the same bytes), with the
 durable tier's commit protocol (FORMAT.md 4). Needs the ranks that saved the local step.
+
+Every byte is checked before the commit (tier_check.py): a local file damaged after its own
+commit (a flipped bit, a cut tail) would otherwise become a durable checkpoint that cannot load,
+and the manager's retention would then delete the last one that can. On a file system the
+copies are read back and checked where they will be committed; on an object store each source
+file is checked before its upload and the object's size and header after it. Any failure
+fails the promotion on every rank, nothing is committed, and the manager saves the state
+instead.
 """
 
 from __future__ import annotations
@@ -14,9 +22,10 @@ from ..commit import commit_for
 from ..dist import exchange
 from ..errors import CheckpointError
 from .layout import step_name
-from ..read import open_manifest
+from ..read import LazySources, open_manifest
 from ..storage import storage_error
 from ..types import MANIFEST_NAME
+from .tier_check import check_files
 
 
 def _copy(src: str, storage, dst: str) -> None:
@@ -40,6 +49,26 @@ def _copy(src: str, storage, dst: str) -> None:
         remote_io.upload(storage, dst, parts())
     except OSError as exc:
         raise storage_error(exc, f"promoting {src}") from exc
+
+
+def _copy_checked(tier, step: int, m, rank: int, storage, tmp: str) -> None:
+    """Copy ``rank``'s files of local ``step`` into ``tmp`` of the durable storage, each
+    checked against the manifest ``m`` (module docstring)."""
+    folder = tier.path(step)
+    mine = [i for i, f in enumerate(m.files) if f.rank == rank]
+    local = storage.local_path(tmp) is not None
+    if not local:
+        check_files(tier.storage, step_name(step), m, mine)
+    paths = [m.files[i].path for i in mine]
+    paths += [i.path for i in m.indexes or () if i.rank == rank]  # FORMAT.md 3.7
+    for path in paths:
+        _copy(os.path.join(folder, path), storage, f"{tmp}/{path}")
+    if local:
+        check_files(storage, tmp, m, mine)
+    else:
+        sources = LazySources(storage, tmp, m)
+        for i in mine:
+            sources[i]  # noqa: B018 - the object's size and header, checked on first use
 
 
 def promote(tier, step: int, storage, name: str) -> None:
@@ -67,10 +96,7 @@ def promote(tier, step: int, storage, name: str) -> None:
         answer = ex.round("promote-begin", True, error, tx and begin)
         error = None
         try:
-            mine = [f.path for f in m.files if f.rank == ex.rank]
-            mine += [i.path for i in m.indexes or () if i.rank == ex.rank]  # FORMAT.md 3.7
-            for path in mine:
-                _copy(os.path.join(folder, path), storage, f"{answer['tmp']}/{path}")
+            _copy_checked(tier, step, m, ex.rank, storage, answer["tmp"])
         except (OSError, CheckpointError) as exc:
             error = exc
         manifest = tier.storage.read(f"{step_name(step)}/{MANIFEST_NAME}") \

@@ -6,6 +6,10 @@ which data files are present with the right size. A load that meets a corrupt fi
 (CorruptCheckpointError naming it) marks that node's copy of the file bad; the ranks survey again,
 fetch the file from a node holding a replica and load again; with no good copy left the step is
 skipped (then an older one, then the durable tier).
+
+Only copies recorded with this tier's job count (tier_check.py): a stranger's folder is never a
+candidate, never the manifest that wins and never the source of a repair; a node holding one
+under the step's name gets this job's copy instead, as a node that has none.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch
 from ..api import load
 from ..commit import RenameCommit
 from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchError,
-                      UnsupportedValueError)
+                      TransferError, UnsupportedValueError)
 from .layout import step_name
 from ..read import open_manifest
+from .tier_check import JOB_KEY, recorded_job
 from .tier_transfer import exchange_files
 from ..types import MANIFEST_NAME
 
@@ -39,16 +44,31 @@ def _gather(tier, values: list[int]) -> list[list[int]]:
         return [values]
     mine = torch.tensor(values, dtype=torch.int64)
     out = [torch.zeros_like(mine) for _ in range(tier.world)]
-    tier.dist.all_gather(out, mine, group=tier.group)
+    try:
+        tier.dist.all_gather(out, mine, group=tier.group)
+    except RuntimeError as exc:  # gloo's word for a dead or hung peer
+        raise TransferError(f"rank {tier.rank}: a local tier restore round failed: "
+                            f"{exc}") from exc
     return [t.tolist() for t in out]
 
 
 def _candidates(tier, newer_than: int | None) -> list[int]:
     from .tiers import _CANDIDATES
-    own = tier.steps()[-_CANDIDATES:] if tier.leader else []
+    own = _own_steps(tier)[-_CANDIDATES:] if tier.leader else []
     rows = _gather(tier, own + [-1] * (_CANDIDATES - len(own)))
     found = sorted({s for row in rows for s in row if s >= 0}, reverse=True)
     return [s for s in found if newer_than is None or s > newer_than]
+
+
+def _own_steps(tier) -> list[int]:
+    """This node's committed steps of this job; the others' are named in a warning."""
+    found = tier.steps()
+    strangers = [s for s in found if not tier.owns(s)]
+    if strangers:
+        job = recorded_job(tier.storage, step_name(strangers[-1]))
+        _warn(f"{tier.dir}: local step(s) {strangers} on node {tier.node} belong to another "
+              f"job (the newest: {_job_text(job)}; this job: {_job_text(tier.job)}); ignored")
+    return [s for s in found if s not in strangers]
 
 
 def _check_copy(tier, step: int, bad: set):
@@ -64,9 +84,20 @@ def _check_copy(tier, step: int, bad: set):
             _warn(f"{tier.path(step)}: node {tier.node}'s manifest is unusable "
                   f"({type(exc).__name__}: {exc}); other nodes' copies are tried")
         return -1, None, set()
+    if m.metadata.get(JOB_KEY) != tier.job:
+        _warn(f"{tier.path(step)}: node {tier.node}'s copy belongs to another job "
+              f"({_job_text(m.metadata.get(JOB_KEY))}, this job: {_job_text(tier.job)}); "
+              f"ignored")
+        return -1, None, set()
     present = {i for i, f in enumerate(m.files) if f.base is None and
                _size(tier.storage.local_path(f"{name}/{f.path}")) == f.size}
     return zlib.crc32(data) & 0x7FFFFFFF, m, present - bad
+
+
+def _job_text(job) -> str:
+    if not isinstance(job, dict):
+        return "no job recorded: saved by an older shardckpt or without a manager"
+    return f"durable root {job.get('root')!r}, job id {job.get('job')!r}"
 
 
 def _size(path: str) -> int:
@@ -123,19 +154,25 @@ def _repair(tier, step: int, owner: list[int], rows: list[list[int]], crcs: list
     if receiving and receiving[0][2] == -1:  # no usable copy here: rebuild it beside
         tx = RenameCommit(tier.storage, name, overwrite=True).begin()
     dest = tier.storage.local_path(tx.tmp if tx else name)
+    failed = None  # a receiver's first failure: it still takes part in every later move
     try:
         for sender, receiver, index in moves:
-            if tier.rank == sender:
-                rel = MANIFEST_NAME if index == -1 else names[index]
-                exchange_files(tier.dist, tier.group, tier.storage.local_path(name), [rel],
-                               receiver, None, what=f"restore {name}")
-            elif tier.rank == receiver:
-                got = exchange_files(tier.dist, tier.group, dest, [], None, sender, dest,
-                                     what=f"restore {name}")
-                if index == -1:
-                    m = open_manifest(tier.storage, tx.tmp)
-                    names = {i: f.path for i, f in enumerate(m.files)}
-                fetched.setdefault(sender, []).extend(got)
+            try:
+                if tier.rank == sender:
+                    rel = MANIFEST_NAME if index == -1 else names[index]
+                    exchange_files(tier.dist, tier.group, tier.storage.local_path(name), [rel],
+                                   receiver, None, what=f"restore {name}")
+                elif tier.rank == receiver:
+                    got = exchange_files(tier.dist, tier.group, dest, [], None, sender, dest,
+                                         what=f"restore {name}", discard=failed is not None)
+                    if index == -1 and failed is None:
+                        m = open_manifest(tier.storage, tx.tmp)
+                        names = {i: f.path for i, f in enumerate(m.files)}
+                    fetched.setdefault(sender, []).extend(got)
+            except CheckpointError as exc:  # e.g. DiskFullError: the others are not told yet
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         for sender, got in fetched.items():
             _warn(f"{tier.path(step)}: fetched {', '.join(got)} from rank {sender} "
                   f"(node {tier.nodes_of[sender]}): missing or corrupt on node {tier.node}")
@@ -213,6 +250,9 @@ def _gather_any(tier, flag: bool) -> bool:
 
 def restore_newest(tier, state, newer_than: int | None, load_options: dict) -> int | None:
     """See ``LocalTier.restore``."""
+    if tier.leader:  # a repair killed mid-way: its partial files would block a later save
+        for step in tier.steps():
+            tier.sweep_receipts(step_name(step))
     for step in _candidates(tier, newer_than):
         if _load_step(tier, state, step, load_options):
             return step

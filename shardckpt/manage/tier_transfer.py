@@ -75,13 +75,15 @@ def _checked(name: str) -> str:
 
 
 def exchange_files(dist, group, folder: str, outgoing: list[str], dst: int | None,
-                   src: int | None, dest_folder: str | None = None, what: str = "replicate"
-                   ) -> list[str]:
+                   src: int | None, dest_folder: str | None = None, what: str = "replicate",
+                   discard: bool = False) -> list[str]:
     """Send the files ``outgoing`` (relative to ``folder``) to rank ``dst`` while receiving
     rank ``src``'s into ``dest_folder`` (default ``folder``); the names received.
 
     Every block is a send/recv pair, so two ranks that send to each other never deadlock.
     Raises TransferError naming the peer when one dies or hangs past the group's timeout.
+    With ``discard`` the received blocks are dropped (a receiver that already failed still
+    takes every block, so that its sender is never left waiting) and no name is returned.
     """
     dest_folder = dest_folder or folder
     sizes = [os.path.getsize(os.path.join(folder, r)) for r in outgoing] if dst is not None \
@@ -93,7 +95,9 @@ def exchange_files(dist, group, folder: str, outgoing: list[str], dst: int | Non
                   for off in range(0, s, block)]
     in_blocks = [(r, off, min(theirs, s - off)) for r, s in incoming
                  for off in range(0, s, theirs)]
-    writers = _Writers(dest_folder, incoming)
+    writers = _Writers(dest_folder, [] if discard else incoming)
+    if discard:
+        writers.error = False  # not None: ``put`` drops every block
     try:
         with _Readers(folder) as readers:
             for i in range(max(len(out_blocks), len(in_blocks))):
@@ -104,10 +108,11 @@ def exchange_files(dist, group, folder: str, outgoing: list[str], dst: int | Non
                       src if inp is not None else None, f"{what}: data")
                 if inp is not None:
                     writers.put(in_blocks[i][0], inp)
-        writers.finish()
+        if not discard:
+            writers.finish()
     finally:
         writers.close()
-    return [r for r, _ in incoming]
+    return [] if discard else [r for r, _ in incoming]
 
 
 class _Readers:

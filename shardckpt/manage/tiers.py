@@ -13,22 +13,28 @@ into the agreed hidden temporary folder on its node (the native writer, fsync'ed
 to rank ``(r + k * L) % W`` for ``k`` in ``1..replicas`` (L ranks per node) while receiving the
 ones of ``(r - k * L) % W``, over a gloo group of the tier's own (tier_transfer.py). Only when
 every rank reports its files and replicas durable does rank 0 build the manifest; each node's
-first rank then writes it into its folder and renames the folder into place (the same atomic
-commit as the durable tier). Any failure, a peer's death included, fails the save on every rank
-and commits nothing; it is a warning at the next call. A local step whose previous save still
-runs is skipped on every rank (they agree on a second small group), or waited for.
+first rank then checks every replica its node received against it (tier_check.py: a peer that
+sent wrong bytes fails the save), and only when every node's check passed writes it into its
+folder and renames the folder into place (the same atomic commit as the durable tier). Any
+failure, a peer's death included, fails the save on every rank and commits nothing; it is a
+warning at the next call. A local step whose previous save still runs is skipped on every rank
+(they agree on a second small group), or waited for.
+
+Each local manifest records the job it belongs to (the durable root and the job id stored
+there, tier_check.py); a restore ignores every copy recorded with another job or none.
 
 Restore (``LocalTier.restore``, tier_restore.py): the ranks agree on the candidate steps (from
-every node's committed local checkpoints), and for each, newest first, every node's first rank
-looks at its copy (manifest, which files are present with their size). Files a node lacks are
-fetched from a node holding a copy; then every rank loads from its own node's folder
-(resharding as any load does), the load checking every checksum once. A file it finds corrupt is
-fetched again from a replica and the load repeated.
+every node's committed local checkpoints of this job), and for each, newest first, every
+node's first rank looks at its copy (manifest, which files are present with their size).
+Files a node lacks are fetched from a node holding a copy; then every rank loads from its own
+node's folder (resharding as any load does), the load checking every checksum once. A file it
+finds corrupt is fetched again from a replica and the load repeated.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import warnings
 from datetime import timedelta
@@ -37,15 +43,17 @@ import torch
 
 from .. import knobs, manifest as manifest_mod
 from ..commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
-from ..dist import PerRank, node_index as dist_node_index
+from ..dist import PerRank, exchange, node_index as dist_node_index
 from ..errors import CheckpointError, TransferError
 from .layout import STEP_NAME, step_name
 from ..merge import build_manifest
 from ..plan import plan_chunks
+from ..read import checked_manifest
 from .. import stage
 from ..asyncsave import split_budget
 from ..saver import plan_save, write_rank
 from ..storage import LocalStorage
+from .tier_check import JOB_KEY, check_files, job_identity, recorded_job
 from .tier_transfer import exchange_files
 from ..types import DATA_DIR
 from ..write import WriteOptions
@@ -53,6 +61,7 @@ from ..write import WriteOptions
 __all__ = ["LocalTier", "node_index", "local_path_for"]
 
 _CANDIDATES = 8  # newest local steps each node offers to a restore
+_RECEIPT = re.compile(r"\..+\.recv-[0-9a-f]+")  # a file being received (tier_transfer.py)
 # Background local saves, one at a time per process (each tier's own thread would do no better:
 # a tier's saves are serial anyway). Lowered priority, as async_save's writer.
 _WORKER = stage.Worker("shardckpt-local-save", "sc-local", background=True)
@@ -79,11 +88,15 @@ def _or_warn(action, what: str) -> bool:
 
 
 class LocalTier:
-    """One manager's local tier (see the module docstring). Construct it on every rank."""
+    """One manager's local tier (see the module docstring). Construct it on every rank.
+
+    ``durable``: the storage of the job's durable root, whose identity every local checkpoint
+    records (tier_check.py); None: the tier records none and restores only copies without one.
+    """
 
     def __init__(self, local_dir, *, replicas: int = 1, keep: int = 1,
                  save_options: dict | None = None, staging_budget_bytes: int | None = None,
-                 on_busy: str = "skip"):
+                 on_busy: str = "skip", durable=None):
         import torch.distributed as dist
         if not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be an int >= 0, not {replicas!r}")
@@ -117,6 +130,10 @@ class LocalTier:
         self.arena = stage.StagingArena()  # its own: a durable async save may be staging too
         self._job, self._job_step = None, None  # the background save in flight (a Future)
         self.skipped = self.failed = 0  # local saves skipped (one in flight) / failed
+        # Rank 0 reads (or makes) the durable root's job id; every rank gets the same answer.
+        self.job = None if durable is None else exchange(None).round(
+            "local-job", True, None, lambda _: job_identity(durable))
+        self._owned: dict[int, bool] = {}  # step -> recorded with this job (leaders' cache)
 
     # ------------------------------------------------------------------ group
     def _gather_nodes(self) -> list[int]:
@@ -144,10 +161,20 @@ class LocalTier:
         return os.path.join(self.dir, step_name(step))
 
     def steps(self) -> list[int]:
-        """Steps committed in this node's local dir, ascending."""
+        """Steps committed in this node's local dir, ascending (this job's or not)."""
         found = sorted(int(m.group(1)) for n in self.storage.list("")
                        if (m := STEP_NAME.fullmatch(n)))
         return [s for s in found if is_committed(self.storage, step_name(s))]
+
+    def own_steps(self) -> list[int]:
+        """Committed steps of this node's local dir recorded with this tier's job, ascending."""
+        return [s for s in self.steps() if self.owns(s)]
+
+    def owns(self, step: int) -> bool:
+        """Whether this node's committed ``step`` was recorded with this tier's job."""
+        if step not in self._owned:
+            self._owned[step] = recorded_job(self.storage, step_name(step)) == self.job
+        return self._owned[step]
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, metadata: dict) -> None:
@@ -262,6 +289,10 @@ class LocalTier:
         opts = WriteOptions.resolve(**{k: v for k, v in self.save_options.items()
                                        if k in WriteOptions.__dataclass_fields__})
         name = step_name(step)
+        if self.leader:  # a save replaces the folder: none of its files may look foreign
+            self.sweep_receipts(name)
+        if self.job is not None:
+            metadata = {**metadata, JOB_KEY: self.job}
         planned = plan_save(state, self.storage, name, opts, metadata, True, None,
                             indexed=False)  # the tier builds an inline manifest
         return planned, name
@@ -279,14 +310,22 @@ class LocalTier:
             answer = planned.ex.round(
                 "local-write", report, error,
                 coord and (lambda results: self._manifest(coord, results)))
+            manifest, error = answer["mine"].encode(), None
+            try:
+                if self.leader:
+                    self._check_replicas(tmp, manifest)
+            except Exception as exc:
+                error = exc
+            planned.ex.round("local-check", True, error, lambda _: True)  # before any commit
             error = None
             try:
                 if self.leader:
-                    self._commit(name, tmp, answer["mine"].encode())
+                    self._commit(name, tmp, manifest)
             except Exception as exc:
                 error = exc
             planned.ex.round("local-commit", True, error, lambda _: True)
             self.last_committed = step
+            self._owned[step] = True
         finally:
             self.storage.delete(tmp)  # gone after a commit; a failed save's debris otherwise
             planned.close()
@@ -312,6 +351,21 @@ class LocalTier:
             raise failed
         return report
 
+    def _check_replicas(self, tmp: str, manifest: bytes) -> None:
+        """A node's first rank: every file this node received from other nodes' ranks has the
+        bytes the manifest (the senders' own reports) says (tier_check.py)."""
+        held = self._replica_ranks()
+        if not held:
+            return
+        m = checked_manifest(self.storage, tmp, manifest)
+        check_files(self.storage, tmp, m, [i for i, f in enumerate(m.files) if f.rank in held])
+
+    def _replica_ranks(self) -> set[int]:
+        """The ranks whose files this node receives as replicas (``_ring``)."""
+        here = [r for r, n in enumerate(self.nodes_of) if n == self.node]
+        return {(r - k * self.per_node) % self.world for r in here
+                for k in range(1, self.replicas + 1)}
+
     def _manifest(self, coord, results: dict) -> PerRank:
         """Rank 0: the manifest, sent to each node's first rank only (they commit)."""
         m = build_manifest(coord.gp, coord.plans, results, coord.metadata)
@@ -330,11 +384,26 @@ class LocalTier:
                 tx.close()
 
     def _retain(self, newest: int) -> None:
-        """Keep the ``keep`` newest committed local steps on this node; remove debris."""
+        """Keep the ``keep`` newest committed local steps of this job on this node; remove the
+        others, another job's included (never restored here: debris in this tier's folder)."""
         others = [s for s in self.steps() if s != newest]
-        for s in others[:max(len(others) - (self.keep - 1), 0)]:
-            self._remove(step_name(s))
+        kept = set([s for s in others if self.owns(s)][-(self.keep - 1):] if self.keep > 1
+                   else [])
+        for s in others:
+            if s not in kept:
+                self._remove(step_name(s))
+                self._owned.pop(s, None)
         remove_leftovers(self.storage)
+
+    def sweep_receipts(self, name: str) -> list[str]:
+        """Delete the partly received files (``data/.<file>.recv-<hex>``, FORMAT.md 4.4) that a
+        transfer killed mid-way left in this node's committed folder ``name``; what went. Only
+        while no transfer writes there (a restore's repair runs with no save in flight)."""
+        data = f"{name}/{DATA_DIR}"
+        gone = [n for n in self.storage.list(data) if _RECEIPT.fullmatch(n)]
+        for n in gone:
+            self.storage.delete(f"{data}/{n}")
+        return gone
 
     def _remove(self, name: str) -> None:
         hidden = f".{name}{DELETE_MARK}{secrets.token_hex(4)}"
