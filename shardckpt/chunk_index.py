@@ -16,6 +16,7 @@ import json
 import numpy as np
 
 from . import budget, codecs, tables
+from .grid import layout_boxes
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from .types import (DATA_DIR, HEADER_BYTES, MANIFEST_NAME, IndexEntry, Manifest, TensorEntry,
                     TensorLayout)
@@ -162,7 +163,7 @@ def join(m: Manifest, read, data_bytes=None, manifest_size: int = 0) -> Manifest
                                          "not list", file=entry.path) from None
         heads.append((entry, fmap, index_chains, text, _rows_within(m, entry, fmap, text)))
     _check_budget(m, layouts, [h[-1] for h in heads], metadata, data_bytes)
-    boxes = [t.all_boxes() for t in layouts]
+    boxes = [layout_boxes(t) for t in layouts]
     first = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
     chain_ids = {}
     rows = np.empty((sum(h[-1] for h in heads), 8), np.int64)

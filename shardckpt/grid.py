@@ -275,3 +275,10 @@ class Rules:
                 if int(kid[i]) in self.ruled:
                     out[int(kid[i])] = splits_of(rules[w], self.keys.gp.shapes[kid[i]])
         return out
+
+
+def layout_boxes(layout) -> np.ndarray:
+    """Every shard's box (offsets, then sizes) of a ``ShardLayout``, the grid's cells row-major."""
+    if layout.splits is None:
+        return layout.boxes[:, :-1]
+    return boxes(layout.shape, layout.splits)

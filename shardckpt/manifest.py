@@ -284,7 +284,7 @@ def check_layouts(layouts: list[TensorLayout], keys: list[str]) -> None:
 def _chunkless(t: TensorLayout):
     """A chunkless TensorEntry of an explicit layout, for the shard checks of tables.py."""
     from .types import TensorEntry
-    return TensorEntry(t.dtype, t.shape, t.all_boxes(), np.zeros(len(t.boxes), np.int64),
+    return TensorEntry(t.dtype, t.shape, grid.layout_boxes(t), np.zeros(len(t.boxes), np.int64),
                        np.zeros((0, 7), np.int64))
 
 

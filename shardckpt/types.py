@@ -84,13 +84,6 @@ class TensorLayout:
     splits: tuple | None = None
     boxes: np.ndarray | None = None  # (S, 2 * ndim + 1) when ``splits`` is None: box, writer
 
-    def all_boxes(self) -> np.ndarray:
-        """Every shard's box (offsets, then sizes), the grid's cells row-major."""
-        if self.splits is None:
-            return self.boxes[:, :-1]
-        from .grid import boxes
-        return boxes(self.shape, self.splits)
-
 
 CHUNK_COLUMNS = ("file", "offset", "length", "start", "count", "codec", "crc32c")
 

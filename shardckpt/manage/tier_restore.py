@@ -30,6 +30,8 @@ from .tier_check import JOB_KEY, recorded_job
 from .tier_transfer import exchange_files
 from ..types import MANIFEST_NAME
 
+CANDIDATES = 8  # newest local steps each node offers to a restore
+
 # As in manager.py: errors an older checkpoint would not cure.
 _FATAL = (StateMismatchError, UnsupportedValueError)
 
@@ -53,9 +55,8 @@ def _gather(tier, values: list[int]) -> list[list[int]]:
 
 
 def _candidates(tier, newer_than: int | None) -> list[int]:
-    from .tiers import _CANDIDATES
-    own = _own_steps(tier)[-_CANDIDATES:] if tier.leader else []
-    rows = _gather(tier, own + [-1] * (_CANDIDATES - len(own)))
+    own = _own_steps(tier)[-CANDIDATES:] if tier.leader else []
+    rows = _gather(tier, own + [-1] * (CANDIDATES - len(own)))
     found = sorted({s for row in rows for s in row if s >= 0}, reverse=True)
     return [s for s in found if newer_than is None or s > newer_than]
 

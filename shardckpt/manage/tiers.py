@@ -53,14 +53,15 @@ from .. import stage
 from ..asyncsave import split_budget
 from ..saver import plan_save, write_rank
 from ..storage import LocalStorage
+from .tier_promote import promote as promote_step
 from .tier_check import JOB_KEY, check_files, job_identity, recorded_job
+from .tier_restore import restore_newest
 from .tier_transfer import exchange_files
 from ..types import DATA_DIR
 from ..write import WriteOptions
 
 __all__ = ["LocalTier", "node_index", "local_path_for"]
 
-_CANDIDATES = 8  # newest local steps each node offers to a restore
 _RECEIPT = re.compile(r"\..+\.recv-[0-9a-f]+")  # a file being received (tier_transfer.py)
 # Background local saves, one at a time per process (each tier's own thread would do no better:
 # a tier's saves are serial anyway). Lowered priority, as async_save's writer.
@@ -421,8 +422,7 @@ class LocalTier:
     def promote(self, step: int, storage, name: str) -> None:
         """Make local ``step`` a durable checkpoint ``name`` of ``storage`` by copying its
         encoded files (tier_promote.py). Collective."""
-        from .tier_promote import promote
-        promote(self, step, storage, name)
+        promote_step(self, step, storage, name)
 
     def promote_or_warn(self, step: int, storage, name: str) -> bool:
         """``promote`` when the last local save committed ``step``; whether it did (on every
@@ -436,6 +436,5 @@ class LocalTier:
     def restore(self, state, newer_than: int | None, load_options: dict) -> int | None:
         """Load the newest local step (newer than ``newer_than``, if given) complete across the
         nodes into ``state``; its step, or None. Collective."""
-        from .tier_restore import restore_newest
         self.wait()
         return restore_newest(self, state, newer_than, load_options)
