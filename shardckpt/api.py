@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import share
-from .dist import exchange
+from .dist.rounds import exchange
 from .observe import log_load, log_save
 from .incremental import base_name
 from .errors import StateMismatchError, UnsupportedValueError

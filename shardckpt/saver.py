@@ -18,7 +18,7 @@ from . import chunk_index, codecs, incremental, knobs, manifest as manifest_mod,
 from . import tables
 from . import retire
 from .commit import commit_for
-from .dist import PerRank, exchange
+from .dist.rounds import PerRank, exchange
 from .merge import build_manifest, merged, target_rows
 from .plan import local_plan, plan_chunks
 from .tree import flatten_split

@@ -32,21 +32,22 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import numpy as np
 import torch
 
-from . import codecs, dist as dist_mod, errors, knobs, nodeshm, read, remote_io
+from . import codecs, errors, knobs, read, remote_io
+from .dist import nodeshm
+from .dist.groups import forget_shared_group, shared_group
+from .dist.topology import node_index, nodes
 from .errors import CheckpointError
-from .nodeshm import NodeFolder
+from .dist.nodeshm import NodeFolder
 from .shareplan import SharedPlan, assign, needs, take_shared
 from .status import raise_for
 from .storage import open_checkpoint
 
 __all__ = ["Session", "SharedPlan", "ShareLostError", "enabled", "forget", "needs", "assign"]
 
-_GROUP: dict = {}  # the gloo group of the current default process group, per timeout
 _TOPOLOGY: dict = {}  # per gloo group: (group, node of each rank, pid of each rank)
 # Errors a leader may meet opening the manifest, re-raised as the same type on its node.
 _RELAYED = ("CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
@@ -80,33 +81,11 @@ def _object_store(path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def nodes(world: int) -> int:
-    """How many nodes the job spans, as the launcher says (torchrun's ``LOCAL_WORLD_SIZE``, else
-    SLURM's node count); 1 when nobody says."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    if local.isdigit() and int(local) > 0:
-        return -(-world // int(local))
-    slurm = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
-    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else 1
-
-
-def group(timeout: float):
-    """A gloo process group over every rank (created once per default group and timeout): it
-    carries host bytes whatever backend the training uses, and gives up after ``timeout``."""
-    import torch.distributed as dist
-    world = dist.group.WORLD
-    cached = _GROUP.get(timeout)
-    if cached is None or cached[0] is not world:
-        g = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        cached = _GROUP[timeout] = (world, g)
-    return cached[1]
-
-
 def forget() -> None:
     """Drop the cached gloo group and node map. Called on every rank of a failed shared load
     (the ranks raise in the same round, so all of them make a new group for the next load
     together): a group whose peer died is never reused."""
-    _GROUP.clear()
+    forget_shared_group()
     _TOPOLOGY.clear()
 
 
@@ -118,7 +97,7 @@ def _topology(g, rank: int, world: int) -> tuple[np.ndarray, int]:
     cached = _TOPOLOGY.get(id(g))
     if cached is None or cached[0] is not g:
         rows = torch.zeros((world, 3), dtype=torch.int64)
-        rows[rank] = torch.tensor([dist_mod.node_index(rank, unknown=0), nodeshm.host_key(),
+        rows[rank] = torch.tensor([node_index(rank, unknown=0), nodeshm.host_key(),
                                    os.getpid()])
         _collective("the node map", dist.all_reduce, rows, group=g)  # an all-gather
         ids: dict = {}
@@ -158,7 +137,7 @@ class Session:
 
     def __init__(self, rank: int, world: int, timeout: float):
         self.rank, self.world, self.timeout = rank, world, timeout
-        self.g = group(timeout)
+        self.g = shared_group(timeout)
         self.folder: NodeFolder | None = None
         self.node, self.leader_pid = _topology(self.g, rank, world)
         self.local = np.flatnonzero(self.node == self.node[rank])

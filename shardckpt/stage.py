@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from . import knobs
+from .dist.topology import local_world_size
 from .plan import chunk_ranges, dense
 from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
@@ -47,7 +48,7 @@ def default_budget() -> int:
         pass
     if not available:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return int(0.6 * available / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1))
+    return int(0.6 * available / local_world_size())
 
 
 class StagingArena:

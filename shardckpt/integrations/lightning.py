@@ -14,7 +14,7 @@ the job is about to stop.
 
 Strategies: Lightning calls the plugin on global rank 0 with the full checkpoint (single
 device, DDP, and FSDP with ``state_dict_type="full"``), so that rank saves alone
-(``shardckpt.dist.local_only``) and every rank loads it. For sharded checkpoints of FSDP2 /
+(``shardckpt.dist.rounds.local_only``) and every rank loads it. For sharded checkpoints of FSDP2 /
 tensor parallelism, ``ShardCkptModelParallelStrategy`` (a ``ModelParallelStrategy``) saves every
 rank's DTensor shards collectively, and loads them resharded to the current world size. Needs
 ``pip install 'shardckpt[lightning]'``.
@@ -31,7 +31,7 @@ _io = require("lightning.fabric.plugins.io.checkpoint_io", "lightning", "ShardCk
 
 from .. import api, asyncsave  # noqa: E402  (after the extra's check, for its message)
 from ..retire import remove_checkpoint as delete_checkpoint  # noqa: E402
-from ..dist import local_only  # noqa: E402
+from ..dist.rounds import local_only  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
 
 __all__ = ["ShardCkptIO", "AsyncShardCkptIO", "ShardCkptModelParallelStrategy"]

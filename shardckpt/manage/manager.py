@@ -21,7 +21,6 @@ import signal
 import time
 import warnings
 import weakref
-from datetime import timedelta
 from typing import Any, Callable
 
 from .. import incremental as incremental_mod, knobs, observe, retire
@@ -32,6 +31,7 @@ from ..errors import (CheckpointError, CheckpointNotFoundError, RootLeaseError,
                      StateMismatchError, StorageError, StorageNotADirectoryError,
                      UnsupportedValueError)
 from ..export import export_weights as export_checkpoint_weights
+from ..dist.groups import RankAgreement
 from .layout import (LATEST_NAME, STEP_NAME, collect_garbage, entries, replace_file,
                      step_name)
 from .lease import take_for_job
@@ -76,74 +76,6 @@ def _json_metrics(metrics: dict | None) -> dict | None:
             v = None  # JSON has no NaN / inf; such a step ranks as having no metric
         out[str(k)] = v
     return out
-
-
-class _Ranks:
-    """Agreement among the ranks over a dedicated gloo group (a no-op for one process)."""
-
-    def __init__(self, timeout: float):
-        import torch.distributed as dist
-        self.dist = dist if (dist.is_available() and dist.is_initialized()
-                             and dist.get_world_size() > 1) else None
-        self.rank = self.dist.get_rank() if self.dist else 0
-        self.group = None
-        self._pending = None  # (work, tensor) of max_of_previous
-        if self.dist:
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-
-    def max(self, *values: int) -> list[int]:
-        """Element-wise maximum over the ranks (blocking)."""
-        if not self.dist:
-            return list(values)
-        import torch
-        t = torch.tensor(values, dtype=torch.int64)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group)
-        return t.tolist()
-
-    def collect(self, size: int) -> list[int]:
-        """The element-wise maximum of what every rank ``post``-ed last (zeros before any).
-
-        Waiting for a collective at every training step would stall each rank until the
-        slowest arrives; instead the reduction posted at one call runs in the background
-        during the next training step and is collected at the call after. A decision thus lags
-        one call behind the local flags, and is the same on every rank at the same call.
-        """
-        if self._pending is None:
-            return [0] * size
-        work, t = self._pending
-        work.wait()
-        self._pending = None
-        return t.tolist()
-
-    def post(self, *values: int) -> None:
-        """Start the background reduction that the next ``collect`` returns."""
-        import torch
-        t = torch.tensor(values, dtype=torch.int64)
-        self._pending = (self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group,
-                                              async_op=True), t)
-
-    def rank0_list(self, values: list[int]) -> list[int]:
-        """Rank 0's list of ints, on every rank."""
-        if not self.dist:
-            return values
-        import torch
-        n = torch.tensor([len(values)], dtype=torch.int64)
-        self.dist.broadcast(n, src=0, group=self.group)
-        t = torch.tensor(values if self.rank == 0 else [0] * int(n), dtype=torch.int64)
-        self.dist.broadcast(t, src=0, group=self.group)
-        return t.tolist()
-
-    def close(self) -> None:
-        if self._pending is not None:
-            try:
-                self._pending[0].wait()
-            except RuntimeError as exc:  # a peer died: nothing is left to agree on
-                warnings.warn(f"shardckpt: the manager's last flag round failed at close "
-                              f"(a rank is gone?): {exc}", stacklevel=3)
-            self._pending = None
-        if self.group is not None:
-            self.dist.destroy_process_group(self.group)
-            self.group = None
 
 
 class CheckpointManager:
@@ -251,7 +183,7 @@ class CheckpointManager:
         self._on_event = on_event
         self._storage = open_storage(self.root, storage_options)
         self._storage.makedirs("")
-        self._ranks = _Ranks(float(knobs.get("dist_timeout")))
+        self._ranks = RankAgreement(float(knobs.get("dist_timeout")))
         self._lease = self._take_root(lease)
         self._metrics: dict[int, dict | None] = {}
         self._inflight = None  # (step, metrics, handle)
@@ -365,7 +297,7 @@ class CheckpointManager:
                 "unix_time": time.time()}})
         if not self._ranks.dist:
             return self._decide(step, state_dict, metrics, *self._local_flags())
-        # Agreed one call late (see _Ranks.collect): no rank waits for the others here.
+        # Agreed one call late (see RankAgreement.collect): no rank waits for the others here.
         agreed = self._ranks.collect(2)
         try:
             return self._decide(step, state_dict, metrics, *agreed)

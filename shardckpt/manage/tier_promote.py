@@ -19,7 +19,7 @@ import shutil
 
 from .. import knobs, remote_io, retire
 from ..commit import commit_for
-from ..dist import exchange
+from ..dist.rounds import exchange
 from ..errors import CheckpointError
 from .layout import step_name
 from ..read import LazySources, open_manifest

@@ -27,7 +27,7 @@ from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchErro
 from .layout import step_name
 from ..read import open_manifest
 from .tier_check import JOB_KEY, recorded_job
-from .tier_transfer import exchange_files
+from ..dist.transfer import exchange_files
 from ..types import MANIFEST_NAME
 
 CANDIDATES = 8  # newest local steps each node offers to a restore

@@ -37,13 +37,14 @@ import os
 import re
 import secrets
 import warnings
-from datetime import timedelta
 
 import torch
 
 from .. import knobs, manifest as manifest_mod
 from ..commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
-from ..dist import PerRank, exchange, node_index as dist_node_index
+from ..dist.groups import gloo_group
+from ..dist.rounds import PerRank, exchange
+from ..dist.topology import this_node
 from ..errors import CheckpointError, TransferError
 from .layout import STEP_NAME, step_name
 from ..merge import build_manifest
@@ -56,21 +57,16 @@ from ..storage import LocalStorage
 from .tier_promote import promote as promote_step
 from .tier_check import JOB_KEY, check_files, job_identity, recorded_job
 from .tier_restore import restore_newest
-from .tier_transfer import exchange_files
+from ..dist.transfer import exchange_files
 from ..types import DATA_DIR
 from ..write import WriteOptions
 
-__all__ = ["LocalTier", "node_index", "local_path_for"]
+__all__ = ["LocalTier", "local_path_for"]
 
 _RECEIPT = re.compile(r"\..+\.recv-[0-9a-f]+")  # a file being received (tier_transfer.py)
 # Background local saves, one at a time per process (each tier's own thread would do no better:
 # a tier's saves are serial anyway). Lowered priority, as async_save's writer.
 _WORKER = stage.Worker("shardckpt-local-save", "sc-local", background=True)
-
-
-def node_index() -> int:
-    """This process's node: ``GROUP_RANK`` (torchrun), else ``RANK // LOCAL_WORLD_SIZE``."""
-    return dist_node_index(int(os.environ.get("RANK", "0") or 0))
 
 
 def local_path_for(local_dir, node: int) -> str:
@@ -106,7 +102,7 @@ class LocalTier:
         self.dist = dist if dist.is_available() and dist.is_initialized() else None
         self.rank = self.dist.get_rank() if self.dist else 0
         self.world = self.dist.get_world_size() if self.dist else 1
-        self.node = node_index() if self.dist else 0
+        self.node = this_node() if self.dist else 0
         self.nodes_of = self._gather_nodes()
         self.per_node = self.nodes_of.count(self.node)
         n_nodes = len(set(self.nodes_of))
@@ -141,14 +137,14 @@ class LocalTier:
         self.group = self.ctl = None
         if not self.dist or self.world == 1:
             return [0]
-        timeout = timedelta(seconds=float(knobs.get("dist_timeout")))
+        timeout = float(knobs.get("dist_timeout"))
         # Two groups of the tier's own, made once: ``group`` carries the replicas (in the
         # background thread), ``ctl`` the caller's small agreements while one may be running;
         # neither is ever used by the training's collectives or a durable save.
-        self.group = self.dist.new_group(backend="gloo", timeout=timeout)
-        self.ctl = self.dist.new_group(backend="gloo", timeout=timeout)
+        self.group = gloo_group(timeout)
+        self.ctl = gloo_group(timeout)
         out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        self.dist.all_gather(out, torch.tensor([node_index()], dtype=torch.int64),
+        self.dist.all_gather(out, torch.tensor([this_node()], dtype=torch.int64),
                              group=self.group)
         return [int(t) for t in out]
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import nodeshm, share, shareplan, tables
+from shardckpt.dist import nodeshm
+from shardckpt import share, shareplan, tables
 from shardckpt.storage import WRAPPERS
 from shardckpt.storage.wrapper import StorageWrapper
 from shardckpt.testing import run_with_ranks

@@ -125,7 +125,7 @@ def _save_damaging(rank, world, root, local, fault):
     ``promote`` damages its own local file before promoting, ``replica`` flips a byte of the
     replica it receives."""
     _env(rank)
-    from shardckpt.manage import tier_transfer
+    from shardckpt.dist import transfer as tier_transfer
     m = _manager(root, f"{local}/node-{{node}}", keep_last=1)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable
 
-from . import knobs
-from .errors import CheckpointError, RankFailureError
+from .. import knobs
+from ..errors import CheckpointError, RankFailureError
 
 COORDINATOR = 0
 
@@ -219,18 +219,6 @@ def local_only():
         yield
     finally:
         _LOCAL_ONLY.reset(token)
-
-
-def node_index(rank: int, unknown: int | None = None) -> int:
-    """Rank ``rank``'s node as the launcher says: ``GROUP_RANK`` (torchrun), else ``rank //
-    LOCAL_WORLD_SIZE``; when neither is set, ``unknown`` (default: ``rank``, one node each)."""
-    env = os.environ
-    if env.get("GROUP_RANK", "") != "":
-        return int(env["GROUP_RANK"])
-    local = env.get("LOCAL_WORLD_SIZE", "")
-    if local == "":
-        return rank if unknown is None else unknown
-    return rank // max(int(local), 1)
 
 
 def exchange(timeout: float | None = None):

@@ -32,7 +32,7 @@ import socket
 import stat
 import tempfile
 
-from .errors import StorageError, UnsafeCheckpointError
+from ..errors import StorageError, UnsafeCheckpointError
 
 PREFIX = "shardckpt-share-"
 
