@@ -22,11 +22,12 @@ from .observe import log_load, log_save
 from .incremental import base_name
 from .errors import StateMismatchError, UnsupportedValueError
 from .place import match
-from .read import ReadPlan, open_for_read, open_manifest, read_blob
+from .read import ReadPlan, read_blob
+from .format.opening import open_for_read, open_manifest
 from .scan import scan
 from .saver import run_save
 from .storage import open_checkpoint
-from .tree import build, dict_items, node_kind, path_text, with_overrides
+from .format.tree import build, dict_items, node_kind, path_text, with_overrides
 from .types import HEADER_BYTES, Manifest
 from .write import WriteOptions
 

@@ -23,7 +23,7 @@ from .observe import log_save
 from .guard import Watch, arm, find_guards, owners, storage_key
 from .incremental import base_name
 from .saver import plan_save
-from .tree import dtensor_type
+from .format.tree import dtensor_type
 from .storage import open_checkpoint
 from .write import WriteOptions
 

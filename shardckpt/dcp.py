@@ -32,14 +32,15 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import manifest as manifest_mod
+from .format import manifest as manifest_mod
 from .commit import commit_for
 from .errors import CheckpointError, UnsupportedSaveError, UnsupportedValueError
 from .plan import plan_chunks
-from .read import ReadPlan, open_for_read, read_blob
+from .read import ReadPlan, read_blob
+from .format.opening import open_for_read
 from .saver import _targets
 from .storage import open_checkpoint
-from .tree import _Flattener, build, dict_items, escape, node_kind
+from .format.tree import Flattener, build, dict_items, escape, node_kind
 from .types import DATA_DIR, DTYPE_BY_TORCH, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
 from .write import CodecTable, WriteOptions, write_data_files
 
@@ -160,7 +161,7 @@ def _value_node(planner, item) -> tuple[dict, list[TensorItem]]:
             value = torch.load(buf, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
             raise UnsupportedValueError(f"{fqn}: not a plain value ({exc})") from None
-    f = _Flattener()
+    f = Flattener()
     # Bytes values get keys of their own under the FQN, apart from every tensor FQN.
     blob_root = escape(f"{fqn}::bytes")
     try:

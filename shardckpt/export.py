@@ -29,9 +29,9 @@ import torch
 
 from .api import _subtree, load_full, saved_tree
 from .errors import CheckpointExistsError, ExportError
-from .read import open_for_read
+from .format.opening import open_for_read
 from .storage import open_checkpoint
-from .tree import dict_items, node_kind
+from .format.tree import dict_items, node_kind
 from . import safetensors_out
 
 FORMATS = ("safetensors", "torch")

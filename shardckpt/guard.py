@@ -34,7 +34,7 @@ import torch
 
 from . import codecs
 from .errors import StateChangedError
-from .tree import MAX_DEPTH, dtensor_type
+from .format.tree import MAX_DEPTH, dtensor_type
 
 Optimizer = torch.optim.Optimizer
 

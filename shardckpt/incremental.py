@@ -31,9 +31,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import codecs, refs, remote_io
+from . import codecs
+from .format import opening, refs
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from .read import check_data_file, open_manifest
+from .format.opening import check_data_file, open_manifest
 from .storage import Storage, open_checkpoint
 from .types import FileEntry, Manifest
 
@@ -102,7 +103,7 @@ class BaseFiles:
         f = self.m.files[i]
         try:
             source = (check_data_file(self.root, f) if self.root is not None
-                      else remote_io.check_object(self.storage, self.base, f))
+                      else opening.check_object(self.storage, self.base, f))
             return source, _identity(self.storage, source)
         except (CheckpointError, OSError) as exc:
             self._damaged(self._where(i), exc)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import grid, incremental, tables
+from .format import grid, tables
+from . import incremental
 from .errors import CorruptCheckpointError, UnsupportedValueError
-from .tree import fill_values, with_overrides
+from .format.tree import fill_values, with_overrides
 from .types import DTYPES, FileEntry, IndexEntry, Manifest, TensorEntry, TensorLayout
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import UnsupportedValueError
-from .tree import build, dict_items, is_stateful, node_kind, path_text
+from .format.tree import build, dict_items, is_stateful, node_kind, path_text
 from .types import Manifest
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import codecs, knobs, tables
+from . import codecs, knobs
+from .format import tables
 from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
 

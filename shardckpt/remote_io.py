@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import codecs, knobs
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
-from .status import raise_for
+from .format.opening import RemoteFile
+from .codecs.status import raise_for
 from .storage import Storage
-from .types import FILE_HEADER, HEADER_BYTES, ChunkSource, Manifest
+from .types import FILE_HEADER, ChunkSource
 
 
 class Pressure:
@@ -149,43 +148,6 @@ def write_one(storage: Storage, path: str, rel: str, sources: list[ChunkSource],
                   pressure=pressure)
     stats["file_size"] = size
     return records, size, stats
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """A data file on a store without local paths, as the read plan addresses it."""
-
-    storage: Storage
-    path: str  # storage-relative
-    rel: str   # checkpoint-relative, for messages
-
-
-def check_object(storage: Storage, name: str, f) -> RemoteFile:
-    """Data file ``f`` of checkpoint ``name``, checked to stay inside the checkpoint and to
-    exist with the recorded size and header."""
-    if ".." in f.path.split("/"):
-        raise UnsafeCheckpointError(f"{f.path}: a data file path leaves the checkpoint")
-    rf = RemoteFile(storage, f"{name}/{f.path}", f.path) if f.base is None else \
-        RemoteFile(storage, f.location, f"{f.location} (stored by checkpoint {f.base!r}, "
-                   f"referenced by {name!r})")  # the base name was checked (refs.py)
-    try:
-        size = storage.size(rf.path)
-    except FileNotFoundError:
-        raise CorruptCheckpointError("data object is missing", file=rf.rel) from None
-    if size != f.size:
-        raise CorruptCheckpointError(f"data object has {size} bytes, the manifest says "
-                                     f"{f.size} (truncated or overwritten)", file=rf.rel)
-    if storage.read(rf.path, 0, HEADER_BYTES) != FILE_HEADER:
-        raise CorruptCheckpointError("data file header is not SHRDCKPT v1", file=rf.rel)
-    return rf
-
-
-def data_objects(storage: Storage, name: str, m: Manifest) -> list[RemoteFile]:
-    """The manifest's data files, each checked (``check_object``), concurrently."""
-    if any(".." in f.path.split("/") for f in m.files):
-        raise UnsafeCheckpointError("a data file path leaves the checkpoint")
-    with ThreadPoolExecutor(min(max(len(m.files), 1), knobs.get("remote_concurrency"))) as pool:
-        return list(pool.map(lambda f: check_object(storage, name, f), m.files))
 
 
 def read_chunks(rf: RemoteFile, reads: list[tuple], threads: int) -> tuple:

@@ -14,14 +14,15 @@ from functools import partial
 
 import numpy as np
 
-from . import chunk_index, codecs, incremental, knobs, manifest as manifest_mod, remote_io
-from . import tables
-from . import retire
+from .format import chunk_index, manifest as manifest_mod
+from . import codecs, incremental, knobs, remote_io
+from .format import tables
+from .format import retire
 from .commit import commit_for
 from .dist.rounds import PerRank, exchange
 from .merge import build_manifest, merged, target_rows
 from .plan import local_plan, plan_chunks
-from .tree import flatten_split
+from .format.tree import flatten_split
 from .types import DATA_DIR, HEADER_BYTES, TensorItem
 from .write import CodecTable, WriteOptions, add_stats, write_data_files
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from . import knobs, remote_io
+from . import knobs
+from .format import opening
 from .errors import CheckpointError, UnsafeCheckpointError
-from .read import (ReadPlan, backend_request, check_data_file, check_inside, file_label,
-                   read_file_chunks)
-from .status import OK, raise_for
+from .read import ReadPlan, backend_request, read_file_chunks
+from .format.opening import check_data_file, check_inside, file_label
+from .codecs.status import OK, raise_for
 from .storage import Storage
 from .types import ChunkRead, Manifest
 
@@ -53,7 +54,7 @@ def scan(storage: Storage, name: str, m: Manifest, *, threads: int | None = None
         reads = plan.by_file.get(index, [])
         try:
             path = (check_data_file(root, entry) if root is not None
-                    else remote_io.check_object(storage, name, entry))
+                    else opening.check_object(storage, name, entry))
         except CheckpointError as exc:
             faults.append(exc)  # its chunks cannot be checked: the file itself is at fault
             if progress:

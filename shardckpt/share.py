@@ -36,14 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import codecs, errors, knobs, read, remote_io
+from . import codecs, errors, knobs, read
+from .format import opening
 from .dist import nodeshm
 from .dist.groups import forget_shared_group, shared_group
 from .dist.topology import node_index, nodes
 from .errors import CheckpointError
 from .dist.nodeshm import NodeFolder
 from .shareplan import SharedPlan, assign, needs, take_shared
-from .status import raise_for
+from .codecs.status import raise_for
 from .storage import open_checkpoint
 
 __all__ = ["Session", "SharedPlan", "ShareLostError", "enabled", "forget", "needs", "assign"]
@@ -149,16 +150,16 @@ class Session:
         return assign(payloads, self.node)
 
     def open_manifest(self, path, storage_options):
-        """``(manifest, paths)`` as ``read.open_for_read`` gives them, the manifest's bytes read
+        """``(manifest, paths)`` as ``opening.open_for_read`` gives them, the manifest's bytes read
         by the node's leader only, and each data file checked only once this rank uses it
-        (``read.LazySources``). The leader's failure to read it is raised on every rank of its
+        (``opening.LazySources``). The leader's failure to read it is raised on every rank of its
         node as the same type (with its message); each rank parses and checks the bytes."""
         import torch.distributed as dist
         storage, name = open_checkpoint(path, storage_options)
         data, failure, status = None, None, torch.zeros((self.world, 2), dtype=torch.int64)
         if self.rank == self.leader:
             try:
-                data = read.manifest_bytes(storage, name)
+                data = opening.manifest_bytes(storage, name)
             except Exception as exc:  # any failure: the node's ranks wait in the reduce below
                 failure = exc
             posted = self._post_manifest(data, failure)
@@ -170,8 +171,8 @@ class Session:
             data = self._take_manifest(int(status[self.leader, 0]))
         elif failure is not None:
             raise failure
-        m = read.checked_manifest(storage, name, data)
-        return m, read.LazySources(storage, name, m)
+        m = opening.checked_manifest(storage, name, data)
+        return m, opening.LazySources(storage, name, m)
 
     def _post_manifest(self, data: bytes | None, failure) -> int:
         """The leader puts the manifest (or its failure) in the node folder; the status the
@@ -382,9 +383,9 @@ def _read_runs(runs: list[tuple], paths, out_fd, buf) -> None:
 
 def fetch(source, offset: int, length: int, out: memoryview) -> None:
     """Read ``length`` stored bytes at ``offset`` of a data file (a checked real path, or a
-    ``remote_io.RemoteFile``) into ``out``."""
+    ``opening.RemoteFile``) into ``out``."""
     label = getattr(source, "rel", str(source))
-    if isinstance(source, remote_io.RemoteFile):
+    if isinstance(source, opening.RemoteFile):
         data = source.storage.read(source.path, offset, length)
         got = min(len(data), length)
         out[:got] = data[:got]
@@ -409,7 +410,7 @@ def fetch_to_file(source, offset: int, length: int, out_fd: int, at: int) -> Non
     at ``at``: in the kernel for a local file (``sendfile``), through
     memory for a remote one."""
     label = getattr(source, "rel", str(source))
-    if isinstance(source, remote_io.RemoteFile):
+    if isinstance(source, opening.RemoteFile):
         data = source.storage.read(source.path, offset, length)
         nodeshm.write_all(out_fd, data[:length], at)
         _check_length(len(data), length, offset, label)

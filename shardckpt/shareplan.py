@@ -20,7 +20,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from . import knobs, tables
+from . import knobs
+from .format import tables
 
 
 def needs(plan) -> dict:

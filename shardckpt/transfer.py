@@ -19,11 +19,12 @@ import os
 import shutil
 from dataclasses import replace
 
-from . import manifest as manifest_mod, retire
+from .format import manifest as manifest_mod, retire
 from .commit import commit_for, refuse_to_clobber
 from .errors import CheckpointExistsError
-from .read import ReadPlan, data_sources, open_for_read
-from .remote_io import RemoteFile
+from .read import ReadPlan
+from .format.opening import data_sources, open_for_read
+from .format.opening import RemoteFile
 from .storage import open_checkpoint, storage_error
 from .types import DATA_DIR
 

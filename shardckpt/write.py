@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import codecs, knobs
-from .status import raise_for
+from .codecs.status import raise_for
 from .types import FILE_HEADER, ChunkRef, ChunkSource
 
 

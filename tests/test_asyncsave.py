@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import status
+from shardckpt.codecs import status
 from tests.helpers import assert_same
 
 

@@ -38,12 +38,12 @@ def test_layout_on_disk(ckpt):
 
 
 def test_remove_leftovers_keeps_a_lone_set_aside_copy(tmp_path):
-    from shardckpt import commit
+    from shardckpt.format import root as rootdir
     from shardckpt.storage import open_storage
     shardckpt.save({"w": torch.ones(3)}, tmp_path / "a")
     for name in (".a.old-0011", ".b.old-2233", ".c.tmp-4455"):
         (tmp_path / name / "data").mkdir(parents=True)
     storage = open_storage(tmp_path)
-    assert sorted(commit.leftovers(storage)) == [".a.old-0011", ".b.old-2233", ".c.tmp-4455"]
-    assert sorted(commit.remove_leftovers(storage)) == [".a.old-0011", ".c.tmp-4455"]
+    assert sorted(rootdir.leftovers(storage)) == [".a.old-0011", ".b.old-2233", ".c.tmp-4455"]
+    assert sorted(rootdir.remove_leftovers(storage)) == [".a.old-0011", ".c.tmp-4455"]
     assert sorted(os.listdir(tmp_path)) == [".b.old-2233", "a"]  # b's only copy survives

@@ -107,7 +107,7 @@ def test_pickle_only_values_raise_unsupported_naming_the_key(tmp_path):
 
 
 def test_unknown_node_kind_is_refused_as_unsafe(tmp_path):
-    from shardckpt.tree import build
+    from shardckpt.format.tree import build
     with pytest.raises(UnsafeCheckpointError, match="unknown node kind"):
         build({"frobnicate": 1}, lambda k: None)
 

@@ -208,7 +208,7 @@ def _save_fsdp2(rank, world, path, weights):
 
 def test_hf_export_of_2_rank_fsdp2_checkpoint_loads_with_from_pretrained(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    from shardckpt.read import open_for_read
+    from shardckpt.format.opening import open_for_read
     from shardckpt.testing import run_with_ranks
     from transformers import LlamaForCausalLM
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

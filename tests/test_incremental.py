@@ -11,7 +11,7 @@ import torch
 import shardckpt
 from shardckpt import codecs
 from shardckpt.codecs import reference
-from shardckpt.read import open_manifest
+from shardckpt.format.opening import open_manifest
 from shardckpt.storage import open_checkpoint, open_storage
 from tests.helpers import assert_same
 
@@ -116,7 +116,7 @@ def test_native_and_reference_hashes_agree(tmp_path):
 
 def _rewrite_manifest(path, edit):
     """Edit a manifest's JSON and re-seal its checksum (a hostile but well-formed manifest)."""
-    from shardckpt import manifest as manifest_mod
+    from shardckpt.format import manifest as manifest_mod
     raw = open(os.path.join(path, "manifest.json"), "rb").read()
     doc = json.loads(raw)
     doc.pop("manifest_crc32c")

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from shardckpt import grid, manifest as manifest_mod, tables
+from shardckpt.format import grid, manifest as manifest_mod, tables
 from shardckpt.merge import build_manifest, merge_plans, target_rows
-from shardckpt.tree import split_values
+from shardckpt.format.tree import split_values
 
 TENSORS = 16
 

@@ -14,7 +14,7 @@ from shardckpt.testing import flip_byte
 
 def _flip_chunk(path, key, index) -> str:
     """Damage chunk ``index`` of tensor ``key`` (one shard); the data file it lies in."""
-    from shardckpt.read import open_for_read
+    from shardckpt.format.opening import open_for_read
     m, _ = open_for_read(path)
     file, offset = m.tensors[key].chunks[index, :2].tolist()
     flip_byte(path / m.files[file].path, offset + 5)

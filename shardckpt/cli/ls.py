@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..incremental import written_split
-from ..read import open_manifest
+from ..format.opening import open_manifest
 from ..manage.retention import best_steps
 from ..storage import open_storage
 from ..manage import layout

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextvars
 import json
-import os
 import threading
 import time
 from contextlib import contextmanager

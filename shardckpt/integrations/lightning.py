@@ -30,7 +30,7 @@ from . import require
 _io = require("lightning.fabric.plugins.io.checkpoint_io", "lightning", "ShardCkptIO")
 
 from .. import api, asyncsave  # noqa: E402  (after the extra's check, for its message)
-from ..retire import remove_checkpoint as delete_checkpoint  # noqa: E402
+from ..format.retire import remove_checkpoint as delete_checkpoint  # noqa: E402
 from ..dist.rounds import local_only  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
 
@@ -162,8 +162,8 @@ class ShardCkptModelParallelStrategy(_mp.ModelParallelStrategy):
 
 
 def _top_keys(path: str) -> list:
-    from ..read import open_manifest
-    from ..tree import dict_items, node_kind
+    from ..format.opening import open_manifest
+    from ..format.tree import dict_items, node_kind
     storage, name = open_checkpoint(path)
     kind, payload = node_kind(open_manifest(storage, name).tree)
     return [k for k, _ in dict_items(payload)] if kind == "dict" else []

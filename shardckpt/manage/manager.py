@@ -23,10 +23,11 @@ import warnings
 import weakref
 from typing import Any, Callable
 
-from .. import incremental as incremental_mod, knobs, observe, retire
+from .. import incremental as incremental_mod, knobs, observe
+from ..format import retire
 from ..api import load, save
 from ..asyncsave import async_save as start_async_save
-from ..commit import is_committed
+from ..format.root import is_committed
 from ..errors import (CheckpointError, CheckpointNotFoundError, RootLeaseError,
                      StateMismatchError, StorageError, StorageNotADirectoryError,
                      UnsupportedValueError)
@@ -36,7 +37,7 @@ from .layout import (LATEST_NAME, STEP_NAME, collect_garbage, entries, replace_f
                      step_name)
 from .lease import take_for_job
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
-from ..read import open_manifest
+from ..format.opening import open_manifest
 from .retention import best_steps, to_keep
 from .rootinfo import write_info
 from ..storage import open_storage

@@ -20,10 +20,12 @@ import secrets
 
 import numpy as np
 
-from .. import knobs, manifest as manifest_mod
+from .. import knobs
+from ..format import manifest as manifest_mod
 from ..errors import CheckpointError, StorageError
-from ..read import LazySources, backend_request, read_file_chunks
-from ..status import raise_for
+from ..format.opening import LazySources
+from ..read import backend_request, read_file_chunks
+from ..codecs.status import raise_for
 from ..types import MANIFEST_NAME, ChunkRead, ChunkRef, Manifest
 
 JOB_KEY = "shardckpt.local"  # the local manifests' metadata key: {"root": url, "job": hex}

@@ -25,7 +25,7 @@ from ..commit import RenameCommit
 from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchError,
                       TransferError, UnsupportedValueError)
 from .layout import step_name
-from ..read import open_manifest
+from ..format.opening import open_manifest
 from .tier_check import JOB_KEY, recorded_job
 from ..dist.transfer import exchange_files
 from ..types import MANIFEST_NAME

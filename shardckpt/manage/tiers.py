@@ -40,8 +40,10 @@ import warnings
 
 import torch
 
-from .. import knobs, manifest as manifest_mod
-from ..commit import DELETE_MARK, RenameCommit, is_committed, remove_leftovers
+from .. import knobs
+from ..format import manifest as manifest_mod
+from ..format.root import DELETE_MARK, is_committed, remove_leftovers
+from ..commit import RenameCommit
 from ..dist.groups import gloo_group
 from ..dist.rounds import PerRank, exchange
 from ..dist.topology import this_node
@@ -49,7 +51,7 @@ from ..errors import CheckpointError, TransferError
 from .layout import STEP_NAME, step_name
 from ..merge import build_manifest
 from ..plan import plan_chunks
-from ..read import checked_manifest
+from ..format.opening import checked_manifest
 from .. import stage
 from ..asyncsave import split_budget
 from ..saver import plan_save, write_rank

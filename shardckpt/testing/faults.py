@@ -105,7 +105,7 @@ class Faults:
     def disk_full(self, where: str = "data") -> None:
         """ENOSPC while writing the ``data`` files (after writing them: the space is taken) or
         the ``manifest`` (before it is written), without a full file system."""
-        from shardckpt import status
+        from shardckpt.codecs import status
         if where == "data":
             self.write_status(status.NO_SPACE, "No space left on device", errno.ENOSPC)
             return

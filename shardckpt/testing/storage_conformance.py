@@ -15,6 +15,7 @@ import os
 import pytest
 
 from .. import commit, remote_io
+from ..format import root as rootdir
 from ..storage import Storage
 
 
@@ -94,9 +95,9 @@ class StorageConformance:
         tx = commit.commit_for(storage, "ck").begin()
         storage.makedirs(tx.path("data"))
         storage.write(tx.path("data/rank-00000.bin"), b"payload")
-        assert commit.list_checkpoints(storage) == []
+        assert rootdir.list_checkpoints(storage) == []
         tx.commit(b"{}")
         tx.close()
-        assert commit.is_committed(storage, "ck")
-        assert not commit.is_committed(storage, "ck", validate=True)  # "{}" is no manifest
-        assert commit.leftovers(storage) == []
+        assert rootdir.is_committed(storage, "ck")
+        assert not rootdir.is_committed(storage, "ck", validate=True)  # "{}" is no manifest
+        assert rootdir.leftovers(storage) == []

@@ -17,7 +17,8 @@ import torch
 
 import shardckpt
 from shardckpt.dist import nodeshm
-from shardckpt import share, shareplan, tables
+from shardckpt import share, shareplan
+from shardckpt.format import tables
 from shardckpt.storage import WRAPPERS
 from shardckpt.storage.wrapper import StorageWrapper
 from shardckpt.testing import run_with_ranks

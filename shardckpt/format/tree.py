@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 
 from . import grid
-from .errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
-from .types import DTYPE_BY_TORCH, DTYPES, TensorItem
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
+from ..types import DTYPE_BY_TORCH, DTYPES, TensorItem
 
 MAX_DEPTH = 512
 
@@ -99,7 +99,7 @@ def _child(prefix: str, segment) -> str:
     return f"{prefix}/{escape(segment)}" if prefix else escape(segment)
 
 
-class _Flattener:
+class Flattener:
     """Walks a state once. A node's position is carried as its escaped key path (FORMAT.md
     3.3), built one segment at a time: the path of a tensor is its key."""
 
@@ -207,13 +207,13 @@ class _Flattener:
 def flatten(state) -> tuple[dict, list[TensorItem]]:
     """``(tree, tensors)`` of a state; raises UnsupportedValueError naming the path of a value
     that cannot be saved."""
-    f = _Flattener()
+    f = Flattener()
     return f.node(state), f.items
 
 
 def flatten_split(state) -> tuple[dict, list, list[TensorItem]]:
     """``(skeleton, values, tensors)``: ``flatten`` and ``split_values`` in one walk."""
-    f = _Flattener(values=[])
+    f = Flattener(values=[])
     return f.node(state), f.values, f.items
 
 

@@ -15,11 +15,12 @@ import json
 
 import numpy as np
 
-from . import budget, codecs, tables
+from . import budget, tables
+from .. import codecs
 from .grid import layout_boxes
-from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from .types import (DATA_DIR, HEADER_BYTES, MANIFEST_NAME, IndexEntry, Manifest, TensorEntry,
-                    TensorLayout)
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from ..types import (DATA_DIR, HEADER_BYTES, MANIFEST_NAME, IndexEntry, Manifest, TensorEntry,
+                     TensorLayout)
 
 FORMAT = "shardckpt-index"
 COLUMNS = 9  # tensor, shard, then the 7 chunk columns of FORMAT.md 3.3

@@ -17,8 +17,8 @@ import math
 import numpy as np
 
 from . import tables
-from .errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
-from .types import MANIFEST_NAME
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedValueError
+from ..types import MANIFEST_NAME
 
 KINDS = ("chunk", "even")  # torch.chunk's sizes; sizes differing by at most one (divmod)
 MAX_PARTS = 1 << 24

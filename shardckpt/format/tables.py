@@ -17,9 +17,9 @@ import threading
 import numpy as np
 import zstandard
 
-from . import codecs, knobs
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
-from .types import HEADER_BYTES, MANIFEST_NAME, DType, TensorEntry
+from .. import codecs, knobs
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..types import HEADER_BYTES, MANIFEST_NAME, DType, TensorEntry
 
 MAX_VALUE = 1 << 62
 PAIRWISE_LIMIT = 64  # up to this many shards, overlaps are checked pairwise

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from shardckpt import codecs, tables
+from shardckpt import codecs
+from shardckpt.format import tables
 from shardckpt.errors import CheckpointError, UnsafeCheckpointError
 from shardckpt.types import DTYPES, TensorEntry
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from shardckpt.errors import UnsupportedValueError
-from shardckpt.tree import build, flatten, flatten_split, split_values
+from shardckpt.format.tree import build, flatten, flatten_split, split_values
 
 
 def _states():

@@ -14,8 +14,8 @@ import re
 import numpy as np
 
 from . import tables
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
-from .types import MANIFEST_NAME, Manifest
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..types import MANIFEST_NAME, Manifest
 
 HASH_ALGORITHM = "xxh3-128"
 # A sibling checkpoint's folder name: one path segment, never hidden, never "." or "..".

@@ -13,12 +13,13 @@ import re
 
 import numpy as np
 
-from . import budget, codecs, grid, refs, tables
-from ._version import __version__
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from . import budget, grid, refs, tables
+from .. import codecs
+from .._version import __version__
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from .tree import tensor_keys
-from .types import (DTYPES, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, FileEntry,
-                    IndexEntry, Manifest, TensorLayout)
+from ..types import (DTYPES, FORMAT_NAME, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, FileEntry,
+                     IndexEntry, Manifest, TensorLayout)
 
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NUMEL = 1 << 53
@@ -283,7 +284,7 @@ def check_layouts(layouts: list[TensorLayout], keys: list[str]) -> None:
 
 def _chunkless(t: TensorLayout):
     """A chunkless TensorEntry of an explicit layout, for the shard checks of tables.py."""
-    from .types import TensorEntry
+    from ..types import TensorEntry
     return TensorEntry(t.dtype, t.shape, grid.layout_boxes(t), np.zeros(len(t.boxes), np.int64),
                        np.zeros((0, 7), np.int64))
 

@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import retire
+from shardckpt.format import retire
 from shardckpt.manage import layout
-from shardckpt.commit import list_checkpoints
+from shardckpt.format.root import list_checkpoints
 from shardckpt.storage import LocalStorage
 from shardckpt.transfer import copy_checkpoint
 from tests.helpers import assert_same
@@ -133,7 +133,7 @@ def test_copy_out_of_the_root_materialises_references(tmp_path):
     saved = _build(root)
     info = copy_checkpoint(f"{root}/{C3}", f"{out}/copy")
     assert info["materialised"] > 0
-    m = shardckpt.read.open_manifest(LocalStorage(str(out)), "copy")
+    m = shardckpt.format.opening.open_manifest(LocalStorage(str(out)), "copy")
     assert all(f.base is None for f in m.files)
     for name in NAMES:  # the copy needs nothing of the old root
         retire.remove_checkpoint(LocalStorage(str(root)), name)

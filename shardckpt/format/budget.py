@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .errors import MetadataBudgetError
+from ..errors import MetadataBudgetError
 
 RATIO = 64  # decoded metadata bytes per byte on disk
 FLOOR = 64 << 20  # decoded metadata bytes any checkpoint may have, even one without data

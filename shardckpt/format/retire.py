@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import secrets
 
-from .commit import DELETE_MARK, is_committed, list_checkpoints
-from .errors import CheckpointError, CheckpointExistsError
-from .read import open_manifest
-from .types import DATA_DIR, MANIFEST_NAME
+from .root import DELETE_MARK, is_committed, list_checkpoints
+from ..errors import CheckpointError, CheckpointExistsError
+from .opening import open_manifest
+from ..types import DATA_DIR, MANIFEST_NAME
 
 RETIRED_NAME = "retired.json"
 ALL = object()  # "every file": a committed manifest could not be read, so keep everything

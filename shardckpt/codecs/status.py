@@ -6,7 +6,7 @@ place that knows what the codes mean (csrc/core/pipeline.h ``Code``).
 
 from __future__ import annotations
 
-from .errors import CheckpointError, CorruptCheckpointError, DiskFullError, StorageError
+from ..errors import CheckpointError, CorruptCheckpointError, DiskFullError, StorageError
 
 OK, INVALID, IO_ERROR, NO_SPACE, CHECKSUM, DECODE, TRUNCATED = range(7)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import chunk_index, codecs, grid, tables
+from shardckpt.format import chunk_index, grid, tables
+from shardckpt import codecs
 from shardckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from shardckpt.testing.hostile import read_doc, rewrite
 from tests.helpers import assert_same
@@ -182,7 +183,7 @@ def test_rule_groups_and_explicit_fallback_in_the_merge():
     """Ranks agreeing on a rule give one grid entry; a key whose ranks do not (one rank sends
     an explicit box) falls back to boxes and still covers the tensor exactly once."""
     from shardckpt.merge import build_manifest, merge_plans, target_rows
-    from shardckpt.manifest import check_complete
+    from shardckpt.format.manifest import check_complete
     from tests.test_merge_scale import rule_plans
     plans = rule_plans(8, explicit_rank=3)
     gp = merge_plans(plans, indexed=True)
@@ -197,7 +198,7 @@ def test_rule_groups_and_explicit_fallback_in_the_merge():
             written[tensor, shard] = r
     cells = sum(len(grid.layout_boxes(t)) for t in m.tensors.values())
     assert len(written) == cells  # every shard written exactly once
-    doc = json.loads(__import__("shardckpt.manifest", fromlist=["to_json"]).to_json(m)
+    doc = json.loads(__import__("shardckpt.format.manifest", fromlist=["to_json"]).to_json(m)
                      .rsplit(b',"manifest_crc32c"', 1)[0] + b"}")
     assert doc["tensors"]["g0"] == {"dtype": "float32", "shape": [64, 4],
                                     "grid": [[0, 8, "chunk"]]}
@@ -208,18 +209,18 @@ def test_rule_groups_and_explicit_fallback_in_the_merge():
 def test_manifest_bytes_carry_the_index_files_in_one_checked_bundle(indexed):
     """What one rank fetches and broadcasts (share.py) holds the indexes too, so the other
     ranks read nothing more from storage to open the checkpoint."""
-    from shardckpt import read
+    from shardckpt.format import opening
     from shardckpt.storage import open_checkpoint
     storage, name = open_checkpoint(indexed)
-    blob = read.manifest_bytes(storage, name)
+    blob = opening.manifest_bytes(storage, name)
     assert blob.startswith(chunk_index.BUNDLE_MAGIC)
     os.unlink(indexed / INDEX)  # not read again: the bundle has it
-    m = read.checked_manifest(storage, name, blob)
+    m = opening.checked_manifest(storage, name, blob)
     assert len(m.tensors["w"].chunks) > 1
     for bad in (blob[:-1], blob[:len(chunk_index.BUNDLE_MAGIC) + 4],
                 chunk_index.BUNDLE_MAGIC + (1 << 60).to_bytes(8, "little")):
         with pytest.raises(CorruptCheckpointError):
-            read.checked_manifest(storage, name, bad)
+            opening.checked_manifest(storage, name, bad)
 
 
 def test_a_save_replaces_an_indexed_checkpoint_but_no_foreign_file(indexed, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import manifest, tables
+from shardckpt.format import manifest, tables
 from shardckpt.testing.hostile import edit_table, resign, rewrite, set_cell
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
