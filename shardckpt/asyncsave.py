@@ -17,7 +17,8 @@ import time
 from dataclasses import replace
 
 from . import knobs, stage
-from .api import SaveInfo, _check_metadata
+from .api import check_metadata
+from .types import SaveInfo
 from .errors import CheckpointError
 from .observe import log_save
 from .guard import Watch, arm, find_guards, owners, storage_key
@@ -194,7 +195,7 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
         guards = find_guards(state, guard)
         opts = WriteOptions.resolve(codec=codec, level=level, **tuning)
         storage, name = open_checkpoint(path, storage_options)
-        planned = plan_save(state, storage, name, opts, _check_metadata(metadata), overwrite,
+        planned = plan_save(state, storage, name, opts, check_metadata(metadata), overwrite,
                             timeout, base_name(storage, name, base, storage_options))
         budget = stage.default_budget() if staging_budget_bytes is None else staging_budget_bytes
         arena_bytes, planned.opts = split_budget(budget, planned.opts)

@@ -36,9 +36,9 @@ from .format import manifest as manifest_mod
 from .commit import commit_for
 from .errors import CheckpointError, UnsupportedSaveError, UnsupportedValueError
 from .plan import plan_chunks
-from .read import ReadPlan, read_blob
+from .load.read import ReadPlan, read_blob
 from .format.opening import open_for_read
-from .saver import _targets
+from .remote_io import write_targets
 from .storage import open_checkpoint
 from .format.tree import Flattener, build, dict_items, escape, node_kind
 from .types import DATA_DIR, DTYPE_BY_TORCH, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
@@ -117,7 +117,7 @@ class Writer(StorageWriter):
         rel = f"{DATA_DIR}/rank-{self.rank:05d}.bin"
         sources, _hosts = plan_chunks(tensors, self.opts.chunk_bytes)
         table = CodecTable()
-        targets, write_one = _targets(storage, tmp, [rel])
+        targets, write_one = write_targets(storage, tmp, [rel])
         refs, (size,), _ = write_data_files(targets, sources, self.opts, table, write_one)
         by_key = {t.key: [] for t in tensors}
         for src, ref in zip(sources, refs):

@@ -27,7 +27,8 @@ import shutil
 
 import torch
 
-from .api import _subtree, load_full, saved_tree
+from .api import load_full
+from .load.pipeline import saved_tree, subtree
 from .errors import CheckpointExistsError, ExportError
 from .format.opening import open_for_read
 from .storage import open_checkpoint
@@ -171,7 +172,7 @@ def _refuse_to_replace(out_dir: str, overwrite: bool) -> None:
 def _plan(path, key, prefix, storage_options, dtype=None):
     """(manifest, data paths, output items) of an export."""
     m, paths = open_for_read(path, storage_options)
-    names = tensor_names(_subtree(saved_tree(m, 0), key), prefix)
+    names = tensor_names(subtree(saved_tree(m, 0), key), prefix)
     return m, paths, safetensors_out.make_items(m, names, dtype)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ExportError
-from .read import ReadPlan
+from .load.read import ReadPlan
 from .types import Manifest
 
 # torch dtype -> safetensors dtype code (the safetensors format's names).

@@ -10,7 +10,6 @@ through ``LocalExchange``.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 
@@ -82,7 +81,7 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
         rels = _rels(rank, batch, opts.files_per_rank)
         refs, sizes, hashes = [], [], []
         if sources:
-            targets, write_one = _targets(storage, tmp, rels)
+            targets, write_one = remote_io.write_targets(storage, tmp, rels)
             refs, sizes, stats = write_data_files(targets, sources, opts, report.table,
                                                   write_one, report.known, hashes)
             add_stats(report.stats, stats, concurrent=False)  # batches run one after another
@@ -91,7 +90,7 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
         extra = report.add(sources, refs, hashes, kept)
         if extra:  # skipped chunks that repeat a stored one more often than the base has it
             rel = f"{rels[0][:-4]}.x.bin"
-            targets, write_one = _targets(storage, tmp, [rel])
+            targets, write_one = remote_io.write_targets(storage, tmp, [rel])
             refs, sizes, stats = write_data_files(
                 targets, [sources[k] for k in extra], replace(opts, content_hashes=False),
                 report.table, write_one)
@@ -172,14 +171,6 @@ def _drop_empty(storage, tmp: str, rels: list[str], sizes: list[int]) -> dict[in
         else:
             storage.delete(f"{tmp}/{rel}")
     return kept
-
-
-def _targets(storage, tmp: str, rels: list[str]) -> tuple[list, object]:
-    """``(files, write_one)`` for write_data_files: real paths and the native file writer on
-    local disks, storage paths and the uploader on object stores."""
-    if storage.local_path(tmp) is not None:
-        return [(storage.local_path(f"{tmp}/{r}"), r) for r in rels], None
-    return [(f"{tmp}/{r}", r) for r in rels], partial(remote_io.write_one, storage)
 
 
 class PlannedSave:

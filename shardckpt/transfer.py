@@ -22,7 +22,7 @@ from dataclasses import replace
 from .format import manifest as manifest_mod, retire
 from .commit import commit_for, refuse_to_clobber
 from .errors import CheckpointExistsError
-from .read import ReadPlan
+from .load.read import ReadPlan
 from .format.opening import data_sources, open_for_read
 from .format.opening import RemoteFile
 from .storage import open_checkpoint, storage_error

@@ -111,7 +111,7 @@ _PEAK = r"""
 import os, sys, threading, time
 import shardckpt
 from shardckpt import export
-from shardckpt.read import open_for_read
+from shardckpt.format.opening import open_for_read
 
 def rss():
     with open("/proc/self/statm") as fh:

@@ -85,7 +85,7 @@ class Requested:
 
     def __init__(self):
         from shardckpt.format import opening
-        from shardckpt import read, share
+        from shardckpt.load import read, share
         from shardckpt.storage import WRAPPERS
         from shardckpt.storage.wrapper import StorageWrapper
         self.total = 0

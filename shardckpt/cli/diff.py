@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..read import ReadPlan
+from ..load import ReadPlan
 from ..format.opening import open_for_read
 from . import common
 from .output import Output, human_number

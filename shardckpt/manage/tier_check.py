@@ -24,7 +24,7 @@ from .. import knobs
 from ..format import manifest as manifest_mod
 from ..errors import CheckpointError, StorageError
 from ..format.opening import LazySources
-from ..read import backend_request, read_file_chunks
+from ..load import backend_request, read_file_chunks
 from ..codecs.status import raise_for
 from ..types import MANIFEST_NAME, ChunkRead, ChunkRef, Manifest
 

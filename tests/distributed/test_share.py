@@ -17,7 +17,7 @@ import torch
 
 import shardckpt
 from shardckpt.dist import nodeshm
-from shardckpt import share, shareplan
+from shardckpt.load import share, shareplan
 from shardckpt.format import tables
 from shardckpt.storage import WRAPPERS
 from shardckpt.storage.wrapper import StorageWrapper

@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import UnsupportedValueError
-from .format.tree import build, dict_items, is_stateful, node_kind, path_text
-from .types import Manifest
+from ..errors import UnsupportedValueError
+from ..format.tree import build, dict_items, is_stateful, node_kind, path_text
+from ..types import Manifest
 
 
 @dataclass

@@ -36,16 +36,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import codecs, errors, knobs, read
-from .format import opening
-from .dist import nodeshm
-from .dist.groups import forget_shared_group, shared_group
-from .dist.topology import node_index, nodes
-from .errors import CheckpointError
-from .dist.nodeshm import NodeFolder
+from .. import codecs, errors, knobs
+from . import read
+from ..format import opening
+from ..dist import nodeshm
+from ..dist.groups import forget_shared_group, shared_group
+from ..dist.topology import node_index, nodes
+from ..errors import CheckpointError
+from ..dist.nodeshm import NodeFolder
 from .shareplan import SharedPlan, assign, needs, take_shared
-from .codecs.status import raise_for
-from .storage import open_checkpoint
+from ..codecs.status import raise_for
+from ..storage import open_checkpoint
 
 __all__ = ["Session", "SharedPlan", "ShareLostError", "enabled", "forget", "needs", "assign"]
 

@@ -19,13 +19,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import codecs, knobs, remote_io
-from .format import manifest as manifest_mod
-from .errors import CorruptCheckpointError
-from .format.opening import RemoteFile, file_label
-from .codecs.status import raise_for
-from .format.tree import local_box
-from .types import MANIFEST_NAME, ChunkRead, ChunkRef, Manifest, ShardEntry, TensorEntry
+from .. import codecs, knobs
+from . import fetch
+from ..format import manifest as manifest_mod
+from ..errors import CorruptCheckpointError
+from ..format.opening import RemoteFile, file_label
+from ..codecs.status import raise_for
+from ..format.tree import local_box
+from ..types import MANIFEST_NAME, ChunkRead, ChunkRef, Manifest, ShardEntry, TensorEntry
 
 
 class ReadPlan:
@@ -177,7 +178,7 @@ def read_blob(m: Manifest, paths: list, key: str) -> bytes:
 def read_file_chunks(source, reads: list[tuple], threads: int) -> tuple:
     """The backend's read of one local file, or a remote one's ranged GETs."""
     if isinstance(source, RemoteFile):
-        return remote_io.read_chunks(source, reads, threads)
+        return fetch.read_chunks(source, reads, threads)
     return codecs.backend.read_chunks(source, reads, threads)
 
 

@@ -21,7 +21,7 @@ from shardckpt import codecs
 from shardckpt.codecs import reference
 from shardckpt.dcp import Reader
 from shardckpt.errors import CorruptCheckpointError, StateMismatchError
-from shardckpt.read import ReadPlan, backend_request
+from shardckpt.load.read import ReadPlan, backend_request
 from shardckpt.format.opening import open_for_read
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32,

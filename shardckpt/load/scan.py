@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from . import knobs
-from .format import opening
-from .errors import CheckpointError, UnsafeCheckpointError
+from .. import knobs
+from ..format import opening
+from ..errors import CheckpointError, UnsafeCheckpointError
 from .read import ReadPlan, backend_request, read_file_chunks
-from .format.opening import check_data_file, check_inside, file_label
-from .codecs.status import OK, raise_for
-from .storage import Storage
-from .types import ChunkRead, Manifest
+from ..format.opening import check_data_file, check_inside, file_label
+from ..codecs.status import OK, raise_for
+from ..storage import Storage
+from ..types import ChunkRead, Manifest
 
 BATCH_BYTES = 64 << 20
 

@@ -20,8 +20,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from . import knobs
-from .format import tables
+from .. import knobs
+from ..format import tables
 
 
 def needs(plan) -> dict:
