@@ -20,20 +20,16 @@ import zlib
 
 import torch
 
-from ..api import load
 from ..commit import RenameCommit
-from ..errors import (CheckpointError, CorruptCheckpointError, StateMismatchError,
-                      TransferError, UnsupportedValueError)
+from ..errors import CheckpointError, CorruptCheckpointError, TransferError
 from .layout import step_name
 from ..format.opening import open_manifest
 from .tier_check import JOB_KEY, recorded_job
+from .verdict import FATAL, OK, agreed_error, try_load
 from ..dist.transfer import exchange_files
 from ..types import MANIFEST_NAME
 
 CANDIDATES = 8  # newest local steps each node offers to a restore
-
-# As in manager.py: errors an older checkpoint would not cure.
-_FATAL = (StateMismatchError, UnsupportedValueError)
 
 
 def _warn(text: str) -> None:
@@ -216,18 +212,13 @@ def _load_step(tier, state, step: int, load_options: dict) -> bool:
             _warn(f"skipping local {step_name(step)}: fetching replicas failed: "
                   f"{error or 'on another rank'}")
             return False
-        error = None
-        try:
-            load(state, tier.path(step), **load_options)
-        except CheckpointError as exc:
-            error = exc
-        verdict = 0 if error is None else 2 if isinstance(error, _FATAL) else 1
+        verdict, error = try_load(state, tier.path(step), load_options, local_copy=True)
         rows = _gather(tier, [verdict, _corrupt_index(tier, step, error) if verdict else -1])
         verdict = max(v for v, _ in rows)
-        if verdict == 0:
+        if verdict == OK:
             return True
-        if verdict == 2:
-            raise error or CheckpointError(f"{tier.path(step)}: restore failed on another rank")
+        if verdict == FATAL:
+            raise agreed_error(error, tier.path(step), local_copy=True)
         # Files found corrupt by the ranks of this node: the same set on each of them.
         fresh = {i for r, (v, i) in enumerate(rows)
                  if i >= 0 and tier.nodes_of[r] == tier.node} - bad
