@@ -28,7 +28,7 @@ from ..api import load, save
 from ..asyncsave import async_save as start_async_save
 from ..format.root import is_committed
 from ..errors import CheckpointError, CheckpointNotFoundError, RootLeaseError
-from ..export import export_weights as export_checkpoint_weights
+from ..ops.export import export_weights as export_checkpoint_weights
 from ..dist.groups import RankAgreement
 from .layout import (LATEST_NAME, STEP_NAME, collect_garbage, entries, replace_file,
                      step_name)
@@ -40,7 +40,7 @@ from .verdict import FATAL, OK, agreed_error, try_load
 from .retention import best_steps, to_keep
 from .rootinfo import write_info
 from ..storage import open_storage
-from .tiers import LocalTier
+from .tier.local import LocalTier
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
@@ -432,7 +432,7 @@ class CheckpointManager:
                        key: str | None = "model", prefix: str = "") -> dict:
         """Write the weights (the ``key`` subtree) of ``step`` to one deployable file.
 
-        See ``shardckpt.export.export_weights``; runs on the calling rank only.
+        See ``shardckpt.ops.export.export_weights``; runs on the calling rank only.
         """
         if step not in self.steps():
             raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")

@@ -16,7 +16,7 @@ from shardckpt.cli import main as cli_main
 from shardckpt.format.opening import open_manifest
 from shardckpt.storage import open_checkpoint
 from shardckpt.testing.faults import flip_byte
-from shardckpt.transfer import copy_checkpoint
+from shardckpt.ops.copy import copy_checkpoint
 from tests.helpers import assert_same
 
 CHUNK = 4096

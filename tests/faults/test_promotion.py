@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import shardckpt
-from shardckpt.manage import tiers
+from shardckpt.manage.tier import local as tiers
 from shardckpt.testing import run_with_ranks
 
 

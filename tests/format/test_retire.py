@@ -12,7 +12,7 @@ from shardckpt.format import retire
 from shardckpt.manage import layout
 from shardckpt.format.root import list_checkpoints
 from shardckpt.storage import LocalStorage
-from shardckpt.transfer import copy_checkpoint
+from shardckpt.ops.copy import copy_checkpoint
 from tests.helpers import assert_same
 
 NAMES = [f"step-0000000{i}" for i in range(4)]  # manager names: gc looks at those

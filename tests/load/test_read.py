@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import shardckpt
 from shardckpt import codecs
 from shardckpt.codecs import reference
-from shardckpt.dcp import Reader
+from shardckpt.integrations.dcp import Reader
 from shardckpt.errors import CorruptCheckpointError, StateMismatchError
 from shardckpt.load.read import ReadPlan, backend_request
 from shardckpt.format.opening import open_for_read

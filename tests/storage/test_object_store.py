@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import cli, dcp
+from shardckpt import cli
+from shardckpt.integrations import dcp
 from shardckpt.format import root as rootdir
 from shardckpt.storage import open_storage
 from tests.helpers import assert_same as assert_state_equal

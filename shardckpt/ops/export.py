@@ -27,12 +27,12 @@ import shutil
 
 import torch
 
-from .api import load_full
-from .load.pipeline import saved_tree, subtree
-from .errors import CheckpointExistsError, ExportError
-from .format.opening import open_for_read
-from .storage import open_checkpoint
-from .format.tree import dict_items, node_kind
+from ..api import load_full
+from ..load import saved_tree, subtree
+from ..errors import CheckpointExistsError, ExportError
+from ..format.opening import open_for_read
+from ..storage import open_checkpoint
+from ..format.tree import dict_items, node_kind
 from . import safetensors_out
 
 FORMATS = ("safetensors", "torch")

@@ -20,13 +20,13 @@ import secrets
 
 import numpy as np
 
-from .. import knobs
-from ..format import manifest as manifest_mod
-from ..errors import CheckpointError, StorageError
-from ..format.opening import LazySources
-from ..load import backend_request, read_file_chunks
-from ..codecs.status import raise_for
-from ..types import MANIFEST_NAME, ChunkRead, ChunkRef, Manifest
+from ... import knobs
+from ...format import manifest as manifest_mod
+from ...errors import CheckpointError, StorageError
+from ...format.opening import LazySources
+from ...load import backend_request, read_file_chunks
+from ...codecs.status import raise_for
+from ...types import MANIFEST_NAME, ChunkRead, ChunkRef, Manifest
 
 JOB_KEY = "shardckpt.local"  # the local manifests' metadata key: {"root": url, "job": hex}
 JOB_FILE = ".shardckpt-job"  # in the durable root: the job id, 32 hex digits and a newline

@@ -1,4 +1,4 @@
-"""shardckpt.dcp in one process: template-free loads, nested lists, bytes values, torch.Size,
+"""shardckpt.integrations.dcp in one process: template-free loads, nested lists, bytes values, torch.Size,
 folders that hold other files, and manifests that must cover every tensor before a commit."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 import shardckpt
-from shardckpt import dcp as sdcp, merge
-from shardckpt.dcp import Reader, Writer
+from shardckpt.integrations import dcp as sdcp
+from shardckpt import merge
+from shardckpt.integrations.dcp import Reader, Writer
 from shardckpt.errors import (CheckpointExistsError, UnsafeCheckpointError,
                               UnsupportedValueError)
 

@@ -1,4 +1,4 @@
-"""HF-layout and streaming safetensors export (shardckpt.export): shards, index, dtypes, errors,
+"""HF-layout and streaming safetensors export (shardckpt.ops.export): shards, index, dtypes, errors,
 atomicity, and memory bounded by one output file."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import export, safetensors_out
+from shardckpt.ops import export, safetensors_out
 from shardckpt.errors import ExportError
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -110,7 +110,7 @@ def test_single_file_safetensors_streams_with_tied_names(tmp_path):
 _PEAK = r"""
 import os, sys, threading, time
 import shardckpt
-from shardckpt import export
+from shardckpt.ops import export
 from shardckpt.format.opening import open_for_read
 
 def rss():

@@ -19,14 +19,14 @@ import os
 import shutil
 from dataclasses import replace
 
-from .format import manifest as manifest_mod, retire
-from .commit import commit_for, refuse_to_clobber
-from .errors import CheckpointExistsError
-from .load.read import ReadPlan
-from .format.opening import data_sources, open_for_read
-from .format.opening import RemoteFile
-from .storage import open_checkpoint, storage_error
-from .types import DATA_DIR
+from ..format import manifest as manifest_mod, retire
+from ..commit import commit_for, refuse_to_clobber
+from ..errors import CheckpointExistsError
+from ..load import ReadPlan
+from ..format.opening import data_sources, open_for_read
+from ..format.opening import RemoteFile
+from ..storage import open_checkpoint, storage_error
+from ..types import DATA_DIR
 
 
 def _targets(files) -> list[str]:

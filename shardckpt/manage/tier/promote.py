@@ -17,16 +17,16 @@ from __future__ import annotations
 import os
 import shutil
 
-from .. import knobs, remote_io
-from ..format import retire
-from ..commit import commit_for
-from ..dist.rounds import exchange
-from ..errors import CheckpointError
-from .layout import step_name
-from ..format.opening import LazySources, open_manifest
-from ..storage import storage_error
-from ..types import MANIFEST_NAME
-from .tier_check import check_files
+from ... import knobs, remote_io
+from ...format import retire
+from ...commit import commit_for
+from ...dist.rounds import exchange
+from ...errors import CheckpointError
+from ..layout import step_name
+from ...format.opening import LazySources, open_manifest
+from ...storage import storage_error
+from ...types import MANIFEST_NAME
+from .check import check_files
 
 
 def _copy(src: str, storage, dst: str) -> None:

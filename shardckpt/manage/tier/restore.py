@@ -20,14 +20,14 @@ import zlib
 
 import torch
 
-from ..commit import RenameCommit
-from ..errors import CheckpointError, CorruptCheckpointError, TransferError
-from .layout import step_name
-from ..format.opening import open_manifest
-from .tier_check import JOB_KEY, recorded_job
-from .verdict import FATAL, OK, agreed_error, try_load
-from ..dist.transfer import exchange_files
-from ..types import MANIFEST_NAME
+from ...commit import RenameCommit
+from ...errors import CheckpointError, CorruptCheckpointError, TransferError
+from ..layout import step_name
+from ...format.opening import open_manifest
+from .check import JOB_KEY, recorded_job
+from ..verdict import FATAL, OK, agreed_error, try_load
+from ...dist.transfer import exchange_files
+from ...types import MANIFEST_NAME
 
 CANDIDATES = 8  # newest local steps each node offers to a restore
 

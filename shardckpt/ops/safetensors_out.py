@@ -4,7 +4,7 @@ A safetensors file is an 8-byte little-endian header length, a JSON header (each
 dtype, shape and byte range) and the tensors' bytes back to back. Every fact the header needs is
 in the checkpoint's manifest, so the header is written first and the data follows, one output
 file's tensors at a time: memory is bounded by one output file (or by the largest tensor, when a
-tensor alone exceeds the limit), never by the model. Used by ``shardckpt.export``.
+tensor alone exceeds the limit), never by the model. Used by ``shardckpt.ops.export``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ExportError
-from .load.read import ReadPlan
-from .types import Manifest
+from ..errors import ExportError
+from ..load import ReadPlan
+from ..types import Manifest
 
 # torch dtype -> safetensors dtype code (the safetensors format's names).
 ST_DTYPES = {

@@ -82,7 +82,7 @@ def test_promotion_copies_the_local_checkpoint(tmp_path):
 def test_a_local_save_in_flight_makes_the_next_one_skip(tmp_path, monkeypatch):
     """The default ``local_on_busy="skip"``: the caller never waits for a slow local write;
     the skipped step is counted and warned about, the saves in flight still commit."""
-    from shardckpt.manage import tiers
+    from shardckpt.manage.tier import local as tiers
     release = threading.Event()
     original = tiers.LocalTier._write_and_replicate
 

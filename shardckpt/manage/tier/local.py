@@ -40,28 +40,28 @@ import warnings
 
 import torch
 
-from .. import knobs
-from ..format import manifest as manifest_mod
-from ..format.root import DELETE_MARK, is_committed, remove_leftovers
-from ..commit import RenameCommit
-from ..dist.groups import gloo_group
-from ..dist.rounds import PerRank, exchange
-from ..dist.topology import this_node
-from ..errors import CheckpointError, TransferError
-from .layout import STEP_NAME, step_name
-from ..merge import build_manifest
-from ..plan import plan_chunks
-from ..format.opening import checked_manifest
-from .. import stage
-from ..asyncsave import split_budget
-from ..saver import plan_save, write_rank
-from ..storage import LocalStorage
-from .tier_promote import promote as promote_step
-from .tier_check import JOB_KEY, check_files, job_identity, recorded_job
-from .tier_restore import restore_newest
-from ..dist.transfer import exchange_files
-from ..types import DATA_DIR
-from ..write import WriteOptions
+from ... import knobs
+from ...format import manifest as manifest_mod
+from ...format.root import DELETE_MARK, is_committed, remove_leftovers
+from ...commit import RenameCommit
+from ...dist.groups import gloo_group
+from ...dist.rounds import PerRank, exchange
+from ...dist.topology import this_node
+from ...errors import CheckpointError, TransferError
+from ..layout import STEP_NAME, step_name
+from ...merge import build_manifest
+from ...plan import plan_chunks
+from ...format.opening import checked_manifest
+from ... import stage
+from ...asyncsave import split_budget
+from ...saver import plan_save, write_rank
+from ...storage import LocalStorage
+from .promote import promote as promote_step
+from .check import JOB_KEY, check_files, job_identity, recorded_job
+from .restore import restore_newest
+from ...dist.transfer import exchange_files
+from ...types import DATA_DIR
+from ...write import WriteOptions
 
 __all__ = ["LocalTier", "local_path_for"]
 

@@ -32,17 +32,17 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .format import manifest as manifest_mod
-from .commit import commit_for
-from .errors import CheckpointError, UnsupportedSaveError, UnsupportedValueError
-from .plan import plan_chunks
-from .load.read import ReadPlan, read_blob
-from .format.opening import open_for_read
-from .remote_io import write_targets
-from .storage import open_checkpoint
-from .format.tree import Flattener, build, dict_items, escape, node_kind
-from .types import DATA_DIR, DTYPE_BY_TORCH, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
-from .write import CodecTable, WriteOptions, write_data_files
+from ..format import manifest as manifest_mod
+from ..commit import commit_for
+from ..errors import CheckpointError, UnsupportedSaveError, UnsupportedValueError
+from ..plan import plan_chunks
+from ..load import ReadPlan, read_blob
+from ..format.opening import open_for_read
+from ..remote_io import write_targets
+from ..storage import open_checkpoint
+from ..format.tree import Flattener, build, dict_items, escape, node_kind
+from ..types import DATA_DIR, DTYPE_BY_TORCH, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
+from ..write import CodecTable, WriteOptions, write_data_files
 
 
 def _done(value) -> Future:
@@ -75,7 +75,7 @@ class Writer(StorageWriter):
             # shards, and the last rename would win. Refused on every rank, before any write.
             raise UnsupportedSaveError(
                 f"{self.path}: dcp.save(use_collectives=False) on {world} ranks is not "
-                "supported by shardckpt.dcp.Writer (one checkpoint needs one manifest that "
+                "supported by shardckpt.integrations.dcp.Writer (one checkpoint needs one manifest that "
                 "covers every rank's shards); use the default use_collectives=True")
 
     def prepare_local_plan(self, plan):
