@@ -3,35 +3,21 @@ save pipeline), documented here and run by the pipelines in ``save/`` and ``load
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
-from .errors import UnsupportedValueError
 from .format.opening import open_for_read, open_manifest
-from .incremental import base_name
+from .save.incremental import base_name
 from .load import pipeline
 from .load.read import ReadPlan
 from .load.scan import scan
 from .observe import log_save
-from .saver import run_save
+from .save.pipeline import check_metadata, run_save
 from .storage import open_checkpoint
 from .types import SaveInfo, VerifyReport
-from .write import WriteOptions
+from .save.write import WriteOptions
 
 __all__ = ["save", "load", "load_full", "verify", "SaveInfo", "VerifyReport", "check_metadata"]
-
-
-def check_metadata(metadata) -> dict:
-    """``metadata`` (None: empty) as a dict of plain JSON; raises UnsupportedValueError."""
-    metadata = {} if metadata is None else metadata
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedValueError(f"metadata must be plain JSON: {exc}") from None
-    if not isinstance(metadata, dict):
-        raise UnsupportedValueError("metadata must be a dict")
-    return metadata
 
 
 def save(state: Any, path, *, codec: str | None = None, level: int | None = None,

@@ -29,7 +29,8 @@ from . import require
 
 _io = require("lightning.fabric.plugins.io.checkpoint_io", "lightning", "ShardCkptIO")
 
-from .. import api, asyncsave  # noqa: E402  (after the extra's check, for its message)
+from .. import api
+from ..save import SaveHandle, async_save  # noqa: E402  (after the extra's check, for its message)
 from ..format.retire import remove_checkpoint as delete_checkpoint  # noqa: E402
 from ..dist.rounds import local_only  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
@@ -53,7 +54,7 @@ class ShardCkptIO(_io.CheckpointIO):
         self.async_save = async_save
         self.save_options = dict(save_options or {})
         self.storage_options = storage_options
-        self._handle: asyncsave.SaveHandle | None = None
+        self._handle: SaveHandle | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         """Write ``checkpoint`` as the shardckpt folder ``path`` (replacing one there)."""
@@ -65,7 +66,7 @@ class ShardCkptIO(_io.CheckpointIO):
         self._check_previous()
         with local_only():  # Lightning calls this on global rank 0 only
             if self.async_save and not os.path.basename(path).startswith(HPC_PREFIX):
-                self._handle = asyncsave.async_save(checkpoint, path, **options)
+                self._handle = async_save(checkpoint, path, **options)
             else:
                 api.save(checkpoint, path, **options)
 

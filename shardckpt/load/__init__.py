@@ -3,8 +3,7 @@ where that pays), decode and place; what manage/, cli/, integrations/ and ops/ m
 
 from .pipeline import load, load_full, saved_tree, subtree, tree_for
 from .read import ReadPlan, backend_request, read_blob, read_file_chunks
-from .scan import scan
 from .share import ShareLostError
 
 __all__ = ["load", "load_full", "saved_tree", "subtree", "tree_for", "ReadPlan",
-           "backend_request", "read_blob", "read_file_chunks", "scan", "ShareLostError"]
+           "backend_request", "read_blob", "read_file_chunks", "ShareLostError"]

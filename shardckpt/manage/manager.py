@@ -22,10 +22,11 @@ import warnings
 import weakref
 from typing import Any
 
-from .. import incremental as incremental_mod, knobs, observe
+from ..save import managed_base
+from .. import knobs, observe
 from ..format import retire
 from ..api import load, save
-from ..asyncsave import async_save as start_async_save
+from ..save import async_save as start_async_save
 from ..format.root import is_committed
 from ..errors import CheckpointError, CheckpointNotFoundError, RootLeaseError
 from ..ops.export import export_weights as export_checkpoint_weights
@@ -279,7 +280,7 @@ class CheckpointManager:
                   "overwrite": True}
         if self.incremental:  # the newest other committed step is the base (all ranks see it)
             previous = [s for s in self.steps() if s != step]
-            base, meta[META_KEY]["chain"] = incremental_mod.managed_base(
+            base, meta[META_KEY]["chain"] = managed_base(
                 self._storage, step_name(previous[-1]) if previous else None, self.full_every,
                 META_KEY)
             kwargs.update(content_hashes=True, base=base)

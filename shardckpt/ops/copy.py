@@ -20,7 +20,7 @@ import shutil
 from dataclasses import replace
 
 from ..format import manifest as manifest_mod, retire
-from ..commit import commit_for, refuse_to_clobber
+from ..save import commit_for, refuse_to_clobber
 from ..errors import CheckpointExistsError
 from ..load import ReadPlan
 from ..format.opening import data_sources, open_for_read

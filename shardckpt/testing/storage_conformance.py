@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from .. import commit, remote_io
+from ..save import commit, upload as remote_io
 from ..format import root as rootdir
 from ..storage import Storage
 

@@ -182,9 +182,9 @@ def test_grid_cells_tile_the_dimension_like_torch(n, parts, kind):
 def test_rule_groups_and_explicit_fallback_in_the_merge():
     """Ranks agreeing on a rule give one grid entry; a key whose ranks do not (one rank sends
     an explicit box) falls back to boxes and still covers the tensor exactly once."""
-    from shardckpt.merge import build_manifest, merge_plans, target_rows
+    from shardckpt.save.merge import build_manifest, merge_plans, target_rows
     from shardckpt.format.manifest import check_complete
-    from tests.test_merge_scale import rule_plans
+    from tests.save.test_merge_scale import rule_plans
     plans = rule_plans(8, explicit_rank=3)
     gp = merge_plans(plans, indexed=True)
     m = build_manifest(gp, plans, {r: {"files": []} for r in plans}, {})

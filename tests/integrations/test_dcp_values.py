@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 
 import shardckpt
 from shardckpt.integrations import dcp as sdcp
-from shardckpt import merge
+from shardckpt.save import merge
 from shardckpt.integrations.dcp import Reader, Writer
 from shardckpt.errors import (CheckpointExistsError, UnsafeCheckpointError,
                               UnsupportedValueError)
@@ -170,7 +170,7 @@ def test_a_manifest_that_misses_a_shard_is_never_committed(tmp_path, monkeypatch
         assert isinstance(err, UnsafeCheckpointError) and "refusing to commit" in str(err)
     else:
         real = merge.build_manifest
-        from shardckpt import saver
+        from shardckpt.save import pipeline as saver
         monkeypatch.setattr(saver, "build_manifest", lambda *a: _drop_a_shard(real(*a)))
         with pytest.raises(UnsafeCheckpointError, match="refusing to commit"):
             if how == "save":

@@ -88,7 +88,7 @@ def test_latency(memory_url):
 
 
 def _die_before_commit(rank, world, url, opts):
-    from shardckpt.commit import MarkerCommit
+    from shardckpt.save.commit import MarkerCommit
     MarkerCommit.commit = lambda self, manifest: os._exit(9)  # a crash: no cleanup runs
     shardckpt.save(STATE, f"{url}/step-2", storage_options=opts)
 

@@ -43,32 +43,32 @@ import torch
 from ... import knobs
 from ...format import manifest as manifest_mod
 from ...format.root import DELETE_MARK, is_committed, remove_leftovers
-from ...commit import RenameCommit
+from ...save import RenameCommit
 from ...dist.groups import gloo_group
 from ...dist.rounds import PerRank, exchange
 from ...dist.topology import this_node
 from ...errors import CheckpointError, TransferError
 from ..layout import STEP_NAME, step_name
-from ...merge import build_manifest
-from ...plan import plan_chunks
+from ...save import build_manifest
+from ...save import plan_chunks
 from ...format.opening import checked_manifest
-from ... import stage
-from ...asyncsave import split_budget
-from ...saver import plan_save, write_rank
+from ...save import StagingArena, Stager, Worker, default_budget
+from ...save import split_budget
+from ...save import plan_save, write_rank
 from ...storage import LocalStorage
 from .promote import promote as promote_step
 from .check import JOB_KEY, check_files, job_identity, recorded_job
 from .restore import restore_newest
 from ...dist.transfer import exchange_files
 from ...types import DATA_DIR
-from ...write import WriteOptions
+from ...save import WriteOptions
 
 __all__ = ["LocalTier", "local_path_for"]
 
 _RECEIPT = re.compile(r"\..+\.recv-[0-9a-f]+")  # a file being received (tier_transfer.py)
 # Background local saves, one at a time per process (each tier's own thread would do no better:
 # a tier's saves are serial anyway). Lowered priority, as async_save's writer.
-_WORKER = stage.Worker("shardckpt-local-save", "sc-local", background=True)
+_WORKER = Worker("shardckpt-local-save", "sc-local", background=True)
 
 
 def local_path_for(local_dir, node: int) -> str:
@@ -125,8 +125,8 @@ class LocalTier:
         self.leader = self.rank == min(r for r, n in enumerate(self.nodes_of) if n == self.node)
         self.save_options = dict(save_options or {})
         self.last_committed: int | None = None  # the step of the last local save, if it committed
-        self.staging_budget = staging_budget_bytes  # None: stage.default_budget()
-        self.arena = stage.StagingArena()  # its own: a durable async save may be staging too
+        self.staging_budget = staging_budget_bytes  # None: default_budget()
+        self.arena = StagingArena()  # its own: a durable async save may be staging too
         self._job, self._job_step = None, None  # the background save in flight (a Future)
         self.skipped = self.failed = 0  # local saves skipped (one in flight) / failed
         # Rank 0 reads (or makes) the durable root's job id; every rank gets the same answer.
@@ -219,10 +219,10 @@ class LocalTier:
         except CheckpointError as exc:
             self._fail(step, exc)
             return False
-        budget = self.staging_budget or stage.default_budget()
+        budget = self.staging_budget or default_budget()
         arena_bytes, planned.opts = split_budget(budget, planned.opts)
         try:
-            stager = stage.Stager(planned.pieces(), arena_bytes, planned.opts.chunk_bytes,
+            stager = Stager(planned.pieces(), arena_bytes, planned.opts.chunk_bytes,
                                   arena=self.arena)
         except BaseException:
             planned.close()

@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 import shutil
 
-from ... import knobs, remote_io
+from ... import knobs
+from ...save import upload_parts
 from ...format import retire
-from ...commit import commit_for
+from ...save import commit_for
 from ...dist.rounds import exchange
 from ...errors import CheckpointError
 from ..layout import step_name
@@ -47,7 +48,7 @@ def _copy(src: str, storage, dst: str) -> None:
             with open(src, "rb") as f:
                 while data := f.read(block):
                     yield data
-        remote_io.upload(storage, dst, parts())
+        upload_parts(storage, dst, parts())
     except OSError as exc:
         raise storage_error(exc, f"promoting {src}") from exc
 

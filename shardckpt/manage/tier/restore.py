@@ -20,7 +20,7 @@ import zlib
 
 import torch
 
-from ...commit import RenameCommit
+from ...save import RenameCommit
 from ...errors import CheckpointError, CorruptCheckpointError, TransferError
 from ..layout import step_name
 from ...format.opening import open_manifest

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import codecs, knobs
-from .format import tables
-from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
+from .. import codecs, knobs
+from ..format import tables
+from ..types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,10 @@ from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
-from . import codecs, knobs
-from .codecs.status import raise_for
-from .storage import Storage
-from .types import FILE_HEADER, ChunkSource
+from .. import codecs, knobs
+from ..codecs.status import raise_for
+from ..storage import Storage
+from ..types import FILE_HEADER, ChunkSource
 
 
 class Pressure:

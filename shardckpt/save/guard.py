@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from . import codecs
-from .errors import StateChangedError
-from .format.tree import MAX_DEPTH, dtensor_type
+from .. import codecs
+from ..errors import StateChangedError
+from ..format.tree import MAX_DEPTH, dtensor_type
 
 Optimizer = torch.optim.Optimizer
 

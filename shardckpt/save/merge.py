@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import grid, tables
+from ..format import grid, tables
 from . import incremental
-from .errors import CorruptCheckpointError, UnsupportedValueError
-from .format.tree import fill_values, with_overrides
-from .types import DTYPES, FileEntry, IndexEntry, Manifest, TensorEntry, TensorLayout
+from ..errors import CorruptCheckpointError, UnsupportedValueError
+from ..format.tree import fill_values, with_overrides
+from ..types import DTYPES, FileEntry, IndexEntry, Manifest, TensorEntry, TensorLayout
 
 
 @dataclass

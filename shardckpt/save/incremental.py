@@ -31,12 +31,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import codecs
-from .format import opening, refs
-from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from .format.opening import check_data_file, open_manifest
-from .storage import Storage, open_checkpoint
-from .types import FileEntry, Manifest
+from .. import codecs
+from ..format import opening, refs
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from ..format.opening import check_data_file, open_manifest
+from ..storage import Storage, open_checkpoint
+from ..types import FileEntry, Manifest
 
 REF_FILE = -1  # chunk rows of a rank report with file < 0 name report["ref_files"][-1 - file]
 

@@ -26,10 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from . import knobs
-from .dist.topology import local_world_size
+from .. import knobs
+from ..dist.topology import local_world_size
 from .plan import chunk_ranges, dense
-from .types import DTYPE_BY_TORCH, ChunkSource, TensorItem
+from ..types import DTYPE_BY_TORCH, ChunkSource, TensorItem
 
 ALIGN = 64  # every staged chunk starts at a multiple of this (any dtype view is aligned)
 MIN_BUDGET = 1 << 20

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from shardckpt.format import grid, manifest as manifest_mod, tables
-from shardckpt.merge import build_manifest, merge_plans, target_rows
+from shardckpt.save.merge import build_manifest, merge_plans, target_rows
 from shardckpt.format.tree import split_values
 
 TENSORS = 16
@@ -133,7 +133,7 @@ def test_per_piece_cost_with_rules_stays_flat_from_512_to_8192_ranks():
 
 
 def test_a_repeated_layout_reuses_the_merge_and_a_changed_one_does_not():
-    from shardckpt.merge import merged
+    from shardckpt.save.merge import merged
     plans = _plans(4)
     first = merged(plans)
     again = {r: dict(p, values=tables.pack_text([{"int": 5}])) for r, p in plans.items()}

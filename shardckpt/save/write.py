@@ -11,9 +11,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import codecs, knobs
-from .codecs.status import raise_for
-from .types import FILE_HEADER, ChunkRef, ChunkSource
+from .. import codecs, knobs
+from ..codecs.status import raise_for
+from ..types import FILE_HEADER, ChunkRef, ChunkSource
 
 
 @dataclass(frozen=True)

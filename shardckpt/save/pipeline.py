@@ -9,20 +9,23 @@ through ``LocalExchange``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
 
-from .format import chunk_index, manifest as manifest_mod
-from . import codecs, incremental, knobs, remote_io
-from .format import tables
-from .format import retire
+from ..format import chunk_index, manifest as manifest_mod
+from .. import codecs, knobs
+from . import incremental, upload as remote_io
+from ..format import tables
+from ..format import retire
 from .commit import commit_for
-from .dist.rounds import PerRank, exchange
+from ..dist.rounds import PerRank, exchange
+from ..errors import UnsupportedValueError
 from .merge import build_manifest, merged, target_rows
 from .plan import local_plan, plan_chunks
-from .format.tree import flatten_split
-from .types import DATA_DIR, HEADER_BYTES, TensorItem
+from ..format.tree import flatten_split
+from ..types import DATA_DIR, HEADER_BYTES, TensorItem
 from .write import CodecTable, WriteOptions, add_stats, write_data_files
 
 
@@ -56,6 +59,18 @@ class Coordinator:
     def close(self) -> None:
         if self.begun:
             self.tx.close()
+
+
+def check_metadata(metadata) -> dict:
+    """``metadata`` (None: empty) as a dict of plain JSON; raises UnsupportedValueError."""
+    metadata = {} if metadata is None else metadata
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedValueError(f"metadata must be plain JSON: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise UnsupportedValueError("metadata must be a dict")
+    return metadata
 
 
 def _rels(rank: int, batch: int, files: int) -> list[str]:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import errno
 import secrets
 
-from .errors import CheckpointExistsError
-from .format.root import TMP_MARK, foreign_entry, is_committed
-from .storage import Storage, storage_error
-from .types import DATA_DIR, MANIFEST_NAME
+from ..errors import CheckpointExistsError
+from ..format.root import TMP_MARK, foreign_entry, is_committed
+from ..storage import Storage, storage_error
+from ..types import DATA_DIR, MANIFEST_NAME
 
 
 def refuse_to_clobber(storage: Storage, name: str, overwrite: bool) -> None:

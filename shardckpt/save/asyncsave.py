@@ -16,16 +16,16 @@ import time
 
 from dataclasses import replace
 
-from . import knobs, stage
-from .api import check_metadata
-from .types import SaveInfo
-from .errors import CheckpointError
-from .observe import log_save
+from .. import knobs
+from . import stage
+from ..types import SaveInfo
+from ..errors import CheckpointError
+from ..observe import log_save
 from .guard import Watch, arm, find_guards, owners, storage_key
 from .incremental import base_name
-from .saver import plan_save
-from .format.tree import dtensor_type
-from .storage import open_checkpoint
+from .pipeline import check_metadata, plan_save
+from ..format.tree import dtensor_type
+from ..storage import open_checkpoint
 from .write import WriteOptions
 
 
