@@ -33,16 +33,14 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from ..format import manifest as manifest_mod
-from ..save import commit_for
+from ..save import (CodecTable, WriteOptions, commit_for, plan_chunks, write_data_files,
+                    write_targets)
 from ..errors import CheckpointError, UnsupportedSaveError, UnsupportedValueError
-from ..save import plan_chunks
 from ..load import ReadPlan, read_blob
 from ..format.opening import open_for_read
-from ..save import write_targets
 from ..storage import open_checkpoint
 from ..format.tree import Flattener, build, dict_items, escape, node_kind
 from ..types import DATA_DIR, DTYPE_BY_TORCH, DTYPES, FileEntry, Manifest, TensorEntry, TensorItem
-from ..save import CodecTable, WriteOptions, write_data_files
 
 
 def _done(value) -> Future:

@@ -1,4 +1,4 @@
-"""Load: open and check the manifest, plan the chunk reads, fetch and decode into place.
+"""Read plans: which stored chunks fill which target memory, fetched and decoded into place.
 
 Every check that needs no data happens before the first read (manifest rules, file sizes, paths
 that must stay inside the checkpoint). Chunks decode straight into the destination tensor's

@@ -58,7 +58,7 @@ class ManagerConfig:
             staging arena (``save_options["staging_budget_bytes"]``) and the rest runs in the
             background; a
             step whose previous local save still runs is skipped, with a counted warning;
-            a failure is a warning at the next call (tiers.py ``save_async``).
+            a failure is a warning at the next call (tier/local.py ``save_async``).
         local_on_busy: ``"skip"`` (default) a local step while the previous local save runs,
             with a counted warning, or ``"wait"`` for it (every such step then commits).
         replicas: other nodes that receive a copy of each rank's local data.

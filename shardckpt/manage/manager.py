@@ -22,11 +22,10 @@ import warnings
 import weakref
 from typing import Any
 
-from ..save import managed_base
+from ..save import async_save as start_async_save, managed_base
 from .. import knobs, observe
 from ..format import retire
 from ..api import load, save
-from ..save import async_save as start_async_save
 from ..format.root import is_committed
 from ..errors import CheckpointError, CheckpointNotFoundError, RootLeaseError
 from ..ops.export import export_weights as export_checkpoint_weights

@@ -23,8 +23,7 @@ from ..format import manifest as manifest_mod, retire
 from ..save import commit_for, refuse_to_clobber
 from ..errors import CheckpointExistsError
 from ..load import ReadPlan
-from ..format.opening import data_sources, open_for_read
-from ..format.opening import RemoteFile
+from ..format.opening import RemoteFile, data_sources, open_for_read
 from ..storage import open_checkpoint, storage_error
 from ..types import DATA_DIR
 

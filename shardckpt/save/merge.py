@@ -6,7 +6,7 @@ sorting 64-bit fingerprints of their boxes (checked exactly), and only pieces he
 ranks are assigned one at a time (to the least-loaded holder). With chunk indexes (FORMAT.md
 3.7) DTensors on a plain grid never become rows: ranks with the same plan texts form a group,
 each rule's cells are assigned by arithmetic per mesh (grid.py), and the manifest lists files,
-not chunks. ``scripts/bench_coordination.py`` measures it up to 65536 ranks x 500 tensors.
+not chunks. ``scripts/bench/coordination.py`` measures it up to 65536 ranks x 500 tensors.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The save pipeline across ranks: plan -> write -> commit, as rounds of ``dist.Exchange``.
+"""Save's pipeline across ranks: plan -> merge -> write -> commit, as rounds of ``dist.rounds``.
 
 Round ``plan``: every rank flattens its state and describes the pieces it holds; the coordinator
 merges the plans (merge.py), creates the temporary folder and answers who writes what. Round
@@ -14,11 +14,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..format import chunk_index, manifest as manifest_mod
+from ..format import chunk_index, manifest as manifest_mod, retire, tables
 from .. import codecs, knobs
-from . import incremental, upload as remote_io
-from ..format import tables
-from ..format import retire
+from . import incremental, upload
 from .commit import commit_for
 from ..dist.rounds import PerRank, exchange
 from ..errors import UnsupportedValueError
@@ -96,7 +94,7 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
         rels = _rels(rank, batch, opts.files_per_rank)
         refs, sizes, hashes = [], [], []
         if sources:
-            targets, write_one = remote_io.write_targets(storage, tmp, rels)
+            targets, write_one = upload.write_targets(storage, tmp, rels)
             refs, sizes, stats = write_data_files(targets, sources, opts, report.table,
                                                   write_one, report.known, hashes)
             add_stats(report.stats, stats, concurrent=False)  # batches run one after another
@@ -105,7 +103,7 @@ def write_rank(storage, tmp: str, rank: int, pieces: list[str], batches,
         extra = report.add(sources, refs, hashes, kept)
         if extra:  # skipped chunks that repeat a stored one more often than the base has it
             rel = f"{rels[0][:-4]}.x.bin"
-            targets, write_one = remote_io.write_targets(storage, tmp, [rel])
+            targets, write_one = upload.write_targets(storage, tmp, [rel])
             refs, sizes, stats = write_data_files(
                 targets, [sources[k] for k in extra], replace(opts, content_hashes=False),
                 report.table, write_one)

@@ -1,4 +1,5 @@
-"""Encode + upload, and ranged GET + decode, for stores without local paths (object stores).
+"""Encode and upload data files to stores without local paths (object stores), under pressure
+from the upload slots.
 
 Save: a data file's chunks are encoded by the native core into memory, one part (about
 ``upload_part_bytes`` raw) at a time, and the parts are uploaded concurrently as a multipart

@@ -90,7 +90,7 @@ def write_data_files(files: list[tuple[str, str]], sources: list[ChunkSource],
     trailing files are not created: their size list is shorter) and summed statistics. Several
     files fill the page cache from several cores (a file system serializes buffered writes to
     one file); the pool budget and the cores are shared out between them. ``write_one`` replaces
-    the local file writer (object stores: ``remote_io.write_one`` with ``files`` naming storage
+    the local file writer (object stores: ``upload.write_one`` with ``files`` naming storage
     paths). With ``opts.content_hashes`` the encoders hash every chunk into ``hashes`` (16
     bytes each, in the order of ``sources``) and skip those whose hash is in ``known``: their
     ref is None (an incremental save references them instead). Raises DiskFullError,

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from ..save import commit, upload as remote_io
+from ..save import commit, upload
 from ..format import root as rootdir
 from ..storage import Storage
 
@@ -85,7 +85,7 @@ class StorageConformance:
         size = max(storage.multipart_min_bytes, 1 << 16)
         parts = [os.urandom(size // 2 + 7) for _ in range(5)]  # joined up to the minimum
         storage.makedirs("up")
-        assert remote_io.upload(storage, "up/big", iter(parts), concurrency=3) == \
+        assert upload.upload(storage, "up/big", iter(parts), concurrency=3) == \
             sum(map(len, parts))
         data = b"".join(parts)
         assert storage.read("up/big") == data

@@ -175,7 +175,7 @@ def test_backend_status_becomes_a_typed_error(saved, monkeypatch):
 
 
 def test_remote_reads_cast_into_another_dtype_too():
-    """Object stores decode fetched ranges through the same plan (remote_io)."""
+    """Object stores decode fetched ranges through the same plan (load/fetch.py)."""
     import uuid
     path = f"memory://shardckpt-test-{uuid.uuid4().hex}/c"
     shardckpt.save({"w": _values(torch.float32, (6, 10))}, path, chunk_bytes=48)

@@ -11,9 +11,9 @@ and a copy of this rank's state into the tier's own staging arena (stage.py, wit
 budget) run in the caller's thread; then a background thread encodes and writes the rank's files
 into the agreed hidden temporary folder on its node (the native writer, fsync'ed) and sends them
 to rank ``(r + k * L) % W`` for ``k`` in ``1..replicas`` (L ranks per node) while receiving the
-ones of ``(r - k * L) % W``, over a gloo group of the tier's own (tier_transfer.py). Only when
+ones of ``(r - k * L) % W``, over a gloo group of the tier's own (dist/transfer.py). Only when
 every rank reports its files and replicas durable does rank 0 build the manifest; each node's
-first rank then checks every replica its node received against it (tier_check.py: a peer that
+first rank then checks every replica its node received against it (check.py: a peer that
 sent wrong bytes fails the save), and only when every node's check passed writes it into its
 folder and renames the folder into place (the same atomic commit as the durable tier). Any
 failure, a peer's death included, fails the save on every rank and commits nothing; it is a
@@ -21,9 +21,9 @@ warning at the next call. A local step whose previous save still runs is skipped
 (they agree on a second small group), or waited for.
 
 Each local manifest records the job it belongs to (the durable root and the job id stored
-there, tier_check.py); a restore ignores every copy recorded with another job or none.
+there, check.py); a restore ignores every copy recorded with another job or none.
 
-Restore (``LocalTier.restore``, tier_restore.py): the ranks agree on the candidate steps (from
+Restore (``LocalTier.restore``, restore.py): the ranks agree on the candidate steps (from
 every node's committed local checkpoints of this job), and for each, newest first, every
 node's first rank looks at its copy (manifest, which files are present with their size).
 Files a node lacks are fetched from a node holding a copy; then every rank loads from its own
@@ -43,29 +43,24 @@ import torch
 from ... import knobs
 from ...format import manifest as manifest_mod
 from ...format.root import DELETE_MARK, is_committed, remove_leftovers
-from ...save import RenameCommit
+from ...save import (RenameCommit, Stager, StagingArena, Worker, WriteOptions, build_manifest,
+                     default_budget, plan_chunks, plan_save, split_budget, write_rank)
 from ...dist.groups import gloo_group
 from ...dist.rounds import PerRank, exchange
 from ...dist.topology import this_node
 from ...errors import CheckpointError, TransferError
 from ..layout import STEP_NAME, step_name
-from ...save import build_manifest
-from ...save import plan_chunks
 from ...format.opening import checked_manifest
-from ...save import StagingArena, Stager, Worker, default_budget
-from ...save import split_budget
-from ...save import plan_save, write_rank
 from ...storage import LocalStorage
 from .promote import promote as promote_step
 from .check import JOB_KEY, check_files, job_identity, recorded_job
 from .restore import restore_newest
 from ...dist.transfer import exchange_files
 from ...types import DATA_DIR
-from ...save import WriteOptions
 
 __all__ = ["LocalTier", "local_path_for"]
 
-_RECEIPT = re.compile(r"\..+\.recv-[0-9a-f]+")  # a file being received (tier_transfer.py)
+_RECEIPT = re.compile(r"\..+\.recv-[0-9a-f]+")  # a file being received (dist/transfer.py)
 # Background local saves, one at a time per process (each tier's own thread would do no better:
 # a tier's saves are serial anyway). Lowered priority, as async_save's writer.
 _WORKER = Worker("shardckpt-local-save", "sc-local", background=True)
@@ -90,7 +85,7 @@ class LocalTier:
     """One manager's local tier (see the module docstring). Construct it on every rank.
 
     ``durable``: the storage of the job's durable root, whose identity every local checkpoint
-    records (tier_check.py); None: the tier records none and restores only copies without one.
+    records (check.py); None: the tier records none and restores only copies without one.
     """
 
     def __init__(self, local_dir, *, replicas: int = 1, keep: int = 1,
@@ -352,7 +347,7 @@ class LocalTier:
 
     def _check_replicas(self, tmp: str, manifest: bytes) -> None:
         """A node's first rank: every file this node received from other nodes' ranks has the
-        bytes the manifest (the senders' own reports) says (tier_check.py)."""
+        bytes the manifest (the senders' own reports) says (check.py)."""
         held = self._replica_ranks()
         if not held:
             return
@@ -419,7 +414,7 @@ class LocalTier:
 
     def promote(self, step: int, storage, name: str) -> None:
         """Make local ``step`` a durable checkpoint ``name`` of ``storage`` by copying its
-        encoded files (tier_promote.py). Collective."""
+        encoded files (promote.py). Collective."""
         promote_step(self, step, storage, name)
 
     def promote_or_warn(self, step: int, storage, name: str) -> bool:

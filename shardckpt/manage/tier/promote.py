@@ -3,7 +3,7 @@ again. Each rank copies its own encoded data files from its node's folder to the
 storage; rank 0 commits the local checkpoint's manifest there (the same bytes), with the
 durable tier's commit protocol (FORMAT.md 4). Needs the ranks that saved the local step.
 
-Every byte is checked before the commit (tier_check.py): a local file damaged after its own
+Every byte is checked before the commit (check.py): a local file damaged after its own
 commit (a flipped bit, a cut tail) would otherwise become a durable checkpoint that cannot load,
 and the manager's retention would then delete the last one that can. On a file system the
 copies are read back and checked where they will be committed; on an object store each source
@@ -18,9 +18,8 @@ import os
 import shutil
 
 from ... import knobs
-from ...save import upload_parts
+from ...save import commit_for, upload_parts
 from ...format import retire
-from ...save import commit_for
 from ...dist.rounds import exchange
 from ...errors import CheckpointError
 from ..layout import step_name

@@ -1,5 +1,5 @@
 """Restore from the local tier: agree on the newest step complete across the nodes, repair each
-node's copy from the others' replicas, load (see tiers.py).
+node's copy from the others' replicas, load (see local.py).
 
 Checksums are checked once, by the load itself: a survey only looks at each node's manifest and
 which data files are present with the right size. A load that meets a corrupt file
@@ -7,7 +7,7 @@ which data files are present with the right size. A load that meets a corrupt fi
 fetch the file from a node holding a replica and load again; with no good copy left the step is
 skipped (then an older one, then the durable tier).
 
-Only copies recorded with this tier's job count (tier_check.py): a stranger's folder is never a
+Only copies recorded with this tier's job count (check.py): a stranger's folder is never a
 candidate, never the manifest that wins and never the source of a repair; a node holding one
 under the step's name gets this job's copy instead, as a node that has none.
 """
