@@ -56,7 +56,7 @@ class Import:
 
 @dataclass
 class Module:
-    name: str                    # dotted, e.g. "shardckpt.manage.tiers"
+    name: str                    # dotted, e.g. "shardckpt.manage.tier.local"
     path: str
     is_package: bool             # an __init__.py
     lines: int

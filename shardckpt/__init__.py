@@ -7,14 +7,12 @@ The public surface is small: ``save``, ``async_save``, ``load``, ``load_full``, 
 
 from ._version import __version__
 from .api import SaveInfo, VerifyReport, load, load_full, save, verify
-from .asyncsave import SaveHandle, SaveInProgressError, async_save
+from .save.asyncsave import SaveHandle, SaveInProgressError, async_save
 from .manage.manager import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, CheckpointManager
 from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError,
-                     CorruptCheckpointError, DiskFullError, IncompleteCheckpointError,
-                     RankFailureError, StateMismatchError, StorageError, UnsafeCheckpointError,
-                     UnsupportedValueError)
-from .errors import StateChangedError
-from .errors import ExportError, MissingExtraError
+                     CorruptCheckpointError, DiskFullError, ExportError, IncompleteCheckpointError,
+                     MissingExtraError, RankFailureError, StateChangedError, StateMismatchError,
+                     StorageError, UnsafeCheckpointError, UnsupportedValueError)
 
 __all__ = [
     "__version__", "save", "async_save", "load", "load_full", "verify", "SaveInfo",

@@ -1,64 +1,23 @@
-"""The public calls: ``save``, ``load``, ``load_full``, ``verify``.
-
-Each is a short pipeline over the stage modules. Save (saver): flatten (tree) -> plan (plan) ->
-encode + write (write) -> manifest + commit (commit), in rounds among the ranks (dist). Load:
-manifest (read) -> match the target (place) -> plan reads, fetch, decode into place (read) ->
-apply, then the ranks agree on the outcome.
-"""
+"""The front door: ``save``, ``load``, ``load_full``, ``verify`` (``async_save`` lives with the
+save pipeline), documented here and run by the pipelines in ``save/`` and ``load/``."""
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-import torch
-
-from . import share
-from .dist import exchange
-from .observe import log_load, log_save
-from .incremental import base_name
-from .errors import StateMismatchError, UnsupportedValueError
-from .place import match
-from .read import ReadPlan, open_for_read, open_manifest, read_blob
-from .scan import scan
-from .saver import run_save
+from .format.opening import open_for_read, open_manifest
+from .save.incremental import base_name
+from .load import pipeline
+from .load.read import ReadPlan
+from .load.scan import scan
+from .observe import log_save
+from .save.pipeline import check_metadata, run_save
 from .storage import open_checkpoint
-from .tree import build, dict_items, node_kind, path_text, with_overrides
-from .types import HEADER_BYTES, Manifest
-from .write import WriteOptions
+from .types import SaveInfo, VerifyReport
+from .save.write import WriteOptions
 
-
-@dataclass(frozen=True)
-class SaveInfo:
-    """What a save wrote."""
-
-    path: str
-    tensors: int
-    raw_bytes: int
-    stored_bytes: int
-    seconds: float
-    stats: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_report(cls, path: str, report: dict, seconds: float) -> "SaveInfo":
-        """From this rank's write report (saver.write_rank)."""
-        stored = sum(f["size"] - HEADER_BYTES for f in report["files"])
-        return cls(path, report["tensors"], report["raw_bytes"], stored, seconds,
-                   report.get("stats", {}))
-
-
-def _check_metadata(metadata) -> dict:
-    metadata = {} if metadata is None else metadata
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedValueError(f"metadata must be plain JSON: {exc}") from None
-    if not isinstance(metadata, dict):
-        raise UnsupportedValueError("metadata must be a dict")
-    return metadata
+__all__ = ["save", "load", "load_full", "verify", "SaveInfo", "VerifyReport", "check_metadata"]
 
 
 def save(state: Any, path, *, codec: str | None = None, level: int | None = None,
@@ -107,7 +66,7 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
     """
     t0 = time.perf_counter()
     opts = WriteOptions.resolve(codec=codec, level=level, durable=durable, **tuning)
-    metadata = _check_metadata(metadata)
+    metadata = check_metadata(metadata)
     storage, name = open_checkpoint(path, storage_options)
     base = base_name(storage, name, base, storage_options)
     report = run_save(state, storage, name, opts, metadata, overwrite, timeout, base)
@@ -146,94 +105,8 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
         RankFailureError: (several ranks) on the ranks whose own load succeeded, when another
             rank's failed.
     """
-    t0 = time.perf_counter()
-    ex = exchange(timeout)
-    sharing = share.enabled(ex.world, path)
-    error = plan = paths = session = None
-    try:
-        if sharing:
-            session = share.Session(ex.rank, ex.world, ex.timeout)
-        m, paths = (session.open_manifest(path, storage_options) if sharing
-                    else open_for_read(path, storage_options))
-        result, placement = match(state, m, tree_for(m, ex.rank, ex.world, per_rank), strict,
-                                  blob=partial(read_blob, m, paths))
-        if placement.missing or placement.unexpected or placement.mismatched:
-            raise StateMismatchError(placement.missing, placement.unexpected,
-                                     placement.mismatched)
-        plan = _read_plan(m, placement)
-    except Exception as exc:
-        error = exc
-    try:
-        if sharing:  # every rank learns who reads which shared chunk, or raises: a rank failed
-            decision = ex.round("needs", None if error else share.needs(plan), error,
-                                session.assign if session else None, raise_own=True)
-        if error is None:
-            error = _fill(plan, placement, paths, threads,
-                          (session, share.SharedPlan(decision, ex.rank)) if sharing else None)
-        # A rank whose collective broke reports it; the round names the rank that went silent.
-        ex.round("load", True, error, lambda _: True,
-                 raise_own=not isinstance(error, share.ShareLostError))
-    except Exception:
-        if sharing:
-            share.forget()  # every rank raised in the same round: all drop the gloo group
-            if session is not None:
-                session.close(failed=True)
-        raise
-    if session is not None:
-        session.close()  # after the last round: no local rank still maps the node's files
-    log_load(str(path), plan, time.perf_counter() - t0)
-    return result
-
-
-def _fill(plan: ReadPlan, placement, paths, threads, shared) -> Exception | None:
-    """Fetch, decode and place every planned chunk (the shared ones first, when ``shared`` is
-    ``(share.Session, SharedPlan)``); the error that stopped it, or None."""
-    try:
-        if shared:
-            session, decision = shared
-            session.fetch(plan, decision, paths, threads)
-        plan.run(paths, threads)
-        placement.apply()
-    except Exception as exc:
-        return exc
-    return None
-
-
-def _read_plan(m: Manifest, placement) -> ReadPlan:
-    """The chunk reads that fill every target of ``placement``."""
-    plan, planned = ReadPlan(m), set()
-    for key, target in placement.fills:
-        ident = (key, target.device, target.data_ptr(), target.stride())
-        if ident not in planned:  # tied weights: the same memory is filled once
-            planned.add(ident)
-            plan.into(key, target)
-    for key, fresh in placement.new.items():
-        plan.into(key, fresh)
-    return plan
-
-
-def tree_for(m: Manifest, rank: int, world: int, per_rank: str):
-    """The saved tree this rank loads (FORMAT.md 3.5), by the ``per_rank`` rule."""
-    if per_rank not in ("error", "rank0", "modulo"):
-        raise ValueError(f"per_rank must be 'error', 'rank0' or 'modulo', not {per_rank!r}")
-    if not m.rank_overrides:
-        return m.tree
-    if world != m.world_size and per_rank == "error":
-        why = (f"differs between the {m.world_size} saving ranks and this load runs on {world};"
-               " pass per_rank='rank0' or per_rank='modulo', or leave it out of the state")
-        paths = dict.fromkeys(path_text(path) for _, own in m.rank_overrides for path, _ in own)
-        raise StateMismatchError(mismatched=[(p, why) for p in paths])
-    source = rank if world == m.world_size else 0 if per_rank == "rank0" else \
-        rank % m.world_size
-    return saved_tree(m, source)
-
-
-def saved_tree(m: Manifest, rank: int):
-    """Saving rank ``rank``'s tree: the manifest's tree with that rank's overrides."""
-    if not 0 <= rank < m.world_size:
-        raise ValueError(f"rank {rank} is not among the {m.world_size} saving ranks")
-    own = dict(m.rank_overrides or ()).get(rank, [])
-    return with_overrides(m.tree, own)
+    return pipeline.load(state, path, strict=strict, per_rank=per_rank, threads=threads,
+                         timeout=timeout, storage_options=storage_options)
 
 
 def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | None = None,
@@ -247,49 +120,8 @@ def load_full(path, *, key: str | None = None, rank: int = 0, threads: int | Non
     Raises:
         StateMismatchError: the checkpoint has no ``key``. CheckpointError: as ``load``.
     """
-    t0 = time.perf_counter()
-    m, paths = open_for_read(path, storage_options)
-    node = _subtree(saved_tree(m, rank), key)
-    plan, made = ReadPlan(m), {}
-
-    def tensor(k):
-        if k not in made:
-            entry = m.tensors[k]
-            made[k] = t = torch.empty(entry.shape, dtype=entry.dtype.torch)
-            plan.into(k, t)
-        return made[k]
-
-    state = build(node, tensor, blob=partial(read_blob, m, paths))
-    plan.run(paths, threads)
-    log_load(str(path), plan, time.perf_counter() - t0)
-    return state
-
-
-def _subtree(node, key: str | None):
-    for part in key.split("/") if key else ():
-        kind, payload = node_kind(node)
-        children = dict(dict_items(payload)) if kind == "dict" else {}
-        if part not in children:
-            raise StateMismatchError(missing=[key])
-        node = children[part]
-    return node
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """What ``verify`` checked; ``problems`` lists the faults found in collect mode."""
-
-    path: str
-    tensors: int
-    chunks: int
-    stored_bytes: int
-    raw_bytes: int
-    problems: tuple = ()
-
-    @property
-    def ok(self) -> bool:
-        """Whether every check passed."""
-        return not self.problems
+    return pipeline.load_full(path, key=key, rank=rank, threads=threads,
+                              storage_options=storage_options)
 
 
 def verify(path, *, threads: int | None = None, storage_options: dict | None = None,

@@ -135,7 +135,7 @@ class MissingExtraError(CheckpointError, ImportError):
 
 
 class ExportError(CheckpointError, ValueError):
-    """An export (``shardckpt.export``) cannot represent the checkpoint: two tensors map to the
+    """An export (``shardckpt.ops.export``) cannot represent the checkpoint: two tensors map to the
     same output name, or a dtype the output format lacks; names the tensors at fault."""
 
 

@@ -84,13 +84,6 @@ class TensorLayout:
     splits: tuple | None = None
     boxes: np.ndarray | None = None  # (S, 2 * ndim + 1) when ``splits`` is None: box, writer
 
-    def all_boxes(self) -> np.ndarray:
-        """Every shard's box (offsets, then sizes), the grid's cells row-major."""
-        if self.splits is None:
-            return self.boxes[:, :-1]
-        from .grid import boxes
-        return boxes(self.shape, self.splits)
-
 
 CHUNK_COLUMNS = ("file", "offset", "length", "start", "count", "codec", "crc32c")
 
@@ -227,3 +220,39 @@ class ChunkRead:
     tensor: str
     chunk_index: int
     dest_bytes: int = 0  # bytes the destination holds at ``dest`` (the native side checks it)
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What a save wrote."""
+
+    path: str
+    tensors: int
+    raw_bytes: int
+    stored_bytes: int
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_report(cls, path: str, report: dict, seconds: float) -> "SaveInfo":
+        """From this rank's write report (saver.write_rank)."""
+        stored = sum(f["size"] - HEADER_BYTES for f in report["files"])
+        return cls(path, report["tensors"], report["raw_bytes"], stored, seconds,
+                   report.get("stats", {}))
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` checked; ``problems`` lists the faults found in collect mode."""
+
+    path: str
+    tensors: int
+    chunks: int
+    stored_bytes: int
+    raw_bytes: int
+    problems: tuple = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return not self.problems

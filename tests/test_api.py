@@ -59,7 +59,7 @@ def test_shared_storage_saved_once_and_restored_shared(ckpt, gen):
     loaded = shardckpt.load_full(ckpt)
     assert_same(state, loaded)
     assert loaded["a"] is loaded["b"]  # the same view: one tensor again
-    manifest = shardckpt.read.open_manifest(*shardckpt.storage.open_checkpoint(ckpt))
+    manifest = shardckpt.format.opening.open_manifest(*shardckpt.storage.open_checkpoint(ckpt))
     assert len(manifest.tensors) == 3
 
 
@@ -109,7 +109,7 @@ def test_verify_reports_counts(ckpt, gen):
 
 def test_metadata_round_trips_and_must_be_json(ckpt):
     shardckpt.save({"x": 1}, ckpt, metadata={"loss": 0.5, "tags": ["a"]})
-    manifest = shardckpt.read.open_manifest(*shardckpt.storage.open_checkpoint(ckpt))
+    manifest = shardckpt.format.opening.open_manifest(*shardckpt.storage.open_checkpoint(ckpt))
     assert manifest.metadata == {"loss": 0.5, "tags": ["a"]}
     with pytest.raises(shardckpt.UnsupportedValueError):
         shardckpt.save({"x": 1}, ckpt.with_name("other"), metadata={"obj": object()})

@@ -52,12 +52,12 @@ def test_a_reader_meeting_an_unknown_node_kind_refuses_it(tmp_path):
     """How a reader reacts to a node kind from a later revision (what a 1.0/1.1 reader does
     with ``bytes``): a typed error naming the kind, not a crash or a guess."""
     import json
-    from shardckpt import manifest as manifest_mod
+    from shardckpt.format import manifest as manifest_mod
     src = os.path.join(GOLDEN, "v1.2")
     m = manifest_mod.parse(open(os.path.join(src, "manifest.json"), "rb").read())
     text = json.dumps(m.tree).replace('"bytesio"', '"from_the_future"')
     with pytest.raises(shardckpt.UnsafeCheckpointError, match="from_the_future"):
-        from shardckpt.tree import build
+        from shardckpt.format.tree import build
         build(json.loads(text), lambda k: None, blob=lambda k: b"")
 
 

@@ -65,7 +65,7 @@ import shardckpt  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
 from torch.distributed.checkpoint.staging import DefaultStager  # noqa: E402
-from shardckpt.write import WriteOptions  # noqa: E402
+from shardckpt.save.write import WriteOptions  # noqa: E402
 
 BUDGET = 256 * MIB          # the staging budget of the budgeted memory run
 POOL = 32 * MIB             # its native encode pool, which comes on top of the budget

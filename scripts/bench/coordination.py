@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 
 import harness as bh  # noqa: E402 - this folder is first on the path
 
-from shardckpt import chunk_index, grid, manifest as manifest_mod, tables  # noqa: E402
-from shardckpt.merge import build_manifest, merge_plans, target_rows  # noqa: E402
-from shardckpt.tree import split_values  # noqa: E402
+from shardckpt.format import chunk_index, grid, manifest as manifest_mod, tables  # noqa: E402
+from shardckpt.save.merge import build_manifest, merge_plans, target_rows  # noqa: E402
+from shardckpt.format.tree import split_values  # noqa: E402
 
 REPLICATED = 10  # of the tensors, how many are plain replicated tensors (norms, counters)
 

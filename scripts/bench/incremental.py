@@ -31,7 +31,7 @@ import torch
 import harness as bh
 import shardckpt
 from harness import fmt, leaves, log, table, write_json
-from shardckpt.read import open_manifest
+from shardckpt.format.opening import open_manifest
 from shardckpt.storage import open_checkpoint
 
 

@@ -84,7 +84,8 @@ class Requested:
     """Counts what shardckpt asks storage for in this process (patched in for the benchmark)."""
 
     def __init__(self):
-        from shardckpt import read, share
+        from shardckpt.format import opening
+        from shardckpt.load import read, share
         from shardckpt.storage import WRAPPERS
         from shardckpt.storage.wrapper import StorageWrapper
         self.total = 0
@@ -109,13 +110,13 @@ class Requested:
                 me.total += len(data)
                 return data
 
-        check = read._check_file
+        check = opening._check_file
 
         def check_file(real, f, label=None):
             me.total += 16
             return check(real, f, label)
 
-        read.read_file_chunks, share.fetch, share.fetch_to_file, read._check_file = \
+        read.read_file_chunks, share.fetch, share.fetch_to_file, opening._check_file = \
             read_file_chunks, counted_fetch, counted_to_file, check_file
         WRAPPERS.append(lambda s: Counting(s))
 

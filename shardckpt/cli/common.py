@@ -10,9 +10,9 @@ import json
 import re
 
 from ..manage.manager import META_KEY
-from ..read import open_manifest
+from ..format.opening import open_manifest
 from ..storage import open_checkpoint
-from ..tree import dict_items, node_kind, path_text
+from ..format.tree import dict_items, node_kind, path_text
 from ..types import MANIFEST_NAME, Manifest, TensorEntry
 
 

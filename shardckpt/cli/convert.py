@@ -1,12 +1,12 @@
 """``shardckpt convert CKPT --to safetensors|torch|hf OUT``: consolidated plain tensors for
-deployment (through ``shardckpt.export``), whatever world size saved the checkpoint: one file, or
+deployment (through ``shardckpt.ops.export``), whatever world size saved the checkpoint: one file, or
 with ``--to hf`` a Hugging Face folder of safetensors shards plus their index."""
 
 from __future__ import annotations
 
 import os
 
-from ..export import DTYPE_NAMES, FORMATS, export_hf, export_weights
+from ..ops.export import DTYPE_NAMES, FORMATS, export_hf, export_weights
 from ..errors import CheckpointError
 from . import common
 from .common import UsageError

@@ -3,7 +3,7 @@ earlier checkpoints of its root (incremental saves), so that the copy stands alo
 
 from __future__ import annotations
 
-from ..transfer import copy_checkpoint
+from ..ops.copy import copy_checkpoint
 from . import common
 from .output import Output, human_bytes
 

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ..read import ReadPlan, open_for_read
+from ..load import ReadPlan
+from ..format.opening import open_for_read
 from . import common
 from .output import Output, human_number
 

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from ..tree import path_text
+from ..format.tree import path_text
 from . import common
 from .output import Output, human_bytes
 

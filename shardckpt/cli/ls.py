@@ -6,8 +6,8 @@ best, and the leftovers of interrupted saves. "Best" follows the manager's own `
 from __future__ import annotations
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ..incremental import written_split
-from ..read import open_manifest
+from ..save import written_split
+from ..format.opening import open_manifest
 from ..manage.retention import best_steps
 from ..storage import open_storage
 from ..manage import layout

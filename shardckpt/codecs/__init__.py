@@ -12,7 +12,8 @@ import warnings
 
 from ..errors import UnsafeCheckpointError
 
-RAW, SHUFFLE, ZSTD, SHUFFLE_ZSTD = 0, 1, 2, 3
+from .ids import RAW, SHUFFLE, SHUFFLE_ZSTD, ZSTD
+
 POLICIES = ("raw", "zstd", "auto")
 
 

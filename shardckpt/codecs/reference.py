@@ -16,7 +16,7 @@ import numpy as np
 import xxhash as _xxhash
 import zstandard
 
-from . import RAW, SHUFFLE, SHUFFLE_ZSTD, ZSTD
+from .ids import RAW, SHUFFLE, SHUFFLE_ZSTD, ZSTD
 
 __version__ = "reference"
 

@@ -7,6 +7,9 @@
 - ``tensorboard``: ``TensorBoardEvents``, an ``on_event`` callback writing SummaryWriter scalars
   (``pip install 'shardckpt[tensorboard]'``).
 
+- ``dcp``: ``Reader`` / ``Writer``, torch.distributed.checkpoint storage for shardckpt folders
+  (no extra needed).
+
 The core package never imports this folder; importing a module here without its extra raises
 ``MissingExtraError`` with the pip command in one line.
 """

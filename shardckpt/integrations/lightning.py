@@ -14,7 +14,7 @@ the job is about to stop.
 
 Strategies: Lightning calls the plugin on global rank 0 with the full checkpoint (single
 device, DDP, and FSDP with ``state_dict_type="full"``), so that rank saves alone
-(``shardckpt.dist.local_only``) and every rank loads it. For sharded checkpoints of FSDP2 /
+(``shardckpt.dist.rounds.local_only``) and every rank loads it. For sharded checkpoints of FSDP2 /
 tensor parallelism, ``ShardCkptModelParallelStrategy`` (a ``ModelParallelStrategy``) saves every
 rank's DTensor shards collectively, and loads them resharded to the current world size. Needs
 ``pip install 'shardckpt[lightning]'``.
@@ -29,9 +29,10 @@ from . import require
 
 _io = require("lightning.fabric.plugins.io.checkpoint_io", "lightning", "ShardCkptIO")
 
-from .. import api, asyncsave  # noqa: E402  (after the extra's check, for its message)
-from ..retire import remove_checkpoint as delete_checkpoint  # noqa: E402
-from ..dist import local_only  # noqa: E402
+from .. import api
+from ..save import SaveHandle, async_save  # noqa: E402  (after the extra's check, for its message)
+from ..format.retire import remove_checkpoint as delete_checkpoint  # noqa: E402
+from ..dist.rounds import local_only  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
 
 __all__ = ["ShardCkptIO", "AsyncShardCkptIO", "ShardCkptModelParallelStrategy"]
@@ -53,7 +54,7 @@ class ShardCkptIO(_io.CheckpointIO):
         self.async_save = async_save
         self.save_options = dict(save_options or {})
         self.storage_options = storage_options
-        self._handle: asyncsave.SaveHandle | None = None
+        self._handle: SaveHandle | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         """Write ``checkpoint`` as the shardckpt folder ``path`` (replacing one there)."""
@@ -65,7 +66,7 @@ class ShardCkptIO(_io.CheckpointIO):
         self._check_previous()
         with local_only():  # Lightning calls this on global rank 0 only
             if self.async_save and not os.path.basename(path).startswith(HPC_PREFIX):
-                self._handle = asyncsave.async_save(checkpoint, path, **options)
+                self._handle = async_save(checkpoint, path, **options)
             else:
                 api.save(checkpoint, path, **options)
 
@@ -162,8 +163,8 @@ class ShardCkptModelParallelStrategy(_mp.ModelParallelStrategy):
 
 
 def _top_keys(path: str) -> list:
-    from ..read import open_manifest
-    from ..tree import dict_items, node_kind
+    from ..format.opening import open_manifest
+    from ..format.tree import dict_items, node_kind
     storage, name = open_checkpoint(path)
     kind, payload = node_kind(open_manifest(storage, name).tree)
     return [k for k, _ in dict_items(payload)] if kind == "dict" else []

@@ -18,8 +18,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from .. import retire
-from ..commit import is_committed
+from ..format import retire
+from ..format.root import is_committed
 from ..errors import CheckpointError
 from ..storage import Storage, storage_error
 from ..types import DATA_DIR, MANIFEST_NAME

@@ -266,7 +266,7 @@ class RootLease:
 def take_for_job(storage: Storage, ranks, seconds: float) -> RootLease | None:
     """Rank 0 takes the lease (its ``RootLease`` is returned there, None elsewhere); when that
     fails every rank raises, so no rank of the job starts saving. ``ranks``: the manager's
-    ``_Ranks``. A root this process may not write (a read-only mount) gets no lease, with a
+    ``RankAgreement`` (dist/groups.py). A root this process may not write (a read-only mount) gets no lease, with a
     warning: such a manager can restore, and its saves fail on the first write."""
     lease, failure, text = None, None, ""
     if ranks.rank == 0:

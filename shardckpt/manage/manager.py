@@ -15,50 +15,36 @@ in a single process, on every rank at the same step. Only rank 0 deletes old che
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import math
-import signal
 import time
 import warnings
 import weakref
-from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
-from .. import incremental as incremental_mod, knobs, observe, retire
+from ..save import async_save as start_async_save, managed_base
+from .. import knobs, observe
+from ..format import retire
 from ..api import load, save
-from ..asyncsave import async_save as start_async_save
-from ..commit import is_committed
-from ..errors import (CheckpointError, CheckpointNotFoundError, RootLeaseError,
-                     StateMismatchError, StorageError, StorageNotADirectoryError,
-                     UnsupportedValueError)
-from ..export import export_weights as export_checkpoint_weights
+from ..format.root import is_committed
+from ..errors import CheckpointError, CheckpointNotFoundError, RootLeaseError
+from ..ops.export import export_weights as export_checkpoint_weights
+from ..dist.groups import RankAgreement
 from .layout import (LATEST_NAME, STEP_NAME, collect_garbage, entries, replace_file,
                      step_name)
 from .lease import take_for_job
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
-from ..read import open_manifest
+from ..format.opening import open_manifest
+from .config import ManagerConfig
+from .verdict import FATAL, OK, agreed_error, try_load
 from .retention import best_steps, to_keep
 from .rootinfo import write_info
 from ..storage import open_storage
-from .tiers import LocalTier
+from .tier.local import LocalTier
 
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
 META_KEY = "shardckpt.manager"
-# Errors that say more about the target or the storage than about one checkpoint (the state does
-# not fit, an outage). Restore still tries older checkpoints, but when none loads it raises the
-# newest such error instead of returning None: starting afresh would be wrong, and the next
-# save's retention would delete the checkpoints that could not be read.
-_FATAL_ON_RESTORE = (StateMismatchError, UnsupportedValueError, StorageError)
-
-
-def _fatal(error: Exception | None) -> bool:
-    """Whether a failed restore is ``_FATAL_ON_RESTORE``; a file where a folder belongs or a
-    link loop is damage to that one checkpoint."""
-    return isinstance(error, _FATAL_ON_RESTORE) and not isinstance(
-        error, StorageNotADirectoryError) and getattr(error, "errno", None) != errno.ELOOP
-
-
 def join(root: str, name: str) -> str:
     """``root/name`` for local paths and URLs alike."""
     return f"{root.rstrip('/')}/{name}"
@@ -78,133 +64,13 @@ def _json_metrics(metrics: dict | None) -> dict | None:
     return out
 
 
-class _Ranks:
-    """Agreement among the ranks over a dedicated gloo group (a no-op for one process)."""
-
-    def __init__(self, timeout: float):
-        import torch.distributed as dist
-        self.dist = dist if (dist.is_available() and dist.is_initialized()
-                             and dist.get_world_size() > 1) else None
-        self.rank = self.dist.get_rank() if self.dist else 0
-        self.group = None
-        self._pending = None  # (work, tensor) of max_of_previous
-        if self.dist:
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-
-    def max(self, *values: int) -> list[int]:
-        """Element-wise maximum over the ranks (blocking)."""
-        if not self.dist:
-            return list(values)
-        import torch
-        t = torch.tensor(values, dtype=torch.int64)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group)
-        return t.tolist()
-
-    def collect(self, size: int) -> list[int]:
-        """The element-wise maximum of what every rank ``post``-ed last (zeros before any).
-
-        Waiting for a collective at every training step would stall each rank until the
-        slowest arrives; instead the reduction posted at one call runs in the background
-        during the next training step and is collected at the call after. A decision thus lags
-        one call behind the local flags, and is the same on every rank at the same call.
-        """
-        if self._pending is None:
-            return [0] * size
-        work, t = self._pending
-        work.wait()
-        self._pending = None
-        return t.tolist()
-
-    def post(self, *values: int) -> None:
-        """Start the background reduction that the next ``collect`` returns."""
-        import torch
-        t = torch.tensor(values, dtype=torch.int64)
-        self._pending = (self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group,
-                                              async_op=True), t)
-
-    def rank0_list(self, values: list[int]) -> list[int]:
-        """Rank 0's list of ints, on every rank."""
-        if not self.dist:
-            return values
-        import torch
-        n = torch.tensor([len(values)], dtype=torch.int64)
-        self.dist.broadcast(n, src=0, group=self.group)
-        t = torch.tensor(values if self.rank == 0 else [0] * int(n), dtype=torch.int64)
-        self.dist.broadcast(t, src=0, group=self.group)
-        return t.tolist()
-
-    def close(self) -> None:
-        if self._pending is not None:
-            try:
-                self._pending[0].wait()
-            except RuntimeError as exc:  # a peer died: nothing is left to agree on
-                warnings.warn(f"shardckpt: the manager's last flag round failed at close "
-                              f"(a rank is gone?): {exc}", stacklevel=3)
-            self._pending = None
-        if self.group is not None:
-            self.dist.destroy_process_group(self.group)
-            self.group = None
-
-
 class CheckpointManager:
     """Save every N steps or seconds, keep the last and the best, survive preemption, resume.
 
     Args:
         root: folder (or storage URL) holding one folder per checkpoint, created if missing.
-        every_n_steps: ``maybe_save`` saves when ``step % every_n_steps == 0``.
-        every_n_seconds: ``maybe_save`` saves when this long has passed since the last save
-            (or since construction / restore).
-        keep_last: keep the newest N committed checkpoints (None: no limit by age).
-        keep_best: also keep the best N by ``monitor`` (None: none kept for being best).
-            With neither limit every checkpoint is kept. The newest committed checkpoint and a
-            checkpoint in flight are never deleted.
-        monitor: the metric name (a key of ``metrics``) that ranks checkpoints.
-        mode: ``"min"`` or ``"max"``: which end of ``monitor`` is best.
-        save_last: keep a small ``latest`` file in ``root`` naming the newest committed
-            checkpoint, for tools and people (``restore`` lists the folders and does not rely
-            on it).
-        async_save: save in the background (the loop stalls only for the copy).
-        guard: an optimizer or a list of them, for ``async_save``: the tensors they own are
-            copied in the background and their ``step()`` waits for the copy (see
-            ``shardckpt.async_save``). Optimizers inside the state are guards anyway.
-        handle_preemption: install handlers for ``preemption_signals`` (main thread only).
-        preemption_signals: signals that announce preemption.
-        grace_seconds: from a preemption signal, the time allowed to commit before the process
-            exits with ``EXIT_GRACE_EXPIRED`` (default: knob ``grace_seconds``).
-        storage_options: passed to the storage backend.
-        save_options: extra keyword arguments for every ``save`` / ``async_save`` (codec, ...).
-        load_options: extra keyword arguments for ``load`` in ``restore`` (e.g.
-            ``per_rank="rank0"`` to resume per-rank values on another world size).
-        incremental: each save references the chunks the previous committed checkpoint already
-            stores instead of writing them again (``save(..., base=...)``, FORMAT.md 3.6);
-            retention then keeps the files that newer checkpoints reference. A referenced chunk
-            is checked (its file's size, its CRC-32C) before its first reference in the
-            process; a damaged one is written again from the live state.
-        full_every: with ``incremental``, every ``full_every``-th save writes every chunk
-            (None: only the first). A chunk damaged after it was checked breaks every
-            checkpoint that references it; the full save bounds that to fewer than
-            ``full_every`` saves, and lets retention free the old chain. 10 costs one full
-            write per ten saves.
-        clock: a monotonic clock in seconds (tests replace it).
-        local_dir: node-local folder for the local tier (``{node}`` becomes the node index;
-            see shardckpt/manage/tiers.py and README "Local tier"). None: no local tier.
-        local_every_n_steps: ``maybe_save`` also saves to ``local_dir`` when
-            ``step % local_every_n_steps == 0``: the state is copied into the tier's own
-            staging arena (``save_options['staging_budget_bytes']``) and the rest runs in the background; a
-            step whose previous local save still runs is skipped, with a counted warning;
-            a failure is a warning at the next call (tiers.py ``save_async``).
-        local_on_busy: ``"skip"`` (default) a local step while the previous local save runs,
-            with a counted warning, or ``"wait"`` for it (every such step then commits).
-        replicas: other nodes that receive a copy of each rank's local data.
-        local_keep: committed local checkpoints each node keeps.
-        promote_local: a durable save at the step the local tier has just committed copies the
-            local checkpoint's encoded files instead of staging the state again (synchronously).
-        on_event: called with a ``shardckpt.observe.CheckpointEvent`` for each save started,
-            committed or failed, each restore, removal and preemption (on every rank; byte
-            counts are the rank's own). Exceptions it raises are logged, not propagated.
-        lease: hold the root's lease (lease.py), so that a second manager on the same root
-            fails with RootLeaseError naming this one; rank 0 holds it for the whole job.
-            False: a follower that only restores and lists (it must not save).
+        config: a ``ManagerConfig`` (manage/config.py documents every option and default).
+        **options: any ``ManagerConfig`` field as a keyword, over ``config``'s.
 
     Raises:
         RootLeaseError: (every rank) another live manager holds ``root``.
@@ -214,59 +80,40 @@ class CheckpointManager:
     removes the signal handlers.
     """
 
-    def __init__(self, root, *, every_n_steps: int | None = None,
-                 every_n_seconds: float | None = None, keep_last: int | None = None,
-                 keep_best: int | None = None, monitor: str | None = None, mode: str = "min",
-                 save_last: bool = True, async_save: bool = True, handle_preemption: bool = True,
-                 preemption_signals=(signal.SIGTERM,), grace_seconds: float | None = None,
-                 storage_options: dict | None = None, save_options: dict | None = None,
-                 load_options: dict | None = None, guard=None, incremental: bool = False,
-                 full_every: int | None = 10,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_event: Callable[[observe.CheckpointEvent], None] | None = None,
-                 local_dir=None, local_every_n_steps: int | None = None, replicas: int = 1,
-                 local_keep: int = 1, promote_local: bool = False, local_on_busy: str = "skip",
-                 lease: bool = True):
-        for name, value in (("every_n_steps", every_n_steps), ("keep_last", keep_last),
-                            ("keep_best", keep_best), ("local_every_n_steps", local_every_n_steps),
-                            ("full_every", full_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, not {value!r}")
-        if every_n_seconds is not None and not every_n_seconds > 0:
-            raise ValueError(f"every_n_seconds must be > 0, not {every_n_seconds!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
-        if keep_best is not None and monitor is None:
-            raise ValueError("keep_best needs monitor= (the metric that ranks checkpoints)")
+    def __init__(self, root, config: ManagerConfig | None = None, **options):
+        c = dataclasses.replace(config or ManagerConfig(), **options)
+        c.check()
+        self.config = c
         self.root = str(root)
-        self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
-        self.keep_last, self.keep_best = keep_last, keep_best
-        self.monitor, self.mode, self.save_last = monitor, mode, save_last
-        self.async_save, self.guard, self.incremental = async_save, guard, incremental
-        self.full_every = full_every
-        self.storage_options = storage_options
-        self.save_options = dict(save_options or {})
-        self.load_options = dict(load_options or {})
-        self._clock = clock
-        self._on_event = on_event
-        self._storage = open_storage(self.root, storage_options)
+        self.every_n_steps, self.every_n_seconds = c.every_n_steps, c.every_n_seconds
+        self.keep_last, self.keep_best = c.keep_last, c.keep_best
+        self.monitor, self.mode, self.save_last = c.monitor, c.mode, c.save_last
+        self.async_save, self.guard, self.incremental = c.async_save, c.guard, c.incremental
+        self.full_every = c.full_every
+        self.storage_options = c.storage_options
+        self.save_options = dict(c.save_options or {})
+        self.load_options = dict(c.load_options or {})
+        self._clock = c.clock
+        self._on_event = c.on_event
+        self._storage = open_storage(self.root, c.storage_options)
         self._storage.makedirs("")
-        self._ranks = _Ranks(float(knobs.get("dist_timeout")))
-        self._lease = self._take_root(lease)
+        self._ranks = RankAgreement(float(knobs.get("dist_timeout")))
+        self._lease = self._take_root(c.lease)
         self._metrics: dict[int, dict | None] = {}
         self._inflight = None  # (step, metrics, handle)
         self._last_step: int | None = None
-        self._last_time = clock()
+        self._last_time = c.clock()
         self._preempted = False
-        grace = float(knobs.get("grace_seconds")) if grace_seconds is None else grace_seconds
-        self._watcher = (PreemptionWatcher(tuple(preemption_signals), grace)
-                         if handle_preemption else None)
-        self.local_every_n_steps, self.promote_local = local_every_n_steps, promote_local
-        self._tier = (LocalTier(local_dir, replicas=replicas, keep=local_keep,
+        grace = (float(knobs.get("grace_seconds")) if c.grace_seconds is None
+                 else c.grace_seconds)
+        self._watcher = (PreemptionWatcher(tuple(c.preemption_signals), grace)
+                         if c.handle_preemption else None)
+        self.local_every_n_steps, self.promote_local = c.local_every_n_steps, c.promote_local
+        self._tier = (LocalTier(c.local_dir, replicas=c.replicas, keep=c.local_keep,
                                 save_options=self.save_options,
                                 staging_budget_bytes=self.save_options.get("staging_budget_bytes"),
-                                on_busy=local_on_busy, durable=self._storage)
-                      if local_dir is not None else None)
+                                on_busy=c.local_on_busy, durable=self._storage)
+                      if c.local_dir is not None else None)
 
     def _take_root(self, lease: bool):
         """Rank 0 takes the root's lease; every rank raises if another manager holds it."""
@@ -365,7 +212,7 @@ class CheckpointManager:
                 "unix_time": time.time()}})
         if not self._ranks.dist:
             return self._decide(step, state_dict, metrics, *self._local_flags())
-        # Agreed one call late (see _Ranks.collect): no rank waits for the others here.
+        # Agreed one call late (see RankAgreement.collect): no rank waits for the others here.
         agreed = self._ranks.collect(2)
         try:
             return self._decide(step, state_dict, metrics, *agreed)
@@ -432,7 +279,7 @@ class CheckpointManager:
                   "overwrite": True}
         if self.incremental:  # the newest other committed step is the base (all ranks see it)
             previous = [s for s in self.steps() if s != step]
-            base, meta[META_KEY]["chain"] = incremental_mod.managed_base(
+            base, meta[META_KEY]["chain"] = managed_base(
                 self._storage, step_name(previous[-1]) if previous else None, self.full_every,
                 META_KEY)
             kwargs.update(content_hashes=True, base=base)
@@ -529,7 +376,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` was given and is not committed.
             StateMismatchError, StorageError: no checkpoint loaded and the newest such error was
-                about the state or the storage, not one checkpoint (``_FATAL_ON_RESTORE``).
+                about the state or the storage, not one checkpoint (``verdict.FATAL_ERRORS``).
         """
         self.wait()
         options = {"storage_options": self.storage_options, **self.load_options, **load_options}
@@ -546,18 +393,12 @@ class CheckpointManager:
             return self._restored(step)
         fatal = None  # the newest error that is not one checkpoint's fault
         for s in reversed(candidates):
-            error = None
-            try:
-                load(state_dict, self.path(s), **options)
-            except CheckpointError as exc:
-                error = exc
-            verdict = 0 if error is None else 2 if _fatal(error) else 1
+            verdict, error = try_load(state_dict, self.path(s), options)
             (verdict,) = self._ranks.max(verdict)
-            if verdict == 0:
+            if verdict == OK:
                 return self._restored(s)
-            if verdict == 2 and fatal is None:
-                fatal = error if _fatal(error) else CheckpointError(
-                    f"{self.path(s)}: restore failed on another rank")
+            if verdict == FATAL and fatal is None:
+                fatal = agreed_error(error, self.path(s))
             why = f"{type(error).__name__}: {error}" if error else "another rank failed"
             observe.logger.warning("shardckpt: restore skips %s: %s", self.path(s), why)
             warnings.warn(f"shardckpt: skipping {self.path(s)}: {why}", stacklevel=2)
@@ -591,7 +432,7 @@ class CheckpointManager:
                        key: str | None = "model", prefix: str = "") -> dict:
         """Write the weights (the ``key`` subtree) of ``step`` to one deployable file.
 
-        See ``shardckpt.export.export_weights``; runs on the calling rank only.
+        See ``shardckpt.ops.export.export_weights``; runs on the calling rank only.
         """
         if step not in self.steps():
             raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")

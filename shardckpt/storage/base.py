@@ -3,12 +3,12 @@
 A ``Storage`` is rooted at the folder (or key prefix) that *holds* checkpoints; every path it takes
 is relative to that root, with ``/`` separators. The save path calls, in order: ``makedirs`` /
 ``write`` (or native IO on ``local_path``) for data, ``write`` of the manifest, then the commit
-strategy (``shardckpt.commit``) that uses ``rename`` where ``atomic_rename`` is true and the
+strategy (``shardckpt.save.commit``) that uses ``rename`` where ``atomic_rename`` is true and the
 manifest-last marker otherwise. The load path calls ``read`` and ``size``; ``local_path`` lets the
 native core do its own ranged IO on local disks. Stores with no local path receive data files
 through ``write``, or where ``multipart_min_bytes`` is set through the multipart calls
 (``begin_upload`` -> ``upload_part``, any number, concurrently -> ``complete_upload``, or
-``abort_upload`` on failure), driven by ``shardckpt.remote_io``.
+``abort_upload`` on failure), driven by ``shardckpt.save.upload``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """S3 (and S3-compatible stores) through s3fs: the fsspec backend plus concurrent multipart.
 
-A large data file is uploaded as numbered parts, several at once (shardckpt.remote_io drives
+A large data file is uploaded as numbered parts, several at once (shardckpt.save.upload drives
 them), then assembled by ``complete_multipart_upload``. The manifest's create-if-absent is
 S3's conditional put (``IfNoneMatch="*"``), which s3fs issues for ``mode="create"``.
 Unfinished uploads of a crashed save are invisible but billed: a bucket lifecycle rule

@@ -62,7 +62,7 @@ class Faults:
     def before_manifest(self, action: str = "raise") -> None:
         """Fail the next commit after all data is durable but before the manifest is written:
         ``raise`` an OSError, or ``kill`` the process with SIGKILL (a crash, no cleanup)."""
-        from shardckpt import commit
+        from shardckpt.save import commit
 
         def failing_commit(tx, manifest: bytes):
             if action == "kill":
@@ -73,7 +73,7 @@ class Faults:
     def die_in_write(self, exitcode: int = 3) -> None:
         """End this process (``os._exit``, no cleanup) right after it wrote its data file, before
         it reports: a rank that dies in the middle of a distributed save."""
-        from shardckpt import saver
+        from shardckpt.save import pipeline as saver
         real = saver.write_data_files
 
         def dying(*args, **kwargs):
@@ -105,7 +105,7 @@ class Faults:
     def disk_full(self, where: str = "data") -> None:
         """ENOSPC while writing the ``data`` files (after writing them: the space is taken) or
         the ``manifest`` (before it is written), without a full file system."""
-        from shardckpt import status
+        from shardckpt.codecs import status
         if where == "data":
             self.write_status(status.NO_SPACE, "No space left on device", errno.ENOSPC)
             return

@@ -16,10 +16,11 @@ import random
 
 import numpy as np
 
-from .. import codecs, manifest, tables
+from .. import codecs
+from ..format import manifest, tables
 from ..codecs import reference
 from ..errors import CheckpointError
-from ..status import raise_for
+from ..codecs.status import raise_for
 from ..types import FILE_HEADER
 from .hostile import resign
 

@@ -13,7 +13,8 @@ import pickle
 
 import numpy as np
 
-from .. import codecs, manifest, tables
+from .. import codecs
+from ..format import manifest, tables
 from ..types import MANIFEST_NAME
 
 

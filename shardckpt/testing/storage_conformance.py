@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-from .. import commit, remote_io
+from ..save import commit, upload
+from ..format import root as rootdir
 from ..storage import Storage
 
 
@@ -84,7 +85,7 @@ class StorageConformance:
         size = max(storage.multipart_min_bytes, 1 << 16)
         parts = [os.urandom(size // 2 + 7) for _ in range(5)]  # joined up to the minimum
         storage.makedirs("up")
-        assert remote_io.upload(storage, "up/big", iter(parts), concurrency=3) == \
+        assert upload.upload(storage, "up/big", iter(parts), concurrency=3) == \
             sum(map(len, parts))
         data = b"".join(parts)
         assert storage.read("up/big") == data
@@ -94,9 +95,9 @@ class StorageConformance:
         tx = commit.commit_for(storage, "ck").begin()
         storage.makedirs(tx.path("data"))
         storage.write(tx.path("data/rank-00000.bin"), b"payload")
-        assert commit.list_checkpoints(storage) == []
+        assert rootdir.list_checkpoints(storage) == []
         tx.commit(b"{}")
         tx.close()
-        assert commit.is_committed(storage, "ck")
-        assert not commit.is_committed(storage, "ck", validate=True)  # "{}" is no manifest
-        assert commit.leftovers(storage) == []
+        assert rootdir.is_committed(storage, "ck")
+        assert not rootdir.is_committed(storage, "ck", validate=True)  # "{}" is no manifest
+        assert rootdir.leftovers(storage) == []

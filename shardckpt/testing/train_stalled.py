@@ -24,7 +24,7 @@ TRAIN = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 
 
 def _install() -> None:
-    from shardckpt import saver
+    from shardckpt.save import pipeline as saver
     if socket.gethostname() != os.environ.get("SHARDCKPT_STALL_HOST"):
         return
     folder = Path(os.environ["SHARDCKPT_STALL_DIR"])

@@ -40,7 +40,7 @@ def test_verify_names_every_bad_chunk(ckpt, run):
     shardckpt.save({"a": torch.arange(2048.0), "b": torch.ones(2048)}, ckpt, codec="raw",
                    chunk_bytes=2048, files_per_rank=1)
     data = ckpt / "data" / os.listdir(ckpt / "data")[0]
-    m = shardckpt.read.open_manifest(*shardckpt.storage.open_checkpoint(ckpt))
+    m = shardckpt.format.opening.open_manifest(*shardckpt.storage.open_checkpoint(ckpt))
     for key, i in (("a", 0), ("b", 3)):
         flip_byte(data, int(m.tensors[key].chunks[i, 1]) + 1)
     doc = run.json("verify", ckpt, status=1)

@@ -6,7 +6,7 @@ import os
 import torch
 
 import shardckpt
-from shardckpt import retire
+from shardckpt.format import retire
 from shardckpt.storage import LocalStorage
 
 from .conftest import save_step

@@ -3,7 +3,7 @@
 import pytest
 
 import shardckpt
-from shardckpt import status
+from shardckpt.codecs import status
 from shardckpt.testing import Faults, run_with_ranks
 from tests.distributed.test_reshard import expected_full, sharded_state
 from tests.helpers import assert_same

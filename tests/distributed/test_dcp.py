@@ -4,7 +4,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import shardckpt
-from shardckpt.dcp import Reader, Writer
+from shardckpt.integrations.dcp import Reader, Writer
 from shardckpt.testing import run_with_ranks
 from tests.distributed.test_reshard import expected_full, sharded_state
 from tests.helpers import assert_same

@@ -72,7 +72,7 @@ def _save_plain(rank, world, path):
 def test_corrupt_chunk_during_resharding_load_is_named(tmp_path):
     path = str(tmp_path / "ckpt")
     run_with_ranks(2, _save_plain, path)
-    m = shardckpt.read.open_manifest(*shardckpt.storage.open_checkpoint(path))
+    m = shardckpt.format.opening.open_manifest(*shardckpt.storage.open_checkpoint(path))
     chunks = m.tensors["model/s0"].chunks
     row = next(r for r in chunks if m.files[r[0]].rank == 1)  # a chunk rank 1 wrote
     bad_file = m.files[row[0]].path

@@ -4,7 +4,7 @@ bit-exactly on 1 rank and on 2 ranks of another layout (resharding through the r
 import torch
 
 import shardckpt
-from shardckpt.read import open_manifest
+from shardckpt.format.opening import open_manifest
 from shardckpt.storage import open_checkpoint
 from shardckpt.testing import run_with_ranks
 from tests.helpers import assert_same

@@ -97,7 +97,7 @@ def test_ddp_saves_one_copy_and_loads_on_another_world(tmp_path):
     path = str(tmp_path / "ddp")
     saved = run_with_ranks(2, _train_ddp_and_save, path, False)
     assert_same(saved[0].value, saved[1].value)  # DDP keeps the replicas identical
-    manifest = shardckpt.read.open_manifest(*shardckpt.storage.open_checkpoint(path))
+    manifest = shardckpt.format.opening.open_manifest(*shardckpt.storage.open_checkpoint(path))
     assert all(len(t.shards) == 1 for t in manifest.tensors.values())
     for r in run_with_ranks(3, _train_ddp_and_save, path, True):
         assert_same(saved[0].value, r.value)

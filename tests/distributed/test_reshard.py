@@ -97,7 +97,7 @@ def test_load_full_consolidates(n, saved):
 
 def test_replicated_tensors_are_written_once(saved):
     path = saved[4]
-    m = shardckpt.read.open_manifest(*shardckpt.storage.open_checkpoint(path))
+    m = shardckpt.format.opening.open_manifest(*shardckpt.storage.open_checkpoint(path))
     shards = {k: len(t.boxes) for k, t in m.tensors.items()}
     assert shards["model/rep"] == shards["model/plain"] == shards["model/scalar"] == 1
     assert shards["model/s0"] == 4 and shards["model/s1"] == 4

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import nodeshm, share, shareplan, tables
+from shardckpt.dist import nodeshm
+from shardckpt.load import share, shareplan
+from shardckpt.format import tables
 from shardckpt.storage import WRAPPERS
 from shardckpt.storage.wrapper import StorageWrapper
 from shardckpt.testing import run_with_ranks

@@ -70,7 +70,8 @@ def _save(rank, world, root, local, steps, every_n_steps=None, die=None, big=0,
 
 def _arm_death(where: str) -> None:
     """Make this rank SIGKILL itself in the middle of the next local save."""
-    from shardckpt.manage import tier_transfer as transfer, tiers
+    from shardckpt.dist import transfer
+    from shardckpt.manage.tier import local as tiers
     if where == "write":
         def die(*a, **k):
             os.kill(os.getpid(), signal.SIGKILL)

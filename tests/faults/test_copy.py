@@ -11,12 +11,12 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import manifest as manifest_mod
+from shardckpt.format import manifest as manifest_mod
 from shardckpt.cli import main as cli_main
-from shardckpt.read import open_manifest
+from shardckpt.format.opening import open_manifest
 from shardckpt.storage import open_checkpoint
 from shardckpt.testing.faults import flip_byte
-from shardckpt.transfer import copy_checkpoint
+from shardckpt.ops.copy import copy_checkpoint
 from tests.helpers import assert_same
 
 CHUNK = 4096

@@ -1,7 +1,7 @@
 """Corruption of a committed checkpoint: each kind is detected by load, load_full and verify,
 and the error names the file (and, where the damage sits in one, the tensor and chunk).
 
-tests/test_faults.py flips every byte of a data file and tests/test_manifest.py every byte of
+tests/test_faults.py flips every byte of a data file and tests/format/test_manifest.py every byte of
 a manifest; this covers each kind of damage once, through every reader, with its diagnosis.
 """
 
@@ -14,7 +14,7 @@ import torch
 import shardckpt
 from shardckpt import cli
 from shardckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from shardckpt.read import open_manifest
+from shardckpt.format.opening import open_manifest
 from shardckpt.storage import open_checkpoint
 from shardckpt.testing import flip_byte, truncate
 from shardckpt.testing.hostile import edit_table, rewrite, set_cell

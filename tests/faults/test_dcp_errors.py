@@ -9,7 +9,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import shardckpt
-from shardckpt.dcp import Reader, Writer
+from shardckpt.integrations.dcp import Reader, Writer
 from shardckpt.testing import run_with_ranks
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import export
+from shardckpt.ops import export
 from shardckpt.cli import main as cli_main
 from tests.helpers import assert_same
 

@@ -2,7 +2,7 @@
 
 The chunk decoder (native core and reference codec, which must also agree), and the manifest
 parser through three kinds of mutation: table cells, JSON values and body bytes, each re-signed
-so the CRC does not stop them first. tests/test_manifest.py fuzzes JSON leaves as well;
+so the CRC does not stop them first. tests/format/test_manifest.py fuzzes JSON leaves as well;
 ``scripts/soak_faults.py`` runs the same targets on >= 100,000 random inputs.
 """
 

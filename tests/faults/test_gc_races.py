@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import retire
+from shardckpt.format import retire
 from shardckpt.manage.layout import collect_garbage
 from shardckpt.manage.manager import CheckpointManager, step_name
 from shardckpt.storage import open_storage

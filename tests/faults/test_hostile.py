@@ -248,9 +248,9 @@ def _bomb(kind):
             rows = np.array([[file, len(FILE_HEADER), len(frame), i << 31, 1 << 31, codec, crc]
                              for i in range(n)], np.int64)
             doc["tensors"]["huge"] = {"dtype": "uint8", "shape": [n << 31],
-                                      "shards": shardckpt.tables.encode(
+                                      "shards": shardckpt.format.tables.encode(
                                           np.array([[0, n << 31, n]], np.int64)),
-                                      "chunks": shardckpt.tables.encode(rows)}
+                                      "chunks": shardckpt.format.tables.encode(rows)}
             doc["tree"]["dict"].append(["huge", {"tensor": "huge"}])
         elif kind == "2**60 elements":
             doc["tensors"]["model/b"]["shape"] = [1 << 30, 1 << 30]

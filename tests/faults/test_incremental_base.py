@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import incremental
-from shardckpt.read import open_manifest
+from shardckpt.save import incremental
+from shardckpt.format.opening import open_manifest
 from shardckpt.storage import open_checkpoint
 from shardckpt.testing.faults import flip_byte, truncate
 from tests.helpers import assert_same

@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import shardckpt
-from shardckpt import budget, codecs, tables
+from shardckpt.format import budget, tables
+from shardckpt import codecs
 from shardckpt.errors import CheckpointError, MetadataBudgetError
 from shardckpt.testing.hostile import read_doc, resign, rle_frame
 

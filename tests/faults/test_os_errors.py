@@ -222,12 +222,12 @@ def test_manager_root_with_an_unreadable_folder(shared_dir):
 
 
 def test_leftovers_of_a_root_holding_plain_files(tmp_path):
-    """``commit.leftovers`` (the local tier's cleanup) over a root that holds a plain file such
+    """``rootdir.leftovers`` (the local tier's cleanup) over a root that holds a plain file such
     as a manager's ``latest``: no NotADirectoryError, and the file is no leftover."""
-    from shardckpt import commit
+    from shardckpt.format import root as rootdir
     from shardckpt.storage import open_storage
     with CheckpointManager(tmp_path, async_save=False, handle_preemption=False) as mgr:
         mgr.save(1, small_state())
     (tmp_path / "notes.txt").write_text("a user's file")
     (tmp_path / "step-00000002" / "data").mkdir(parents=True)  # a real leftover
-    assert commit.leftovers(open_storage(tmp_path)) == ["step-00000002"]
+    assert rootdir.leftovers(open_storage(tmp_path)) == ["step-00000002"]

@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import shardckpt
-from shardckpt.manage import tiers
+from shardckpt.manage.tier import local as tiers
 from shardckpt.testing import run_with_ranks
 
 
@@ -126,7 +126,7 @@ def _save_damaging(rank, world, root, local, fault):
     ``promote`` damages its own local file before promoting, ``replica`` flips a byte of the
     replica it receives."""
     _env(rank)
-    from shardckpt.manage import tier_transfer
+    from shardckpt.dist import transfer as tier_transfer
     m = _manager(root, f"{local}/node-{{node}}", keep_last=1)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -32,7 +32,7 @@ def _overlap(rank, world, root, local):
     os.environ.update(RANK=str(rank), LOCAL_WORLD_SIZE=str(PER_NODE),
                       SHARDCKPT_DIST_TIMEOUT="8")
     os.environ.pop("GROUP_RANK", None)
-    from shardckpt import dist as sdist
+    from shardckpt.dist import rounds as sdist
     real_wait = sdist.Exchange._wait
     local_waiting, durable_waiting = threading.Event(), threading.Event()
     armed = threading.Event()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import nodeshm
+from shardckpt.dist import nodeshm
 from shardckpt.errors import StorageError
 from shardckpt.testing import run_with_ranks
 

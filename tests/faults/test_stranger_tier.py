@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.manage.tiers import LocalTier
+from shardckpt.manage.tier.local import LocalTier
 from shardckpt.testing import run_with_ranks
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import stage
+from shardckpt.save import stage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import shardckpt
-from shardckpt.dcp import Reader
+from shardckpt.integrations.dcp import Reader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -13,7 +13,7 @@ FRAMEWORKS = ("lightning", "pytorch_lightning", "accelerate", "transformers", "t
 
 
 def test_core_and_cli_import_no_framework():
-    code = ("import sys, shardckpt, shardckpt.cli, shardckpt.export, shardckpt.integrations; "
+    code = ("import sys, shardckpt, shardckpt.cli, shardckpt.ops.export, shardckpt.integrations; "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({FRAMEWORKS!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout

@@ -83,7 +83,7 @@ def test_ddp_two_processes_async_plugin_killed_and_resumed(tmp_path):
 @pytest.mark.slow  # ~110 s: two 2-process FSDP2 jobs and a 1-process load
 def test_fsdp2_sharded_checkpoints_resume_and_reshard(tmp_path):
     final = _killed_then_resumed(tmp_path, 2, "fsdp2")
-    from shardckpt.read import open_for_read
+    from shardckpt.format.opening import open_for_read
     m, _ = open_for_read(tmp_path / "ckpt" / "last.ckpt")
     assert m.world_size == 2 and all(len(e.boxes) == 2 for k, e in m.tensors.items()
                                      if k.startswith("state_dict/"))  # sharded, not gathered

@@ -133,7 +133,7 @@ def test_host_lost_then_back_shrinks_and_grows(two_hosts, tmp_path, reference, h
 def test_every_host_preempted_then_one_host_resumes(two_hosts, tmp_path, reference):
     """(c) alone: SIGTERM to every process of both hosts; both torchrun.sh exit 75 after one
     committed preemption checkpoint; host0 alone resumes it at world 2 and finishes."""
-    from shardckpt.read import open_for_read
+    from shardckpt.format.opening import open_for_read
     a, b = two_hosts
     job = Job(two_hosts, tmp_path / "logs", FLAGS)
     job.start(a), job.start(b)

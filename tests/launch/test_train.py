@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import shardckpt
-from shardckpt.read import open_for_read
+from shardckpt.format.opening import open_for_read
 
 TRAIN = str(Path(__file__).resolve().parents[2] / "launch" / "train.py")
 TINY = ["--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "32",

@@ -15,7 +15,8 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import shardckpt
-from shardckpt import CheckpointManager, status
+from shardckpt import CheckpointManager
+from shardckpt.codecs import status
 from shardckpt.manage.manager import step_name
 from shardckpt.testing import flip_byte
 
@@ -261,7 +262,7 @@ def test_save_options_reach_every_save(tmp_path):
                                       "overwrite": False}) as mgr:
         mgr.save(1, {"w": torch.zeros(4096)})
         mgr.save(1, {"w": torch.ones(4096)})  # the same step again: replaced
-    from shardckpt.read import open_for_read
+    from shardckpt.format.opening import open_for_read
     m, _ = open_for_read(tmp_path / step_name(1))
     assert m.metadata["run"] == "a" and m.metadata["shardckpt.manager"]["step"] == 1
     assert any(len(chain) for chain in m.codecs)  # zstd was used

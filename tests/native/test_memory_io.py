@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardckpt import _native, status
+from shardckpt import _native
+from shardckpt.codecs import status
 from shardckpt.codecs import reference
 from shardckpt.types import FILE_HEADER
 

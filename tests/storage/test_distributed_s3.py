@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import shardckpt
-from shardckpt import commit
+from shardckpt.format import root as rootdir
 from shardckpt.storage import open_storage
 from shardckpt.testing import run_with_ranks
 from tests.distributed.test_reshard import expected_full, sharded_state
@@ -58,5 +58,5 @@ def test_failed_upload_fails_every_rank(s3_url):
         failed, text = r.value
         assert 1 in failed and "injected permanent fault" in text, text
     storage = open_storage(url, opts)
-    assert commit.list_checkpoints(storage) == []
+    assert rootdir.list_checkpoints(storage) == []
     assert not storage.exists("ck/manifest.json")

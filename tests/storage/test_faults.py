@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import commit
+from shardckpt.format import root as rootdir
 from shardckpt.storage import open_storage
 from shardckpt.storage.retry import call, is_transient
 from shardckpt.testing import run_with_ranks
@@ -66,7 +66,7 @@ def test_permanent_fault_names_the_object_and_commits_nothing(s3_url):
         with pytest.raises(shardckpt.StorageError, match=r"upload_part s3://.*/step-2/data/rank"):
             shardckpt.save(STATE, f"{url}/step-2", storage_options=opts, chunk_bytes=1 << 20)
     storage = open_storage(url, opts)
-    assert commit.list_checkpoints(storage) == ["step-1"]
+    assert rootdir.list_checkpoints(storage) == ["step-1"]
     assert not storage.exists("step-2/manifest.json")
     with pytest.raises(shardckpt.CheckpointError):
         shardckpt.load_full(f"{url}/step-2", storage_options=opts)
@@ -88,7 +88,7 @@ def test_latency(memory_url):
 
 
 def _die_before_commit(rank, world, url, opts):
-    from shardckpt.commit import MarkerCommit
+    from shardckpt.save.commit import MarkerCommit
     MarkerCommit.commit = lambda self, manifest: os._exit(9)  # a crash: no cleanup runs
     shardckpt.save(STATE, f"{url}/step-2", storage_options=opts)
 
@@ -99,11 +99,11 @@ def test_interrupted_save_leaves_recognisable_leftovers(s3_url):
     [res] = run_with_ranks(1, _die_before_commit, url, opts, expect_errors=True, timeout=120)
     assert res.exitcode == 9
     storage = open_storage(url, opts)
-    assert commit.list_checkpoints(storage, validate=True) == ["step-1"]
-    assert commit.leftovers(storage) == ["step-2"]
+    assert rootdir.list_checkpoints(storage, validate=True) == ["step-1"]
+    assert rootdir.leftovers(storage) == ["step-2"]
     with pytest.raises(shardckpt.IncompleteCheckpointError):
         shardckpt.load_full(f"{url}/step-2", storage_options=opts)
     assert_same(shardckpt.load_full(f"{url}/step-1", storage_options=opts), STATE)
-    assert commit.remove_leftovers(storage) == ["step-2"]
-    assert commit.leftovers(storage) == [] and storage.list("") == ["step-1"]
+    assert rootdir.remove_leftovers(storage) == ["step-2"]
+    assert rootdir.leftovers(storage) == [] and storage.list("") == ["step-1"]
     shardckpt.save(STATE, f"{url}/step-2", storage_options=opts)  # the name is usable again

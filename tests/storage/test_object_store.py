@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import cli, commit, dcp
+from shardckpt import cli
+from shardckpt.integrations import dcp
+from shardckpt.format import root as rootdir
 from shardckpt.storage import open_storage
 from tests.helpers import assert_same as assert_state_equal
 
@@ -42,7 +44,7 @@ def test_save_load_verify(store, codec):
     assert_state_equal(shardckpt.load_full(url, storage_options=opts), state)
     report = shardckpt.verify(url, storage_options=opts)
     assert report.tensors == 4 and report.raw_bytes == 300 * 200 * 4 + 200 * 2 + 8000
-    assert commit.list_checkpoints(open_storage(base, opts), validate=True) == ["step-1"]
+    assert rootdir.list_checkpoints(open_storage(base, opts), validate=True) == ["step-1"]
 
 
 def test_byte_identical_to_local(memory_url, tmp_path):

@@ -6,7 +6,7 @@ import time
 import torch
 
 import shardckpt
-from shardckpt.remote_io import Pressure, upload
+from shardckpt.save.upload import Pressure, upload
 from shardckpt.testing.faulty_storage import FaultPlan, inject
 from tests.helpers import assert_same
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from shardckpt.dcp import Reader, Writer
+from shardckpt.integrations.dcp import Reader, Writer
 
 
 def save(state, path, **writer_options):

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from shardckpt.dcp import Reader
+from shardckpt.integrations.dcp import Reader
 
 from .common import LinearStack, load, save
 

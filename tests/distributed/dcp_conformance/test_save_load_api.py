@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import shardckpt
-from shardckpt.dcp import Reader, Writer
+from shardckpt.integrations.dcp import Reader, Writer
 from shardckpt.testing import run_with_ranks
 
 from .common import LinearStack
