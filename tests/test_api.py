@@ -118,3 +118,16 @@ def test_metadata_round_trips_and_must_be_json(ckpt):
 def test_backend_is_native():
     # The suite must exercise the native core; the reference codec is only a fallback.
     assert codecs.BACKEND == "native"
+
+
+def test_the_front_door_functions_survive_importing_every_submodule():
+    """``shardckpt.save`` / ``shardckpt.load`` are functions and also the names of the pipeline
+    packages; importing any submodule must never rebind the functions to the packages."""
+    import importlib
+    import pkgutil
+    for m in pkgutil.walk_packages(shardckpt.__path__, "shardckpt."):
+        if m.name != "shardckpt.__main__" and ".integrations." not in m.name:
+            importlib.import_module(m.name)
+    assert callable(shardckpt.save) and callable(shardckpt.load)
+    assert shardckpt.save.__module__ == "shardckpt.api"
+    assert shardckpt.load.__module__ == "shardckpt.api"
