@@ -73,7 +73,11 @@ class StateMismatchError(CheckpointError, ValueError):
             parts.append(f"unexpected in checkpoint: {self.unexpected}")
         if self.mismatched:
             parts.append("mismatched: " + "; ".join(f"{k}: {r}" for k, r in self.mismatched))
-        super().__init__("state does not match checkpoint: " + " | ".join(parts))
+        hint = ""
+        if (self.missing or self.unexpected) and not self.mismatched:
+            hint = (" (load(..., strict=False) fills what both have and leaves the rest; "
+                    "CheckpointManager.restore takes strict=False too)")
+        super().__init__("state does not match checkpoint: " + " | ".join(parts) + hint)
 
 
 class UnsupportedValueError(CheckpointError, TypeError):
