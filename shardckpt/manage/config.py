@@ -16,14 +16,21 @@ class ManagerConfig:
     """Every option of ``CheckpointManager`` (each is also a keyword of its constructor).
 
     Attributes:
-        every_n_steps: ``maybe_save`` saves when ``step % every_n_steps == 0``.
+        save: a save rule of ``shardckpt.policy`` (``EveryNEpochs(1) & OnImprovement("val")``):
+            when ``maybe_save`` saves. Preemption saves and ``save()`` ignore it.
+        keep: a keep rule (``KeepLast(2) | KeepEvery(1000)``): which committed checkpoints
+            retention keeps (None: all). The newest and the one in flight are always kept.
+        demote: ``KeepFull(last=2, best=1)``: kept checkpoints outside it become weights only
+            (format/demote.py). None: none is demoted.
+        every_n_steps: ``maybe_save`` saves when ``step % every_n_steps == 0`` (shorthand for
+            ``save=EveryNSteps(n)``; with ``every_n_seconds``, the two ``|``-ed).
         every_n_seconds: ``maybe_save`` saves when this long has passed since the last save
-            (or since construction / restore).
-        keep_last: keep the newest N committed checkpoints (None: no limit by age).
-        keep_best: also keep the best N by ``monitor`` (None: none kept for being best).
-            With neither limit every checkpoint is kept. The newest committed checkpoint and a
-            checkpoint in flight are never deleted.
-        monitor: the metric name (a key of ``metrics``) that ranks checkpoints.
+            (or since construction / restore): ``save=EveryNSeconds(s)``.
+        keep_last: keep the newest N committed checkpoints: ``keep=KeepLast(n)``.
+        keep_best: also keep the best N by ``monitor``: ``keep=KeepBest(n, monitor, mode)``
+            (with ``keep_last``, the two ``|``-ed).
+        monitor: the metric name (a key of ``metrics``) that ranks checkpoints (None: the
+            first one a rule names), recorded in the root for ``shardckpt ls``.
         mode: ``"min"`` or ``"max"``: which end of ``monitor`` is best.
         save_last: keep a small ``latest`` file in ``root`` naming the newest committed
             checkpoint, for tools and people (``restore`` lists the folders and does not rely
@@ -73,6 +80,9 @@ class ManagerConfig:
             False: a follower that only restores and lists (it must not save).
     """
 
+    save: object = None
+    keep: object = None
+    demote: object = None
     every_n_steps: int | None = None
     every_n_seconds: float | None = None
     keep_last: int | None = None
