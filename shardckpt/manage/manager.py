@@ -29,15 +29,14 @@ from ..errors import (CheckpointError, CheckpointNotFoundError, NoResumableCheck
                       RootLeaseError)
 from ..ops.export import export_weights as export_checkpoint_weights
 from ..dist.groups import RankAgreement
-from .layout import (LATEST_NAME, STEP_NAME, collect_garbage, entries, replace_file,
-                     step_name)
+from .layout import STEP_NAME, collect_garbage, entries, step_name
 from .lease import take_for_job
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from ..format.opening import open_manifest
 from .config import ManagerConfig
 from .verdict import FATAL, OK, agreed_error, try_load
 from .history import History, json_epoch, json_metrics
-from .pruning import Pruning, history_rows, is_demoted
+from .pruning import Pruning, history_rows, is_demoted, write_latest
 from .retention import best_steps
 from .schedule import Flight, Restored, Schedule, keep_rule, monitor_of, save_rule
 from .rootinfo import write_info
@@ -271,6 +270,7 @@ class CheckpointManager:
         try:
             info = flight.handle.result()
         except BaseException as exc:
+            self._schedule.settled(flight.step)
             self._emit(observe.SAVE_FAILED, flight.step, error=f"{type(exc).__name__}: {exc}")
             raise
         self._committed(flight, info)
@@ -298,7 +298,7 @@ class CheckpointManager:
             kwargs.update(content_hashes=True, base=base)
             meta[META_KEY]["kind"] = "incremental" if base else "full"
         self._last_step = step
-        self._schedule.started()
+        self._schedule.started(step, metrics)
         flight = Flight(step, metrics, epoch, reason, self._clock())
         if self.promote_local and self._tier is not None and \
                 self._tier.promote_or_warn(step, self._storage, step_name(step)):
@@ -331,6 +331,7 @@ class CheckpointManager:
         step, metrics = flight.step, flight.metrics
         self._metrics[step] = metrics
         self._schedule.cost(flight.stall, self._clock() - flight.started)
+        self._schedule.settled(step)  # rank 0 records its metrics in the history below
         if info is not None:
             self._emit(observe.SAVE_COMMITTED, step, metrics=metrics, seconds=info.seconds,
                        raw_bytes=info.raw_bytes, stored_bytes=info.stored_bytes)
@@ -346,20 +347,11 @@ class CheckpointManager:
         if self._info_due:
             self._record_info()
         if self.save_last:
-            self._write_latest(step)
+            write_latest(self._storage, step)
         self._pruning.record(step, epoch=flight.epoch, metrics=metrics, reason=flight.reason,
                              stall_s=flight.stall, seconds=self._clock() - flight.started,
                              unix_time=time.time())
         self._apply_retention()
-
-    def _write_latest(self, step: int) -> None:
-        """Point ``latest`` at ``step``; the step has committed whatever happens here, and
-        ``restore`` does not need the file, so a failure is a warning."""
-        try:
-            replace_file(self._storage, LATEST_NAME, f"{step_name(step)}\n".encode(), "latest")
-        except (OSError, CheckpointError) as exc:
-            warnings.warn(f"shardckpt: {step_name(step)} committed, but {LATEST_NAME} could "
-                          f"not be updated: {type(exc).__name__}: {exc}", stacklevel=3)
 
     def _apply_retention(self) -> None:
         """Rank 0: remove what the keep rule drops, demote what ``demote`` does not keep full

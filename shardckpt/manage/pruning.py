@@ -17,7 +17,7 @@ from ..format import demote as demote_mod, retire
 from ..format.opening import open_manifest
 from ..save import written_split
 from .history import History
-from .layout import step_name
+from .layout import LATEST_NAME, replace_file, step_name
 from .schedule import Schedule
 
 META_KEY = "shardckpt.manager"
@@ -131,3 +131,13 @@ def history_rows(storage, steps: list[int]) -> list[dict]:
                          "step": step, "kind": kind, **sizes,
                          "state": "demoted" if kind == "weights" else "kept"}
     return [records[s] for s in sorted(records)]
+
+
+def write_latest(storage, step: int) -> None:
+    """Point ``latest`` at ``step``; the step has committed whatever happens here, and
+    ``restore`` does not need the file, so a failure is a warning."""
+    try:
+        replace_file(storage, LATEST_NAME, f"{step_name(step)}\n".encode(), "latest")
+    except (OSError, CheckpointError) as exc:
+        warnings.warn(f"shardckpt: {step_name(step)} committed, but {LATEST_NAME} could "
+                      f"not be updated: {type(exc).__name__}: {exc}", stacklevel=4)

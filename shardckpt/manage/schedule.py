@@ -102,10 +102,19 @@ class Schedule:
         self.ranks, self.history, self.clock = ranks, history, clock
         self.clocked = save.clocked() if save is not None else []
         world = ranks.dist.get_world_size() if ranks.dist else 1
-        self.facts = Facts(last_save=clock(), best=history.best, world_size=world,
+        self.facts = Facts(last_save=clock(), best=self.best, world_size=world,
                            failures=history.failures(),
                            observed_s=history.observed_seconds())
         self.previous_epoch: float | None = None
+        self.in_flight: dict[int, dict | None] = {}  # metrics of saves not yet in the history
+
+    def best(self, monitor: str, mode: str) -> float | None:
+        """The best ``monitor`` value saved in this root, the save in flight included."""
+        values = [v for v in [self.history.best(monitor, mode)] + [
+            _number((m or {}).get(monitor)) for m in self.in_flight.values()] if v is not None]
+        if not values:
+            return None
+        return min(values) if mode == "min" else max(values)
 
     # ----------------------------------------------------------------- save decisions
     def flag_count(self) -> int:
@@ -155,10 +164,16 @@ class Schedule:
         if epoch is not None:
             self.previous_epoch = epoch
 
-    def started(self) -> None:
-        """A save started now (any reason): timers restart from here."""
+    def started(self, step: int, metrics: dict | None) -> None:
+        """A save started now (any reason): timers restart from here, and its metrics count
+        for the best value until it commits or fails (``settled``)."""
         self.facts.last_save = self.clock()
         self.facts.has_checkpoint = True
+        self.in_flight[step] = metrics
+
+    def settled(self, step: int) -> None:
+        """The save of ``step`` committed (its record holds the metrics now) or failed."""
+        self.in_flight.pop(step, None)
 
     def restored(self, epoch) -> None:
         """A checkpoint was restored: its epoch is the previous one; a failure may be counted."""
@@ -197,3 +212,9 @@ class Schedule:
                                             ctx.mode))
         return sorted(s for s in keep if s not in full and s not in demoted)
 
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)
