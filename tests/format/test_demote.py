@@ -167,3 +167,20 @@ def _check_forms(url: str) -> str:
         return "weights"
     assert_same(_state(1), got)
     return "full"
+
+
+def test_a_leftover_demotion_manifest_is_collected(tmp_path):
+    _template(tmp_path, 1)
+    leftover = tmp_path / ".step-00000001.demote-ab12cd34"
+    leftover.write_bytes(b"{}")
+    os.utime(leftover, (0, 0))
+    from shardckpt.manage.layout import collect_garbage
+    removed, _ = collect_garbage(open_storage(str(tmp_path)), older_than=60)
+    assert [r["name"] for r in removed] == [leftover.name]
+    assert _check_forms_one(tmp_path) == "full"
+
+
+def _check_forms_one(root) -> str:
+    got = shardckpt.load_full(root / "step-00000001")
+    assert_same(_state(1), got)
+    return "full"
