@@ -36,11 +36,13 @@ class Facts:
         best: ``best(monitor, mode)``: the best value any checkpoint of the root was saved with.
         costs: ``(stall_s, durable_s)`` of recent saves, oldest first.
         failures: unclean ends of earlier runs that this root recorded.
-        observed_s: training time the root's runs covered (for the failure rate).
+        observed_s: training time the root's earlier runs covered (for the failure rate).
+        run_start: the manager clock when this run began.
         world_size: ranks of the job (the prior failure rate scales with it).
     """
 
     last_save: float = 0.0
+    run_start: float = 0.0
     busy: bool = False
     has_checkpoint: bool = False
     best: Callable[[str, str], float | None] = lambda monitor, mode: None
@@ -378,23 +380,19 @@ class Auto(SaveRule):
                              f"min_interval_s ({min_interval_s!r})")
         self.min_interval_s, self.max_interval_s = float(min_interval_s), float(max_interval_s)
         self.mtbf_prior_s, self.restart_s = mtbf_prior_s, float(restart_s)
-        self._cache: tuple | None = None
 
-    def interval(self, facts: Facts) -> float:
-        """The interval (seconds) the rule saves at, from ``facts``."""
-        key = (len(facts.costs), tuple(facts.costs[-1:]), facts.failures,
-               round(facts.observed_s, -1), facts.world_size)
-        if self._cache is None or self._cache[0] != key:
-            stall, durable = interval_mod.typical_costs(facts.costs)
-            mtbf = interval_mod.mtbf(facts.failures, facts.observed_s, facts.world_size,
-                                     self.mtbf_prior_s)
-            best = interval_mod.best_interval(stall, durable, mtbf, self.min_interval_s,
-                                              self.max_interval_s)
-            self._cache = (key, best)
-        return self._cache[1]
+    def interval(self, facts: Facts, running_s: float = 0.0) -> float:
+        """The interval (seconds) the rule saves at, from ``facts`` and the seconds this run
+        has gone without a failure so far (``running_s``)."""
+        stall, durable = interval_mod.typical_costs(facts.costs)
+        mtbf = interval_mod.mtbf(facts.failures, facts.observed_s + running_s,
+                                 facts.world_size, self.mtbf_prior_s)
+        return interval_mod.best_interval(stall, durable, mtbf, self.min_interval_s,
+                                          self.max_interval_s)
 
     def local_flags(self, now: float, facts: Facts) -> tuple[int, ...]:
-        return (int(now - facts.last_save >= self.interval(facts)),)
+        running = max(0.0, now - facts.run_start)
+        return (int(now - facts.last_save >= self.interval(facts, running)),)
 
     def check(self, tick: Tick) -> str | None:
         return "auto" if tick.flags[id(self)][0] else None

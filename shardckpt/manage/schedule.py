@@ -102,7 +102,8 @@ class Schedule:
         self.ranks, self.history, self.clock = ranks, history, clock
         self.clocked = save.clocked() if save is not None else []
         world = ranks.dist.get_world_size() if ranks.dist else 1
-        self.facts = Facts(last_save=clock(), best=self.best, world_size=world,
+        now = clock()
+        self.facts = Facts(last_save=now, run_start=now, best=self.best, world_size=world,
                            failures=history.failures(),
                            observed_s=history.observed_seconds())
         self.previous_epoch: float | None = None

@@ -184,3 +184,35 @@ def _check_forms_one(root) -> str:
     got = shardckpt.load_full(root / "step-00000001")
     assert_same(_state(1), got)
     return "full"
+
+
+def _demote_slowly(root: str) -> None:
+    plan = FaultPlan(latency=0.004)  # every request a little slow: kills land everywhere
+    demote(FaultyStorage(open_storage(root), plan), "step-00000001")
+    os._exit(0)
+
+
+def test_a_kill_at_any_instant_leaves_old_or_new_form(tmp_path):
+    """SIGKILL of a process demoting, at spread times (data writes bypass the storage wrapper
+    on local disks, so kills also land inside them)."""
+    import multiprocessing
+    import signal
+    import time
+    template = tmp_path / "template"
+    _template(template)
+    ctx = multiprocessing.get_context("fork")
+    forms = []
+    for i, delay in enumerate([0.0, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 1.0]):
+        root = str(tmp_path / f"kill{i}")
+        shutil.copytree(template, root)
+        child = ctx.Process(target=_demote_slowly, args=(root,))
+        child.start()
+        time.sleep(delay)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        forms.append(_check_forms(root))
+        demote(open_storage(root), "step-00000001")  # the next attempt finishes and sweeps
+        assert _check_forms(root) == "weights"
+        data = os.listdir(os.path.join(root, "step-00000001", "data"))
+        assert data and all(n.startswith("weights-") for n in data)  # the old files are gone
+    assert forms[0] == "full" and forms[-1] == "weights", forms
