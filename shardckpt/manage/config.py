@@ -66,6 +66,8 @@ class ManagerConfig:
             background; a
             step whose previous local save still runs is skipped, with a counted warning;
             a failure is a warning at the next call (tier/local.py ``save_async``).
+        local_save: a save rule for the local tier (``Auto()`` picks its interval from the
+            tier's own measured stall; ``local_every_n_steps`` is ``EveryNSteps(n)``).
         local_on_busy: ``"skip"`` (default) a local step while the previous local save runs,
             with a counted warning, or ``"wait"`` for it (every such step then commits).
         replicas: other nodes that receive a copy of each rank's local data.
@@ -101,6 +103,7 @@ class ManagerConfig:
     on_event: Callable | None = None
     local_dir: object = None
     local_every_n_steps: int | None = None
+    local_save: object = None
     local_on_busy: str = "skip"
     replicas: int = 1
     local_keep: int = 1

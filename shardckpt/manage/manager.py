@@ -113,6 +113,11 @@ class CheckpointManager:
                                 staging_budget_bytes=self.save_options.get("staging_budget_bytes"),
                                 on_busy=c.local_on_busy, durable=self._storage)
                       if c.local_dir is not None else None)
+        local_rule = save_rule(c.local_save, c.local_every_n_steps, None,
+                               "local_save= or local_every_n_steps")
+        self._local = (Schedule(local_rule, None, None, self.monitor, self.mode, self._ranks,
+                                self._schedule.history, c.clock)
+                       if self._tier is not None and local_rule is not None else None)
 
     def _take_root(self, lease: bool):
         """Rank 0 takes the root's lease; every rank raises if another manager holds it."""
@@ -215,25 +220,24 @@ class CheckpointManager:
         self._reap()
         if self._preempted:
             return False
-        if self._tier is not None and self.local_every_n_steps and \
-                step % self.local_every_n_steps == 0:
-            self._tier.save_async(step, state_dict, {META_KEY: {
-                "step": step, "epoch": json_epoch(epoch), "metrics": json_metrics(metrics),
-                "reason": "local", "unix_time": time.time()}})
-        if not self._ranks.dist:
-            return self._decide(step, state_dict, metrics, epoch, self._local_flags())
-        # Agreed one call late (see RankAgreement.collect): no rank waits for the others here.
-        agreed = self._ranks.collect(1 + self._schedule.flag_count())
+        dist, durable = self._ranks.dist, 1 + self._schedule.flag_count()
+        # With ranks, agreed one call late (RankAgreement.collect): no rank waits for others.
+        flags = self._ranks.collect(len(self._local_flags())) if dist else self._local_flags()
         try:
-            return self._decide(step, state_dict, metrics, epoch, agreed)
+            if self._local is not None:
+                self._local.save_local(self._tier, step, state_dict, metrics, epoch,
+                                       flags[durable:])
+            return self._decide(step, state_dict, metrics, epoch, flags[:durable])
         finally:
-            self._ranks.post(*self._local_flags())  # after a save reset the timer
+            if dist:
+                self._ranks.post(*self._local_flags())  # after a save reset the timer
 
     def _local_flags(self) -> list[int]:
-        """[a preemption signal reached this process, the clocked rules' flags...]."""
+        """[preemption signalled here, the clocked rules' flags: durable, then local tier]."""
         self._schedule.facts.busy = self._inflight is not None
         signalled = int(self._watcher is not None and self._watcher.pending)
-        return [signalled, *self._schedule.local_flags()]
+        local = self._local.local_flags() if self._local is not None else []
+        return [signalled, *self._schedule.local_flags(), *local]
 
     def _decide(self, step: int, state_dict, metrics, epoch, flags: list[int]) -> bool:
         if flags[0]:  # a preemption signal: saved whatever the rules say
@@ -433,7 +437,9 @@ class CheckpointManager:
     def _restored(self, step: int) -> Restored:
         self._last_step = step
         out = Restored(step, (self._meta(step) or {}).get("epoch"), self.metrics(step))
-        self._schedule.restored(out.epoch)
+        for schedule in (self._schedule, self._local):
+            if schedule is not None:
+                schedule.restored(out.epoch)
         if self._ranks.rank == 0:  # this run, and the unclean end it recovers from, if any
             self._schedule.history.write()
         self._emit(observe.RESTORED, step, metrics=out.metrics)

@@ -7,14 +7,16 @@ started, what saves cost, the best values, the failure history) and the keep and
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import MetricNotFoundError
-from .history import History
+from .history import History, json_epoch, json_metrics
 from .keep import KeepBest, KeepContext, KeepFull, KeepLast, KeepRule, kept
 from .policy import EveryNSeconds, EveryNSteps, Facts, SaveRule, Tick
 
+META_KEY = "shardckpt.manager"
 CODE_MISSING = -1  # rank 0's metric was missing: every rank raises
 
 
@@ -44,14 +46,17 @@ class Restored(int):
         return out
 
 
-def save_rule(save: SaveRule | None, every_n_steps, every_n_seconds) -> SaveRule | None:
-    """``save``, or the rule the old keywords stand for (``|``-ed); not both."""
+def save_rule(save: SaveRule | None, every_n_steps, every_n_seconds,
+              names: str = "save= or every_n_steps/every_n_seconds") -> SaveRule | None:
+    """``save``, or the rule the old keywords stand for (``|``-ed); not both (``names`` says
+    which keywords, for the error)."""
     legacy = [r for r in (EveryNSteps(every_n_steps) if every_n_steps else None,
                           EveryNSeconds(every_n_seconds) if every_n_seconds else None) if r]
     if save is not None and legacy:
-        raise ValueError("pass save= or every_n_steps/every_n_seconds, not both")
+        raise ValueError(f"pass {names}, not both")
     if save is not None and not isinstance(save, SaveRule):
-        raise TypeError(f"save= takes a save rule (shardckpt.policy), not {save!r}")
+        raise TypeError(f"{names.split()[0]} takes a save rule (shardckpt.policy), not "
+                        f"{save!r}")
     if save is None and legacy:
         save = legacy[0] if len(legacy) == 1 else legacy[0] | legacy[1]
     return save
@@ -183,6 +188,19 @@ class Schedule:
         if self.history.restored():
             self.facts.failures = self.history.failures()
         self.facts.observed_s = self.history.observed_seconds()
+
+    def save_local(self, tier, step: int, state_dict, metrics, epoch, flags: list[int]) -> None:
+        """The local tier's save (``tier.save_async``) when this schedule's rule (the manager's
+        ``local_save``) says so; its stall is the cost ``Auto`` weighs for that tier."""
+        if self.check(step, epoch, metrics, flags) is None:
+            return
+        t0 = self.clock()
+        meta = {META_KEY: {"step": step, "epoch": json_epoch(epoch), "reason": "local",
+                           "metrics": json_metrics(metrics), "unix_time": time.time()}}
+        if tier.save_async(step, state_dict, meta):
+            self.started(step, None)
+            self.settled(step)
+            self.cost(self.clock() - t0, self.clock() - t0)
 
     def ended(self, clean: bool, write: bool) -> None:
         """The manager closes: the run's end goes into the history (rank 0 ``write``s it)
