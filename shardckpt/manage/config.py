@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .keep import KeepFull
+
 __all__ = ["ManagerConfig"]
 
 
@@ -114,7 +116,8 @@ class ManagerConfig:
     lease: bool = True
 
     def check(self) -> None:
-        """Raise ValueError naming the first option with a bad value."""
+        """Raise ValueError (TypeError for a ``demote`` that is no ``KeepFull``) naming the
+        first option with a bad value."""
         for name in ("every_n_steps", "keep_last", "keep_best", "local_every_n_steps",
                      "full_every"):
             value = getattr(self, name)
@@ -124,5 +127,7 @@ class ManagerConfig:
             raise ValueError(f"every_n_seconds must be > 0, not {self.every_n_seconds!r}")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {self.mode!r}")
+        if self.demote is not None and not isinstance(self.demote, KeepFull):
+            raise TypeError(f"demote= takes shardckpt.policy.KeepFull(...), not {self.demote!r}")
         if self.keep_best is not None and self.monitor is None:
             raise ValueError("keep_best needs monitor= (the metric that ranks checkpoints)")

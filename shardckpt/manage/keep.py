@@ -96,7 +96,11 @@ class KeepAll(_Combined):
 
 
 class KeepLast(KeepRule):
-    """Keep the newest ``n`` checkpoints."""
+    """Keep the newest ``n`` checkpoints.
+
+    Args:
+        n: how many (a positive int; ValueError otherwise).
+    """
 
     def __init__(self, n: int):
         self.n = _count("KeepLast(n)", n)
@@ -138,7 +142,11 @@ class KeepBest(KeepRule):
 
 
 class KeepEvery(KeepRule):
-    """Keep every checkpoint whose step is a multiple of ``n_steps`` (milestones, forever)."""
+    """Keep every checkpoint whose step is a multiple of ``n_steps`` (milestones, forever).
+
+    Args:
+        n_steps: the milestone interval (a positive int; ValueError otherwise).
+    """
 
     def __init__(self, n_steps: int):
         self.n_steps = _count("KeepEvery(n_steps)", n_steps)
@@ -151,7 +159,11 @@ class KeepEvery(KeepRule):
 
 
 class KeepSteps(KeepRule):
-    """Keep the checkpoints of exactly these steps."""
+    """Keep the checkpoints of exactly these steps.
+
+    Args:
+        steps: the steps to keep (ints).
+    """
 
     def __init__(self, steps: Iterable[int]):
         self.steps = frozenset(int(s) for s in steps)

@@ -189,7 +189,11 @@ class AllOf(_Combined):
 
 
 class EveryNSteps(SaveRule):
-    """Save when ``step % n == 0``."""
+    """Save when ``step % n == 0``.
+
+    Args:
+        n: the step interval (a positive int; ValueError otherwise).
+    """
 
     def __init__(self, n: int):
         _positive("EveryNSteps(n)", n)
@@ -210,6 +214,9 @@ class EveryNEpochs(SaveRule):
     rule fires at the first call whose ``floor(epoch / n)`` exceeds the previous call's, so a
     whole number reached again (the next epoch's first steps, a restart) does not fire twice.
     Calls without ``epoch`` never fire it.
+
+    Args:
+        n: the epoch interval (a positive int; ValueError otherwise).
     """
 
     reason = "epoch"
@@ -234,7 +241,11 @@ class EveryNEpochs(SaveRule):
 class EveryNSeconds(SaveRule):
     """Save when ``seconds`` have passed since the last save started (or since construction or
     restore), by the manager's clock; with several ranks, by the first rank whose clock says so
-    (agreed one call late)."""
+    (agreed one call late).
+
+    Args:
+        seconds: the interval (> 0; ValueError otherwise).
+    """
 
     flag_count = 1
 
@@ -253,7 +264,11 @@ class EveryNSeconds(SaveRule):
 
 
 class AtSteps(SaveRule):
-    """Save at exactly these steps (milestones; pair with ``KeepSteps`` to keep them)."""
+    """Save at exactly these steps (milestones; pair with ``KeepSteps`` to keep them).
+
+    Args:
+        steps: the steps (ints >= 0; ValueError otherwise).
+    """
 
     reason = "milestone"
 
@@ -331,7 +346,11 @@ class OnImprovement(SaveRule):
 
 class Continuous(SaveRule):
     """Save whenever no save is in flight on any rank, but not more often than every
-    ``min_interval_s`` seconds (from one save's start to the next)."""
+    ``min_interval_s`` seconds (from one save's start to the next).
+
+    Args:
+        min_interval_s: the least time between two saves' starts (>= 0).
+    """
 
     reason = "continuous"
     flag_count = 2

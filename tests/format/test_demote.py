@@ -73,6 +73,15 @@ def test_the_manager_demotes_all_but_the_newest_and_the_best(tmp_path):
     with _mgr(tmp_path, lease=False) as mgr:
         mgr.export_weights(3, tmp_path / "w.safetensors")
     assert os.path.getsize(tmp_path / "w.safetensors") > 64 * 64 * 4
+    from safetensors.torch import load_file
+    from shardckpt import cli
+    assert cli.main(["convert", str(tmp_path / "step-00000001"), str(tmp_path / "hf"), "--to",
+                     "hf", "--weights-only"]) == 0
+    exported = {}
+    for f in os.listdir(tmp_path / "hf"):
+        if f.endswith(".safetensors"):
+            exported.update(load_file(str(tmp_path / "hf" / f)))
+    assert torch.equal(exported["w"], _state(1)["model"]["w"])  # bit-exact through HF export
 
 
 def test_restore_never_resumes_from_a_weights_checkpoint(tmp_path):
