@@ -94,3 +94,31 @@ def test_policies_agree_on_two_ranks_through_a_sigterm(tmp_path):
     assert a2[0] == b2[0] == [("epoch", 4)]
     full = shardckpt.load_full(tmp_path / "step-00000004")
     assert set(full) == {"model"}
+
+
+def _save_sharded(rank, world, root):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(3)
+    full = {"w": torch.randn(64, 32, generator=g), "m": torch.randn(64, 32, generator=g)}
+    state = {"model": {"w": distribute_tensor(full["w"], mesh, [Shard(0)])},
+             "optim": {"m": distribute_tensor(full["m"], mesh, [Shard(0)])}}
+    shardckpt.save(state, f"{root}/step-00000001", timeout=60)
+    return full
+
+
+def test_demoting_a_two_rank_indexed_checkpoint_keeps_its_weights_bit_exact(tmp_path):
+    from shardckpt.format.demote import demote
+    from shardckpt.storage import open_storage
+    full = run_with_ranks(2, _save_sharded, str(tmp_path), timeout=90)[0].value
+    data = tmp_path / "step-00000001" / "data"
+    assert any(p.suffix == ".idx" for p in data.iterdir())  # revision 1.4: chunk index files
+    before = sum(p.stat().st_size for p in data.iterdir())
+    assert demote(open_storage(str(tmp_path)), "step-00000001")["demoted"]
+    got = shardckpt.load_full(tmp_path / "step-00000001")
+    assert set(got) == {"model"} and torch.equal(got["model"]["w"], full["w"])
+    shardckpt.verify(tmp_path / "step-00000001")
+    after = sorted(p.name for p in data.iterdir())
+    assert all(n.startswith("weights-") for n in after)  # data and index files gone
+    assert sum(p.stat().st_size for p in data.iterdir()) < 0.6 * before
