@@ -63,8 +63,9 @@ class Pruning:
         metrics = {s: self.metrics_of(s) for s in steps} if needs_metrics else {}
         ctx = sched.context(steps, metrics)
         keep = sched.to_keep(ctx, protect)
-        removed = [s for s in steps if s not in keep]
+        removed, bases = [s for s in steps if s not in keep], set()
         for step in removed:
+            bases |= self._bases(step)
             retire.remove_checkpoint(self.storage, step_name(step))
             self.history.mark(step, "removed")
             self.emit(observe.REMOVED, step)
@@ -72,12 +73,21 @@ class Pruning:
         changed = bool(removed)
         for step in sched.to_demote(ctx, keep - protect, demoted):
             changed |= self._demote(step)
-        if changed:  # earlier retired folders and demoted ones whose last user just went
+        if changed:  # earlier retired folders whose last user just went
             retire.sweep_all(self.storage)
-            for step in sorted(demoted & keep):
+        for step in sorted(demoted & keep):  # demoted ones whose old files a removed one used
+            if step_name(step) in bases:
                 self._sweep(step)
         self.history.write()
         return removed
+
+    def _bases(self, step: int) -> set[str]:
+        """The checkpoints whose files ``step`` references (read before it is removed)."""
+        try:
+            m = open_manifest(self.storage, step_name(step))
+        except CheckpointError:
+            return set()
+        return {f.base for f in m.files if f.base is not None}
 
     def _demote(self, step: int) -> bool:
         name = step_name(step)

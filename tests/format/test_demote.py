@@ -12,7 +12,7 @@ import torch
 
 import shardckpt
 from shardckpt.format.demote import demote, is_weights
-from shardckpt.policy import KeepFull
+from shardckpt.policy import KeepFull, KeepSteps
 from shardckpt.storage import open_storage
 from shardckpt.testing.faulty_storage import FaultPlan, FaultyStorage
 from tests.helpers import assert_same
@@ -225,3 +225,17 @@ def test_a_kill_at_any_instant_leaves_old_or_new_form(tmp_path):
         data = os.listdir(os.path.join(root, "step-00000001", "data"))
         assert data and all(n.startswith("weights-") for n in data)  # the old files are gone
     assert forms[0] == "full" and forms[-1] == "weights", forms
+
+
+def test_a_demoted_checkpoints_old_files_go_with_their_last_user(tmp_path):
+    with _mgr(tmp_path, incremental=True, demote=KeepFull(last=1)) as mgr:
+        for step in (1, 2):
+            state = _state(1)
+            state["step"] = step
+            mgr.save(step, state)  # step 2 references step 1's unchanged chunks
+    data = tmp_path / "step-00000001" / "data"
+    assert any(n.startswith("rank-") for n in os.listdir(data))  # held by step 2
+    with _mgr(tmp_path, keep=KeepSteps([1, 3]), demote=KeepFull(last=1)) as mgr:
+        mgr.save(3, _state(3))  # step 2 goes: step 1's old files are no one's any more
+    assert sorted(n[:8] for n in os.listdir(data)) == ["weights-"] * len(os.listdir(data))
+    assert _form(tmp_path / "step-00000001", 1) == "weights"
