@@ -164,3 +164,16 @@ class StateChangedError(CheckpointError, RuntimeError):
 class TransferError(CheckpointError, ConnectionError):
     """A peer died, hung past the timeout or sent nonsense while the local tier moved data
     files between nodes (the message names the peer rank); nothing was committed."""
+
+
+class MetricNotFoundError(CheckpointError, KeyError):
+    """A save rule checks a metric that ``maybe_save`` was not given (the message names it and
+    the metrics that were given)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoResumableCheckpointError(CheckpointNotFoundError):
+    """``restore`` found only weights-only (demoted) checkpoints: they hold no optimizer state
+    to resume from (the message names them; ``load`` reads their weights)."""

@@ -18,6 +18,7 @@ logger = logging.getLogger("shardckpt")
 # Event kinds, in the order a step's checkpoint sees them.
 SAVE_STARTED, SAVE_COMMITTED, SAVE_FAILED = "save_started", "save_committed", "save_failed"
 RESTORED, REMOVED, PREEMPTED = "restored", "removed", "preempted"
+DEMOTED = "demoted"  # kept, but turned into weights only (CheckpointManager demote=)
 
 
 @dataclass(frozen=True)
