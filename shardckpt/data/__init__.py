@@ -4,6 +4,6 @@ than what DataLoader workers prefetched) and per-rank random generators with a r
 world size."""
 
 from .rng import RankRNG, seed_for
-from .sampler import DistributedSampler
+from .sampler import DistributedSampler, ignore_preemption
 
-__all__ = ["DistributedSampler", "RankRNG", "seed_for"]
+__all__ = ["DistributedSampler", "RankRNG", "ignore_preemption", "seed_for"]
