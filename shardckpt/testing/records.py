@@ -61,3 +61,44 @@ def read_steps(folder) -> tuple[dict[int, Step], dict[int, int]]:
             rec.ranks[int(rank)] = [int(i) for i in indices.split(",") if i]
     return ({s: runs[max(runs)] for s, runs in lines.items()},
             {s: len(runs) for s, runs in lines.items()})
+
+
+def exactly_once_problems(folder, windows: int, batch: int, epochs: int, seed: int = 0,
+                          steps_per_epoch: int | None = None) -> list[str]:
+    """What contradicts "every index of every epoch trained on exactly once, in the global
+    batches of an uninterrupted run" in the records under ``folder`` (empty: nothing).
+
+    The uninterrupted run's global batch ``k`` of epoch ``e`` is positions ``kB .. kB + B - 1``
+    of ``randperm(windows)`` seeded with ``seed + e`` (launch/train.py's sampler, drop_last).
+
+    Args:
+        folder: the ``--record-indices`` folder.
+        windows: samples in an epoch.
+        batch: the global batch.
+        epochs: how many epochs the job ran.
+        seed: the sampler's seed.
+        steps_per_epoch: default ``windows // batch``.
+    """
+    import torch
+    per_epoch = steps_per_epoch or windows // batch
+    steps, _ = read_steps(folder)
+    problems = [f"steps {sorted(set(range(1, epochs * per_epoch + 1)) - set(steps))} missing"]
+    problems = problems if len(steps) < epochs * per_epoch else []
+    for epoch in range(epochs):
+        order = torch.randperm(windows, generator=torch.Generator().manual_seed(seed + epoch))
+        order, consumed = order.tolist(), []
+        for k in range(per_epoch):
+            step = steps.get(epoch * per_epoch + k + 1)
+            if step is None:
+                continue
+            consumed += step.indices
+            if step.epoch != epoch or len(step.ranks) != step.world:
+                problems.append(f"step {epoch * per_epoch + k + 1}: epoch {step.epoch}, "
+                                f"{len(step.ranks)} of {step.world} ranks recorded")
+            if step.indices != sorted(order[k * batch:(k + 1) * batch]):
+                problems.append(f"step {epoch * per_epoch + k + 1}: global batch {step.indices}"
+                                " is not the uninterrupted run's")
+        if sorted(consumed) != sorted(order[:per_epoch * batch]):
+            problems.append(f"epoch {epoch}: {len(consumed)} indices, "
+                            f"{len(consumed) - len(set(consumed))} repeated")
+    return problems

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from shardckpt.testing.records import read_steps
+from shardckpt.testing.records import exactly_once_problems, read_steps
 
 TRAIN = str(Path(__file__).resolve().parents[2] / "launch" / "train.py")
 WINDOWS, BATCH, SEQ = 120, 12, 32
@@ -56,26 +55,6 @@ def run_until(cmd: list[str], after_step: int | None) -> tuple[int, str]:
     return proc.returncode, "".join(out)
 
 
-def permutation(epoch: int) -> list[int]:
-    return torch.randperm(WINDOWS, generator=torch.Generator().manual_seed(epoch)).tolist()
-
-
-def check_exactly_once(records) -> None:
-    steps, trained = read_steps(records)
-    assert sorted(steps) == list(range(1, 21))
-    assert set(trained.values()) == {1}, trained  # a preemption loses no step
-    for epoch in (0, 1):
-        order = permutation(epoch)
-        consumed = []
-        for k in range(10):
-            step = steps[epoch * 10 + k + 1]
-            assert step.epoch == epoch and len(step.ranks) == step.world
-            assert {len(v) for v in step.ranks.values()} == {BATCH // step.world}
-            assert step.indices == sorted(order[k * BATCH:(k + 1) * BATCH])
-            consumed += step.indices
-        assert sorted(consumed) == list(range(WINDOWS))
-
-
 @pytest.mark.parametrize("workers", [2, pytest.param(0, marks=pytest.mark.slow)])
 def test_4_ranks_then_2_then_3_through_two_epochs_train_on_each_sample_once(tmp_path, workers):
     ckpt, records = tmp_path / "ckpt", tmp_path / "records"
@@ -88,4 +67,27 @@ def test_4_ranks_then_2_then_3_through_two_epochs_train_on_each_sample_once(tmp_
             assert code != 0 and "preempted: checkpoint" in out, out[-3000:]
         outs.append(out)
     assert [int(w) for o in outs for _, w in RESUMED.findall(o)] == [2, 3]
-    check_exactly_once(records)
+    steps, trained = read_steps(records)
+    assert sorted(steps) == list(range(1, 21)) and set(trained.values()) == {1}  # none lost
+    assert {s.world for s in steps.values()} == {4, 2, 3}
+    for step in steps.values():
+        assert {len(own) for own in step.ranks.values()} == {BATCH // step.world}
+    assert exactly_once_problems(records, WINDOWS, BATCH, epochs=2) == []
+
+
+def test_the_check_sees_a_repeated_and_a_skipped_batch(tmp_path):
+    """The records' check is not vacuous: a resume that trained a batch again, and so never
+    reached the epoch's last one, is reported."""
+    from shardckpt.testing.records import Recorder
+    import torch
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()
+    good = Recorder(tmp_path, 1, 0, 1)
+    for k in range(2):
+        good.record(k + 1, 0, order[k * 12:(k + 1) * 12])
+    good.file.close()
+    assert exactly_once_problems(tmp_path, 24, 12, epochs=1) == []
+    bad = Recorder(tmp_path, 2, 0, 1)
+    bad.record(2, 0, order[:12])  # a later incarnation trained step 2 on step 1's batch
+    bad.file.close()
+    problems = exactly_once_problems(tmp_path, 24, 12, epochs=1)
+    assert any("step 2" in p for p in problems) and any("12 repeated" in p for p in problems)
