@@ -4,6 +4,7 @@ than what DataLoader workers prefetched) and per-rank random generators with a r
 world size."""
 
 from .rng import RankRNG, seed_for
-from .sampler import DistributedSampler, ignore_preemption
+from .sampler import DistributedSampler
+from .workers import preemption_safe
 
-__all__ = ["DistributedSampler", "RankRNG", "ignore_preemption", "seed_for"]
+__all__ = ["DistributedSampler", "RankRNG", "preemption_safe", "seed_for"]

@@ -4,13 +4,13 @@ the epoch's permutation, so a checkpoint resumes exactly on any number of ranks.
 from __future__ import annotations
 
 import math
-import signal
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils.data import distributed as _torch_distributed
 
 from ..errors import DataPositionError
+from .workers import shield
 
 #: Keys a checkpoint's sampler state must carry (older or foreign states are refused).
 _KEYS = ("epoch", "position", "size", "seed", "shuffle", "global_batch")
@@ -117,7 +117,8 @@ class DistributedSampler(_torch_distributed.DistributedSampler):
                 than the checkpoint's; by default that raises, since the global batches would
                 no longer be those of an uninterrupted run.
 
-        Workers the loader starts from here on ignore SIGTERM (see :func:`ignore_preemption`).
+        Workers the loader starts from here on outlive a process-group SIGTERM until this
+        process exits (:func:`~shardckpt.data.workers.preemption_safe`).
 
         Yields:
             the loader's batches.
@@ -128,7 +129,7 @@ class DistributedSampler(_torch_distributed.DistributedSampler):
         """
         batch = _batch_size(loader, self)
         self._check_batch(batch, allow_new_batch)
-        _shield_workers(loader)
+        shield(loader)
         self._tracked, self._global_batch = True, batch * self.num_replicas
         for item in loader:
             self._consumed = min(self._consumed + batch, self._length)
@@ -199,36 +200,3 @@ def _batch_size(loader, sampler: DistributedSampler) -> int:
         raise ValueError("track() needs a DataLoader with a batch_size (or a batch_sampler "
                         f"with one); {type(loader).__name__} has none")
     return size
-
-
-def ignore_preemption(worker_id: int) -> None:
-    """A ``DataLoader`` ``worker_init_fn``: the worker ignores SIGTERM.
-
-    Schedulers signal the whole process group, workers included. A worker that dies of it makes
-    the training process raise ("DataLoader worker ... is killed by signal") before its
-    preemption checkpoint is saved; the training process owns the shutdown instead, and its
-    workers exit with it. :meth:`DistributedSampler.track` installs this on the loader it
-    iterates; call it from your own ``worker_init_fn`` otherwise.
-
-    Args:
-        worker_id: the worker's number (unused).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class _Shielded:
-    """A picklable ``worker_init_fn`` that runs :func:`ignore_preemption`, then the loader's
-    own."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        ignore_preemption(worker_id)
-        if self.inner is not None:
-            self.inner(worker_id)
-
-
-def _shield_workers(loader) -> None:
-    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, _Shielded):
-        loader.worker_init_fn = _Shielded(loader.worker_init_fn)

@@ -16,8 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import DistributedSampler as TorchSampler
 
+import shardckpt
 from shardckpt.data import DistributedSampler
 from shardckpt.errors import DataPositionError, StateMismatchError
+from shardckpt.testing import run_with_ranks
 
 
 class Indices(torch.utils.data.Dataset):
@@ -210,3 +212,49 @@ def test_stateful_dataloader_saved_itself_or_through_the_sampler():
         got = train(120, 12, [4, 2, 3], [7, 13, None], workers=2,
                     loader_cls=sdl.StatefulDataLoader, save_loader=save_loader)
         assert got == want, save_loader
+
+
+def _save_after_3_batches(rank, world, path, stateful):
+    sampler = DistributedSampler(Indices(120), seed=1, drop_last=True)  # the group's rank/world
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        loader = StatefulDataLoader(Indices(120), batch_size=12 // world, sampler=sampler,
+                                    drop_last=True)
+        batches, state = iter(loader), {"loader": loader}
+    else:
+        loader = DataLoader(Indices(120), batch_size=12 // world, sampler=sampler,
+                            drop_last=True)  # (ranks here are daemons: no workers)
+        batches, state = sampler.track(loader), {"data": sampler}
+    for _ in range(3):
+        next(batches)
+    shardckpt.save(state, path)
+
+
+def _next_two_global_batches(rank, world, path, stateful):
+    sampler = DistributedSampler(Indices(120), seed=1, drop_last=True)
+    loader_cls = DataLoader
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader as loader_cls
+    loader = loader_cls(Indices(120), batch_size=12 // world, sampler=sampler, drop_last=True)
+    state = {"loader": loader} if stateful else {"data": sampler}
+    shardckpt.load(state, path, per_rank="rank0" if stateful else "error")
+    batches = iter(loader) if stateful else sampler.track(loader)
+    return [next(batches).tolist() for _ in range(2)]
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_saved_on_4_ranks_through_shardckpt_resumed_on_3(tmp_path, stateful):
+    """The sampler's state is one value in the checkpoint (every rank's is the same), so 3 ranks
+    load it with the default per_rank="error"; a StatefulDataLoader's own state has per-rank
+    values and loads with per_rank="rank0"."""
+    if stateful:
+        pytest.importorskip("torchdata.stateful_dataloader")
+    path = str(tmp_path / "ckpt")
+    run_with_ranks(4, _save_after_3_batches, path, stateful)
+    if not stateful:
+        assert shardckpt.load_full(path, rank=3) == shardckpt.load_full(path, rank=0)
+        assert shardckpt.load_full(path)["data"]["position"] == 36
+    got = [r.value for r in run_with_ranks(3, _next_two_global_batches, path, stateful)]
+    order = permutation(120, 1, 0)
+    for k in range(2):
+        assert sorted(i for own in got for i in own[k]) == sorted(order[36 + 12 * k:48 + 12 * k])
