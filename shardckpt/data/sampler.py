@@ -178,6 +178,9 @@ class DistributedSampler(_torch_distributed.DistributedSampler):
         here = {"size": len(self.dataset), "seed": self.seed, "shuffle": self.shuffle}
         wrong = [(f"DistributedSampler.{k}", f"checkpoint {state[k]!r}, this run {v!r}")
                  for k, v in here.items() if state[k] != v]
+        if not 0 <= state["position"] <= len(self.dataset):
+            wrong.append(("DistributedSampler.position",
+                          f"{state['position']!r} is outside the epoch of {len(self.dataset)}"))
         if wrong:
             raise DataPositionError(mismatched=wrong)
         self.epoch, self._start, self._resume = int(state["epoch"]), int(state["position"]), True

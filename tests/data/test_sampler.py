@@ -193,7 +193,8 @@ def test_a_world_size_that_does_not_split_the_global_batch_raises():
     assert next(on_purpose).tolist() == permutation(120, 0, 0)[12:20:2]
 
 
-@pytest.mark.parametrize("key,value", [("size", 99), ("seed", 5), ("shuffle", False)])
+@pytest.mark.parametrize("key,value", [("size", 99), ("seed", 5), ("shuffle", False),
+                                       ("position", 121), ("position", -1)])
 def test_a_position_in_another_permutation_is_refused(key, value):
     state = DistributedSampler(Indices(120), 2, 0).state_dict()
     with pytest.raises(DataPositionError, match=key):
