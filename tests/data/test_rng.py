@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import numpy
-import pytest
 import torch
 
 import shardckpt
@@ -69,3 +68,10 @@ def test_saved_on_2_ranks_loaded_on_2_then_3(tmp_path):
     for rank, (reseeded, values) in enumerate(grown):
         assert reseeded == seed_for(9, 12, rank)
         assert values == torch.rand(2, generator=torch.Generator().manual_seed(reseeded)).tolist()
+
+
+def test_another_world_without_a_per_rank_rule_is_refused(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_with_ranks(2, _save, path)
+    results = run_with_ranks(1, _load, path, "error", expect_errors=True)
+    assert results[0].error_type == "StateMismatchError" and "per_rank" in results[0].error
