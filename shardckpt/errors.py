@@ -80,6 +80,13 @@ class StateMismatchError(CheckpointError, ValueError):
         super().__init__("state does not match checkpoint: " + " | ".join(parts) + hint)
 
 
+class DataPositionError(StateMismatchError):
+    """A saved data position (``shardckpt.data.DistributedSampler``) would name other samples in
+    this run: another dataset length, seed or ``shuffle``, or a world size that does not split
+    the checkpoint's global batch. A ``StateMismatchError``, so a restore stops rather than fall
+    back to an older checkpoint that has the same problem."""
+
+
 class UnsupportedValueError(CheckpointError, TypeError):
     """A value in the state cannot be saved without pickling (named by its path)."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = ["policies.md"]  # pages whose every example runs here
+PAGES = ["policies.md", "resuming.md"]  # pages whose every example runs here
 BLOCK = re.compile(r"(<!-- not run:[^>]*-->\s*)?```python\n(.*?)```", re.S)
 
 
