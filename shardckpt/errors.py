@@ -160,3 +160,8 @@ class StateChangedError(CheckpointError, RuntimeError):
 class TransferError(CheckpointError, ConnectionError):
     """A peer died, hung past the timeout or sent nonsense while the local tier moved data
     files between nodes (the message names the peer rank); nothing was committed."""
+
+
+class TrackerError(CheckpointError, RuntimeError):
+    """An experiment tracker (MLflow, W&B) has no run to register checkpoints into, or cannot
+    take what it was asked to (``copy=True`` of an object-store checkpoint)."""
