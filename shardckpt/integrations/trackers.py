@@ -11,7 +11,7 @@ read beyond the manifest.
 
 from __future__ import annotations
 
-import json
+import atexit
 import os
 import queue
 import threading
@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import CheckpointError, CheckpointNotFoundError
+from ..format.chunk_index import unbundle
 from ..format.opening import checked_manifest, manifest_bytes
 from ..manage.manager import META_KEY
 from ..manage.retention import best_steps
@@ -28,6 +29,7 @@ from ..storage import open_checkpoint
 from ..types import MANIFEST_NAME
 
 HANDLED = (SAVE_COMMITTED, REMOVED, DEMOTED)
+EXIT_FLUSH_SECONDS = 10.0  # at interpreter exit, the wait for what is still queued
 _STOP = object()
 
 
@@ -75,21 +77,28 @@ def read_record(path: str, step: int | None, storage_options: dict | None = None
     storage, name = open_checkpoint(path, storage_options)
     data = manifest_bytes(storage, name)
     manifest = checked_manifest(storage, name, data)
-    doc = json.loads(data)  # the checksum member is no field of the parsed manifest
     metadata = manifest.metadata or {}
     # the manager's facts; a Lightning checkpoint (integrations/lightning.py) has its own
     meta = metadata.get(META_KEY) or {}
     lightning = metadata.get("lightning") or {}
     if not meta and lightning:
         meta = {"step": lightning.get("global_step", step), "epoch": lightning.get("epoch")}
-    written = sum(f["size"] for f in doc["files"] if "base" not in f)
-    referenced = sum(f["size"] for f in doc["files"] if "base" in f)
+    written = sum(f.size for f in manifest.files if f.base is None) + \
+        sum(e.size for e in manifest.indexes or ())
+    referenced = sum(f.size for f in manifest.files if f.base is not None)
     kind = meta.get("kind") or ("incremental" if referenced else "full")
     return CheckpointRecord(
         uri=path, step=meta.get("step", step), epoch=meta.get("epoch"),
         metrics=meta.get("metrics"), reason=meta.get("reason"), kind=kind,
         bytes_written=written, bytes_referenced=referenced,
-        manifest_crc32c=doc.get("manifest_crc32c"))
+        manifest_crc32c=manifest_crc(data))
+
+
+def manifest_crc(data: bytes) -> int:
+    """The manifest's own CRC-32C (its last member, FORMAT.md 3), from ``manifest_bytes``
+    (which may carry the index files after it: chunk_index.bundle); already checked."""
+    text, _ = unbundle(data)
+    return int(text.rsplit(b',"manifest_crc32c":', 1)[1].rstrip().rstrip(b"}"))
 
 
 def _rank0() -> bool:
@@ -125,6 +134,7 @@ class TrackerCallback:
         self.records: dict[int, CheckpointRecord] = {}  # step -> record (kept and demoted)
         self.aliases: dict[str, int] = {}  # alias -> step
         self.failures = 0  # registration attempts that failed (each was logged)
+        self.last_error: Exception | None = None  # the latest of them
         self._info: dict | None = None  # the root's monitor and mode, once read
         self._info_tries = 0
         self._queue: queue.Queue = queue.Queue()
@@ -132,6 +142,7 @@ class TrackerCallback:
         self._pending = 0
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
+        self._exit_hook = False
 
     # ------------------------------------------------------------ the caller's side
     def __call__(self, event: CheckpointEvent) -> None:
@@ -148,6 +159,9 @@ class TrackerCallback:
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name=f"shardckpt-{type(self).__name__}")
             self._thread.start()
+            if not self._exit_hook:  # a script that never calls close() still registers
+                atexit.register(self.close, EXIT_FLUSH_SECONDS)
+                self._exit_hook = True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued event is registered; whether that happened in ``timeout``."""
@@ -189,6 +203,7 @@ class TrackerCallback:
                     if self._gone(event):
                         break
                     self.failures += 1
+                    self.last_error = exc
                     logger.warning("shardckpt: %s could not register %s of %s (%s: %s); "
                                    "retrying in %.1f s", type(self).__name__, event.kind,
                                    event.path, type(exc).__name__, exc, delay)

@@ -107,3 +107,21 @@ def test_the_record_comes_from_the_manifest(tmp_path):
     assert incr.metrics == {"loss": 1.0} and incr.reason == "manual" and incr.step == 2
     raw = (tmp_path / "ck" / "step-00000002" / "manifest.json").read_bytes()
     assert raw.endswith(b',"manifest_crc32c":%d}' % incr.manifest_crc32c)
+
+
+def _register_on_two_ranks(rank, world, root):
+    tracker = Ledger()
+    with shardckpt.CheckpointManager(root, keep_last=1, on_event=tracker,
+                                     async_save=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, STATE)
+    assert tracker.close(10), tracker.last_error
+    return [e[:2] for e in tracker.log]
+
+
+def test_two_ranks_register_once(tmp_path):
+    from shardckpt.testing import run_with_ranks
+    logs = [r.value for r in run_with_ranks(2, _register_on_two_ranks, str(tmp_path / "ck"))]
+    assert logs[1] == []  # every rank gets the events; rank 0 alone registers
+    assert [e for e in logs[0] if e[0] == "commit"][-1] == ("commit", 2)
+    assert ("remove", 1) in logs[0] or ("commit", 1) not in logs[0]
