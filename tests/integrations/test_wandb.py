@@ -103,3 +103,28 @@ def test_no_active_run_is_a_typed_error(monkeypatch):
     monkeypatch.setattr(wandb, "run", None)
     with pytest.raises(TrackerError, match="wandb.init"):
         WandbCheckpoints()
+
+
+def test_object_store_checkpoints_are_referenced_by_url_and_copy_adds_files(tmp_path, s3_url,
+                                                                            offline_run):
+    from shardckpt.integrations.wandb import WandbCheckpoints
+    url, opts = s3_url
+    by_ref = WandbCheckpoints(name="on-s3", storage_options=opts)
+    with shardckpt.CheckpointManager(url, storage_options=opts, on_event=by_ref,
+                                     async_save=False) as mgr:
+        mgr.save(10, STATE, metrics={"loss": 1.0})
+    copied = WandbCheckpoints(name="copied", copy=True)
+    with shardckpt.CheckpointManager(tmp_path / "ck", on_event=copied,
+                                     async_save=False) as local:
+        local.save(3, STATE)
+    assert by_ref.close(30) and copied.close(30), (by_ref.last_error, copied.last_error)
+    offline_run.finish()
+    (ref,), _ = _artifact_records(tmp_path, "on-s3")
+    meta = json.loads(ref.metadata)
+    assert meta["uri"] == mgr.path(10) and meta["bytes_written"] > 16384
+    # one entry: the URL itself; nothing is listed, read or uploaded from the bucket
+    assert [(e.ref, e.size) for e in ref.manifest.contents] == [(mgr.path(10), 0)]
+    (copy,), _ = _artifact_records(tmp_path, "copied")
+    entries = {e.path: e for e in copy.manifest.contents}
+    assert not entries["step-00000003/data/rank-00000.bin"].ref  # a file of the artifact
+    assert entries["step-00000003/data/rank-00000.bin"].local_path
