@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, StorageError, TrackerError
 from ..format.chunk_index import unbundle
 from ..format.opening import checked_manifest, manifest_bytes
 from ..manage.manager import META_KEY
@@ -200,7 +200,7 @@ class TrackerCallback:
                     self._apply(event)
                     break
                 except Exception as exc:  # the tracker is down or refused: try again later
-                    if self._gone(event):
+                    if self._gone(event) or self._hopeless(event, exc):
                         break
                     self.failures += 1
                     self.last_error = exc
@@ -212,6 +212,21 @@ class TrackerCallback:
             with self._idle:
                 self._pending -= 1
                 self._idle.notify_all()
+
+    def _hopeless(self, event: CheckpointEvent, exc: Exception) -> bool:
+        """Whether trying ``event`` again cannot help: the tracker cannot take it
+        (TrackerError) or the checkpoint itself is bad (a CheckpointError that is no storage
+        outage). Logged as an ERROR and skipped, so that later events are not held up."""
+        if not isinstance(exc, (TrackerError, CheckpointError)) or \
+                isinstance(exc, StorageError):
+            return False
+        self.failures += 1
+        self.last_error = exc
+        logger.error("shardckpt: %s skips %s of %s: %s: %s", type(self).__name__, event.kind,
+                     event.path, type(exc).__name__, exc)
+        if event.kind == SAVE_COMMITTED and not self._created(event.step):
+            self.records.pop(event.step, None)  # never registered: no alias may land on it
+        return True
 
     def _gone(self, event: CheckpointEvent) -> bool:
         """After a failed commit: whether the checkpoint was removed meanwhile (retention ran

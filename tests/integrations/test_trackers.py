@@ -125,3 +125,22 @@ def test_two_ranks_register_once(tmp_path):
     assert logs[1] == []  # every rank gets the events; rank 0 alone registers
     assert [e for e in logs[0] if e[0] == "commit"][-1] == ("commit", 2)
     assert ("remove", 1) in logs[0] or ("commit", 1) not in logs[0]
+
+
+def test_an_event_the_tracker_cannot_take_is_skipped_not_retried(tmp_path, caplog):
+    from shardckpt.errors import TrackerError
+
+    class Refuses(Ledger):
+        def _commit(self, record):
+            if record.step == 1:
+                raise TrackerError("copy=True of an object store")
+            super()._commit(record)
+    tracker = Refuses()
+    with shardckpt.CheckpointManager(tmp_path / "ck", on_event=tracker,
+                                     async_save=False) as mgr:
+        mgr.save(1, STATE)
+        mgr.save(2, STATE)
+    assert tracker.close(10) and tracker.failures == 1
+    assert isinstance(tracker.last_error, TrackerError) and "skips save_committed" in caplog.text
+    assert [e for e in tracker.log if e[0] == "commit"] == [("commit", 2, ("latest",))]
+    assert list(tracker.records) == [2]
