@@ -23,10 +23,12 @@ def examples(page: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))
-def test_page_examples_run(page, tmp_path, monkeypatch):
+def test_page_examples_run(page, tmp_path, monkeypatch, request):
     missing = [m for m in PAGES[page] if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
+    if "mlflow" in PAGES[page]:  # the examples use $MLFLOW_TRACKING_URI when it is set
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("mlflow_server").url)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -22,12 +22,10 @@ STATE = {"model": {"w": torch.arange(4096, dtype=torch.float32).reshape(64, 64)}
 LOSSES = [(1, 0.9), (2, 0.5), (3, 0.7), (4, 0.8), (5, 0.6)]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from tests.integrations.tracker_servers import MlflowServer
-    srv = MlflowServer(str(tmp_path_factory.mktemp("mlflow"))).start()
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(mlflow_server):
+    """The session's mlflow server (tests/conftest.py)."""
+    return mlflow_server
 
 
 @pytest.fixture

@@ -64,8 +64,8 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)  # the server's own process group (uvicorn workers)
-            try:
-                self.proc.wait(20)
+            try:  # nothing of its state is needed after the tests: a short grace
+                self.proc.wait(3)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
