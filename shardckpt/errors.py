@@ -184,3 +184,8 @@ class MetricNotFoundError(CheckpointError, KeyError):
 class NoResumableCheckpointError(CheckpointNotFoundError):
     """``restore`` found only weights-only (demoted) checkpoints: they hold no optimizer state
     to resume from (the message names them; ``load`` reads their weights)."""
+
+
+class TrackerError(CheckpointError, RuntimeError):
+    """An experiment tracker (MLflow, W&B) has no run to register checkpoints into, or cannot
+    take what it was asked to (``copy=True`` of an object-store checkpoint)."""

@@ -6,6 +6,10 @@
   shardckpt (``pip install 'shardckpt[accelerate]'``).
 - ``tensorboard``: ``TensorBoardEvents``, an ``on_event`` callback writing SummaryWriter scalars
   (``pip install 'shardckpt[tensorboard]'``).
+- ``mlflow``, ``wandb``: ``MLflowCheckpoints`` / ``WandbCheckpoints``, ``on_event`` callbacks
+  registering each committed checkpoint in the experiment tracker by reference, with aliases
+  that follow retention (``pip install 'shardckpt[mlflow]'`` / ``'shardckpt[wandb]'``); the
+  shared background worker is ``trackers``.
 
 - ``dcp``: ``Reader`` / ``Writer``, torch.distributed.checkpoint storage for shardckpt folders
   (no extra needed).
