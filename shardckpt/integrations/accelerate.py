@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import types
 
 import numpy as np
@@ -214,8 +215,12 @@ def _make_room(accelerator, root: str) -> None:
     if limit is None or not accelerator.is_main_process or len(existing) + 1 <= limit:
         return
     for _, name in existing[:len(existing) + 1 - limit]:
-        storage, checkpoint = open_checkpoint(os.path.join(root, name))
-        remove_checkpoint(storage, checkpoint)
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, "manifest.json")):
+            storage, checkpoint = open_checkpoint(path)
+            remove_checkpoint(storage, checkpoint)
+        else:  # Accelerate's own format from before the switch: deleted as Accelerate does
+            shutil.rmtree(path)
 
 
 def _automatic_path(accelerator) -> str:

@@ -127,30 +127,33 @@ def test_enabled_accelerator_names_keeps_and_finds_checkpoints_like_accelerate(t
     from shardckpt.errors import CheckpointExistsError
     from shardckpt.integrations.accelerate import enable
 
+    old = tmp_path / "checkpoints" / "checkpoint_0"  # Accelerate's format, before the switch
+    old.mkdir(parents=True)
+    (old / "optimizer.bin").write_bytes(b"pickle")
     config = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True,
-                                  total_limit=2)
+                                  total_limit=2, iteration=1)
     accelerator = enable(Accelerator(cpu=True, project_config=config))
     model = accelerator.prepare(torch.nn.Linear(3, 1))
-    for step in range(3):
+    for step in range(1, 4):
         with torch.no_grad():
             model.weight.fill_(step)
         accelerator.save_state()  # the user's own call, no path: Accelerate's folder naming
     root = tmp_path / "checkpoints"
-    assert sorted(os.listdir(root)) == ["checkpoint_1", "checkpoint_2"]  # total_limit=2
-    assert accelerator.project_configuration.iteration == 3
-    assert shardckpt.verify(root / "checkpoint_2").ok
+    assert sorted(os.listdir(root)) == ["checkpoint_2", "checkpoint_3"]  # total_limit=2
+    assert accelerator.project_configuration.iteration == 4
+    assert shardckpt.verify(root / "checkpoint_3").ok
 
     with torch.no_grad():
         model.weight.fill_(-1)
-    accelerator.load_state()  # the newest: checkpoint_2
+    accelerator.load_state()  # the newest: checkpoint_3
+    assert torch.equal(model.weight, torch.full((1, 3), 3.0))
+    accelerator.load_state(root / "checkpoint_2", map_location="cpu")
     assert torch.equal(model.weight, torch.full((1, 3), 2.0))
-    accelerator.load_state(root / "checkpoint_1", map_location="cpu")
-    assert torch.equal(model.weight, torch.full((1, 3), 1.0))
     with pytest.raises(TypeError, match="Unsupported optimizer map location"):
-        accelerator.load_state(root / "checkpoint_1", map_location="invalid")
+        accelerator.load_state(root / "checkpoint_2", map_location="invalid")
 
-    accelerator.project_configuration.iteration = 2  # a resumed run that reuses a number
-    with pytest.raises(CheckpointExistsError, match="checkpoint_2.*already exists"):
+    accelerator.project_configuration.iteration = 3  # a resumed run that reuses a number
+    with pytest.raises(CheckpointExistsError, match="checkpoint_3.*already exists"):
         accelerator.save_state()
     accelerator.project_configuration.automatic_checkpoint_naming = False
     explicit = tmp_path / "explicit"
