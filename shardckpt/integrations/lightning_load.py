@@ -33,6 +33,8 @@ def track(path: str, handle, storage_options: dict | None = None) -> None:
     """Remember a background save to ``path`` until it finishes, so that any reader of the
     process (another Trainer's plugin, ``pl_load``) waits for it instead of missing it."""
     with _LOCK:
+        for url in [u for u, h in _IN_FLIGHT.items() if h.done()]:
+            del _IN_FLIGHT[url]  # finished: nothing to wait for (the owner keeps any error)
         _IN_FLIGHT[checkpoint_url(path, storage_options)] = handle
 
 

@@ -159,3 +159,33 @@ def test_enabled_accelerator_names_keeps_and_finds_checkpoints_like_accelerate(t
     explicit = tmp_path / "explicit"
     assert accelerator.save_state(explicit) == str(explicit)  # a given folder, as Accelerate
     assert accelerator.save_state(explicit) == str(explicit)  # and replaced like Accelerate
+
+
+def test_enabled_accelerator_calls_the_model_state_hooks(tmp_path):
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from shardckpt.integrations.accelerate import enable
+
+    calls = []
+
+    def save_hook(models, weights, folder):  # e.g. a diffusers-style extra file
+        calls.append(("save", len(weights), os.path.basename(folder)))
+        with open(os.path.join(folder, "extra.txt"), "w") as fh:
+            fh.write("mine")
+
+    config = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True,
+                                  total_limit=1)
+    accelerator = enable(Accelerator(cpu=True, project_config=config))
+    accelerator.prepare(torch.nn.Linear(2, 1))
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(
+        lambda models, folder: calls.append(("load", len(models), os.path.basename(folder))))
+    accelerator.save_state()
+    accelerator.save_state()  # total_limit=1 deletes checkpoint_0, its extra file included
+    accelerator.load_state()
+    assert calls == [("save", 1, "checkpoint_0"), ("save", 1, "checkpoint_1"),
+                     ("load", 1, "checkpoint_1")]
+    assert os.listdir(tmp_path / "checkpoints") == ["checkpoint_1"]
+    assert (tmp_path / "checkpoints" / "checkpoint_1" / "extra.txt").read_text() == "mine"
