@@ -189,3 +189,31 @@ def test_enabled_accelerator_calls_the_model_state_hooks(tmp_path):
                      ("load", 1, "checkpoint_1")]
     assert os.listdir(tmp_path / "checkpoints") == ["checkpoint_1"]
     assert (tmp_path / "checkpoints" / "checkpoint_1" / "extra.txt").read_text() == "mine"
+
+
+def _enabled_saves(rank, world, root):
+    import os
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from shardckpt.integrations.accelerate import enable
+    config = ProjectConfiguration(project_dir=root, automatic_checkpoint_naming=True,
+                                  total_limit=2)
+    accelerator = enable(Accelerator(cpu=True, project_config=config))
+    model = accelerator.prepare(torch.nn.Linear(3, 1))
+    for step in range(4):
+        with torch.no_grad():
+            model.module.weight.fill_(step)
+        accelerator.save_state()
+    with torch.no_grad():
+        model.module.weight.fill_(-1)
+    accelerator.load_state()
+    return sorted(os.listdir(os.path.join(root, "checkpoints"))), model.module.weight.tolist()
+
+
+def test_enabled_accelerator_on_two_processes(tmp_path):
+    from shardckpt.testing import run_with_ranks
+    results = [r.value for r in run_with_ranks(2, _enabled_saves, str(tmp_path), timeout=240)]
+    for names, weight in results:
+        assert names == ["checkpoint_2", "checkpoint_3"] and weight == [[3.0, 3.0, 3.0]]
