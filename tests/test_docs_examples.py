@@ -12,7 +12,8 @@ import pytest
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 # page -> the packages its examples need (skipped without them)
-PAGES = {"policies.md": (), "resuming.md": (), "trackers.md": ("mlflow", "wandb")}
+PAGES = {"policies.md": (), "resuming.md": (), "trackers.md": ("mlflow", "wandb"),
+         "lightning.md": ("lightning",), "accelerate.md": ("accelerate",)}
 BLOCK = re.compile(r"(<!-- not run:[^\n]*-->\s*)?```python\n(.*?)```", re.S)
 
 
