@@ -157,18 +157,6 @@ def test_dtensor_shards_read_only_their_bytes(tmp_path, dim):
     assert read <= 1.05 * placed + headers
 
 
-def _fsdp_llama_load(rank, world, folder):
-    from torch.distributed.fsdp import fully_shard
-    from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM(_llama_config())
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    shardckpt.load({"model": model}, folder, key_map="model.", timeout=60)
-    return {"full": {k: v.full_tensor() for k, v in model.state_dict().items()},
-            "read": hf.last_stats.read_bytes, "placed": hf.last_stats.placed_bytes}
-
-
 def _llama_config():
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -176,18 +164,56 @@ def _llama_config():
                        max_position_embeddings=32, tie_word_embeddings=True)
 
 
-def test_llama_bf16_folder_into_fsdp2_fp32(tmp_path):
-    """A bf16 save_pretrained folder (tied embeddings, several shards) into an fp32 FSDP2
-    model on 2 ranks: exact values, bytes read within 1.05x of the slices' bytes."""
-    pytest.importorskip("transformers")
+def _fsdp_llama(seed):
+    from torch.distributed.fsdp import fully_shard
     from transformers import LlamaForCausalLM
-    torch.manual_seed(0)
-    source = LlamaForCausalLM(_llama_config()).to(torch.bfloat16)
-    source.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
-    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    results = run_with_ranks(2, _fsdp_llama_load, str(tmp_path / "hf"))
-    for k, v in source.state_dict().items():
-        assert torch.equal(results[1].value["full"][k], v.float()), k
-    read = sum(r.value["read"] for r in results)
-    placed = sum(r.value["placed"] for r in results)
-    assert read <= 1.05 * placed, (read, placed)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config())
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _fsdp_round_trip(rank, world, root):
+    """Save a 2-rank FSDP2 Llama, ``shardckpt convert --to hf`` it on rank 0 (as it is, and
+    cast to bf16), load each folder into a differently initialised fp32 FSDP2 model."""
+    import torch.distributed as dist
+    from shardckpt.cli import main
+    model = _fsdp_llama(0)
+    shardckpt.save({"model": model, "step": 5}, f"{root}/ck", timeout=60)
+    saved = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        with open(f"{root}/config.json", "w") as fh:
+            fh.write(_llama_config().to_json_string())
+        for name, extra in (("hf", []), ("hf16", ["--dtype", "bf16"])):
+            assert main(["convert", f"{root}/ck", f"{root}/{name}", "--to", "hf", "--key",
+                         "model", "--max-shard-size", "60KB", "--config",
+                         f"{root}/config.json", *extra]) == 0
+    dist.barrier()
+    out = {"saved": saved}
+    for name in ("hf", "hf16"):
+        fresh = _fsdp_llama(1)  # other initial weights: every value must come from the folder
+        shardckpt.load(fresh, f"{root}/{name}", timeout=60)
+        out[name] = {k: v.full_tensor() for k, v in fresh.state_dict().items()}
+        out[name + "_bytes"] = (hf.last_stats.read_bytes, hf.last_stats.placed_bytes)
+    return out
+
+
+def test_round_trip_convert_to_hf_then_fsdp2_and_from_pretrained(tmp_path):
+    """A 2-rank FSDP2 checkpoint, exported by ``shardckpt convert --to hf``, loads back into a
+    2-rank FSDP2 model bit for bit, and ``AutoModelForCausalLM.from_pretrained`` loads it."""
+    transformers = pytest.importorskip("transformers")
+    results = run_with_ranks(2, _fsdp_round_trip, str(tmp_path))
+    saved = results[0].value["saved"]
+    for result in results:
+        assert saved.keys() == result.value["hf"].keys() == result.value["hf16"].keys()
+        for k in saved:
+            assert torch.equal(saved[k], result.value["hf"][k]), k
+            assert torch.equal(saved[k].bfloat16().float(), result.value["hf16"][k]), k
+    for name in ("hf_bytes", "hf16_bytes"):  # all ranks together: each slice read once
+        read, placed = (sum(r.value[name][i] for r in results) for i in (0, 1))
+        assert read <= 1.05 * placed, (name, read, placed)
+    assert len([f for f in os.listdir(tmp_path / "hf") if f.endswith(".safetensors")]) > 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
