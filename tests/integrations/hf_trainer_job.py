@@ -56,6 +56,8 @@ def main() -> None:
         save_file(weights, os.path.join(a.out, "final.safetensors"))
         with open(os.path.join(a.out, "resumed.txt"), "w") as fh:
             fh.write(str(trainer.state.global_step))
+    if torch.distributed.is_initialized():  # gloo's teardown at exit can abort the process
+        torch.distributed.destroy_process_group()
 
 
 class Tokens(torch.utils.data.Dataset):
