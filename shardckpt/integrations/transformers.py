@@ -28,12 +28,14 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 
 from . import require
 
 transformers = require("transformers", "transformers", "shardckpt.integrations.transformers")
 
 import shardckpt  # noqa: E402
+from ..dist import exchange  # noqa: E402
 from ..format.root import DELETE_MARK, is_committed, remove_leftovers  # noqa: E402
 from ..storage import open_storage  # noqa: E402
 from .accelerate import _RNG  # noqa: E402
@@ -145,7 +147,14 @@ class ShardCkptTrainerMixin:
     # -- saving --------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, as a shardckpt checkpoint saved in the background."""
+        """The Trainer's checkpoint, as a shardckpt checkpoint saved in the background
+        (DeepSpeed engines keep the Trainer's own checkpoints)."""
+        if self.is_deepspeed_enabled:
+            warnings.warn("shardckpt: DeepSpeed checkpoints stay the Trainer's own", stacklevel=2)
+            return super()._save_checkpoint(model, trial)
+        if self.args.push_to_hub:
+            warnings.warn("shardckpt: intermediate checkpoints are not pushed to the Hub",
+                          stacklevel=2)
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
@@ -184,10 +193,7 @@ class ShardCkptTrainerMixin:
         replaced, as the Trainer would; every rank waits until rank 0 has moved it away."""
         if self.args.should_save and os.path.lexists(folder):
             _remove(folder)
-        if self.args.world_size > 1:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.barrier()
+        self._from_rank0(None)
 
     def _shardckpt_finish(self, wait: bool) -> None:
         """After the save in flight committed: rank 0 writes the HF files beside it and
@@ -248,10 +254,17 @@ class ShardCkptTrainerMixin:
             self._restore_state_file(os.fspath(resume_from_checkpoint))
         self._sc_rng = _DeferredRNG()
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                                 **kwargs)
-        finally:
-            self._shardckpt_finish(wait=True)
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                   **kwargs)
+        except BaseException:
+            try:  # the save in flight still commits; its own failure must not hide this one
+                self._shardckpt_finish(wait=True)
+            except Exception as exc:
+                warnings.warn(f"shardckpt: the checkpoint in flight failed too: {exc}",
+                              stacklevel=2)
+            raise
+        self._shardckpt_finish(wait=True)
+        return result
 
     def _newest_checkpoint(self, run_dir: str) -> str | None:
         """Rank 0's newest committed shardckpt checkpoint or complete plain one, on all ranks."""
@@ -267,12 +280,9 @@ class ShardCkptTrainerMixin:
         return self._from_rank0(choice)
 
     def _from_rank0(self, value):
-        import torch.distributed as dist
-        if self.args.world_size > 1 and dist.is_initialized():
-            box = [value]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-        return value
+        """Rank 0's ``value`` (JSON) on every rank, through the store (no pickle); every rank
+        waits for all to arrive, so it is a barrier too."""
+        return exchange().round("transformers-resume", value, None, lambda posts: posts[0])
 
     def _restore_state_file(self, path: str) -> None:
         """A checkpoint that committed but lost the race with a kill has no trainer_state.json
