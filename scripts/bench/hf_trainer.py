@@ -12,7 +12,9 @@ shardckpt checkpoint per save, the optimizer as guard). Rank 0 times each step f
 ``on_step_end`` to the next, so a step after a save includes that save's stall. Reported
 (medians over reps): the median step time of steps without a save, the mean time a save step
 took beyond it, and the whole ``train()`` wall (ShardCkptTrainer's includes waiting for its last
-commit). The model is a randomly initialised Llama (fp32); checkpoint bytes are printed.
+commit), and for ShardCkptTrainer the mean ``async_save`` stall (the call) and guard wait (the
+optimizer's ``step()`` waiting for the copy). The model is a randomly initialised Llama (fp32);
+checkpoint bytes are printed.
 """
 
 from __future__ import annotations
@@ -60,9 +62,16 @@ def child(a) -> None:
         output_dir=a.out, per_device_train_batch_size=2, max_steps=a.steps,
         save_strategy="steps" if saving else "no", save_steps=a.save_steps, logging_steps=1000,
         report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
-    extra = {}
+    extra, handles = {}, []
     if a.mode == "ShardCkptTrainer":
+        import shardckpt
         extra["shardckpt_save_options"] = {"codec": a.codec}
+        start = shardckpt.async_save
+
+        def recorded(*args, **kw):  # keeps each handle for its stall and guard-wait seconds
+            handles.append(start(*args, **kw))
+            return handles[-1]
+        shardckpt.async_save = recorded
     cls = ShardCkptTrainer if a.mode == "ShardCkptTrainer" else Trainer
     trainer = cls(model=model, args=args, train_dataset=data, callbacks=[Clock()], **extra)
     t0 = time.perf_counter()
@@ -71,10 +80,14 @@ def child(a) -> None:
     if args.process_index == 0:
         with open(os.path.join(a.out, "times.json"), "w") as fh:
             json.dump({"stamps": stamps, "wall": wall,
+                       "stall": sum(h.stall_seconds for h in handles) / max(len(handles), 1),
+                       "guard_wait": sum(h.wait_seconds for h in handles) / max(len(handles), 1),
                        "ckpt_bytes": bh.disk_bytes(os.path.join(a.out, f"checkpoint-{a.steps}"))
                        if saving else 0}, fh)
-    if torch.distributed.is_initialized():  # gloo's teardown at exit can abort the process
-        torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank is past its last collective
+    sys.stdout.flush()
+    os._exit(0)  # gloo's teardown at interpreter exit can abort or hang a rank
 
 
 def summarize(doc: dict, save_steps: int) -> dict:
@@ -86,7 +99,8 @@ def summarize(doc: dict, save_steps: int) -> dict:
         (saves if step_before % save_steps == 0 else plain).append(stamps[k] - stamps[k - 1])
     base = statistics.median(plain)
     return {"step": base, "added": statistics.mean(saves) - base if saves else 0.0,
-            "wall": doc["wall"], "bytes": doc["ckpt_bytes"]}
+            "wall": doc["wall"], "bytes": doc["ckpt_bytes"], "stall": doc["stall"],
+            "guard_wait": doc["guard_wait"]}
 
 
 def main() -> None:
@@ -128,10 +142,12 @@ def main() -> None:
           f"processes under torchrun, {a.steps} steps, a save every {a.save_steps}; "
           f"{a.reps} reps (medians)")
     rows = [[m, bh.fmt(bh.med(r, "step"), ".3f"), bh.fmt(bh.med(r, "added"), ".3f"),
-             bh.fmt(bh.med(r, "wall"), ".2f"), bh.fmt(bh.med(r, "bytes") / bh.MIB, ".1f")]
+             bh.fmt(bh.med(r, "wall"), ".2f"), bh.fmt(bh.med(r, "bytes") / bh.MIB, ".1f"),
+             bh.fmt(bh.med(r, "stall"), ".3f") if m == "ShardCkptTrainer" else "-",
+             bh.fmt(bh.med(r, "guard_wait"), ".3f") if m == "ShardCkptTrainer" else "-"]
             for m, r in records.items()]
-    print(bh.table(["run", "step s", "added per save step s", "train() s", "checkpoint MiB"],
-                   rows))
+    print(bh.table(["run", "step s", "added per save step s", "train() s", "checkpoint MiB",
+                    "async_save stall s", "step() wait s"], rows))
 
 
 if __name__ == "__main__":

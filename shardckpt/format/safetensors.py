@@ -6,7 +6,8 @@ any of it is trusted: the header length against the file and a cap (so a hostile
 becomes an allocation), the JSON's size and nesting, every dtype, that each range lies in the
 data area and holds exactly shape x itemsize bytes, and that the ranges neither overlap nor
 leave holes (the safetensors format's own rules). An index (``model.safetensors.index.json``)
-may only name plain files inside its folder. Faults are typed errors naming the file and tensor.
+may only name plain file names inside its folder; a name may be a symbolic link to a regular file
+(the Hugging Face cache links its snapshots to blobs), never a FIFO or device. Faults are typed errors naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, StorageError,
+                      UnsafeCheckpointError)
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -58,11 +61,32 @@ def is_hf_folder(path) -> bool:
         return False
     if os.path.exists(os.path.join(path, "manifest.json")):
         return False
-    return any(os.path.isfile(os.path.join(path, n)) for n in (SINGLE, INDEX))
+    return any(os.path.lexists(os.path.join(path, n)) for n in (SINGLE, INDEX))
 
 
 def _fail(file: str, why: str, tensor: str | None = None):
     return UnsafeCheckpointError(f"{file}: {why}" + (f" (tensor {tensor!r})" if tensor else ""))
+
+
+def open_regular(path: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (a link to one is fine:
+    the Hugging Face cache links snapshot files to blobs); a FIFO or device is refused without
+    blocking on it.
+
+    Raises:
+        CheckpointNotFoundError: no such file. UnsafeCheckpointError: not a regular file.
+        StorageError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such safetensors file") from None
+    except OSError as exc:
+        raise StorageError(exc.errno, f"{path}: cannot open: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _fail(path, "not a regular file")
+    return fd
 
 
 def read_header(path: str) -> tuple[dict[str, Entry], int]:
@@ -75,10 +99,7 @@ def read_header(path: str) -> tuple[dict[str, Entry], int]:
             names the file and tensor. CorruptCheckpointError: the header is no JSON object.
         StorageError: reading failed.
     """
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: no such safetensors file") from None
+    fh = os.fdopen(open_regular(path), "rb")
     with fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
@@ -162,7 +183,8 @@ def read_index(folder: str) -> dict[str, str]:
     Raises:
         CorruptCheckpointError: the index is no JSON object with a ``weight_map`` of names.
         UnsafeCheckpointError: the index is over MAX_INDEX_BYTES or names a file outside the
-            folder (a path, ``..``, a link); names the file.
+            folder (a path or ``..``); names the file. (A name may be a link to a regular file,
+            as in the Hugging Face cache; ``open_regular`` refuses anything else.)
         CheckpointNotFoundError: a file it names does not exist.
     """
     index = os.path.join(folder, INDEX)
@@ -183,7 +205,4 @@ def _shard_path(folder: str, index: str, name, fname) -> str:
     if not (isinstance(fname, str) and fname and os.path.basename(fname) == fname
             and fname not in (".", "..") and "\\" not in fname and "\0" not in fname):
         raise _fail(index, f"names {str(fname)[:80]!r}, not a file inside the folder", str(name))
-    full = os.path.join(folder, fname)
-    if os.path.islink(full):
-        raise _fail(index, f"{fname} is a symbolic link", str(name))
-    return full
+    return os.path.join(folder, fname)

@@ -25,7 +25,7 @@ import torch
 
 from ..dist.rounds import exchange
 from ..errors import StateMismatchError, StorageError, UnsupportedValueError
-from ..format.safetensors import SINGLE, Entry, read_header, read_index
+from ..format.safetensors import SINGLE, Entry, open_regular, read_header, read_index
 from ..format.tree import local_box
 
 logger = logging.getLogger("shardckpt")
@@ -229,7 +229,7 @@ def fill(fills: list[_Fill], stats: HFLoadStats) -> None:
     for f in fills:
         by_file.setdefault(f.entry.file, []).append(f)
     for path, group in by_file.items():
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)
         try:
             for f in sorted(group, key=lambda f: f.entry.start):
                 _fill_one(fd, path, f, stats)

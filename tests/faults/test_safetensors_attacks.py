@@ -144,12 +144,20 @@ def test_index_names_a_missing_file(tmp_path):
     assert isinstance(_load_bounded(folder), CheckpointNotFoundError)
 
 
-def test_index_symlink_refused(tmp_path):
-    folder = _write(tmp_path / "w", _valid_header(), bytes(68))
-    os.symlink(folder / "model.safetensors", folder / "link.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "link.safetensors", "b": "link.safetensors"}}))
-    assert isinstance(_load_bounded(folder), UnsafeCheckpointError)
+def test_links_to_regular_files_load_and_to_devices_do_not(tmp_path):
+    """The Hugging Face cache links snapshot files to blobs: that loads. A link to a device or
+    a FIFO is refused without reading or blocking on it."""
+    data = torch.arange(12, dtype=torch.float32).numpy().tobytes() + bytes(20)
+    blobs = _write(tmp_path / "blobs", _valid_header(), data)
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    os.symlink(blobs / "model.safetensors", snap / "model.safetensors")
+    assert torch.equal(shardckpt.load(_target(), snap)["a"], torch.arange(12.0).reshape(4, 3))
+    for name, make in (("dev", lambda p: os.symlink("/dev/zero", p)), ("fifo", os.mkfifo)):
+        folder = tmp_path / name
+        folder.mkdir()
+        make(folder / "model.safetensors")
+        assert isinstance(_load_bounded(folder), UnsafeCheckpointError)
 
 
 @settings(max_examples=150, deadline=None,

@@ -56,8 +56,10 @@ def main() -> None:
         save_file(weights, os.path.join(a.out, "final.safetensors"))
         with open(os.path.join(a.out, "resumed.txt"), "w") as fh:
             fh.write(str(trainer.state.global_step))
-    if torch.distributed.is_initialized():  # gloo's teardown at exit can abort the process
-        torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank is past its last collective
+    sys.stdout.flush()
+    os._exit(0)  # gloo's teardown at interpreter exit can abort or hang a rank
 
 
 class Tokens(torch.utils.data.Dataset):
