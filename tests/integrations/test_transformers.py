@@ -156,6 +156,47 @@ def test_sft_shaped_subclass_resumes_bit_exact(tmp_path):
                              resume=str(tmp_path / "bypath" / "checkpoint-4")).model))
 
 
+@pytest.mark.slow  # ~18 s, mostly importing trl, datasets and pyarrow; the SFTTrainer-shaped
+def test_trl_sft_trainer_resumes_bit_exact(tmp_path):  # subclass above is its fast sample
+    """TRL's own SFTTrainer under the mixin, offline (a word-level tokenizer made here): its
+    checkpoints are shardckpt's, and resume_from_checkpoint=True after losing the newest one
+    ends with the same weights."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    from shardckpt.integrations.transformers import ShardCkptTrainerMixin
+
+    class ShardCkptSFT(ShardCkptTrainerMixin, SFTTrainer):
+        pass
+
+    vocab = {f"w{i}": i for i in range(60)} | {"[UNK]": 60, "[PAD]": 61, "[EOS]": 62}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]",
+                                        pad_token="[PAD]", eos_token="[EOS]")
+    data = Dataset.from_dict({"text": [" ".join(f"w{(i * 7 + j) % 60}" for j in range(12))
+                                       for i in range(24)]})
+
+    def run(resume=None):
+        args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6,
+                         save_steps=2, report_to=[], use_cpu=True, max_length=16,
+                         disable_tqdm=True)
+        trainer = ShardCkptSFT(model=_model(), args=args, train_dataset=data,
+                               processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = _weights(run().model)
+    assert (tmp_path / "checkpoint-6" / "manifest.json").exists()
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    resumed = run(resume=True)
+    assert resumed.state.global_step == 6
+    _same(full, _weights(resumed.model))
+
+
 def _launch(out, nproc, *extra, port):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     if nproc == 1:
