@@ -89,6 +89,33 @@ def test_checkpoints_limit_keeps_best_and_loads_it(tmp_path):
     assert '"global_step": 12' in saved["trainer_state"]
 
 
+def test_epoch_and_best_strategies_and_save_only_model(tmp_path):
+    """save_strategy "epoch" (2 steps an epoch) with save_only_model: model and trainer state
+    only; "best": a checkpoint only at a new best metric."""
+    import shardckpt
+    from shardckpt.integrations.transformers import ShardCkptTrainer
+    ShardCkptTrainer(model=_model(), train_dataset=Tokens(8),
+                     args=_args(tmp_path / "epoch", save_strategy="epoch",
+                                save_only_model=True)).train()
+    assert sorted(os.listdir(tmp_path / "epoch")) == ["checkpoint-2", "checkpoint-4"]
+    assert set(shardckpt.load_full(tmp_path / "epoch" / "checkpoint-4")) == {
+        "model", "trainer_state"}
+    scripted = {2: 0.5, 4: 0.3, 6: 0.6, 8: 0.2}
+    trainer = None
+
+    def metrics(_):
+        return {"score": scripted[trainer.state.global_step]}
+
+    trainer = ShardCkptTrainer(
+        model=_model(), train_dataset=Tokens(16), eval_dataset=Tokens(4),
+        compute_metrics=metrics,
+        args=_args(tmp_path / "best", save_strategy="best", eval_strategy="steps",
+                   eval_steps=2, metric_for_best_model="score", greater_is_better=False))
+    trainer.train()
+    assert sorted(os.listdir(tmp_path / "best")) == ["checkpoint-2", "checkpoint-4",
+                                                      "checkpoint-8"]
+
+
 class TinySFTTrainer:
     """Shaped like TRL's SFTTrainer: a Trainer subclass that takes raw text, tokenizes it in
     its constructor (bytes as tokens here) and overrides ``compute_loss``."""
