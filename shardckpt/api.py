@@ -8,7 +8,8 @@ from typing import Any
 
 from .format.opening import open_for_read, open_manifest
 from .save.incremental import base_name
-from .load import pipeline
+from .format.safetensors import is_hf_folder
+from .load import hf, pipeline
 from .load.read import ReadPlan
 from .load.scan import scan
 from .observe import log_save
@@ -77,8 +78,8 @@ def save(state: Any, path, *, codec: str | None = None, level: int | None = None
 
 def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
          threads: int | None = None, timeout: float | None = None,
-         storage_options: dict | None = None) -> Any:
-    """Load a checkpoint into ``state`` in place and return it.
+         storage_options: dict | None = None, key_map=None) -> Any:
+    """Load a checkpoint, or a Hugging Face weights folder, into ``state`` in place and return it.
 
     Tensors are filled in place (same global shape and dtype; any device; a DTensor receives
     just its local shard, whatever the saving world size and layout were); non-tensor leaves are
@@ -95,6 +96,15 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
             saved when the world size is unchanged. Otherwise ``"error"`` (default) raises
             StateMismatchError naming them, ``"rank0"`` gives every rank saved rank 0's values,
             ``"modulo"`` gives rank r saved rank r % N's values.
+        key_map: (HF folders only) how the folder's tensor names become the state's dotted
+            names: None (as they are), a prefix string (``"model."`` for ``{"model": model}``;
+            only targets under it are expected), a ``{folder prefix: target prefix}`` dict, or
+            a callable (returning None skips a tensor).
+
+    A local folder holding ``model.safetensors`` or ``model.safetensors.index.json`` (and no
+    manifest) is read as HF weights (load/hf.py): the state's modules, dicts and lists are named
+    by dotted paths; each rank reads only the byte ranges of its DTensor slices; floating
+    tensors are cast to the target's dtype; ``per_rank`` and ``threads`` do not apply.
 
     Raises:
         CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
@@ -105,6 +115,10 @@ def load(state: Any, path, *, strict: bool = True, per_rank: str = "error",
         RankFailureError: (several ranks) on the ranks whose own load succeeded, when another
             rank's failed.
     """
+    if is_hf_folder(path):
+        return hf.load_hf(state, path, key_map=key_map, strict=strict, timeout=timeout)
+    if key_map is not None:
+        raise TypeError(f"key_map applies to Hugging Face weights folders only; {path} is not one")
     return pipeline.load(state, path, strict=strict, per_rank=per_rank, threads=threads,
                          timeout=timeout, storage_options=storage_options)
 

@@ -13,7 +13,9 @@ import pytest
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 # page -> the packages its examples need (skipped without them)
 PAGES = {"policies.md": (), "resuming.md": (), "trackers.md": ("mlflow", "wandb"),
-         "lightning.md": ("lightning",), "accelerate.md": ("accelerate",)}
+         "lightning.md": ("lightning",), "accelerate.md": ("accelerate",),
+         "hf-trainer.md": ("transformers",), "hf-sft-subclass.md": ("transformers",),
+         "hf-start-from-folder.md": ("transformers",)}
 BLOCK = re.compile(r"(<!-- not run:[^\n]*-->\s*)?```python\n(.*?)```", re.S)
 
 

@@ -4,6 +4,8 @@
   ``Trainer`` (``pip install 'shardckpt[lightning]'``).
 - ``accelerate``: ``save_state`` / ``load_state`` of an ``accelerate.Accelerator`` through
   shardckpt (``pip install 'shardckpt[accelerate]'``).
+- ``transformers``: ``ShardCkptTrainer`` / ``ShardCkptTrainerMixin``, a ``transformers.Trainer``
+  whose checkpoints are shardckpt checkpoints (``pip install 'shardckpt[transformers]'``).
 - ``tensorboard``: ``TensorBoardEvents``, an ``on_event`` callback writing SummaryWriter scalars
   (``pip install 'shardckpt[tensorboard]'``).
 - ``mlflow``, ``wandb``: ``MLflowCheckpoints`` / ``WandbCheckpoints``, ``on_event`` callbacks

@@ -26,6 +26,7 @@ def test_core_and_cli_import_no_framework():
     ("tensorboard", "tensorboard", "tensorboard"),
     ("mlflow", "mlflow", "mlflow"),
     ("wandb", "wandb", "wandb"),
+    ("transformers", "transformers", "transformers"),
 ])
 def test_missing_extra_is_one_line_with_the_pip_command(monkeypatch, module, extra, blocked):
     monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed
