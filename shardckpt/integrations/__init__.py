@@ -6,6 +6,10 @@
   shardckpt (``pip install 'shardckpt[accelerate]'``).
 - ``tensorboard``: ``TensorBoardEvents``, an ``on_event`` callback writing SummaryWriter scalars
   (``pip install 'shardckpt[tensorboard]'``).
+- ``torchtitan``: ``ShardCkptCheckpointManager``, a torchtitan checkpoint backend
+  (``pip install 'shardckpt[torchtitan]'`` and ``pip install --no-deps torchtitan==0.3.0``).
+- ``keras``: ``ShardCkptCheckpoint`` / ``ShardCkptBackupAndRestore``, Keras 3 callbacks on the
+  torch backend (``pip install 'shardckpt[keras]'``).
 
 - ``dcp``: ``Reader`` / ``Writer``, torch.distributed.checkpoint storage for shardckpt folders
   (no extra needed).

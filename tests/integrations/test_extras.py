@@ -9,7 +9,7 @@ import pytest
 from shardckpt.errors import MissingExtraError
 
 FRAMEWORKS = ("lightning", "pytorch_lightning", "accelerate", "transformers", "tensorboard",
-              "matplotlib", "safetensors")
+              "matplotlib", "safetensors", "keras", "torchtitan")
 
 
 def test_core_and_cli_import_no_framework():
@@ -24,6 +24,8 @@ def test_core_and_cli_import_no_framework():
     ("lightning", "lightning", "lightning"),
     ("accelerate", "accelerate", "accelerate"),
     ("tensorboard", "tensorboard", "tensorboard"),
+    ("keras", "keras", "keras"),
+    ("torchtitan", "torchtitan", "torchtitan"),
 ])
 def test_missing_extra_is_one_line_with_the_pip_command(monkeypatch, module, extra, blocked):
     monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed
