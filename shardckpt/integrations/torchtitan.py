@@ -16,7 +16,6 @@ and ``pip install --no-deps torchtitan==0.3.0`` (docs/torchtitan.md says why).
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -31,15 +30,18 @@ _base = require("torchtitan.components.checkpointer.base", "torchtitan",
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torchtitan.config import TORCH_DTYPE_MAP  # noqa: E402
+from torchtitan.tools import filesystem  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 
 from .. import api  # noqa: E402
-from ..errors import StateMismatchError  # noqa: E402
+from ..errors import CheckpointError, StateMismatchError  # noqa: E402
 from ..format.opening import open_manifest  # noqa: E402
 from ..format.retire import remove_checkpoint  # noqa: E402
 from ..format.root import is_committed  # noqa: E402
 from ..format.tree import dict_items, node_kind  # noqa: E402
 from ..manage.preemption import EXIT_PREEMPTED, PreemptionWatcher  # noqa: E402
+from ..manage.tier.local import LocalTier  # noqa: E402
+from ..manage.verdict import FATAL, OK, SKIP, is_fatal  # noqa: E402
 from ..save import async_save  # noqa: E402
 from ..storage import open_storage  # noqa: E402
 
@@ -83,6 +85,14 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
         """From the signal, the time allowed to commit before exiting with 76."""
         staging_budget_bytes: int | None = None
         """Host memory an asynchronous save may take (default: shardckpt's)."""
+        local_folder: str | None = None
+        """Node-local folder of the local tier ("{node}" becomes the node index); None: off."""
+        local_interval: int | None = None
+        """Save to the local tier every N steps (in the background; skipped while busy)."""
+        local_keep: int = 1
+        """Local checkpoints each node keeps."""
+        local_replicas: int = 1
+        """Other nodes that hold a copy of each rank's local data."""
 
         def __post_init__(self) -> None:
             _base.BaseCheckpointManager.Config.__post_init__(self)
@@ -91,6 +101,8 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
                 raise ValueError(f"Invalid async_mode: {self.async_mode}")
             if self.codec not in ("auto", "zstd", "raw"):
                 raise ValueError(f"codec must be 'auto', 'zstd' or 'raw', not {self.codec!r}")
+            if (self.local_folder is None) != (self.local_interval is None):
+                raise ValueError("the local tier needs both local_folder and local_interval")
             if self.full_every is not None and self.full_every < 1:
                 raise ValueError(f"full_every must be >= 1 or None, not {self.full_every}")
             if self.last_save_in_hf or self.initial_load_in_hf:
@@ -104,8 +116,7 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
         if not self.enable:
             return
         self.config = config
-        self.folder = os.path.join(base_folder, config.folder) if "://" not in config.folder \
-            else config.folder
+        self.folder = filesystem.join(base_folder, config.folder)
         self.states = states
         self.states.update({MODEL: _base.ModelWrapper(model_parts), OPTIMIZER: optimizers,
                             DATALOADER: dataloader, LR_SCHEDULER: lr_schedulers})
@@ -118,6 +129,14 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
             self._group = dist.new_group(backend="gloo")
         self._watcher = PreemptionWatcher((signal.SIGTERM,), config.grace_seconds) \
             if config.handle_preemption else None
+        self._tier = None
+        if config.local_folder is not None:
+            durable = self._storage()
+            durable.makedirs("")
+            self._tier = LocalTier(config.local_folder, replicas=config.local_replicas,
+                                   keep=config.local_keep, save_options={"codec": config.codec},
+                                   staging_budget_bytes=config.staging_budget_bytes,
+                                   durable=durable)
         logger.info(f"Checkpointing active (shardckpt). Checkpoints will be loaded from and "
                     f"saved to {self.folder}")
 
@@ -158,6 +177,10 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
         if self._preemption_agreed():
             self._preempt(curr_step)
         if not self._should_save(curr_step, last_step):
+            if self._tier is not None and not self.config.load_only and \
+                    curr_step % self.config.local_interval == 0:
+                self._tier.save_async(curr_step, self._full_state(),
+                                      {META_KEY: {"step": curr_step, "kind": "local"}})
             return False
         self.maybe_wait_for_saving()
         begin = time.monotonic()
@@ -265,19 +288,70 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
             raise FileNotFoundError(f"--checkpoint.load_step={step} not found because "
                                     f"checkpoint.folder {self.folder} does not exist")
         found = self.steps() if exists else {}
-        if step == -1 and not found:
-            if not self.config.initial_load_path:
-                logger.info("No checkpoint was provided, this is a fresh start.")
-                return False
-            path = self.config.initial_load_path
-            kind = "dcp" if open_storage(path).exists(DCP_METADATA) else "shardckpt"
-            model_only = self.config.initial_load_model_only
-        else:
-            step = max(found) if step == -1 else step
+        if step != -1:
             if step not in found:
                 raise FileNotFoundError(f"--checkpoint.load_step={step} not found at "
                                         f"{self.path(step)}")
-            path, kind, model_only = self.path(step), found[step], step == 0
+            self._load_from(self.path(step), found[step], step == 0)
+            return True
+        if self._tier is not None and self._load_local(max(found) if found else None):
+            return True
+        if found:
+            return self._load_newest(found)
+        if not self.config.initial_load_path:
+            logger.info("No checkpoint was provided, this is a fresh start.")
+            return False
+        path = self.config.initial_load_path
+        kind = "dcp" if open_storage(path).exists(DCP_METADATA) else "shardckpt"
+        self._load_from(path, kind, self.config.initial_load_model_only)
+        return True
+
+    def _load_newest(self, found: dict[int, str]) -> bool:
+        """Load the newest checkpoint that loads, falling back past damaged ones (incomplete,
+        corrupt, unreadable: each named in a warning); the ranks agree on every verdict.
+
+        Raises:
+            the error of the newest checkpoint when it says the state or the storage is at
+            fault (a mismatch, an outage), or when every checkpoint failed.
+        """
+        last = None
+        for step in sorted(found, reverse=True):
+            error = None
+            try:
+                self._load_from(self.path(step), found[step], step == 0)
+            except CheckpointError as exc:
+                error = exc
+            verdict = self._agree(OK if error is None else FATAL if is_fatal(error) else SKIP)
+            if verdict == OK:
+                return True
+            if verdict == FATAL:
+                raise error or CheckpointError(f"{self.path(step)}: loading failed on another "
+                                               "rank")
+            last = error
+            logger.warning(f"shardckpt: skipping {self.path(step)}: "
+                           f"{type(error).__name__ if error else 'another rank'}: {error}")
+        raise last or CheckpointError(f"{self.folder}: no checkpoint loads on every rank")
+
+    def _agree(self, verdict: int) -> int:
+        """The worst verdict over the ranks."""
+        if self._group is None:
+            return verdict
+        t = torch.tensor([verdict], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return int(t.item())
+
+    def _load_local(self, durable: int | None) -> bool:
+        """Load the newest local-tier checkpoint newer than the durable ``durable``, if any."""
+        states = self._states_to_load(False)
+        newer_than = None if durable is None else durable - 1  # a local copy of it is faster
+        loaded = self._tier.restore(states, newer_than,
+                                    {"strict": not self.config.exclude_from_loading})
+        if loaded is None:
+            return False
+        logger.info(f"shardckpt: loaded step {loaded} from the local tier")
+        return True
+
+    def _load_from(self, path: str, kind: str, model_only: bool) -> None:
         begin = time.monotonic()
         logger.info(f"Loading the checkpoint from {path}.")
         states = self._states_to_load(model_only)
@@ -287,7 +361,6 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
             self._load_shardckpt(states, path, model_only)
         logger.info(f"Finished loading the checkpoint in {time.monotonic() - begin:.2f} "
                     "seconds.")
-        return True
 
     def _states_to_load(self, model_only: bool) -> dict[str, Any]:
         if model_only:
@@ -340,6 +413,9 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
             if self._watcher is not None:
                 self._watcher.close()
                 self._watcher = None
+            if self._tier is not None:
+                self._tier.close()
+                self._tier = None
             if self._group is not None:
                 dist.destroy_process_group(self._group)
                 self._group = None

@@ -25,7 +25,7 @@ def test_core_and_cli_import_no_framework():
     ("accelerate", "accelerate", "accelerate"),
     ("tensorboard", "tensorboard", "tensorboard"),
     ("keras", "keras", "keras"),
-    ("torchtitan", "torchtitan", "torchtitan"),
+    ("torchtitan", "torchtitan", "torchtitan.components.checkpointer.base"),
 ])
 def test_missing_extra_is_one_line_with_the_pip_command(monkeypatch, module, extra, blocked):
     monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed

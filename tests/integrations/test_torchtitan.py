@@ -143,3 +143,37 @@ def test_config_fields_are_checked():
     with pytest.raises(ValueError, match="codec"):
         _config(codec="lz4")
     assert _config(async_mode="ASYNC").async_mode == "async"
+
+
+def _train_tiered(rank, world, config, dump, steps, stop_at=None):
+    from tests.integrations import titan_job
+    os.environ.update(RANK=str(rank), LOCAL_WORLD_SIZE="1")  # each rank a node of its own
+    os.environ.pop("GROUP_RANK", None)
+    return titan_job.train(rank, world, config, dump, steps, stop_at=stop_at)
+
+
+def test_the_local_tier_resumes_from_a_step_newer_than_the_durable_one(tmp_path):
+    tier = dict(interval=4, local_folder=str(tmp_path / "local" / "node-{node}"),
+                local_interval=1, handle_preemption=False)
+    ref = run_with_ranks(2, _train, _config(enable=False), str(tmp_path / "ref"), 8,
+                         timeout=200)
+    # The job stops after step 6 (as if killed): durable step 4, local steps up to 6.
+    run_with_ranks(2, _train_tiered, _config(**tier), str(tmp_path / "run"), 8, 6, timeout=200)
+    assert _steps(tmp_path / "run" / "ckpt") == ["step-4"]
+    resumed = run_with_ranks(2, _train_tiered, _config(**tier), str(tmp_path / "run"), 8,
+                             timeout=200)
+    # A local step saved while the previous one still ran is skipped: 5 or 6 is the newest.
+    first = resumed[0].value[0]
+    assert first in (6, 7)
+    assert resumed[0].value[1] == ref[0].value[1][first - 1:]
+    _same(resumed[0].value[2], ref[0].value[2])
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path):
+    from shardckpt.testing import flip_byte
+    config = _config(async_mode="disabled", handle_preemption=False)
+    _one(tmp_path, config, 4)
+    data = tmp_path / "ckpt" / "step-4" / "data"
+    flip_byte(next(p for p in sorted(data.iterdir()) if p.stat().st_size > 64), 40)
+    first, _, _, _, _ = _one(tmp_path, config, 4)
+    assert first == 3  # step-2 loaded (a warning names step-4 and its damage)

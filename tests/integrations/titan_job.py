@@ -77,9 +77,10 @@ def full(model) -> dict:
             for k, v in model.state_dict().items()}
 
 
-def train(rank, world, config, dump_folder, steps, load_step=-1, kill_at=None, losses_only=False):
-    """Load, then train to ``steps`` the way torchtitan's Trainer.train does; returns
-    (first step trained, losses, model tensors at the end, lr, optimizer flat state)."""
+def train(rank, world, config, dump_folder, steps, load_step=-1, kill_at=None, stop_at=None):
+    """Load, then train to ``steps`` the way torchtitan's Trainer.train does (SIGTERM to the
+    last rank after step ``kill_at``; stop after step ``stop_at``); returns (first step
+    trained, losses, full model tensors at the end, lr, tokens seen)."""
     trainer, model, optimizers, schedulers, loader, ckpt = build(rank, world, config, dump_folder)
     ckpt.load(step=load_step)
     first = trainer.step + 1
@@ -98,7 +99,7 @@ def train(rank, world, config, dump_folder, steps, load_step=-1, kill_at=None, l
         if kill_at is not None and trainer.step == kill_at and rank == world - 1:
             os.kill(os.getpid(), signal.SIGTERM)
         ckpt.save(trainer.step, last_step=trainer.step == steps)
+        if trainer.step == stop_at:
+            break  # a job that ends here without a last save (ckpt.close still flushes)
     ckpt.close()
-    if losses_only:
-        return first, losses
     return first, losses, full(model), schedulers.schedulers[0].get_last_lr()[0], trainer.ntokens_seen
