@@ -174,7 +174,7 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
                 or (step == 1 and self.config.enable_first_step_checkpoint))
 
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
-        if self._preemption_agreed():
+        if not self.config.load_only and self._preemption_agreed():
             self._preempt(curr_step)
         if not self._should_save(curr_step, last_step):
             if self._tier is not None and not self.config.load_only and \
@@ -219,21 +219,25 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
             self._committed(step)
 
     def _incremental_base(self, step: int, meta: dict) -> dict:
-        """``save`` options of an incremental save; ``meta`` gets its chain length."""
+        """``save`` options of an incremental save; ``meta`` gets its chain length (saves since
+        the last full one). A full save when there is no base, the base cannot be read, or
+        ``full_every`` saves have referenced it."""
         previous = [s for s, kind in self.steps().items() if kind == "shardckpt" and s != step]
-        chain = 0
-        if previous:
-            name = f"step-{previous[-1]}"
-            try:
-                chain = int(open_manifest(self._storage(), name).metadata.get(
-                    META_KEY, {}).get("chain", 0)) + 1
-            except Exception:  # an unreadable base: write everything
-                chain = self.config.full_every or 0
-        full = not previous or (self.config.full_every is not None
-                                and chain >= self.config.full_every)
-        meta["chain"] = 0 if full else chain
-        return {"content_hashes": True} if full else \
-            {"base": f"step-{previous[-1]}", "content_hashes": True}
+        meta["chain"] = 0
+        if not previous:
+            return {"content_hashes": True}
+        base = f"step-{previous[-1]}"
+        try:
+            chain = int(open_manifest(self._storage(), base).metadata.get(
+                META_KEY, {}).get("chain", 0)) + 1
+        except CheckpointError as exc:
+            logger.warning(f"shardckpt: {self.path(previous[-1])} cannot be a base ({exc}); "
+                           "writing every chunk")
+            return {"content_hashes": True}
+        if self.config.full_every is not None and chain >= self.config.full_every:
+            return {"content_hashes": True}
+        meta["chain"] = chain
+        return {"base": base, "content_hashes": True}
 
     def _wait_for_saving(self) -> None:
         handle, self.save_future = self.save_future, None
@@ -254,7 +258,10 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
         storage = self._storage()
         for old in steps[:-k]:
             logger.info(f"shardckpt: removing {self.path(old)} (keep_latest_k={k})")
-            remove_checkpoint(storage, f"step-{old}")
+            try:
+                remove_checkpoint(storage, f"step-{old}")
+            except (OSError, CheckpointError) as exc:  # the training goes on; the next commit
+                logger.warning(f"shardckpt: cannot remove {self.path(old)}: {exc}")  # retries
 
     # ------------------------------------------------------------------ preemption
     def _preemption_agreed(self) -> bool:

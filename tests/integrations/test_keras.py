@@ -140,3 +140,25 @@ def test_arguments_are_checked(keras, tmp_path):
         ShardCkptCheckpoint(tmp_path, mode="up")
     with pytest.raises(ValueError, match="backup_dir"):
         ShardCkptBackupAndRestore("")
+
+
+def test_a_killed_fit_process_continues_in_the_next_one(tmp_path):
+    import subprocess
+    import sys
+    job = os.path.join(os.path.dirname(__file__), "keras_job.py")
+
+    def run(backup, out, *kill):
+        return subprocess.run([sys.executable, job, str(tmp_path / backup), str(tmp_path / out),
+                               *kill], capture_output=True, text=True, timeout=300)
+    assert run("ref", "ref.npz").returncode == 0
+    killed = run("backup", "never.npz", "3")
+    assert killed.returncode == -signal.SIGKILL  # no cleanup ran: its lease is still there
+    assert run("backup", "resumed.npz").returncode == 0  # the dead holder's lease is taken
+    ref, resumed = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
+    # The backup of epoch 3 is written in the background: a kill right after it may find it
+    # uncommitted, and the one of epoch 2 is used. Either way the run ends the same.
+    restored = int(resumed["restored"])
+    assert restored in (2, 3) and int(resumed["epochs"]) == 5 - restored
+    for key in ref.files:
+        if key.startswith("arr_"):
+            assert np.array_equal(ref[key], resumed[key]), key
