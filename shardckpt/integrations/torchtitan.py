@@ -93,6 +93,9 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
         """Local checkpoints each node keeps."""
         local_replicas: int = 1
         """Other nodes that hold a copy of each rank's local data."""
+        local_on_busy: str = "skip"
+        """A local step while the previous local save runs: "skip" it (a counted warning) or
+        "wait" for that save."""
 
         def __post_init__(self) -> None:
             _base.BaseCheckpointManager.Config.__post_init__(self)
@@ -103,6 +106,9 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
                 raise ValueError(f"codec must be 'auto', 'zstd' or 'raw', not {self.codec!r}")
             if (self.local_folder is None) != (self.local_interval is None):
                 raise ValueError("the local tier needs both local_folder and local_interval")
+            if self.local_on_busy not in ("skip", "wait"):
+                raise ValueError(f"local_on_busy must be 'skip' or 'wait', not "
+                                 f"{self.local_on_busy!r}")
             if self.full_every is not None and self.full_every < 1:
                 raise ValueError(f"full_every must be >= 1 or None, not {self.full_every}")
             if self.last_save_in_hf or self.initial_load_in_hf:
@@ -136,7 +142,7 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
             self._tier = LocalTier(config.local_folder, replicas=config.local_replicas,
                                    keep=config.local_keep, save_options={"codec": config.codec},
                                    staging_budget_bytes=config.staging_budget_bytes,
-                                   durable=durable)
+                                   on_busy=config.local_on_busy, durable=durable)
         logger.info(f"Checkpointing active (shardckpt). Checkpoints will be loaded from and "
                     f"saved to {self.folder}")
 
