@@ -2,7 +2,7 @@
 
 Usage:
     python launch/train.py --checkpoint-dir DIR [--max-steps 200] [--save-every 50]
-        [--freeze] [--incremental] [--codec auto|zstd|raw]
+        [--freeze] [--incremental] [--codec auto|zstd|raw] [--data-workers 2]
     torchrun --nproc-per-node 2 launch/train.py --checkpoint-dir DIR [--parallel fsdp|ddp]
     (or launch/torchrun.sh, launch/slurm.sbatch)
 
@@ -17,7 +17,10 @@ the next forward/backward runs, and ``optim.step()`` waits for that copy), reten
 SIGTERM every rank saves at the end of the current step, commits and exits with status 75. On
 start it resumes from the newest checkpoint that loads: model, optimizer, LR schedule, RNG and
 data position, on any world size (the global batch is fixed, so the math does not depend on the
-number of ranks).
+number of ranks). The data position is ``shardckpt.data.DistributedSampler``'s: the job's place
+in the epoch's permutation, counted in samples the loop consumed (``--data-workers`` prefetch
+ahead of it), so every window is trained on once per epoch across preemptions and world sizes.
+RNG states are restored per rank on the same world size, else reseeded from (seed, step, rank).
 
 Rank 0 prints ``step=<n> loss=<float>`` once per step (other lines start with ``[train]``). On
 the CPU the run is deterministic: a run preempted and resumed on the same world size prints the
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shardckpt
+import shardckpt.data
 
 
 # ------------------------------------------------------------------------------------ model
@@ -96,37 +100,51 @@ def stdlib_corpus(limit: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).long()
 
 
-class Batches:
-    """Non-overlapping windows of the corpus in a seeded order per epoch.
+class Windows(torch.utils.data.Dataset):
+    """Non-overlapping windows of ``seq + 1`` bytes of the corpus. Item ``i`` is ``(i, window)``:
+    the loop knows which samples it trains on (``--record-indices``)."""
 
-    The position counts samples of the whole job; each global batch is split among the ranks,
-    so a run on any world size sees the same samples per step.
-    """
+    def __init__(self, corpus: torch.Tensor, seq: int):
+        self.rows = corpus[: len(corpus) // (seq + 1) * (seq + 1)].view(-1, seq + 1)
 
-    def __init__(self, corpus: torch.Tensor, seq: int, global_batch: int, seed: int):
-        self.windows = corpus[: len(corpus) // (seq + 1) * (seq + 1)].view(-1, seq + 1)
-        self.global_batch, self.seed, self.position = global_batch, seed, 0
-        self._order: tuple[int, torch.Tensor] | None = None
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    def _sample(self, g: int) -> torch.Tensor:
-        epoch, i = divmod(g, len(self.windows))
-        if self._order is None or self._order[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.windows), generator=gen))
-        return self.windows[self._order[1][i]]
+    def __getitem__(self, i: int):
+        return i, self.rows[i]
 
-    def next(self, rank: int, world: int):
-        per_rank = self.global_batch // world
-        first = self.position + rank * per_rank
-        rows = torch.stack([self._sample(g) for g in range(first, first + per_rank)])
-        self.position += self.global_batch
-        return rows[:, :-1], rows[:, 1:]
 
-    def state_dict(self):
-        return {"position": self.position, "seed": self.seed}
+def batches(sampler, loader):
+    """``(epoch, indices, tokens, targets)`` per step, epoch after epoch, from the sampler's
+    position. ``track`` counts the batches this loop took (the loader's workers fetch ahead),
+    so a checkpoint holds the samples the training consumed."""
+    while True:
+        for indices, rows in sampler.track(loader):
+            yield sampler.epoch, indices, rows[:, :-1], rows[:, 1:]
+        sampler.set_epoch(sampler.epoch + 1)
 
-    def load_state_dict(self, sd):
-        self.position, self.seed = sd["position"], sd["seed"]
+
+def data_loader(windows: Windows, args, rank: int, world: int):
+    """The job's sampler and loader. The sampler's state is the job's global position in the
+    epoch's permutation: any world size resumes it, with the same global batches. ``drop_last``
+    on both makes every epoch ``len // global batch`` full global batches on any world size."""
+    sampler = shardckpt.data.DistributedSampler(windows, num_replicas=world, rank=rank,
+                                                seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        windows, batch_size=args.global_batch_size // world, sampler=sampler, drop_last=True,
+        num_workers=args.data_workers, generator=torch.Generator().manual_seed(args.seed))
+    return sampler, loader
+
+
+def recorder(args, rank: int, world: int, device):
+    """Where this rank notes the indices of every step (``--record-indices``), or None."""
+    if not args.record_indices:
+        return None
+    from shardckpt.testing.records import Recorder
+    run = torch.tensor([time.time_ns()], dtype=torch.int64, device=device)
+    if world > 1:
+        dist.broadcast(run, 0)  # one id for every rank of this incarnation of the job
+    return Recorder(args.record_indices, int(run.item()), rank, world)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -146,16 +164,6 @@ class ModelAndOptimizer:
         from torch.distributed.checkpoint.state_dict import set_state_dict
         set_state_dict(self.model, self.optim, model_state_dict=sd["model"],
                        optim_state_dict=sd["optim"])
-
-
-class RNG:
-    """The global torch RNG as a stateful object."""
-
-    def state_dict(self):
-        return {"torch": torch.get_rng_state()}
-
-    def load_state_dict(self, sd):
-        torch.set_rng_state(sd["torch"])
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -178,6 +186,10 @@ def parse_args(argv=None):
     p.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp")
     p.add_argument("--sync-save", action="store_true", help="save in the foreground")
     p.add_argument("--corpus-bytes", type=int, default=4 << 20)
+    p.add_argument("--data-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--record-indices", default=None, metavar="DIR",
+                   help="append the sample indices of every step to DIR/<run>-rank<r>.txt "
+                        "(tests check that each sample is trained on once per epoch)")
     p.add_argument("--step-sleep", type=float, default=0.0,
                    help="seconds to sleep per step (lets a demo interrupt a fast run)")
     p.add_argument("--hold-file", default=None,
@@ -259,13 +271,16 @@ def main(argv=None) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(args.warmup, args.max_steps))
-    data = Batches(stdlib_corpus(args.corpus_bytes), args.seq_len, args.global_batch_size,
-                   args.seed)
-    state = {"train": ModelAndOptimizer(model, optim), "sched": sched, "data": data,
-             "rng": RNG(), "step": 0}
+    windows = Windows(stdlib_corpus(args.corpus_bytes), args.seq_len)
+    sampler, loader = data_loader(windows, args, rank, world)
+    state = {"train": ModelAndOptimizer(model, optim), "sched": sched, "data": sampler,
+             "step": 0}
+    # Per-rank streams: restored exactly on the same world size, else reseeded from
+    # (seed, step, rank); loading them on another world size needs per_rank="rank0" below.
+    state["rng"] = shardckpt.data.RankRNG(args.seed, step=lambda: state["step"])
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     say(f"[train] {params / 1e6:.2f} M parameters, world size {world} ({args.parallel}), "
-        f"{len(data.windows)} windows of {args.seq_len} bytes")
+        f"{len(windows)} windows of {args.seq_len} bytes")
 
     mgr = shardckpt.CheckpointManager(
         args.checkpoint_dir, every_n_steps=args.save_every or None,
@@ -281,11 +296,14 @@ def main(argv=None) -> int:
     say(f"[train] resumed from {mgr.path(resumed)} at world size {world}" if resumed is not None
         else "[train] starting from scratch")
 
+    stream, record = batches(sampler, loader), recorder(args, rank, world, device)
     stall = loop = 0.0
     with mgr:
         while step < args.max_steps:
             t0 = time.perf_counter()
-            tokens, targets = data.next(rank, world)
+            epoch, indices, tokens, targets = next(stream)
+            if record:
+                record.record(step + 1, epoch, indices.tolist())
             logits = model(tokens.to(device))
             loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten())
             optim.zero_grad()

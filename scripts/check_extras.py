@@ -29,6 +29,9 @@ FRAMEWORKS = [
     ("moto", "import moto"),
     ("tensorboard", "from torch.utils.tensorboard import SummaryWriter"),
     ("safetensors", "import safetensors.torch"),
+    ("mlflow", "import mlflow"),
+    ("wandb", "import wandb"),
+    ("torchdata", "from torchdata.stateful_dataloader import StatefulDataLoader"),
     ("keras", "import keras; assert keras.backend.backend() == 'torch'"),
     ("torchtitan", "import torchtitan.components.checkpointer, "
                    "torchtitan.components.optimizer, torchtitan.components.dataloader"),

@@ -6,18 +6,26 @@
 #   every rank saves a preemption checkpoint, commits and exits. The job resumes on 1 rank (the
 #   checkpoint reshards from 2 ranks to 1) and finishes. The resumed loss curve is printed beside
 #   an uninterrupted 2-rank reference run and plotted to OUT_DIR/loss.png.
+#   OUT_DIR is relative to the folder you run this from. It is emptied first: the script
+#   deletes it only when it is empty or holds an earlier demo's output (a `.shardckpt-demo`
+#   marker), and refuses otherwise.
 #   Environment: STEPS=60 SAVE_EVERY=20 SEQ_LEN=64
 set -euo pipefail
+OUT=$(realpath -m -- "${1:-demo-out}")
 cd "$(dirname "$0")/.."
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ] && [ ! -e "$OUT/.shardckpt-demo" ]; then
+  echo "demo: $OUT exists and is not an earlier demo's output; give another OUT_DIR" >&2
+  exit 2
+fi
 bash scripts/setup.sh
-OUT=${1:-demo-out}
 STEPS=${STEPS:-60}
 SAVE_EVERY=${SAVE_EVERY:-20}
 SEQ_LEN=${SEQ_LEN:-64}
 PY=${VENV:-.venv}/bin/python
 "$PY" -c "import matplotlib" 2>/dev/null || "$PY" -m pip -q install matplotlib >/dev/null 2>&1 \
   || echo "demo: matplotlib unavailable; the plot will be skipped" >&2
-rm -rf "$OUT" && mkdir -p "$OUT"
+echo "demo: output in $OUT (emptied first)"
+rm -rf "$OUT" && mkdir -p "$OUT" && touch "$OUT/.shardckpt-demo"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 flags=(--max-steps "$STEPS" --save-every "$SAVE_EVERY" --seq-len "$SEQ_LEN" --keep-last 2)
 torchrun() { "$PY" -m torch.distributed.run --standalone --nproc-per-node "$1" "${@:2}" \
@@ -41,7 +49,10 @@ kill -TERM -- -"$pid"
 status=0; wait $pid || status=$?
 grep -e '^\[' "$OUT/run.log" || true
 grep -h -e 'received signal' "$OUT/run.err" | head -n 2 || true
-echo "torchrun exited with status $status; committed checkpoints: $(ls "$OUT/run" | tr '\n' ' ')"
+echo "torchrun exited with status $status, as expected: its workers were preempted (each saved," \
+     "committed and exited with 75, EXIT_PREEMPTED, so the launcher reports a failure and a" \
+     "scheduler would requeue the job)"
+echo "committed checkpoints: $(ls "$OUT/run" | tr '\n' ' ')"
 
 echo "== 3. resume on 1 rank (the 2-rank checkpoint reshards) and finish"
 torchrun 1 launch/train.py --checkpoint-dir "$OUT/run" "${flags[@]}" > "$OUT/resumed.log"

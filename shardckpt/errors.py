@@ -73,7 +73,18 @@ class StateMismatchError(CheckpointError, ValueError):
             parts.append(f"unexpected in checkpoint: {self.unexpected}")
         if self.mismatched:
             parts.append("mismatched: " + "; ".join(f"{k}: {r}" for k, r in self.mismatched))
-        super().__init__("state does not match checkpoint: " + " | ".join(parts))
+        hint = ""
+        if (self.missing or self.unexpected) and not self.mismatched:
+            hint = (" (load(..., strict=False) fills what both have and leaves the rest; "
+                    "CheckpointManager.restore takes strict=False too)")
+        super().__init__("state does not match checkpoint: " + " | ".join(parts) + hint)
+
+
+class DataPositionError(StateMismatchError):
+    """A saved data position (``shardckpt.data.DistributedSampler``) would name other samples in
+    this run: another dataset length, seed or ``shuffle``, or a world size that does not split
+    the checkpoint's global batch. A ``StateMismatchError``, so a restore stops rather than fall
+    back to an older checkpoint that has the same problem."""
 
 
 class UnsupportedValueError(CheckpointError, TypeError):
@@ -160,3 +171,21 @@ class StateChangedError(CheckpointError, RuntimeError):
 class TransferError(CheckpointError, ConnectionError):
     """A peer died, hung past the timeout or sent nonsense while the local tier moved data
     files between nodes (the message names the peer rank); nothing was committed."""
+
+
+class MetricNotFoundError(CheckpointError, KeyError):
+    """A save rule checks a metric that ``maybe_save`` was not given (the message names it and
+    the metrics that were given)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoResumableCheckpointError(CheckpointNotFoundError):
+    """``restore`` found only weights-only (demoted) checkpoints: they hold no optimizer state
+    to resume from (the message names them; ``load`` reads their weights)."""
+
+
+class TrackerError(CheckpointError, RuntimeError):
+    """An experiment tracker (MLflow, W&B) has no run to register checkpoints into, or cannot
+    take what it was asked to (``copy=True`` of an object-store checkpoint)."""

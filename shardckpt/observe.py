@@ -18,6 +18,7 @@ logger = logging.getLogger("shardckpt")
 # Event kinds, in the order a step's checkpoint sees them.
 SAVE_STARTED, SAVE_COMMITTED, SAVE_FAILED = "save_started", "save_committed", "save_failed"
 RESTORED, REMOVED, PREEMPTED = "restored", "removed", "preempted"
+DEMOTED = "demoted"  # kept, but turned into weights only (CheckpointManager demote=)
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,9 @@ class CheckpointEvent:
 
     ``kind`` is one of ``save_started`` (the state is copied out; ``stall_seconds`` set),
     ``save_committed`` (``seconds``, ``raw_bytes``, ``stored_bytes`` set), ``save_failed``
-    (``error``), ``restored`` (``metrics`` of the step loaded), ``removed`` (by retention) and
-    ``preempted`` (the preemption checkpoint committed).
+    (``error``), ``restored`` (``metrics`` of the step loaded), ``removed`` (by retention),
+    ``demoted`` (by retention, to its weights only) and ``preempted`` (the preemption
+    checkpoint committed). Consumers should let kinds they do not know pass: more may come.
     """
 
     kind: str

@@ -64,3 +64,15 @@ def memory_url():
     yield f"memory://{root}"
     fsspec.filesystem("memory").rm(f"/{root}", recursive=True) if \
         fsspec.filesystem("memory").exists(f"/{root}") else None
+
+
+# Experiment trackers: one real `mlflow server` on loopback (sqlite store, local artifact
+# root) for the session, shared by tests/integrations/test_mlflow.py and the docs examples.
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A started ``tests.integrations.tracker_servers.MlflowServer`` (``.url``, ``.port``)."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'shardckpt[test]')")
+    from tests.integrations.tracker_servers import MlflowServer
+    server = MlflowServer(str(tmp_path_factory.mktemp("mlflow"))).start()
+    yield server
+    server.stop()

@@ -131,3 +131,13 @@ def test_the_front_door_functions_survive_importing_every_submodule():
     assert callable(shardckpt.save) and callable(shardckpt.load)
     assert shardckpt.save.__module__ == "shardckpt.api"
     assert shardckpt.load.__module__ == "shardckpt.api"
+
+
+def test_loading_part_of_a_checkpoint_names_strict_false(ckpt):
+    model = torch.nn.Linear(4, 2)
+    shardckpt.save({"model": model.state_dict(), "step": 3, "optim": {"lr": 0.1}}, ckpt)
+    target = torch.nn.Linear(4, 2)
+    with pytest.raises(shardckpt.StateMismatchError, match=r"unexpected.*strict=False"):
+        shardckpt.load({"model": target.state_dict()}, ckpt)
+    shardckpt.load({"model": target.state_dict()}, ckpt, strict=False)
+    assert torch.equal(target.weight, model.weight)

@@ -12,6 +12,7 @@ from ..manage.retention import best_steps
 from ..storage import open_storage
 from ..manage import layout
 from ..manage.layout import LATEST_NAME, STEP_NAME
+from ..manage.pruning import history_rows, kind_of
 from ..manage.rootinfo import read_info
 from . import common
 from .output import Output, human_bytes, human_number
@@ -37,7 +38,7 @@ def _row(storage, entry: layout.RootEntry) -> dict:
     row = {"name": entry.name, "step": entry.step, "state": entry.kind, "latest": False,
            "best": False, "bytes": None, "raw_bytes": None, "stored_bytes": None,
            "ratio": None, "metrics": None, "reason": None, "unix_time": None, "error": None,
-           "written_bytes": None, "referenced_bytes": None}
+           "written_bytes": None, "referenced_bytes": None, "epoch": None, "kind": None}
     if entry.kind == "unreadable":  # may be committed; this process cannot look inside
         row["error"] = f"cannot be read: {entry.error}"
         return row
@@ -52,11 +53,12 @@ def _row(storage, entry: layout.RootEntry) -> dict:
         return row
     raw, stored = common.total_bytes(m)
     info = common.manager_info(m)
+    split = written_split(m)
     row.update(bytes=common.disk_bytes(m, common.manifest_size(storage, entry.name)),
                raw_bytes=raw, stored_bytes=stored, ratio=common.ratio(raw, stored),
                metrics=info.get("metrics"), reason=info.get("reason"),
                unix_time=info.get("unix_time", m.created_unix or None),
-               **written_split(m))
+               epoch=info.get("epoch"), kind=kind_of(info, split["referenced_bytes"]), **split)
     return row
 
 
@@ -98,7 +100,8 @@ def collect(args) -> dict:
     for step, row in committed.items():
         row["latest"], row["best"] = step == latest, step == best
     return {"root": args.root, "latest": latest, "best": best, "monitor": monitor,
-            "mode": mode, "mode_source": source, "checkpoints": rows}
+            "mode": mode, "mode_source": source, "checkpoints": rows,
+            "history": history_rows(storage, sorted(committed))}
 
 
 def _mode(asked: str | None, stored: dict, monitor: str | None) -> tuple[str, str]:
@@ -127,12 +130,12 @@ def run(args, out: Output) -> int:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         written, referenced = r["written_bytes"], r["referenced_bytes"]
         rows.append([r["step"] if r["step"] is not None else "-", r["state"],
-                     human_bytes(r["bytes"]), ratio,
+                     human_number(r["epoch"]), r["kind"] or "-", human_bytes(r["bytes"]), ratio,
                      human_bytes(written) if written is not None else "-",
                      human_bytes(referenced) if referenced is not None else "-",
                      metrics or "-", r["reason"] or "-", flags, r["name"]])
-    out.table(["step", "state", "size", "ratio", "written", "referenced", "metrics", "reason",
-               "", "name"], rows, title=f"{doc['root']}")
+    out.table(["step", "state", "epoch", "kind", "size", "ratio", "written", "referenced",
+               "metrics", "reason", "", "name"], rows, title=f"{doc['root']}")
     if doc["monitor"]:
         assumed = " (mode assumed: the root records no manager's mode)" \
             if doc["mode_source"] == "assumed" else ""

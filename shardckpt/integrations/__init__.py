@@ -10,6 +10,10 @@
   (``pip install 'shardckpt[torchtitan]'`` and ``pip install --no-deps torchtitan==0.3.0``).
 - ``keras``: ``ShardCkptCheckpoint`` / ``ShardCkptBackupAndRestore``, Keras 3 callbacks on the
   torch backend (``pip install 'shardckpt[keras]'``).
+- ``mlflow``, ``wandb``: ``MLflowCheckpoints`` / ``WandbCheckpoints``, ``on_event`` callbacks
+  registering each committed checkpoint in the experiment tracker by reference, with aliases
+  that follow retention (``pip install 'shardckpt[mlflow]'`` / ``'shardckpt[wandb]'``); the
+  shared background worker is ``trackers``.
 
 - ``dcp``: ``Reader`` / ``Writer``, torch.distributed.checkpoint storage for shardckpt folders
   (no extra needed).

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .keep import KeepFull
+
 __all__ = ["ManagerConfig"]
 
 
@@ -16,14 +18,21 @@ class ManagerConfig:
     """Every option of ``CheckpointManager`` (each is also a keyword of its constructor).
 
     Attributes:
-        every_n_steps: ``maybe_save`` saves when ``step % every_n_steps == 0``.
+        save: a save rule of ``shardckpt.policy`` (``EveryNEpochs(1) & OnImprovement("val")``):
+            when ``maybe_save`` saves. Preemption saves and ``save()`` ignore it.
+        keep: a keep rule (``KeepLast(2) | KeepEvery(1000)``): which committed checkpoints
+            retention keeps (None: all). The newest and the one in flight are always kept.
+        demote: ``KeepFull(last=2, best=1)``: kept checkpoints outside it become weights only
+            (format/demote.py). None: none is demoted.
+        every_n_steps: ``maybe_save`` saves when ``step % every_n_steps == 0`` (shorthand for
+            ``save=EveryNSteps(n)``; with ``every_n_seconds``, the two ``|``-ed).
         every_n_seconds: ``maybe_save`` saves when this long has passed since the last save
-            (or since construction / restore).
-        keep_last: keep the newest N committed checkpoints (None: no limit by age).
-        keep_best: also keep the best N by ``monitor`` (None: none kept for being best).
-            With neither limit every checkpoint is kept. The newest committed checkpoint and a
-            checkpoint in flight are never deleted.
-        monitor: the metric name (a key of ``metrics``) that ranks checkpoints.
+            (or since construction / restore): ``save=EveryNSeconds(s)``.
+        keep_last: keep the newest N committed checkpoints: ``keep=KeepLast(n)``.
+        keep_best: also keep the best N by ``monitor``: ``keep=KeepBest(n, monitor, mode)``
+            (with ``keep_last``, the two ``|``-ed).
+        monitor: the metric name (a key of ``metrics``) that ranks checkpoints (None: the
+            first one a rule names), recorded in the root for ``shardckpt ls``.
         mode: ``"min"`` or ``"max"``: which end of ``monitor`` is best.
         save_last: keep a small ``latest`` file in ``root`` naming the newest committed
             checkpoint, for tools and people (``restore`` lists the folders and does not rely
@@ -59,6 +68,8 @@ class ManagerConfig:
             background; a
             step whose previous local save still runs is skipped, with a counted warning;
             a failure is a warning at the next call (tier/local.py ``save_async``).
+        local_save: a save rule for the local tier (``Auto()`` picks its interval from the
+            tier's own measured stall; ``local_every_n_steps`` is ``EveryNSteps(n)``).
         local_on_busy: ``"skip"`` (default) a local step while the previous local save runs,
             with a counted warning, or ``"wait"`` for it (every such step then commits).
         replicas: other nodes that receive a copy of each rank's local data.
@@ -73,6 +84,9 @@ class ManagerConfig:
             False: a follower that only restores and lists (it must not save).
     """
 
+    save: object = None
+    keep: object = None
+    demote: object = None
     every_n_steps: int | None = None
     every_n_seconds: float | None = None
     keep_last: int | None = None
@@ -91,6 +105,7 @@ class ManagerConfig:
     on_event: Callable | None = None
     local_dir: object = None
     local_every_n_steps: int | None = None
+    local_save: object = None
     local_on_busy: str = "skip"
     replicas: int = 1
     local_keep: int = 1
@@ -101,7 +116,8 @@ class ManagerConfig:
     lease: bool = True
 
     def check(self) -> None:
-        """Raise ValueError naming the first option with a bad value."""
+        """Raise ValueError (TypeError for a ``demote`` that is no ``KeepFull``) naming the
+        first option with a bad value."""
         for name in ("every_n_steps", "keep_last", "keep_best", "local_every_n_steps",
                      "full_every"):
             value = getattr(self, name)
@@ -111,5 +127,7 @@ class ManagerConfig:
             raise ValueError(f"every_n_seconds must be > 0, not {self.every_n_seconds!r}")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {self.mode!r}")
+        if self.demote is not None and not isinstance(self.demote, KeepFull):
+            raise TypeError(f"demote= takes shardckpt.policy.KeepFull(...), not {self.demote!r}")
         if self.keep_best is not None and self.monitor is None:
             raise ValueError("keep_best needs monitor= (the metric that ranks checkpoints)")

@@ -4,7 +4,8 @@ and the garbage collection of those leftovers (``CheckpointManager.cleanup``, ``
 Names follow the manager and the commit strategies: ``step-<8+ digits>`` folders (committed when
 they hold a manifest; on object stores an interrupted save leaves one without), and hidden
 siblings ``.step-N.tmp-<hex>`` (a save before its rename), ``.step-N.old-<hex>`` (a replaced
-checkpoint moved aside) and ``.step-N.deleting-<hex>`` (retention removing one), plus the
+checkpoint moved aside), ``.step-N.deleting-<hex>`` (retention removing one) and
+``.step-N.demote-<hex>`` (a demotion's new manifest before its rename), plus the
 manager's ``.latest.tmp-<hex>`` (and of its root files, ``.lease.tmp-<hex>``,
 ``.manager.tmp-<hex>``). A step folder this process cannot read (permissions, a file in its
 place) is ``unreadable``: it may hold a committed checkpoint, so it is reported and kept.
@@ -26,7 +27,7 @@ from ..types import DATA_DIR, MANIFEST_NAME
 
 STEP_NAME = re.compile(r"step-(\d{8,})")
 LATEST_NAME = "latest"
-HIDDEN = re.compile(r"\.step-(\d{8,})\.(tmp|old|deleting)-[0-9a-f]+")
+HIDDEN = re.compile(r"\.step-(\d{8,})\.(tmp|old|deleting|demote)-[0-9a-f]+")
 LATEST_TMP = re.compile(r"\.latest\.tmp-[0-9a-f]+")
 ROOT_FILE_TMP = re.compile(r"\.(lease|manager)\.tmp-[0-9a-f]+")  # root.py and lease.py
 
@@ -87,7 +88,8 @@ class RootEntry:
         kind: ``committed``, ``uncommitted`` (a step folder without a manifest), ``retired``
             (deleted, but newer checkpoints reference some of its files: retire.py),
             ``unreadable`` (this process cannot look inside: ``error`` says why), ``tmp``,
-            ``old``, ``deleting``, ``latest-tmp``, ``lease-tmp`` or ``manager-tmp``.
+            ``old``, ``deleting``, ``demote`` (a demotion's manifest before its rename:
+            format/demote.py), ``latest-tmp``, ``lease-tmp`` or ``manager-tmp``.
         error: for ``unreadable``, the OS's reason.
     """
 

@@ -16,7 +16,6 @@ in a single process, on every rank at the same step. Only rank 0 deletes old che
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 import weakref
@@ -24,20 +23,22 @@ from typing import Any
 
 from ..save import async_save as start_async_save, managed_base
 from .. import knobs, observe
-from ..format import retire
 from ..api import load, save
 from ..format.root import is_committed
-from ..errors import CheckpointError, CheckpointNotFoundError, RootLeaseError
+from ..errors import (CheckpointError, CheckpointNotFoundError, NoResumableCheckpointError,
+                      RootLeaseError)
 from ..ops.export import export_weights as export_checkpoint_weights
 from ..dist.groups import RankAgreement
-from .layout import (LATEST_NAME, STEP_NAME, collect_garbage, entries, replace_file,
-                     step_name)
+from .layout import STEP_NAME, collect_garbage, entries, step_name
 from .lease import take_for_job
 from .preemption import EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, PreemptionWatcher
 from ..format.opening import open_manifest
 from .config import ManagerConfig
 from .verdict import FATAL, OK, agreed_error, try_load
-from .retention import best_steps, to_keep
+from .history import History, json_epoch, json_metrics
+from .pruning import Pruning, history_rows, is_demoted, write_latest
+from .retention import best_steps
+from .schedule import Flight, Restored, Schedule, keep_rule, monitor_of, save_rule
 from .rootinfo import write_info
 from ..storage import open_storage
 from .tier.local import LocalTier
@@ -45,27 +46,16 @@ from .tier.local import LocalTier
 __all__ = ["CheckpointManager", "EXIT_PREEMPTED", "EXIT_GRACE_EXPIRED", "step_name"]
 
 META_KEY = "shardckpt.manager"
+
+
 def join(root: str, name: str) -> str:
     """``root/name`` for local paths and URLs alike."""
     return f"{root.rstrip('/')}/{name}"
 
 
-def _json_metrics(metrics: dict | None) -> dict | None:
-    """Metrics as JSON numbers (tensors and numpy scalars become floats; NaN becomes None)."""
-    if metrics is None:
-        return None
-    out = {}
-    for k, v in metrics.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None  # JSON has no NaN / inf; such a step ranks as having no metric
-        out[str(k)] = v
-    return out
-
-
 class CheckpointManager:
-    """Save every N steps or seconds, keep the last and the best, survive preemption, resume.
+    """Save by rules (steps, epochs, time, improvement...), keep and demote by rules, survive
+    preemption, resume (docs/policies.md).
 
     Args:
         root: folder (or storage URL) holding one folder per checkpoint, created if missing.
@@ -87,7 +77,11 @@ class CheckpointManager:
         self.root = str(root)
         self.every_n_steps, self.every_n_seconds = c.every_n_steps, c.every_n_seconds
         self.keep_last, self.keep_best = c.keep_last, c.keep_best
-        self.monitor, self.mode, self.save_last = c.monitor, c.mode, c.save_last
+        self.save_rule = save_rule(c.save, c.every_n_steps, c.every_n_seconds)
+        self.keep_rule = keep_rule(c.keep, c.keep_last, c.keep_best, c.monitor, c.mode)
+        self.monitor, self.mode = monitor_of(c.monitor, c.mode, self.save_rule, self.keep_rule,
+                                             c.demote)
+        self.save_last = c.save_last
         self.async_save, self.guard, self.incremental = c.async_save, c.guard, c.incremental
         self.full_every = c.full_every
         self.storage_options = c.storage_options
@@ -100,10 +94,15 @@ class CheckpointManager:
         self._ranks = RankAgreement(float(knobs.get("dist_timeout")))
         self._lease = self._take_root(c.lease)
         self._metrics: dict[int, dict | None] = {}
-        self._inflight = None  # (step, metrics, handle)
+        self._inflight: Flight | None = None
         self._last_step: int | None = None
-        self._last_time = c.clock()
-        self._preempted = False
+        self._preempted, self._clean = False, True
+        self._schedule = Schedule(self.save_rule, self.keep_rule, c.demote, self.monitor,
+                                  self.mode, self._ranks, History(self._storage), c.clock)
+        if self.save_rule is not None:  # for Initial(): the same answer on every rank
+            self._schedule.facts.has_checkpoint = bool(self._ranks.rank0_list(
+                [int(bool(self.steps()))])[0])
+        self._pruning = Pruning(self._storage, self._schedule, self.metrics, self._emit)
         grace = (float(knobs.get("grace_seconds")) if c.grace_seconds is None
                  else c.grace_seconds)
         self._watcher = (PreemptionWatcher(tuple(c.preemption_signals), grace)
@@ -114,6 +113,11 @@ class CheckpointManager:
                                 staging_budget_bytes=self.save_options.get("staging_budget_bytes"),
                                 on_busy=c.local_on_busy, durable=self._storage)
                       if c.local_dir is not None else None)
+        local_rule = save_rule(c.local_save, c.local_every_n_steps, None,
+                               "local_save= or local_every_n_steps")
+        self._local = (Schedule(local_rule, None, None, self.monitor, self.mode, self._ranks,
+                                self._schedule.history, c.clock)
+                       if self._tier is not None and local_rule is not None else None)
 
     def _take_root(self, lease: bool):
         """Rank 0 takes the root's lease; every rank raises if another manager holds it."""
@@ -163,12 +167,19 @@ class CheckpointManager:
     def metrics(self, step: int) -> dict | None:
         """The metrics saved with ``step`` (None when it had none)."""
         if step not in self._metrics:
-            try:
-                meta = open_manifest(self._storage, step_name(step)).metadata
-            except CheckpointError:
+            meta = self._meta(step)
+            if meta is None:
                 return None  # unreadable: it ranks as having no metric
-            self._metrics[step] = (meta.get(META_KEY) or {}).get("metrics")
+            self._metrics[step] = meta.get("metrics")
         return self._metrics[step]
+
+    def _meta(self, step: int) -> dict | None:
+        """The manager's metadata of ``step`` ({} without; None when it cannot be read)."""
+        try:
+            meta = open_manifest(self._storage, step_name(step)).metadata
+        except CheckpointError:
+            return None
+        return meta.get(META_KEY) or {}
 
     def best_step(self) -> int | None:
         """The committed step with the best ``monitor`` value (None without any)."""
@@ -190,90 +201,96 @@ class CheckpointManager:
         return self._watcher is not None and self._watcher.pending
 
     # ----------------------------------------------------------------- saving
-    def maybe_save(self, step: int, state_dict: Any, metrics: dict | None = None) -> bool:
-        """Save when a save is due (steps or seconds) or a preemption signal arrived.
+    def maybe_save(self, step: int, state_dict: Any, metrics: dict | None = None,
+                   epoch: float | None = None) -> bool:
+        """Save when the save rule says so (``save=``) or a preemption signal arrived.
 
         Collective: every rank calls it at every step. On preemption the save is flushed and
-        committed before it returns, and ``preempted`` becomes true.
+        committed before it returns, and ``preempted`` becomes true. ``epoch``: the epochs
+        completed (an int, or a float such as HF's ``state.epoch``), stored with the checkpoint
+        and read by ``EveryNEpochs``. A rule that reads a metric uses rank 0's.
 
         Returns:
             whether a save was started (or, on preemption, committed) at this step.
 
         Raises:
-            the previous background save's error, if it failed.
+            the previous background save's error, if it failed; MetricNotFoundError when a
+            rule checks a metric that ``metrics`` lacks.
         """
         self._reap()
         if self._preempted:
             return False
-        if self._tier is not None and self.local_every_n_steps and \
-                step % self.local_every_n_steps == 0:
-            self._tier.save_async(step, state_dict, {META_KEY: {
-                "step": step, "metrics": _json_metrics(metrics), "reason": "local",
-                "unix_time": time.time()}})
-        if not self._ranks.dist:
-            return self._decide(step, state_dict, metrics, *self._local_flags())
-        # Agreed one call late (see RankAgreement.collect): no rank waits for the others here.
-        agreed = self._ranks.collect(2)
+        dist, durable = self._ranks.dist, 1 + self._schedule.flag_count()
+        # With ranks, agreed one call late (RankAgreement.collect): no rank waits for others.
+        flags = self._ranks.collect(len(self._local_flags())) if dist else self._local_flags()
         try:
-            return self._decide(step, state_dict, metrics, *agreed)
+            if self._local is not None:
+                self._local.save_local(self._tier, step, state_dict, metrics, epoch,
+                                       flags[durable:])
+            return self._decide(step, state_dict, metrics, epoch, flags[:durable])
         finally:
-            self._ranks.post(*self._local_flags())  # after a save reset the timer
+            if dist:
+                self._ranks.post(*self._local_flags())  # after a save reset the timer
 
-    def _local_flags(self) -> tuple[int, int]:
-        """(a preemption signal reached this process, this process's clock says save)."""
+    def _local_flags(self) -> list[int]:
+        """[preemption signalled here, the clocked rules' flags: durable, then local tier]."""
+        self._schedule.facts.busy = self._inflight is not None
         signalled = int(self._watcher is not None and self._watcher.pending)
-        timed = int(self.every_n_seconds is not None
-                    and self._clock() - self._last_time >= self.every_n_seconds)
-        return signalled, timed
+        local = self._local.local_flags() if self._local is not None else []
+        return [signalled, *self._schedule.local_flags(), *local]
 
-    def _decide(self, step: int, state_dict, metrics, signalled: int, timed: int) -> bool:
-        if signalled:
+    def _decide(self, step: int, state_dict, metrics, epoch, flags: list[int]) -> bool:
+        if flags[0]:  # a preemption signal: saved whatever the rules say
             if self._watcher is not None:
                 self._watcher.arm()  # the grace period holds on every rank, signalled or not
             if self._last_step != step:
-                self._start(step, state_dict, metrics, "preemption")
+                self._start(step, state_dict, metrics, "preemption", epoch)
             self.wait()
             self._preempted = True
             self._emit(observe.PREEMPTED, step)
             if self._watcher is not None:
                 self._watcher.committed()
             return True
-        due = timed or (self.every_n_steps is not None and step % self.every_n_steps == 0)
-        if not due or self._last_step == step:
+        if self._last_step == step:  # saved at this step already
+            self._schedule.check(step, epoch, metrics, flags[1:], skip=True)
             return False
-        self._start(step, state_dict, metrics, "periodic")
+        reason = self._schedule.check(step, epoch, metrics, flags[1:])
+        if reason is None:
+            return False
+        self._start(step, state_dict, metrics, reason, epoch)
         return True
 
-    def save(self, step: int, state_dict: Any, metrics: dict | None = None) -> None:
-        """Save now (in the background when ``async_save``); replaces a checkpoint of the same
-        step. Collective."""
-        self._start(step, state_dict, metrics, "manual")
+    def save(self, step: int, state_dict: Any, metrics: dict | None = None,
+             epoch: float | None = None) -> None:
+        """Save now, whatever the save rule says (a manual or final save; in the background
+        when ``async_save``); replaces a checkpoint of the same step. Collective."""
+        self._start(step, state_dict, metrics, "manual", epoch)
 
     def wait(self) -> None:
         """Wait for the save in flight to commit (and apply retention); raises its error."""
         if self._inflight is None:
             return
-        step, metrics, handle = self._inflight
-        self._inflight = None
+        flight, self._inflight = self._inflight, None
         try:
-            info = handle.result()
+            info = flight.handle.result()
         except BaseException as exc:
-            self._emit(observe.SAVE_FAILED, step, error=f"{type(exc).__name__}: {exc}")
+            self._schedule.settled(flight.step)
+            self._emit(observe.SAVE_FAILED, flight.step, error=f"{type(exc).__name__}: {exc}")
             raise
-        self._committed(step, metrics, info)
+        self._committed(flight, info)
 
     def _reap(self) -> None:
-        if self._inflight is not None and self._inflight[2].done():
+        if self._inflight is not None and self._inflight.handle.done():
             self.wait()
 
-    def _start(self, step: int, state_dict, metrics, reason: str) -> None:
+    def _start(self, step: int, state_dict, metrics, reason: str, epoch=None) -> None:
         self.wait()  # one save at a time; its retention runs before the next starts
         self._check_root()
-        metrics = _json_metrics(metrics)
+        metrics, epoch = json_metrics(metrics), json_epoch(epoch)
         options = dict(self.save_options)
         meta = {**(options.pop("metadata", None) or {}),  # the user's own keys are kept
-                META_KEY: {"step": step, "metrics": metrics, "reason": reason,
-                           "unix_time": time.time()}}
+                META_KEY: {"step": step, "epoch": epoch, "metrics": metrics, "reason": reason,
+                           "kind": "full", "unix_time": time.time()}}
         options.pop("overwrite", None)  # a step's checkpoint is always replaced
         kwargs = {"storage_options": self.storage_options, **options, "metadata": meta,
                   "overwrite": True}
@@ -283,21 +300,26 @@ class CheckpointManager:
                 self._storage, step_name(previous[-1]) if previous else None, self.full_every,
                 META_KEY)
             kwargs.update(content_hashes=True, base=base)
-        self._last_step, self._last_time = step, self._clock()
+            meta[META_KEY]["kind"] = "incremental" if base else "full"
+        self._last_step = step
+        self._schedule.started(step, metrics)
+        flight = Flight(step, metrics, epoch, reason, self._clock())
         if self.promote_local and self._tier is not None and \
                 self._tier.promote_or_warn(step, self._storage, step_name(step)):
-            self._committed(step, metrics)
+            self._committed(flight)
             return
         if self.async_save:
-            handle = start_async_save(state_dict, self.path(step), guard=self.guard, **kwargs)
-            self._inflight = (step, metrics, handle)
+            flight.handle = start_async_save(state_dict, self.path(step), guard=self.guard,
+                                             **kwargs)
+            self._inflight, flight.stall = flight, flight.handle.stall_seconds
             self._emit(observe.SAVE_STARTED, step, reason=reason, metrics=metrics,
-                       stall_seconds=handle.stall_seconds)
+                       stall_seconds=flight.stall)
         else:
             info = save(state_dict, self.path(step), **kwargs)
+            flight.stall = info.seconds
             self._emit(observe.SAVE_STARTED, step, reason=reason, metrics=metrics,
                        stall_seconds=info.seconds)
-            self._committed(step, metrics, info)
+            self._committed(flight, info)
 
     def _emit(self, kind: str, step, **fields) -> None:
         """Hand one event to ``on_event`` (a failing callback never breaks the training)."""
@@ -309,8 +331,11 @@ class CheckpointManager:
         except Exception:
             observe.logger.exception("shardckpt: on_event callback failed on %s", kind)
 
-    def _committed(self, step: int, metrics: dict | None, info=None) -> None:
+    def _committed(self, flight: Flight, info=None) -> None:
+        step, metrics = flight.step, flight.metrics
         self._metrics[step] = metrics
+        self._schedule.cost(flight.stall, self._clock() - flight.started)
+        self._schedule.settled(step)  # rank 0 records its metrics in the history below
         if info is not None:
             self._emit(observe.SAVE_COMMITTED, step, metrics=metrics, seconds=info.seconds,
                        raw_bytes=info.raw_bytes, stored_bytes=info.stored_bytes)
@@ -326,39 +351,24 @@ class CheckpointManager:
         if self._info_due:
             self._record_info()
         if self.save_last:
-            self._write_latest(step)
+            write_latest(self._storage, step)
+        self._pruning.record(step, epoch=flight.epoch, metrics=metrics, reason=flight.reason,
+                             stall_s=flight.stall, seconds=self._clock() - flight.started,
+                             unix_time=time.time())
         self._apply_retention()
 
-    def _write_latest(self, step: int) -> None:
-        """Point ``latest`` at ``step``; the step has committed whatever happens here, and
-        ``restore`` does not need the file, so a failure is a warning."""
-        try:
-            replace_file(self._storage, LATEST_NAME, f"{step_name(step)}\n".encode(), "latest")
-        except (OSError, CheckpointError) as exc:
-            warnings.warn(f"shardckpt: {step_name(step)} committed, but {LATEST_NAME} could "
-                          f"not be updated: {type(exc).__name__}: {exc}", stacklevel=3)
-
     def _apply_retention(self) -> None:
-        if self.keep_last is None and self.keep_best is None:
-            return
-        steps = self.steps()
-        metrics = {s: self.metrics(s) for s in steps} if self.keep_best else {}
-        protect = {self._inflight[0]} if self._inflight else set()
-        keep = to_keep(steps, metrics, keep_last=self.keep_last, keep_best=self.keep_best,
-                       monitor=self.monitor, mode=self.mode, protect=protect)
-        removed = [step for step in steps if step not in keep]
-        for step in removed:
-            self._remove(step_name(step))
+        """Rank 0: remove what the keep rule drops, demote what ``demote`` does not keep full
+        (pruning.py), and store the history."""
+        protect = {self._inflight.step} if self._inflight else set()
+        for step in self._pruning.apply(self.steps(), protect):
             self._metrics.pop(step, None)
-            self._emit(observe.REMOVED, step)
-        if removed:  # earlier retired folders whose last user just went
-            retire.sweep_all(self._storage)
 
-    def _remove(self, name: str) -> None:
-        """Delete a checkpoint so that it is never seen half-deleted: renamed out of sight first
-        where renames are atomic, otherwise its manifest (the commit marker) goes first. Files
-        that newer checkpoints reference stay (retire.py)."""
-        retire.remove_checkpoint(self._storage, name)
+    def history(self) -> list[dict]:
+        """One record per checkpoint the root ever held, by step (any rank): ``step``,
+        ``epoch``, ``metrics``, ``reason``, ``kind`` (full, incremental, weights),
+        ``written_bytes``, ``referenced_bytes``, ``state`` (kept, demoted, removed), timings."""
+        return history_rows(self._storage, self.steps())
 
     # ----------------------------------------------------------------- loading
     def restore(self, state_dict: Any, step: int | None = None, **load_options) -> int | None:
@@ -389,10 +399,16 @@ class CheckpointManager:
         if step is not None:
             if step not in candidates:
                 raise CheckpointNotFoundError(f"{self.path(step)}: no committed checkpoint")
+            if is_demoted(self._storage, step):
+                raise NoResumableCheckpointError(f"{self.path(step)}: demoted to weights only; "
+                                                 "it has no optimizer state to resume from")
             load(state_dict, self.path(step), **options)
             return self._restored(step)
-        fatal = None  # the newest error that is not one checkpoint's fault
+        fatal, weights = None, []  # the newest error not one checkpoint's fault; demoted ones
         for s in reversed(candidates):
+            if self._ranks.rank0_list([int(self._ranks.rank == 0 and is_demoted(self._storage, s))])[0]:
+                weights.append(s)  # no optimizer state: never resumed from
+                continue
             verdict, error = try_load(state_dict, self.path(s), options)
             (verdict,) = self._ranks.max(verdict)
             if verdict == OK:
@@ -404,7 +420,13 @@ class CheckpointManager:
             warnings.warn(f"shardckpt: skipping {self.path(s)}: {why}", stacklevel=2)
         if fatal is not None:
             raise fatal
+        if weights:
+            raise NoResumableCheckpointError(
+                f"{self.root}: only weights-only (demoted) checkpoints are left to resume from "
+                f"({', '.join(step_name(s) for s in weights[:5])}): they hold no optimizer "
+                "state; load their weights with shardckpt.load")
         return None
+
 
     def _restorable(self) -> list[int]:
         """Committed steps and those this process cannot look into (they may be committed:
@@ -412,10 +434,16 @@ class CheckpointManager:
         return sorted(e.step for e in entries(self._storage)
                       if e.kind in ("committed", "unreadable"))
 
-    def _restored(self, step: int) -> int:
-        self._last_step, self._last_time = step, self._clock()
-        self._emit(observe.RESTORED, step, metrics=self.metrics(step))
-        return step
+    def _restored(self, step: int) -> Restored:
+        self._last_step = step
+        out = Restored(step, (self._meta(step) or {}).get("epoch"), self.metrics(step))
+        for schedule in (self._schedule, self._local):
+            if schedule is not None:
+                schedule.restored(out.epoch)
+        if self._ranks.rank == 0:  # this run, and the unclean end it recovers from, if any
+            self._schedule.history.write()
+        self._emit(observe.RESTORED, step, metrics=out.metrics)
+        return out
 
     def cleanup(self, older_than: float = 3600.0, dry_run: bool = False) -> list[dict]:
         """Remove what interrupted saves left under the root (rank 0 only; never a committed
@@ -440,10 +468,12 @@ class CheckpointManager:
                                          prefix=prefix, storage_options=self.storage_options)
 
     def close(self) -> None:
-        """Flush the save in flight, remove the signal handlers and the manager's group."""
+        """Flush the save in flight, remove the signal handlers and the manager's group; record
+        in the root's history how this run ended."""
         try:
             self.wait()
         finally:
+            self._schedule.ended(self._clean, self._ranks.rank == 0)
             if self._watcher is not None:
                 self._watcher.close()
                 self._watcher = None
@@ -460,6 +490,7 @@ class CheckpointManager:
         if exc_type is None:
             self.close()
             return
+        self._clean = False  # the training raised: the next restore counts a failure
         try:  # the loop's own exception matters more than a failed flush
             self.close()
         except Exception as flush_error:

@@ -101,8 +101,8 @@ def test_a_cut_local_file_fails_the_promotion_and_the_state_is_saved(tmp_path):
             m.maybe_save(2, _state(2))
     with open(root / "step-00000002" / "manifest.json") as f:
         assert json.load(f)["metadata"]["shardckpt.manager"]["reason"] == "periodic"
-    assert sorted(os.listdir(root)) == [".manager.json", ".shardckpt-job", "latest",
-                                        "step-00000002"]  # no debris
+    assert sorted(os.listdir(root)) == [".manager-history.json", ".manager.json",
+                                        ".shardckpt-job", "latest", "step-00000002"]  # no debris
     shardckpt.verify(root / "step-00000002")
 
 

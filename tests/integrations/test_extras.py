@@ -9,7 +9,7 @@ import pytest
 from shardckpt.errors import MissingExtraError
 
 FRAMEWORKS = ("lightning", "pytorch_lightning", "accelerate", "transformers", "tensorboard",
-              "matplotlib", "safetensors", "keras", "torchtitan")
+              "matplotlib", "safetensors", "mlflow", "wandb", "keras", "torchtitan")
 
 
 def test_core_and_cli_import_no_framework():
@@ -24,6 +24,8 @@ def test_core_and_cli_import_no_framework():
     ("lightning", "lightning", "lightning"),
     ("accelerate", "accelerate", "accelerate"),
     ("tensorboard", "tensorboard", "tensorboard"),
+    ("mlflow", "mlflow", "mlflow"),
+    ("wandb", "wandb", "wandb"),
     ("keras", "keras", "keras"),
     ("torchtitan", "torchtitan", "torchtitan.components.checkpointer.base"),
 ])

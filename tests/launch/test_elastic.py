@@ -171,3 +171,26 @@ def test_lost_host_resumes_from_the_local_tier_replicas(two_hosts, tmp_path, ref
     final = job.agents[0]
     assert final.wait(240) == 0, elastic.tail(final.text())
     assert_matches(job, reference)
+
+
+@pytest.mark.slow
+def test_host_lost_mid_epoch_each_sample_trained_once(two_hosts, tmp_path):
+    """The data position under the elastic launcher: two epochs of 60 windows (global batch 4,
+    15 steps an epoch; 2 DataLoader workers per rank); host1 is killed at step 7 of the first
+    epoch. host0 resumes at world 2 from the last checkpoint, retrains what was lost and
+    finishes. In the history that counts (each step's last training), every index of each epoch
+    was trained on exactly once, in the global batches of an uninterrupted run."""
+    from shardckpt.testing.records import exactly_once_problems
+    a, b = two_hosts
+    records = two_hosts.shared / "records"
+    flags = [*elastic.TINY, "--corpus-bytes", str(60 * 33), "--max-steps", "30",
+             "--save-every", "4", "--step-sleep", "0.1", "--data-workers", "2",
+             "--record-indices", str(records)]
+    job = Job(two_hosts, tmp_path / "logs", flags, PG_TIMEOUT="15")
+    job.start(a), job.start(b)
+    job.wait_for(r"^step=7 ", 180)
+    step = elastic.lose_host(job, b, "kill")
+    assert 4 <= step < 15, step  # resumed mid-epoch
+    assert job.agents[0].wait(240) == 0, elastic.tail(job.agents[0].text())
+    assert [w for _, w in resumes(*job.texts())] == [2]
+    assert exactly_once_problems(records, 60, 4, epochs=2) == []

@@ -306,7 +306,7 @@ def test_cleanup_removes_old_leftovers_only(tmp_path):
         removed = mgr.cleanup()
         assert sorted(r["name"] for r in removed) == [".step-00000002.tmp-ab12",
                                                      "step-00000003"]
-        assert sorted(os.listdir(tmp_path)) == [".lease.json", ".manager.json",
-                                                ".step-00000004.tmp-cd34", "latest",
-                                                "step-00000001"]
+        assert sorted(os.listdir(tmp_path)) == [".lease.json", ".manager-history.json",
+                                                ".manager.json", ".step-00000004.tmp-cd34",
+                                                "latest", "step-00000001"]
         assert mgr.steps() == [1]

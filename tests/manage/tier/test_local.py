@@ -106,3 +106,22 @@ def test_a_local_save_in_flight_makes_the_next_one_skip(tmp_path, monkeypatch):
     target = state(0)
     shardckpt.load(target, local / "step-00000001")  # staged at the call: step 1's values
     assert torch.equal(target["w"], state(1)["w"])
+
+
+def test_each_tier_has_its_own_rule_and_auto_interval(tmp_path):
+    from shardckpt.policy import Auto, EveryNSteps
+    now = [0.0]
+    local = tmp_path / "local"
+    with manager(tmp_path, local, local_every_n_steps=None, local_keep=50,
+                 local_save=Auto(min_interval_s=2, max_interval_s=4, mtbf_prior_s=100.0),
+                 save=EveryNSteps(5), clock=lambda: now[0]) as m:
+        for step in range(1, 11):
+            now[0] += 1.0
+            m.maybe_save(step, state(step))
+        local_auto = m._local.save.interval(m._local.facts)
+    assert m.steps() == [5, 10]
+    # The local tier's measured stall is tiny: its interval is the 2 s minimum.
+    assert sorted(os.listdir(local)) == [f"step-{s:08d}" for s in (2, 4, 6, 8, 10)]
+    assert local_auto == 2.0
+    with pytest.raises(ValueError, match="not both"):
+        manager(tmp_path / "x", local, local_save=EveryNSteps(2), local_every_n_steps=2)
