@@ -45,3 +45,12 @@ def test_page_examples_run(page, tmp_path, monkeypatch, request):
         if "mlflow" in PAGES[page]:
             import mlflow
             mlflow.set_tracking_uri(None)
+
+
+def test_every_page_has_runnable_examples_and_skips_say_why():
+    for page in PAGES:
+        with open(os.path.join(DOCS, page)) as f:
+            text = f.read()
+        notes = re.findall(r"(<!--[^\n]*-->)\s*```python\n", text)
+        assert all("not run:" in n and len(n) > len("<!-- not run: -->") for n in notes), page
+        assert examples(page), f"docs/{page} has no runnable example"

@@ -1,5 +1,13 @@
 """Hugging Face Accelerate: ``Accelerator.save_state`` / ``load_state`` content through shardckpt.
 
+    from shardckpt.integrations.accelerate import enable
+    accelerator = enable(Accelerator(project_config=ProjectConfiguration(
+        project_dir="run", automatic_checkpoint_naming=True, total_limit=3)))
+    accelerator.save_state()      # run/checkpoints/checkpoint_<i>, as Accelerate names them
+    accelerator.load_state()      # the newest committed one
+
+or, without touching the Accelerator's methods:
+
     from shardckpt.integrations.accelerate import load_state, save_state
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     accelerator.register_for_checkpointing(my_stateful_thing)
@@ -18,7 +26,11 @@ process. ``state_of(accelerator)`` gives the same state for ``CheckpointManager`
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import shutil
+import types
 
 import numpy as np
 import torch
@@ -28,8 +40,11 @@ from . import require
 require("accelerate", "accelerate", "shardckpt.integrations.accelerate")
 
 from .. import api  # noqa: E402
+from ..errors import CheckpointExistsError, CheckpointNotFoundError  # noqa: E402
+from ..format.retire import remove_checkpoint  # noqa: E402
+from ..storage import open_checkpoint  # noqa: E402
 
-__all__ = ["save_state", "load_state", "state_of"]
+__all__ = ["enable", "save_state", "load_state", "state_of"]
 
 
 class _RNG:
@@ -147,3 +162,121 @@ def load_state(accelerator, path, **load_options) -> None:
     ``per_rank="rank0"`` (or ``"modulo"``) for the per-process RNG states.
     """
     api.load(state_of(accelerator, loading=True), path, **load_options)
+
+
+# ---- accelerator.save_state() / load_state() themselves (the one-line switch) ----
+
+_NUMBERED = re.compile(r"checkpoint_(\d+)")
+_MAP_LOCATIONS = (None, "cpu", "on_device")
+
+
+def enable(accelerator):
+    """Make ``accelerator.save_state()`` / ``load_state()`` write and read shardckpt checkpoints.
+
+    One line after building the ``Accelerator``; the training loop keeps calling
+    ``accelerator.save_state()`` as before. Accelerate's contract is kept: with
+    ``ProjectConfiguration(automatic_checkpoint_naming=True)`` a call without a path saves to
+    ``project_dir/checkpoints/checkpoint_<iteration>``, refuses one that exists, deletes the
+    oldest numbered checkpoints beyond ``total_limit`` and advances ``iteration``;
+    ``load_state()`` without a path loads the highest-numbered committed checkpoint there. A
+    given ``output_dir`` is replaced if it holds a checkpoint. Registered model save / load
+    pre-hooks are called with Accelerate's arguments (save hooks after the commit, with the
+    committed folder, so that their own files land in a complete checkpoint).
+
+    Args:
+        accelerator: an ``accelerate.Accelerator``.
+
+    Returns:
+        the same accelerator (its ``save_state`` / ``load_state`` replaced on this instance).
+    """
+    accelerator.save_state = types.MethodType(_save_state_method, accelerator)
+    accelerator.load_state = types.MethodType(_load_state_method, accelerator)
+    return accelerator
+
+
+def _checkpoints_dir(accelerator) -> str:
+    return os.path.join(accelerator.project_dir, "checkpoints")
+
+
+def _numbered(root: str) -> list[tuple[int, str]]:
+    """``(number, name)`` of the ``checkpoint_<n>`` entries under ``root``, oldest first."""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        match = _NUMBERED.fullmatch(name)
+        if match:
+            found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def _make_room(accelerator, root: str) -> None:
+    """Delete the oldest numbered checkpoints so that one more fits ``total_limit``."""
+    limit = accelerator.project_configuration.total_limit
+    existing = _numbered(root)
+    if limit is None or not accelerator.is_main_process or len(existing) + 1 <= limit:
+        return
+    for _, name in existing[:len(existing) + 1 - limit]:
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, "manifest.json")):
+            storage, checkpoint = open_checkpoint(path)
+            remove_checkpoint(storage, checkpoint)
+        else:  # Accelerate's own format from before the switch: deleted as Accelerate does
+            shutil.rmtree(path)
+
+
+def _automatic_path(accelerator) -> str:
+    root = _checkpoints_dir(accelerator)
+    os.makedirs(root, exist_ok=True)
+    _make_room(accelerator, root)
+    path = os.path.join(root, f"checkpoint_{accelerator.save_iteration}")
+    if os.path.exists(path):
+        raise CheckpointExistsError(
+            f"Checkpoint directory {path} ({accelerator.save_iteration}) already exists. "
+            "Please manually override `self.save_iteration` with what iteration to start with.")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _save_state_method(self, output_dir=None, safe_serialization: bool = True,
+                       **save_model_func_kwargs) -> str:
+    """``Accelerator.save_state`` through shardckpt (see ``enable``); returns the folder."""
+    if self.project_configuration.automatic_checkpoint_naming:
+        path, overwrite = _automatic_path(self), False
+    elif output_dir is None:
+        raise ValueError("save_state() needs an output_dir unless the ProjectConfiguration "
+                         "has automatic_checkpoint_naming=True")
+    else:
+        path, overwrite = os.path.expanduser(os.fspath(output_dir)), True
+    api.save(state_of(self), path, overwrite=overwrite)
+    weights = [self.get_state_dict(m, unwrap=False) for m in self._models] \
+        if self._save_model_state_pre_hook else []
+    for hook in self._save_model_state_pre_hook.values():
+        hook(self._models, weights, path)
+    self.project_configuration.iteration += 1
+    return path
+
+
+def _latest(accelerator) -> str:
+    root = _checkpoints_dir(accelerator)
+    committed = [name for _, name in _numbered(root)
+                 if os.path.isfile(os.path.join(root, name, "manifest.json"))]
+    if not committed:
+        raise CheckpointNotFoundError(f"{root}: no committed checkpoint_<n> to load")
+    return os.path.join(root, committed[-1])
+
+
+def _load_state_method(self, input_dir=None, **load_model_func_kwargs) -> None:
+    """``Accelerator.load_state`` through shardckpt (see ``enable``)."""
+    map_location = load_model_func_kwargs.pop("map_location", None)
+    if map_location not in _MAP_LOCATIONS:
+        raise TypeError(f"Unsupported optimizer map location passed, please choose one of "
+                        f"None, 'cpu', or 'on_device'. Got {map_location!r}")
+    if input_dir is not None:
+        path = os.path.expanduser(os.fspath(input_dir))
+    elif self.project_configuration.automatic_checkpoint_naming:
+        path = _latest(self)
+    else:
+        raise ValueError("No input_dir provided and automatic checkpoint naming is disabled.")
+    models = list(self._models)
+    for hook in self._load_model_state_pre_hook.values():
+        hook(models, path)
+    api.load(state_of(self, loading=True), path)

@@ -8,9 +8,14 @@
 Every checkpoint Lightning writes (``ModelCheckpoint``'s top-k, ``last``, ``every_n_train_steps``,
 ``trainer.save_checkpoint``, the SLURM requeue save ``hpc_ckpt_N.ckpt``) becomes a shardckpt
 folder with that name: atomic, checksummed, compressed, loaded without unpickling.
+Hyperparameters that are not plain JSON (OmegaConf configs, paths, enums...) are stored in a
+typed form (``portable``); ``Model.load_from_checkpoint(folder)`` and ``pl_load`` read folders
+once a plugin exists (``install_loader``); a ``torch.save`` ``.ckpt`` from before the switch
+still loads (weights-only unless the caller opts in), so a running project switches mid-run.
 ``AsyncShardCkptIO`` saves in the background (the training stalls only for the copy) in the
-style of Lightning's ``AsyncCheckpointIO``; the SLURM requeue save is always waited for, since
-the job is about to stop.
+style of Lightning's ``AsyncCheckpointIO``: a new checkpoint is written under its final name
+(its manifest last), so that ModelCheckpoint's name checks and folder listings see it at once;
+a save outside a Trainer run, and the SLURM requeue save, are waited for.
 
 Strategies: Lightning calls the plugin on global rank 0 with the full checkpoint (single
 device, DDP, and FSDP with ``state_dict_type="full"``), so that rank saves alone
@@ -23,6 +28,8 @@ rank's DTensor shards collectively, and loads them resharded to the current worl
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 from typing import Any
 
 from . import require
@@ -32,12 +39,29 @@ _io = require("lightning.fabric.plugins.io.checkpoint_io", "lightning", "ShardCk
 from .. import api
 from ..save import SaveHandle, async_save  # noqa: E402  (after the extra's check, for its message)
 from ..format.retire import remove_checkpoint as delete_checkpoint  # noqa: E402
+from ..format.root import OLD_MARK  # noqa: E402
 from ..dist.rounds import local_only  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
+from . import portable  # noqa: E402
+from .lightning_load import (checkpoint_url, install_loader, load_any, track,  # noqa: E402
+                             wait_for)
 
-__all__ = ["ShardCkptIO", "AsyncShardCkptIO", "ShardCkptModelParallelStrategy"]
+__all__ = ["ShardCkptIO", "AsyncShardCkptIO", "ShardCkptModelParallelStrategy",
+           "install_loader"]
 
 HPC_PREFIX = "hpc_ckpt_"  # Lightning's SLURM requeue checkpoint (SignalConnector)
+
+
+def _in_trainer_run() -> bool:
+    """Whether a ``Trainer`` run (fit / validate / test / predict) is on this thread's stack."""
+    from lightning.pytorch.trainer.trainer import Trainer
+    run = Trainer._run.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is run:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class ShardCkptIO(_io.CheckpointIO):
@@ -47,47 +71,91 @@ class ShardCkptIO(_io.CheckpointIO):
         async_save: save in the background (see ``AsyncShardCkptIO``).
         save_options: keyword arguments for ``shardckpt.save`` (``codec``, ``level``...).
         storage_options: passed to the storage backend for URLs.
+        allow_pickle: load ``torch.save`` checkpoints with the full unpickler even when the
+            caller leaves ``weights_only`` unset (only for files you trust).
     """
 
     def __init__(self, *, async_save: bool = False, save_options: dict | None = None,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, allow_pickle: bool = False):
         self.async_save = async_save
         self.save_options = dict(save_options or {})
         self.storage_options = storage_options
+        self.allow_pickle = allow_pickle
         self._handle: SaveHandle | None = None
+        install_loader()  # so that load_from_checkpoint(folder) works after the switch
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        """Write ``checkpoint`` as the shardckpt folder ``path`` (replacing one there)."""
+        """Write ``checkpoint`` as the shardckpt folder ``path`` (replacing one there).
+
+        Values the state tree cannot hold are stored in their typed form (``portable``), or
+        as their repr with a ``PortableValueWarning``: a save never fails on a value.
+        """
         path = os.fspath(path)
-        options = {"storage_options": storage_options or self.storage_options,
-                   **self.save_options, "overwrite": True,
+        storage_options = storage_options or self.storage_options
+        options = {"storage_options": storage_options, **self.save_options, "overwrite": True,
                    "metadata": {**self.save_options.get("metadata", {}),
                                 "lightning": _summary(checkpoint)}}
+        state = portable.encode(checkpoint)
         self._check_previous()
-        with local_only():  # Lightning calls this on global rank 0 only
-            if self.async_save and not os.path.basename(path).startswith(HPC_PREFIX):
-                self._handle = async_save(checkpoint, path, **options)
-            else:
-                api.save(checkpoint, path, **options)
+        storage, name = open_checkpoint(path, storage_options)
+        aside = _set_aside_old_file(storage, name)
+        try:
+            with local_only():  # Lightning calls this on global rank 0 only
+                if aside is None and self._in_background(path):
+                    self._handle = async_save(state, path, in_place=True, **options)
+                    track(path, self._handle, storage_options)
+                else:
+                    api.save(state, path, **options)
+        except BaseException:
+            if aside is not None:
+                storage.rename(aside, name)
+            raise
+        if aside is not None:
+            storage.delete(aside)
+
+    def _in_background(self, path: str) -> bool:
+        # Outside a run (trainer.save_checkpoint after fit) nothing overlaps the save and the
+        # caller expects the checkpoint when the call returns; the requeue save precedes exit.
+        return (self.async_save and not os.path.basename(path).startswith(HPC_PREFIX)
+                and self._in_run())
+
+    @staticmethod
+    def _in_run() -> bool:
+        return _in_trainer_run()
 
     def load_checkpoint(self, path, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint at ``path`` as Lightning's dict (CPU tensors, or moved by
-        ``map_location``). Nothing is unpickled, whatever ``weights_only`` says."""
+        ``map_location``): a shardckpt folder (never unpickled), or a ``torch.save`` file from
+        before the switch, read weights-only unless ``weights_only=False`` or ``allow_pickle``.
+
+        Raises:
+            CheckpointNotFoundError: nothing at ``path``. UnsafeCheckpointError: a pickle that
+                needs the full unpickler, without an opt-in. CheckpointError: a folder that
+                is not a committed, intact checkpoint.
+        """
         self.wait()
-        checkpoint = api.load_full(os.fspath(path), storage_options=self.storage_options)
-        if map_location is not None:
-            checkpoint = _move(checkpoint, map_location)
-        return checkpoint
+        if weights_only is None and self.allow_pickle:
+            weights_only = False
+        return load_any(path, map_location, weights_only, self.storage_options)
 
     def remove_checkpoint(self, path) -> None:
-        """Delete the checkpoint folder at ``path`` (out of sight first, never half-seen)."""
+        """Delete the checkpoint at ``path``: a folder out of sight first (never half-seen);
+        a ``torch.save`` file from before the switch like Lightning's own plugin does."""
         path = os.fspath(path)
-        if self._handle is not None and self._handle.path.rstrip("/") == _url(path):
+        if self._handle is not None and self._handle.path.rstrip("/") == \
+                checkpoint_url(path, self.storage_options):
             self.wait()
+        wait_for(path, self.storage_options)
         storage, name = open_checkpoint(path, self.storage_options)
-        if storage.exists(name):
-            delete_checkpoint(storage, name)
+        if not storage.exists(name):
+            return
+        try:
+            storage.list(name)
+        except NotADirectoryError:
+            storage.delete(name)
+            return
+        delete_checkpoint(storage, name)
 
     def wait(self) -> None:
         """Wait for the save in flight to commit; raises its error."""
@@ -105,8 +173,10 @@ class ShardCkptIO(_io.CheckpointIO):
 
 
 class AsyncShardCkptIO(ShardCkptIO):
-    """``ShardCkptIO`` saving in the background: ``save_checkpoint`` returns once the state is
-    copied out; a failure is raised by the next save, load or ``teardown``."""
+    """``ShardCkptIO`` saving in the background during a Trainer run: ``save_checkpoint``
+    returns once the state is copied out, with the checkpoint's folder already under its
+    name; a failure is raised by the next save, load or ``teardown``. Outside a run
+    (``trainer.save_checkpoint`` after ``fit``) it saves before returning."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("async_save", True)
@@ -131,7 +201,8 @@ class ShardCkptModelParallelStrategy(_mp.ModelParallelStrategy):
                         storage_options: Any = None) -> None:
         """Save ``checkpoint`` (sharded state dicts included) at ``filepath`` on every rank."""
         path = self.broadcast(os.fspath(filepath))
-        api.save(checkpoint, path, overwrite=True, storage_options=storage_options)
+        api.save(portable.encode(checkpoint), path, overwrite=True,
+                 storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """Fill the model and optimizers from ``checkpoint_path`` (resharded); the rest."""
@@ -152,7 +223,7 @@ class ShardCkptModelParallelStrategy(_mp.ModelParallelStrategy):
                                                             .strict_loading))
         for opt, osd in zip(self.optimizers, target.get("optimizer_states") or []):
             sd.set_optimizer_state_dict(self.model, opt, osd)
-        return {k: v for k, v in target.items() if k not in SHARDED_KEYS}
+        return portable.decode({k: v for k, v in target.items() if k not in SHARDED_KEYS})
 
     def remove_checkpoint(self, filepath) -> None:
         """Delete the checkpoint folder (rank 0, out of sight first)."""
@@ -160,6 +231,22 @@ class ShardCkptModelParallelStrategy(_mp.ModelParallelStrategy):
             storage, name = open_checkpoint(os.fspath(filepath))
             if storage.exists(name):
                 delete_checkpoint(storage, name)
+
+
+def _set_aside_old_file(storage, name: str) -> str | None:
+    """Move a ``torch.save`` file standing at ``name`` (Lightning's format, from before the
+    switch) to a hidden ``.<name>.old-<random>``, so that a folder can take the name; until a
+    checkpoint is committed there, ``leftovers`` cleanup keeps it. Returns that name, or None."""
+    if not storage.exists(name):
+        return None
+    try:
+        storage.list(name)
+        return None
+    except NotADirectoryError:
+        pass
+    aside = f".{name}{OLD_MARK}{secrets.token_hex(6)}"
+    storage.rename(name, aside)
+    return aside
 
 
 def _top_keys(path: str) -> list:
@@ -170,27 +257,7 @@ def _top_keys(path: str) -> list:
     return [k for k, _ in dict_items(payload)] if kind == "dict" else []
 
 
-def _url(path: str) -> str:
-    storage, name = open_checkpoint(path)
-    return storage.url(name).rstrip("/")
-
-
 def _summary(checkpoint: dict) -> dict:
     """A few JSON facts for ``shardckpt ls`` / ``inspect``: epoch and global step."""
     return {k: checkpoint[k] for k in ("epoch", "global_step")
             if isinstance(checkpoint.get(k), int)}
-
-
-def _move(value, map_location):
-    import torch
-    if isinstance(value, torch.Tensor):
-        if callable(map_location):
-            return map_location(value, None)
-        return value.to(map_location if not isinstance(map_location, dict)
-                        else map_location.get(str(value.device), value.device))
-    if isinstance(value, dict):
-        return {k: _move(v, map_location) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_move(v, map_location) for v in value)
-    return value
-

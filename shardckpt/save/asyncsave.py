@@ -157,7 +157,8 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
                on_busy: str = "wait",
                codec: str | None = None, level: int | None = None, metadata: dict | None = None,
                overwrite: bool = False, timeout: float | None = None,
-               storage_options: dict | None = None, base=None, **tuning) -> SaveHandle:
+               storage_options: dict | None = None, base=None, in_place: bool = False,
+               **tuning) -> SaveHandle:
     """Start saving ``state`` to ``path``; returns once the unguarded tensors are copied out.
 
     The checkpoint holds the values at the call. After it returns the caller may change every
@@ -179,6 +180,10 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
             guarded tensors stream in the background and ``step()`` waits for what remains).
         on_busy: ``"wait"`` for the previous save to commit, or ``"raise"``
             SaveInProgressError while it runs.
+        in_place: on a local disk, write a fresh checkpoint under its final name (its manifest
+            last) instead of a hidden temporary folder, so that the name exists, and no other
+            entry shows, from the moment this returns; a crash leaves a folder without manifest
+            (never loaded as a checkpoint). Replacing a checkpoint is atomic either way.
         others: as for ``save``.
 
     Raises:
@@ -196,7 +201,8 @@ def async_save(state, path, *, guard=None, staging_budget_bytes: int | None = No
         opts = WriteOptions.resolve(codec=codec, level=level, **tuning)
         storage, name = open_checkpoint(path, storage_options)
         planned = plan_save(state, storage, name, opts, check_metadata(metadata), overwrite,
-                            timeout, base_name(storage, name, base, storage_options))
+                            timeout, base_name(storage, name, base, storage_options),
+                            in_place=in_place)
         budget = stage.default_budget() if staging_budget_bytes is None else staging_budget_bytes
         arena_bytes, planned.opts = split_budget(budget, planned.opts)
         pieces, watch = _order(planned, guards)

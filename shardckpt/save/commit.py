@@ -6,7 +6,11 @@ makes it durable, and renames the folder into place (swapped atomically with
 ``renameat2(RENAME_EXCHANGE)`` when it replaces an older checkpoint). Object stores have no
 rename (and no fsync: an acknowledged object is durable); there ``MarkerCommit`` writes the data
 objects in place and the manifest last, create-if-absent, as the commit marker: a prefix is a
-checkpoint only once its manifest exists and validates (FORMAT.md 4.2).
+checkpoint only once its manifest exists and validates (FORMAT.md 4.2). ``InPlaceCommit`` is
+that marker protocol on a disk, made durable, for a caller that asks for it (``in_place``): a
+fresh checkpoint's name exists from the start of the save, as a framework that picks the next
+free name, or lists the folder, while a background save runs (Lightning's ModelCheckpoint)
+needs; a replacement still goes through a temporary folder.
 
 Both strategies can leave debris when a process dies mid-save (a hidden temporary folder, or
 data objects without a manifest); ``leftovers`` finds it and ``remove_leftovers`` deletes it.
@@ -40,11 +44,15 @@ def refuse_to_clobber(storage: Storage, name: str, overwrite: bool) -> None:
             f"{storage.url(name)}: already exists (pass overwrite=True to replace)")
 
 
-def commit_for(storage: Storage, name: str, overwrite: bool = False):
+def commit_for(storage: Storage, name: str, overwrite: bool = False, in_place: bool = False):
     """The commit strategy for ``storage``: RenameCommit where rename is atomic, else
-    MarkerCommit."""
-    cls = RenameCommit if storage.atomic_rename else MarkerCommit
-    return cls(storage, name, overwrite)
+    MarkerCommit; with ``in_place``, InPlaceCommit on a disk where ``name`` holds no committed
+    checkpoint."""
+    if not storage.atomic_rename:
+        return MarkerCommit(storage, name, overwrite)
+    if in_place and not is_committed(storage, name):
+        return InPlaceCommit(storage, name, overwrite)
+    return RenameCommit(storage, name, overwrite)
 
 
 class RenameCommit:
@@ -110,6 +118,64 @@ class RenameCommit:
         """Remove the temporary folder: the failed save's, or after a replacement the old
         checkpoint's. After a plain commit it no longer exists."""
         self.storage.delete(self.tmp)
+
+
+class InPlaceCommit:
+    """A fresh checkpoint written under its final name on a disk, the manifest last.
+
+    Same interface as RenameCommit (``tmp`` is the checkpoint itself). The folder is visible
+    from ``begin`` on but is a checkpoint only once its manifest exists (FORMAT.md 1): every
+    data file and folder entry is made durable before the manifest is written, so a crash
+    leaves data without a manifest (``leftovers`` finds it; a later save to the name clears it),
+    never a manifest without its data. A failed save deletes the folder.
+    """
+
+    def __init__(self, storage: Storage, name: str, overwrite: bool = False):
+        self.storage, self.name, self.overwrite = storage, name, overwrite
+        self.tmp = name
+        self.committed = False
+
+    def begin(self) -> "InPlaceCommit":
+        """Refuse foreign files, clear an interrupted save's debris, create the folder."""
+        s, name = self.storage, self.name
+        refuse_to_clobber(s, name, overwrite=True)  # no committed checkpoint is there
+        try:
+            s.delete(name)
+            s.makedirs(f"{name}/{DATA_DIR}")
+        except OSError as exc:
+            raise storage_error(exc, f"creating {name}") from exc
+        return self
+
+    def path(self, rel: str) -> str:
+        """Where ``rel`` (checkpoint-relative) is written: in place."""
+        return f"{self.name}/{rel}"
+
+    def commit(self, manifest: bytes) -> None:
+        """Make the data durable, then write the manifest: from then on the checkpoint exists."""
+        s = self.storage
+        try:
+            s.sync_dir(self.path(DATA_DIR))
+            s.sync_dir(self.name)
+            s.write(self.path(MANIFEST_NAME), manifest, durable=True, exclusive=True)
+            s.sync_dir(self.name)
+            s.sync_dir("")
+        except OSError as exc:
+            raise storage_error(exc, f"committing {self.name}") from exc
+        self.committed = True
+
+    def __enter__(self) -> "InPlaceCommit":
+        return self.begin()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """After a failed save, delete the folder (nothing of it is a checkpoint)."""
+        if not self.committed:
+            try:
+                self.storage.delete(self.name)
+            except OSError:
+                pass
 
 
 class MarkerCommit:

@@ -31,9 +31,9 @@ class Coordinator:
     """Rank 0's side of a save: owns the temporary folder and writes the manifest."""
 
     def __init__(self, storage, name: str, overwrite: bool, metadata: dict,
-                 indexed: bool = False):
+                 indexed: bool = False, in_place: bool = False):
         self.storage, self.name, self.metadata, self.indexed = storage, name, metadata, indexed
-        self.tx = commit_for(storage, name, overwrite)
+        self.tx = commit_for(storage, name, overwrite, in_place)
         self.plans, self.gp, self.begun = None, None, False
 
     def plan(self, plans: dict[int, dict]) -> dict:
@@ -242,17 +242,19 @@ def uses_index(world: int, opts: WriteOptions, base: str | None) -> bool:
 
 def plan_save(state, storage, name: str, opts: WriteOptions, metadata: dict, overwrite: bool,
               timeout: float | None, base: str | None = None,
-              indexed: bool | None = None) -> PlannedSave:
+              indexed: bool | None = None, in_place: bool = False) -> PlannedSave:
     """Flatten the state and run the plan round (collective). Raises RankFailureError (several
     ranks) or the error itself (one process); then nothing was created. ``base``: the sibling
     checkpoint an incremental save references (incremental.py); it implies content hashes.
-    ``indexed``: whether to write chunk index files (default: ``uses_index``)."""
+    ``indexed``: whether to write chunk index files (default: ``uses_index``). ``in_place``:
+    see ``commit_for``."""
     ex = exchange(timeout)
     if base is not None:
         opts = replace(opts, content_hashes=True)
     if indexed is None:
         indexed = uses_index(ex.world, opts, base)
-    coord = Coordinator(storage, name, overwrite, metadata, indexed) if ex.rank == 0 else None
+    coord = Coordinator(storage, name, overwrite, metadata, indexed, in_place) \
+        if ex.rank == 0 else None
     try:
         items, plan, error, index = [], None, None, None
         try:

@@ -116,3 +116,104 @@ def _two(rank, world, path):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world))
     return _round_trip(rank, world, path)
+
+
+def test_enabled_accelerator_names_keeps_and_finds_checkpoints_like_accelerate(tmp_path):
+    import os
+
+    import shardckpt
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from shardckpt.errors import CheckpointExistsError
+    from shardckpt.integrations.accelerate import enable
+
+    old = tmp_path / "checkpoints" / "checkpoint_0"  # Accelerate's format, before the switch
+    old.mkdir(parents=True)
+    (old / "optimizer.bin").write_bytes(b"pickle")
+    config = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True,
+                                  total_limit=2, iteration=1)
+    accelerator = enable(Accelerator(cpu=True, project_config=config))
+    model = accelerator.prepare(torch.nn.Linear(3, 1))
+    for step in range(1, 4):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        accelerator.save_state()  # the user's own call, no path: Accelerate's folder naming
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == ["checkpoint_2", "checkpoint_3"]  # total_limit=2
+    assert accelerator.project_configuration.iteration == 4
+    assert shardckpt.verify(root / "checkpoint_3").ok
+
+    with torch.no_grad():
+        model.weight.fill_(-1)
+    accelerator.load_state()  # the newest: checkpoint_3
+    assert torch.equal(model.weight, torch.full((1, 3), 3.0))
+    accelerator.load_state(root / "checkpoint_2", map_location="cpu")
+    assert torch.equal(model.weight, torch.full((1, 3), 2.0))
+    with pytest.raises(TypeError, match="Unsupported optimizer map location"):
+        accelerator.load_state(root / "checkpoint_2", map_location="invalid")
+
+    accelerator.project_configuration.iteration = 3  # a resumed run that reuses a number
+    with pytest.raises(CheckpointExistsError, match="checkpoint_3.*already exists"):
+        accelerator.save_state()
+    accelerator.project_configuration.automatic_checkpoint_naming = False
+    explicit = tmp_path / "explicit"
+    assert accelerator.save_state(explicit) == str(explicit)  # a given folder, as Accelerate
+    assert accelerator.save_state(explicit) == str(explicit)  # and replaced like Accelerate
+
+
+def test_enabled_accelerator_calls_the_model_state_hooks(tmp_path):
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from shardckpt.integrations.accelerate import enable
+
+    calls = []
+
+    def save_hook(models, weights, folder):  # e.g. a diffusers-style extra file
+        calls.append(("save", len(weights), os.path.basename(folder)))
+        with open(os.path.join(folder, "extra.txt"), "w") as fh:
+            fh.write("mine")
+
+    config = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True,
+                                  total_limit=1)
+    accelerator = enable(Accelerator(cpu=True, project_config=config))
+    accelerator.prepare(torch.nn.Linear(2, 1))
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(
+        lambda models, folder: calls.append(("load", len(models), os.path.basename(folder))))
+    accelerator.save_state()
+    accelerator.save_state()  # total_limit=1 deletes checkpoint_0, its extra file included
+    accelerator.load_state()
+    assert calls == [("save", 1, "checkpoint_0"), ("save", 1, "checkpoint_1"),
+                     ("load", 1, "checkpoint_1")]
+    assert os.listdir(tmp_path / "checkpoints") == ["checkpoint_1"]
+    assert (tmp_path / "checkpoints" / "checkpoint_1" / "extra.txt").read_text() == "mine"
+
+
+def _enabled_saves(rank, world, root):
+    import os
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from shardckpt.integrations.accelerate import enable
+    config = ProjectConfiguration(project_dir=root, automatic_checkpoint_naming=True,
+                                  total_limit=2)
+    accelerator = enable(Accelerator(cpu=True, project_config=config))
+    model = accelerator.prepare(torch.nn.Linear(3, 1))
+    for step in range(4):
+        with torch.no_grad():
+            model.module.weight.fill_(step)
+        accelerator.save_state()
+    with torch.no_grad():
+        model.module.weight.fill_(-1)
+    accelerator.load_state()
+    return sorted(os.listdir(os.path.join(root, "checkpoints"))), model.module.weight.tolist()
+
+
+def test_enabled_accelerator_on_two_processes(tmp_path):
+    from shardckpt.testing import run_with_ranks
+    results = [r.value for r in run_with_ranks(2, _enabled_saves, str(tmp_path), timeout=240)]
+    for names, weight in results:
+        assert names == ["checkpoint_2", "checkpoint_3"] and weight == [[3.0, 3.0, 3.0]]

@@ -63,6 +63,33 @@ def test_overlapping_saves_wait_or_raise_as_asked(tmp_path, faults):
     assert_same(_state(2), shardckpt.load_full(tmp_path / "second"))
 
 
+def test_in_place_save_owns_its_name_from_the_call_and_replaces_atomically(tmp_path, faults):
+    faults.slow_writes(0.3)
+    path = tmp_path / "a"
+    handle = shardckpt.async_save(_state(1), path, in_place=True)
+    # The name is taken at once and nothing else shows; it is no checkpoint until committed.
+    assert os.listdir(tmp_path) == ["a"] and not (path / "manifest.json").exists()
+    with pytest.raises(shardckpt.IncompleteCheckpointError):
+        shardckpt.load_full(path)
+    handle.result(timeout=60)
+    assert_same(_state(1), shardckpt.load_full(path))
+    # Replacing a committed checkpoint still goes through a temporary folder: the old one
+    # stays whole and loadable until the new one is in place.
+    handle = shardckpt.async_save(_state(2), path, in_place=True, overwrite=True)
+    assert_same(_state(1), shardckpt.load_full(path))
+    handle.result(timeout=60)
+    assert_same(_state(2), shardckpt.load_full(path))
+    assert os.listdir(tmp_path) == ["a"]
+
+
+def test_failed_in_place_save_leaves_no_folder(tmp_path, faults):
+    faults.write_status(status.NO_SPACE, "No space left on device", 28)
+    handle = shardckpt.async_save(_state(), tmp_path / "a", in_place=True)
+    with pytest.raises(shardckpt.DiskFullError):
+        handle.result(timeout=60)
+    assert os.listdir(tmp_path) == []
+
+
 def _run_child(code: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=os.getcwd(),
                             stdout=subprocess.PIPE, text=True, **kw)

@@ -47,3 +47,16 @@ def test_remove_leftovers_keeps_a_lone_set_aside_copy(tmp_path):
     assert sorted(rootdir.leftovers(storage)) == [".a.old-0011", ".b.old-2233", ".c.tmp-4455"]
     assert sorted(rootdir.remove_leftovers(storage)) == [".a.old-0011", ".c.tmp-4455"]
     assert sorted(os.listdir(tmp_path)) == [".b.old-2233", "a"]  # b's only copy survives
+
+
+def test_in_place_debris_is_found_and_cleared_by_the_next_save(ckpt):
+    from shardckpt.format.root import leftovers
+    from shardckpt.storage import open_storage
+    (ckpt / "data").mkdir(parents=True)  # what a crash mid in-place save leaves: no manifest
+    (ckpt / "data" / "rank-00000.bin").write_bytes(b"SHRDCKPT" + b"\0" * 40)
+    with pytest.raises(shardckpt.IncompleteCheckpointError):
+        shardckpt.load_full(ckpt)
+    assert leftovers(open_storage(str(ckpt.parent))) == [ckpt.name]
+    shardckpt.async_save({"x": torch.ones(2)}, ckpt, in_place=True).result(timeout=60)
+    assert torch.equal(shardckpt.load_full(ckpt)["x"], torch.ones(2))
+    assert os.listdir(ckpt.parent) == [ckpt.name]
