@@ -26,6 +26,7 @@ from . import require
 keras = require("keras", "keras", "ShardCkptCheckpoint")
 
 from ..manage import CheckpointManager  # noqa: E402
+from ..policy import EveryNEpochs, EveryNSteps, KeepLast, OnImprovement  # noqa: E402
 
 __all__ = ["ShardCkptCheckpoint", "ShardCkptBackupAndRestore"]
 
@@ -160,66 +161,59 @@ class ShardCkptCheckpoint(keras.callbacks.Callback):
         self.directory, self.monitor, self.verbose = str(directory), monitor, verbose
         self.save_best_only, self.save_weights_only = save_best_only, save_weights_only
         self.mode, self.save_freq, self.max_to_keep = mode, save_freq, max_to_keep
+        self.initial_value_threshold = initial_value_threshold
         self.best = initial_value_threshold
         self.manager_options = dict(manager_options or {})
         self.manager: CheckpointManager | None = None
         self._epoch = 0
-        self._since = 0  # batches since the last batch-count save
 
     def on_train_begin(self, logs=None):
         self._close()
-        self._direction = _direction(self.model, self.monitor, self.mode)
+        self.best = self.initial_value_threshold
+        direction = _direction(self.model, self.monitor, self.mode)
+        rule = EveryNEpochs(1) if self.save_freq == "epoch" else EveryNSteps(self.save_freq)
+        if self.save_best_only:  # the manager's policy: the best so far is read from the root
+            rule = rule & OnImprovement(self.monitor, direction)
+        self._better = (lambda v, ref: v < ref) if direction == "min" else \
+            (lambda v, ref: v > ref)
         self.manager = open_manager(
-            self.directory, keep_last=self.max_to_keep, monitor=self.monitor,
-            mode=self._direction, handle_preemption=False, **self.manager_options)
-        self._best_from_root()
-
-    def _best_from_root(self) -> None:
-        """Start from the best value already saved in ``directory`` when it is better."""
-        step = self.manager.best_step()
-        saved = (self.manager.metrics(step) or {}).get(self.monitor) if step is not None \
-            else None
-        if saved is not None and (self.best is None or self._better(saved, self.best)):
-            self.best = saved
-
-    def _better(self, value, reference) -> bool:
-        return value < reference if self._direction == "min" else value > reference
+            self.directory, save=rule, keep=KeepLast(self.max_to_keep) if self.max_to_keep
+            else None, monitor=self.monitor, mode=direction, handle_preemption=False,
+            **self.manager_options)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.save_freq == "epoch":
-            return
-        self._since += 1
-        if self._since >= self.save_freq:
-            self._since = 0
-            self._save(self._epoch, logs)
+        if self.save_freq != "epoch":
+            self._offer(self._epoch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":
-            self._save(epoch + 1, logs)
+            self._offer(epoch + 1, logs)
 
-    def _save(self, epoch: int, logs) -> None:
+    def _offer(self, epoch: int, logs) -> None:
+        """Hand the manager this point of the fit; its save rule decides."""
         logs = dict(logs or {})
-        current = logs.get(self.monitor)
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))
+                   or hasattr(v, "item")}
         if self.save_best_only:
-            if current is None:
+            current = metrics.get(self.monitor)
+            if current is None:  # Keras warns and skips; the rule would raise
                 warnings.warn(f"ShardCkptCheckpoint: save_best_only needs {self.monitor!r} "
                               f"in the logs (it has {sorted(logs)}); skipping this save",
                               stacklevel=2)
                 return
-            current = float(current)
             if self.best is not None and not self._better(current, self.best):
-                return
-            self.best = current
+                return  # initial_value_threshold not beaten yet
         groups = GROUPS[:2] if self.save_weights_only else GROUPS
         step = _iterations(self.model)
-        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))
-                   or hasattr(v, "item")}
-        self.manager.save(step, keras_state(self.model, epoch, groups), metrics=metrics)
-        if self.verbose:
-            print(f"ShardCkptCheckpoint: saved {self.manager.path(step)}")
+        if self.manager.maybe_save(step, keras_state(self.model, epoch, groups),
+                                   metrics=metrics, epoch=epoch):
+            if self.save_best_only:
+                self.best = None  # the threshold is beaten; the root's best rules from now
+            if self.verbose:
+                print(f"ShardCkptCheckpoint: saved {self.manager.path(step)}")
 
     def on_train_end(self, logs=None):
         self._close()

@@ -117,6 +117,11 @@ def test_save_best_only_writes_only_improving_epochs(keras, tmp_path):
                                 save_best_only=True)
     _fit(_model(keras), [score, again], epochs=2)
     assert len(_steps(tmp_path / "best")) == 4
+    # initial_value_threshold: nothing is written until the score beats 1.5.
+    _fit(_model(keras), [score, ShardCkptCheckpoint(tmp_path / "t", monitor="score", mode="min",
+                                                    save_best_only=True,
+                                                    initial_value_threshold=1.5)])
+    assert _steps(tmp_path / "t") == ["step-00000032", "step-00000048"]
 
 
 def test_weights_only_batch_frequency_and_max_to_keep(keras, tmp_path):
