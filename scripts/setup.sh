@@ -5,11 +5,13 @@
 #   build of torch, and an editable install of shardckpt with its native core built. Safe to run again: it rebuilds
 #   only when the native sources changed. Environment:
 #     VENV=.venv  PYTHON=python3  TORCH_SPEC='torch==2.13.0'  EXTRAS=test
+#     TORCHTITAN_SPEC='torchtitan==0.3.0' (installed --no-deps when EXTRAS has test or torchtitan)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCHTITAN_SPEC=${TORCHTITAN_SPEC:-torchtitan==0.3.0}
 EXTRAS=${EXTRAS:-test}
 
 have_header() { echo "#include <$1>" | ${CC:-cc} -E -x c - >/dev/null 2>&1; }
@@ -47,5 +49,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
   "${PIP[@]}" install "scikit-build-core>=0.10" "nanobind>=2.0"
   "${PIP[@]}" install --no-build-isolation -e ".[$EXTRAS]"
   echo "$want" > "$stamp"
+fi
+# torchtitan without its dependencies (pyproject.toml, extra torchtitan, says why); then every
+# integration must still import beside it, with torch untouched.
+if [[ ",$EXTRAS," == *,test,* || ",$EXTRAS," == *,torchtitan,* ]]; then
+  want_titan=${TORCHTITAN_SPEC#*==}
+  have_titan=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('torchtitan'))" 2>/dev/null || true)
+  [ "$have_titan" = "$want_titan" ] || "${PIP[@]}" install --no-deps "$TORCHTITAN_SPEC"
+  "$VENV/bin/python" scripts/check_extras.py --torch "${TORCH_SPEC#*==}"
 fi
 "$VENV/bin/python" -c "import shardckpt._native as n; print('setup: shardckpt', n.__version__, 'native core ready:', n.features())"

@@ -15,7 +15,8 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 PAGES = {"policies.md": (), "resuming.md": (), "trackers.md": ("mlflow", "wandb"),
          "lightning.md": ("lightning",), "accelerate.md": ("accelerate",),
          "hf-trainer.md": ("transformers",), "hf-sft-subclass.md": ("transformers",),
-         "hf-start-from-folder.md": ("transformers",)}
+         "hf-start-from-folder.md": ("transformers",),
+         "keras.md": ("keras",)}  # torchtitan.md: its examples need a real trainer (not run)
 BLOCK = re.compile(r"(<!-- not run:[^\n]*-->\s*)?```python\n(.*?)```", re.S)
 
 

@@ -8,6 +8,10 @@
   whose checkpoints are shardckpt checkpoints (``pip install 'shardckpt[transformers]'``).
 - ``tensorboard``: ``TensorBoardEvents``, an ``on_event`` callback writing SummaryWriter scalars
   (``pip install 'shardckpt[tensorboard]'``).
+- ``torchtitan``: ``ShardCkptCheckpointManager``, a torchtitan checkpoint backend
+  (``pip install 'shardckpt[torchtitan]'`` and ``pip install --no-deps torchtitan==0.3.0``).
+- ``keras``: ``ShardCkptCheckpoint`` / ``ShardCkptBackupAndRestore``, Keras 3 callbacks on the
+  torch backend (``pip install 'shardckpt[keras]'``).
 - ``mlflow``, ``wandb``: ``MLflowCheckpoints`` / ``WandbCheckpoints``, ``on_event`` callbacks
   registering each committed checkpoint in the experiment tracker by reference, with aliases
   that follow retention (``pip install 'shardckpt[mlflow]'`` / ``'shardckpt[wandb]'``); the

@@ -9,7 +9,7 @@ import pytest
 from shardckpt.errors import MissingExtraError
 
 FRAMEWORKS = ("lightning", "pytorch_lightning", "accelerate", "transformers", "tensorboard",
-              "matplotlib", "safetensors", "mlflow", "wandb")
+              "matplotlib", "safetensors", "mlflow", "wandb", "keras", "torchtitan")
 
 
 def test_core_and_cli_import_no_framework():
@@ -27,6 +27,8 @@ def test_core_and_cli_import_no_framework():
     ("mlflow", "mlflow", "mlflow"),
     ("wandb", "wandb", "wandb"),
     ("transformers", "transformers", "transformers"),
+    ("keras", "keras", "keras"),
+    ("torchtitan", "torchtitan", "torchtitan.components.checkpointer.base"),
 ])
 def test_missing_extra_is_one_line_with_the_pip_command(monkeypatch, module, extra, blocked):
     monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed
