@@ -111,12 +111,12 @@ class CheckpointManager:
         self._tier = (LocalTier(c.local_dir, replicas=c.replicas, keep=c.local_keep,
                                 save_options=self.save_options,
                                 staging_budget_bytes=self.save_options.get("staging_budget_bytes"),
-                                on_busy=c.local_on_busy, durable=self._storage)
+                                on_busy=c.local_on_busy, durable=self._storage, clock=c.clock)
                       if c.local_dir is not None else None)
         local_rule = save_rule(c.local_save, c.local_every_n_steps, None,
                                "local_save= or local_every_n_steps")
         self._local = (Schedule(local_rule, None, None, self.monitor, self.mode, self._ranks,
-                                self._schedule.history, c.clock)
+                                self._schedule.history, c.clock, self._tier.completions)
                        if self._tier is not None and local_rule is not None else None)
 
     def _take_root(self, lease: bool):

@@ -96,15 +96,18 @@ class Schedule:
         ranks: the manager's rank group (``max``, ``rank0_list``, ``rank``, ``dist``).
         history: the root's history.
         clock: the manager's clock.
+        completions: where the costs of saves that finish in the background come from (the
+            local tier's ``completions``), taken before each decision; None: none do.
     """
 
     def __init__(self, save, keep, demote, monitor, mode, ranks, history: History,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], completions: Callable[[], list] | None = None):
         if demote is not None and not isinstance(demote, KeepFull):
             raise TypeError(f"demote= takes KeepFull(...), not {demote!r}")
         self.save, self.keep, self.demote = save, keep, demote
         self.monitor, self.mode = monitor, mode
         self.ranks, self.history, self.clock = ranks, history, clock
+        self.completions = completions
         self.clocked = save.clocked() if save is not None else []
         world = ranks.dist.get_world_size() if ranks.dist else 1
         now = clock()
@@ -127,7 +130,10 @@ class Schedule:
         return sum(leaf.flag_count for leaf in self.clocked)
 
     def local_flags(self) -> list[int]:
-        """This rank's clock flags, in the order of ``clocked``."""
+        """This rank's clock flags, in the order of ``clocked`` (after taking the costs of the
+        saves that completed since the last call)."""
+        for done in self.completions() if self.completions is not None else []:
+            self.cost(done["stall_s"], done["seconds"])
         now = self.clock()
         return [f for leaf in self.clocked for f in leaf.local_flags(now, self.facts)]
 
@@ -191,16 +197,15 @@ class Schedule:
 
     def save_local(self, tier, step: int, state_dict, metrics, epoch, flags: list[int]) -> None:
         """The local tier's save (``tier.save_async``) when this schedule's rule (the manager's
-        ``local_save``) says so; its stall is the cost ``Auto`` weighs for that tier."""
+        ``local_save``) says so. The costs ``Auto`` weighs for that tier are those of its
+        committed saves (``completions``: stall, and time until committed with replicas)."""
         if self.check(step, epoch, metrics, flags) is None:
             return
-        t0 = self.clock()
         meta = {META_KEY: {"step": step, "epoch": json_epoch(epoch), "reason": "local",
                            "metrics": json_metrics(metrics), "unix_time": time.time()}}
         if tier.save_async(step, state_dict, meta):
             self.started(step, None)
             self.settled(step)
-            self.cost(self.clock() - t0, self.clock() - t0)
 
     def ended(self, clean: bool, write: bool) -> None:
         """The manager closes: the run's end goes into the history (rank 0 ``write``s it)

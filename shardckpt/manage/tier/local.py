@@ -18,7 +18,9 @@ sent wrong bytes fails the save), and only when every node's check passed writes
 folder and renames the folder into place (the same atomic commit as the durable tier). Any
 failure, a peer's death included, fails the save on every rank and commits nothing; it is a
 warning at the next call. A local step whose previous save still runs is skipped on every rank
-(they agree on a second small group), or waited for.
+(they agree on a second small group), or waited for. A committed background save leaves a record
+(``completions``: its step, stall and seconds until committed on every node, replicas included)
+that the manager feeds to the local tier's save rule, as it does with a durable save's costs.
 
 Each local manifest records the job it belongs to (the durable root and the job id stored
 there, check.py); a restore ignores every copy recorded with another job or none.
@@ -36,6 +38,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
+import time
 import warnings
 
 import torch
@@ -86,11 +90,12 @@ class LocalTier:
 
     ``durable``: the storage of the job's durable root, whose identity every local checkpoint
     records (check.py); None: the tier records none and restores only copies without one.
+    ``clock``: the clock (seconds) that times the saves for ``completions`` (the manager's).
     """
 
     def __init__(self, local_dir, *, replicas: int = 1, keep: int = 1,
                  save_options: dict | None = None, staging_budget_bytes: int | None = None,
-                 on_busy: str = "skip", durable=None):
+                 on_busy: str = "skip", durable=None, clock=time.monotonic):
         import torch.distributed as dist
         if not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be an int >= 0, not {replicas!r}")
@@ -120,6 +125,7 @@ class LocalTier:
         self.leader = self.rank == min(r for r, n in enumerate(self.nodes_of) if n == self.node)
         self.save_options = dict(save_options or {})
         self.last_committed: int | None = None  # the step of the last local save, if it committed
+        self.committed_at = 0.0  # the clock when it committed
         self.staging_budget = staging_budget_bytes  # None: default_budget()
         self.arena = StagingArena()  # its own: a durable async save may be staging too
         self._job, self._job_step = None, None  # the background save in flight (a Future)
@@ -128,6 +134,9 @@ class LocalTier:
         self.job = None if durable is None else exchange(None).round(
             "local-job", True, None, lambda _: job_identity(durable))
         self._owned: dict[int, bool] = {}  # step -> recorded with this job (leaders' cache)
+        self.clock = clock
+        self._done: list[dict] = []  # records of committed background saves, not yet taken
+        self._done_lock = threading.Lock()  # the background thread appends, the caller takes
 
     # ------------------------------------------------------------------ group
     def _gather_nodes(self) -> list[int]:
@@ -195,7 +204,8 @@ class LocalTier:
         is a warning here (``failed`` counts them); the training and the durable tier go on.
         """
         if self.on_busy == "wait":
-            self.wait()
+            self.wait()  # not the new save's cost: Auto's model counts it as the lag (interval.py)
+        started = self.clock()
         self._collect()
         try:
             busy = self._any(self._job is not None and not self._job.done())
@@ -223,16 +233,34 @@ class LocalTier:
             planned.close()
             raise
         self._job_step = step
-        self._job = _WORKER.submit(self._background, step, name, planned, stager)
+        record = {"step": step, "stall_s": 0.0, "seconds": None, "started": started}
+        self._job = _WORKER.submit(self._background, step, name, planned, stager, record)
         stager.run()  # a state larger than the arena streams: this then waits for the writes
+        # Set before the caller's next call, the only place ``completions`` hands it out.
+        record["stall_s"] = self.clock() - started
         return True
 
-    def _background(self, step: int, name: str, planned, stager) -> None:
+    def _background(self, step: int, name: str, planned, stager, record: dict) -> None:
         try:
             self._complete(step, name, planned, stager.batches())
         finally:
             stager.abort()
             stager.release()
+        record["seconds"] = self.committed_at - record.pop("started")
+        with self._done_lock:
+            self._done.append(record)
+
+    def completions(self) -> list[dict]:
+        """The background saves that committed since the last call, oldest first.
+
+        Returns:
+            one record per save, the shape of a durable save's history timings: ``step``,
+            ``stall_s`` (seconds ``save_async`` blocked the caller) and ``seconds`` (from the
+            call until the checkpoint was committed on every node, replicas included).
+        """
+        with self._done_lock:
+            done, self._done = self._done, []
+        return done
 
     def wait(self) -> bool | None:
         """Wait for the background save in flight; whether it committed (None: none ran).
@@ -318,6 +346,7 @@ class LocalTier:
             except Exception as exc:
                 error = exc
             planned.ex.round("local-commit", True, error, lambda _: True)
+            self.committed_at = self.clock()  # every node committed; retention is not the save's
             self.last_committed = step
             self._owned[step] = True
         finally:
