@@ -113,7 +113,8 @@ class ShardCkptIO(_io.CheckpointIO):
                 if aside is None and self._in_background(path):
                     self._handle = async_save(state, path, in_place=True, **options)
                     track(path, self._handle, storage_options)
-                    self._handle.add_done_callback(self._reporter(checkpoint, path, storage_options))
+                    self._handle.add_done_callback(
+                        self._reporter(checkpoint, path, storage_options))
                 else:
                     info = api.save(state, path, **options)
                     self._reporter(checkpoint, path, storage_options)(info, None)

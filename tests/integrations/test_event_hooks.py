@@ -191,13 +191,16 @@ def test_torchtitan_reports_commits_and_keep_latest_k_removals(tmp_path, async_m
     from shardckpt.integrations.torchtitan import ShardCkptCheckpointManager
     from tests.integrations import titan_job
     hook_recorder.EVENTS.clear()
+    rec = Recorder()
+    # as a config file names it (a string), or a Python config's callable
+    on_event = "tests.integrations.hook_recorder:record" if async_mode == "async" else rec
     config = ShardCkptCheckpointManager.Config(
         enable=True, folder="ckpt", interval=2, keep_latest_k=2, last_save_model_only=False,
-        handle_preemption=False, async_mode=async_mode,
-        on_event="tests.integrations.hook_recorder:record")  # as a config file names it
+        handle_preemption=False, async_mode=async_mode, on_event=on_event)
     titan_job.train(0, 1, config, str(tmp_path), 8)
+    events = hook_recorder.EVENTS if async_mode == "async" else rec.events
     folder = str(tmp_path / "ckpt")
-    got = [(e.kind, e.step, e.path) for e, _ in hook_recorder.EVENTS]
+    got = [(e.kind, e.step, e.path) for e, _ in events]
     committed = [(s, p) for k, s, p in got if k == COMMITTED]
     assert committed == [(s, f"{folder}/step-{s}") for s in (2, 4, 6, 8)]
     assert [(s, p) for k, s, p in got if k == REMOVED] == [(2, f"{folder}/step-2"),
@@ -205,7 +208,7 @@ def test_torchtitan_reports_commits_and_keep_latest_k_removals(tmp_path, async_m
     assert got.index((REMOVED, 2, f"{folder}/step-2")) > got.index((COMMITTED, 6,
                                                                       f"{folder}/step-6"))
     assert sorted(os.listdir(folder)) == ["step-6", "step-8"]
-    assert all(e.raw_bytes > 0 for e, _ in hook_recorder.EVENTS if e.kind == COMMITTED)
+    assert all(e.raw_bytes > 0 for e, _ in events if e.kind == COMMITTED)
 
 
 def test_event_callback_takes_callables_and_dotted_paths():
