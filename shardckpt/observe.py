@@ -9,9 +9,11 @@ rank's own (what it wrote or read), like ``SaveInfo``'s.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 logger = logging.getLogger("shardckpt")
 
@@ -43,6 +45,7 @@ class CheckpointEvent:
     metrics: dict | None = None
     error: str | None = None
     unix_time: float = field(default_factory=time.time)
+    epoch: float | int | None = None  # where the framework counts epochs (Lightning, HF)
 
     @property
     def ratio(self) -> float | None:
@@ -50,6 +53,49 @@ class CheckpointEvent:
         if self.raw_bytes and self.stored_bytes:
             return self.raw_bytes / self.stored_bytes
         return None
+
+
+def emit(callback: Callable | None, kind: str, step: int | None, path: str, **fields) -> None:
+    """Hand one ``CheckpointEvent`` to ``callback`` on the calling thread (None: nothing).
+
+    A callback that raises is logged with its traceback and never raised: a tracker or a
+    logger must not fail the save or the removal it reports.
+
+    Args:
+        callback: the ``on_event`` callable, or None.
+        kind, step, path: the event's (see ``CheckpointEvent``).
+        fields: its other fields (``metrics``, ``epoch``, ``seconds``...).
+    """
+    if callback is None:
+        return
+    try:
+        callback(CheckpointEvent(kind, step, path, **fields))
+    except Exception:
+        logger.exception("shardckpt: on_event callback failed on %s of %s", kind, path)
+
+
+def event_callback(spec) -> Callable | None:
+    """``on_event`` from a config value: a callable as it is, or a dotted import path
+    (``"pkg.module.name"`` or ``"pkg.module:name"``) of a callable or of a class that is
+    constructed without arguments (``"shardckpt.integrations.wandb.WandbCheckpoints"``).
+
+    Raises:
+        ValueError: ``spec`` names nothing importable, or something that is not callable.
+    """
+    if spec is None or callable(spec):
+        return spec
+    module, sep, name = str(spec).partition(":")
+    if not sep:
+        module, _, name = str(spec).rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"on_event {spec!r} cannot be imported: {exc}") from exc
+    if isinstance(target, type):
+        target = target()
+    if not callable(target):
+        raise ValueError(f"on_event {spec!r} is not callable")
+    return target
 
 
 def _mib(n: int) -> str:

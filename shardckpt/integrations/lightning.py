@@ -41,6 +41,7 @@ from ..save import SaveHandle, async_save  # noqa: E402  (after the extra's chec
 from ..format.retire import remove_checkpoint as delete_checkpoint  # noqa: E402
 from ..format.root import OLD_MARK  # noqa: E402
 from ..dist.rounds import local_only  # noqa: E402
+from ..observe import REMOVED, SAVE_COMMITTED, emit  # noqa: E402
 from ..storage import open_checkpoint  # noqa: E402
 from . import portable  # noqa: E402
 from .lightning_load import (checkpoint_url, install_loader, load_any, track,  # noqa: E402
@@ -73,14 +74,22 @@ class ShardCkptIO(_io.CheckpointIO):
         storage_options: passed to the storage backend for URLs.
         allow_pickle: load ``torch.save`` checkpoints with the full unpickler even when the
             caller leaves ``weights_only`` unset (only for files you trust).
+        on_event: called with a ``shardckpt.observe.CheckpointEvent``: ``save_committed``
+            (step, path, epoch, the monitored metrics of ``ModelCheckpoint``) once each
+            checkpoint commits, on the thread that commits it, and ``removed`` when Lightning
+            deletes one (``save_top_k``); a callback that raises is logged, never raised
+            (``MLflowCheckpoints`` / ``WandbCheckpoints`` fit here).
     """
 
     def __init__(self, *, async_save: bool = False, save_options: dict | None = None,
-                 storage_options: dict | None = None, allow_pickle: bool = False):
+                 storage_options: dict | None = None, allow_pickle: bool = False,
+                 on_event=None):
         self.async_save = async_save
         self.save_options = dict(save_options or {})
         self.storage_options = storage_options
         self.allow_pickle = allow_pickle
+        self.on_event = on_event
+        self._steps: dict[str, int] = {}  # checkpoint url -> the step saved there last
         self._handle: SaveHandle | None = None
         install_loader()  # so that load_from_checkpoint(folder) works after the switch
 
@@ -104,14 +113,29 @@ class ShardCkptIO(_io.CheckpointIO):
                 if aside is None and self._in_background(path):
                     self._handle = async_save(state, path, in_place=True, **options)
                     track(path, self._handle, storage_options)
+                    self._handle.add_done_callback(
+                        self._reporter(checkpoint, path, storage_options))
                 else:
-                    api.save(state, path, **options)
+                    info = api.save(state, path, **options)
+                    self._reporter(checkpoint, path, storage_options)(info, None)
         except BaseException:
             if aside is not None:
                 storage.rename(aside, name)
             raise
         if aside is not None:
             storage.delete(aside)
+
+    def _reporter(self, checkpoint: dict, path: str, storage_options):
+        """The done callback that reports the save of ``checkpoint`` at ``path``."""
+        step, facts = checkpoint.get("global_step"), _event_facts(checkpoint)
+        url = checkpoint_url(path, storage_options)
+
+        def report(info, error) -> None:
+            if error is None and self.on_event is not None:
+                self._steps[url] = step
+                emit(self.on_event, SAVE_COMMITTED, step, path, seconds=info.seconds,
+                     raw_bytes=info.raw_bytes, stored_bytes=info.stored_bytes, **facts)
+        return report
 
     def _in_background(self, path: str) -> bool:
         # Outside a run (trainer.save_checkpoint after fit) nothing overlaps the save and the
@@ -156,6 +180,9 @@ class ShardCkptIO(_io.CheckpointIO):
             storage.delete(name)
             return
         delete_checkpoint(storage, name)
+        step = self._steps.pop(checkpoint_url(path, self.storage_options), None)
+        if step is not None:
+            emit(self.on_event, REMOVED, step, path, reason="lightning")
 
     def wait(self) -> None:
         """Wait for the save in flight to commit; raises its error."""
@@ -255,6 +282,18 @@ def _top_keys(path: str) -> list:
     storage, name = open_checkpoint(path)
     kind, payload = node_kind(open_manifest(storage, name).tree)
     return [k for k, _ in dict_items(payload)] if kind == "dict" else []
+
+
+def _event_facts(checkpoint: dict) -> dict:
+    """``epoch`` and ``metrics`` of a checkpoint's event: the score each ``ModelCheckpoint``
+    in it monitors (Lightning keeps the step's metrics nowhere else in the checkpoint)."""
+    metrics = {}
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") and \
+                state.get("current_score") is not None:
+            score = state["current_score"]
+            metrics[state["monitor"]] = float(score.item() if hasattr(score, "item") else score)
+    return {"epoch": checkpoint.get("epoch"), "metrics": metrics or None}
 
 
 def _summary(checkpoint: dict) -> dict:

@@ -42,6 +42,7 @@ from ..format.tree import dict_items, node_kind  # noqa: E402
 from ..manage.preemption import EXIT_PREEMPTED, PreemptionWatcher  # noqa: E402
 from ..manage.tier.local import LocalTier  # noqa: E402
 from ..manage.verdict import FATAL, OK, SKIP, is_fatal  # noqa: E402
+from ..observe import REMOVED, SAVE_COMMITTED, emit, event_callback  # noqa: E402
 from ..save import async_save  # noqa: E402
 from ..storage import open_storage  # noqa: E402
 
@@ -61,6 +62,10 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
         config: this class's ``Config`` (torchtitan's shared fields plus ours).
         dataloader, model_parts, optimizers, lr_schedulers, states, sd_adapter, base_folder:
             what torchtitan's trainer passes to every checkpoint manager.
+        on_event: a callable taking ``shardckpt.observe.CheckpointEvent`` (instead of
+            ``config.on_event``): ``save_committed`` once each checkpoint commits, on the thread
+            that commits it (every rank), ``removed`` for each ``keep_latest_k`` deletion (rank
+            0); a callback that raises is logged, never raised.
 
     Raises:
         ValueError: a config field this backend cannot honour (HF safetensors in or out).
@@ -93,6 +98,10 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
         """Local checkpoints each node keeps."""
         local_replicas: int = 1
         """Other nodes that hold a copy of each rank's local data."""
+        on_event: str | None = None
+        """Events of each commit and removal to a callable (``CheckpointEvent``): its dotted
+        import path ("shardckpt.integrations.wandb.WandbCheckpoints": a class is constructed
+        without arguments), or in a Python config the callable itself."""
         local_on_busy: str = "skip"
         """A local step while the previous local save runs: "skip" it (a counted warning) or
         "wait" for that save."""
@@ -116,12 +125,14 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
                                  "checkpoints; for HF safetensors use `shardckpt export`")
 
     def __init__(self, config: Config, *, dataloader, model_parts, optimizers, lr_schedulers,
-                 states: dict[str, Any], sd_adapter=None, base_folder: str = "") -> None:
+                 states: dict[str, Any], sd_adapter=None, base_folder: str = "",
+                 on_event=None) -> None:
         self.enable = config.enable
         self.save_future = None
         if not self.enable:
             return
         self.config = config
+        self.on_event = event_callback(on_event if on_event is not None else config.on_event)
         self.folder = filesystem.join(base_folder, config.folder)
         self.states = states
         self.states.update({MODEL: _base.ModelWrapper(model_parts), OPTIMIZER: optimizers,
@@ -220,9 +231,19 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
                 state, self.path(step), guard=self.guards,
                 staging_budget_bytes=self.config.staging_budget_bytes, **options)
             self._inflight = step
+            self.save_future.add_done_callback(self._reporter(step))
         else:
-            api.save(state, self.path(step), **options)
+            self._reporter(step)(api.save(state, self.path(step), **options), None)
             self._committed(step)
+
+    def _reporter(self, step: int):
+        """The done callback that reports the commit of ``step``'s checkpoint."""
+        def report(info, error) -> None:
+            if error is None:
+                emit(self.on_event, SAVE_COMMITTED, step, self.path(step),
+                     seconds=info.seconds, raw_bytes=info.raw_bytes,
+                     stored_bytes=info.stored_bytes)
+        return report
 
     def _incremental_base(self, step: int, meta: dict) -> dict:
         """``save`` options of an incremental save; ``meta`` gets its chain length (saves since
@@ -268,6 +289,8 @@ class ShardCkptCheckpointManager(_base.BaseCheckpointManager):
                 remove_checkpoint(storage, f"step-{old}")
             except (OSError, CheckpointError) as exc:  # the training goes on; the next commit
                 logger.warning(f"shardckpt: cannot remove {self.path(old)}: {exc}")  # retries
+                continue
+            emit(self.on_event, REMOVED, old, self.path(old), reason="keep_latest_k")
 
     # ------------------------------------------------------------------ preemption
     def _preemption_agreed(self) -> bool:

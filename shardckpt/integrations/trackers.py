@@ -101,6 +101,12 @@ def manifest_crc(data: bytes) -> int:
     return int(text.rsplit(b',"manifest_crc32c":', 1)[1].rstrip().rstrip(b"}"))
 
 
+def _same(uri: str, path: str) -> bool:
+    """Whether an event's ``path`` names the registered ``uri`` (a framework may write one
+    step twice, as Lightning's top-k file and ``last``: removing one leaves the other)."""
+    return uri == (path if "://" in path else os.path.abspath(path))
+
+
 def _rank0() -> bool:
     import torch.distributed as dist
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -247,7 +253,7 @@ class TrackerCallback:
     def _apply(self, event: CheckpointEvent) -> None:
         if event.kind == SAVE_COMMITTED:
             self._committed(event)
-        elif event.step in self.records:
+        elif event.step in self.records and _same(self.records[event.step].uri, event.path):
             record = self.records[event.step]
             if event.kind == REMOVED:
                 record.state = "removed"
@@ -269,6 +275,10 @@ class TrackerCallback:
         except CheckpointNotFoundError:
             logger.info("shardckpt: %s was removed before it was registered", event.path)
             return
+        if record.epoch is None:  # a framework's checkpoint: its integration reports these
+            record.epoch = event.epoch
+        if record.metrics is None:
+            record.metrics = event.metrics
         self.records[event.step] = record
         best = self._best(event.path)
         record.aliases = ["latest"] + (["best"] if best == event.step else [])

@@ -37,6 +37,7 @@ transformers = require("transformers", "transformers", "shardckpt.integrations.t
 import shardckpt  # noqa: E402
 from ..dist import exchange  # noqa: E402
 from ..format.root import DELETE_MARK, is_committed, remove_leftovers  # noqa: E402
+from ..observe import REMOVED, SAVE_COMMITTED, emit  # noqa: E402
 from ..storage import open_storage  # noqa: E402
 from .accelerate import _RNG  # noqa: E402
 
@@ -115,11 +116,17 @@ class ShardCkptTrainerMixin:
         shardckpt_load_options: keyword arguments for ``shardckpt.load`` on resume
             (default ``per_rank="modulo"``: on another number of processes rank r takes the
             saved RNG of rank r % saved ranks).
+        on_event: called with a ``shardckpt.observe.CheckpointEvent``: ``save_committed``
+            (step, folder, epoch, the metrics logged at that step) as each checkpoint commits,
+            on the background writer's thread, and ``removed`` for each folder
+            ``save_total_limit`` deletes; a callback that raises is logged, never raised
+            (``MLflowCheckpoints`` / ``WandbCheckpoints`` fit here).
     """
 
     def __init__(self, *args, shardckpt_save_options: dict | None = None,
-                 shardckpt_load_options: dict | None = None, **kwargs):
+                 shardckpt_load_options: dict | None = None, on_event=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.on_event = on_event
         self.shardckpt_save_options = dict(shardckpt_save_options or {})
         self.shardckpt_load_options = {"per_rank": "modulo", **(shardckpt_load_options or {})}
         self._sc_inflight = None  # (handle, folder, run_dir, trainer_state text)
@@ -167,6 +174,25 @@ class ShardCkptTrainerMixin:
         state = {**self._shardckpt_state(), "trainer_state": text}
         handle = shardckpt.async_save(state, folder, **self.shardckpt_save_options)
         self._sc_inflight = (handle, folder, run_dir, text)
+        if self.on_event is not None:
+            handle.add_done_callback(self._reporter(folder))
+
+    def _reporter(self, folder: str):
+        """The done callback reporting the commit of ``folder`` (the step's logged metrics:
+        the Trainer evaluates before it saves)."""
+        step, epoch = self.state.global_step, self.state.epoch
+        metrics = {}
+        for entry in self.state.log_history:
+            if entry.get("step") == step:
+                metrics.update({k: v for k, v in entry.items()
+                                if k not in ("step", "epoch") and isinstance(v, (int, float))})
+
+        def report(info, error) -> None:
+            if error is None:
+                emit(self.on_event, SAVE_COMMITTED, step, folder, epoch=epoch,
+                     metrics=metrics or None, seconds=info.seconds, raw_bytes=info.raw_bytes,
+                     stored_bytes=info.stored_bytes)
+        return report
 
     def _note_best(self, run_dir: str) -> None:
         """Point ``best_model_checkpoint`` at the best step's folder: the one being saved now
@@ -235,6 +261,8 @@ class ShardCkptTrainerMixin:
             if path not in keep:
                 _remove(path)
                 remaining -= 1
+                emit(self.on_event, REMOVED, int(_STEP.match(os.path.basename(path)).group(1)),
+                     path, reason="save_total_limit")
 
     def _finalize_training(self, *args, **kwargs):
         self._shardckpt_finish(wait=True)

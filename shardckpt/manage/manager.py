@@ -323,13 +323,9 @@ class CheckpointManager:
 
     def _emit(self, kind: str, step, **fields) -> None:
         """Hand one event to ``on_event`` (a failing callback never breaks the training)."""
-        if self._on_event is None:
-            return
-        path = self.path(step) if step is not None else self.root
-        try:
-            self._on_event(observe.CheckpointEvent(kind, step, path, **fields))
-        except Exception:
-            observe.logger.exception("shardckpt: on_event callback failed on %s", kind)
+        if self._on_event is not None:
+            observe.emit(self._on_event, kind, step,
+                         self.path(step) if step is not None else self.root, **fields)
 
     def _committed(self, flight: Flight, info=None) -> None:
         step, metrics = flight.step, flight.metrics

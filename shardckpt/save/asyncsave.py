@@ -20,7 +20,7 @@ from .. import knobs
 from . import stage
 from ..types import SaveInfo
 from ..errors import CheckpointError
-from ..observe import log_save
+from ..observe import log_save, logger
 from .guard import Watch, arm, find_guards, owners, storage_key
 from .incremental import base_name
 from .pipeline import check_metadata, plan_save
@@ -47,6 +47,8 @@ class SaveHandle:
         self._watch: Watch | None = None
         self.stall_seconds = 0.0  # how long async_save blocked the caller
         self._stall_known = threading.Event()  # set once stall_seconds is final (for the log)
+        self._callbacks: list = []
+        self._callbacks_lock = threading.Lock()
 
     @property
     def wait_seconds(self) -> float:
@@ -86,6 +88,24 @@ class SaveHandle:
             raise self._error
         return self._info
 
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(info, error)`` once the save has committed (``info``: its SaveInfo) or
+        failed (``error``), on the writer thread before ``done()`` turns true, so that it
+        precedes whatever the caller does after ``result()``; at once on this thread if the
+        save has finished already. What ``fn`` raises is logged, never raised.
+        """
+        with self._callbacks_lock:
+            if not self._finished.is_set():
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def _call(self, fn) -> None:
+        try:
+            fn(self._info, self._error)
+        except Exception:
+            logger.exception("shardckpt: done callback of the save of %s failed", self.path)
+
     def _run(self, planned, stager) -> None:
         try:
             report = planned.finish(stager.batches())
@@ -99,7 +119,18 @@ class SaveHandle:
         finally:
             stager.abort()  # wakes a copy still staging, if the writer stopped early
             stager.release()
-            self._finished.set()
+            self._finish()
+
+    def _finish(self) -> None:
+        """Run the done callbacks (those added meanwhile too), then mark the save done."""
+        while True:
+            with self._callbacks_lock:
+                callbacks, self._callbacks = self._callbacks, []
+                if not callbacks:
+                    self._finished.set()
+                    return
+            for fn in callbacks:
+                self._call(fn)
 
 
 _WRITER = stage.Worker("shardckpt-async-save", "sc-save", background=True)
