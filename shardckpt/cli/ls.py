@@ -152,11 +152,11 @@ def run(args, out: Output) -> int:
                      metrics or "-", r["reason"] or "-", flags, r["name"]])
     out.table(["step", "state", "epoch", "kind", "size", "ratio", "written", "referenced",
                "metrics", "reason", "", "name"], rows, title=f"{doc['root']}")
-    if doc["other_checkpoints"]:
-        out.line(f"no manager checkpoints (step-N folders) here, but {len(doc['other_checkpoints'])}"
-                 f" other checkpoint folder(s): {', '.join(doc['other_checkpoints'])}; see one "
-                 f"with `shardckpt inspect {doc['root'].rstrip('/')}/"
-                 f"{doc['other_checkpoints'][-1]}`")
+    others = doc["other_checkpoints"]
+    if others:
+        out.line(f"no manager checkpoints (step-N folders) here, but {len(others)} other "
+                 f"checkpoint folder(s): {', '.join(others)}; see one with "
+                 f"`shardckpt inspect {doc['root'].rstrip('/')}/{others[-1]}`")
     if doc["monitor"]:
         assumed = " (mode assumed: the root records no manager's mode)" \
             if doc["mode_source"] == "assumed" else ""
