@@ -1,4 +1,4 @@
-"""The Python examples of the docs pages run as written, in a temporary folder.
+"""The Python examples of the docs pages (and of README.md) run as written, in a temporary folder.
 
 Every ```python block of a page listed here runs, in order and in one namespace (a page's
 examples build on each other); a block right below ``<!-- not run: reason -->`` is skipped.
@@ -16,7 +16,8 @@ PAGES = {"policies.md": (), "resuming.md": (), "trackers.md": ("mlflow", "wandb"
          "lightning.md": ("lightning",), "accelerate.md": ("accelerate",),
          "hf-trainer.md": ("transformers",), "hf-sft-subclass.md": ("transformers",),
          "hf-start-from-folder.md": ("transformers",),
-         "keras.md": ("keras",)}  # torchtitan.md: its examples need a real trainer (not run)
+         "keras.md": ("keras",), "guide.md": (), "cli.md": (),
+         "../README.md": ()}  # torchtitan.md: its examples need a real trainer (not run)
 BLOCK = re.compile(r"(<!-- not run:[^\n]*-->\s*)?```python\n(.*?)```", re.S)
 
 
@@ -56,3 +57,12 @@ def test_every_page_has_runnable_examples_and_skips_say_why():
         notes = re.findall(r"(<!--[^\n]*-->)\s*```python\n", text)
         assert all("not run:" in n and len(n) > len("<!-- not run: -->") for n in notes), page
         assert examples(page), f"docs/{page} has no runnable example"
+
+
+def test_readme_is_short_and_maps_the_docs():
+    """README.md stays a front page (at most 150 lines) and links every docs/ page."""
+    with open(os.path.join(DOCS, "..", "README.md")) as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 150
+    pages = sorted(p for p in os.listdir(DOCS) if p.endswith(".md"))
+    assert [p for p in pages if f"docs/{p}" not in text] == []

@@ -5,7 +5,9 @@ One module per subcommand, each with ``register(subparsers, parent)`` and ``run(
 and manifest facts; ``shardckpt.manage.layout`` knows the names under a manager root.
 
 Exit status: 0 success; 1 a checkpoint fails its checks or any error while doing the work (one
-line on stderr: ``shardckpt: <ErrorType>: <message>``); 2 a usage error. Set
+line on stderr: ``shardckpt: <ErrorType>: <message>``); 2 a usage error, including a path of
+the wrong kind (``ls`` on one checkpoint, ``inspect`` on a manager root: the message names the
+command that fits). ``diff`` follows diff(1): 0 equal, 1 different, 2 any error. Set
 ``SHARDCKPT_DEBUG=1`` for the traceback of an unexpected error.
 """
 
@@ -67,4 +69,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # CheckpointError and anything else: one line, not a traceback
         if os.environ.get("SHARDCKPT_DEBUG"):
             raise
-        return _fail(out, exc, EXIT_FAILED)
+        # diff uses 1 for "they differ", so its errors say 2
+        return _fail(out, exc, getattr(args, "error_status", EXIT_FAILED))

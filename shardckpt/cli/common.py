@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 
 from ..manage.manager import META_KEY
 from ..format.opening import open_manifest
-from ..storage import open_checkpoint
+from ..storage import open_checkpoint, open_storage
 from ..format.tree import dict_items, node_kind, path_text
 from ..types import MANIFEST_NAME, Manifest, TensorEntry
 
@@ -143,3 +144,44 @@ def plain_values(tree) -> dict[str, object]:
             out[path_text(path)] = payload  # int, str, bool, none (None), dtype (its name)
     walk(tree, ())
     return out
+
+
+def _checkpoint_folders(storage, names) -> list[str]:
+    """Of ``names`` under ``storage``, the folders that hold a manifest (a checkpoint each)."""
+    return [n for n in names if storage.exists(f"{n}/{MANIFEST_NAME}")]
+
+
+def where_checkpoints_are(path, storage_options: dict | None) -> str | None:
+    """When ``path`` is not one checkpoint but holds some (a manager root, or a folder of
+    checkpoints such as Lightning's ``dirpath``), a sentence saying so and what to run instead;
+    None otherwise (then reading its manifest explains what is wrong)."""
+    from ..manage import layout  # the root's names; only needed on this path
+    try:
+        storage = open_storage(path, storage_options)
+        if not storage.exists("") or storage.exists(MANIFEST_NAME):
+            return None
+        names = storage.list("")
+    except (OSError, ValueError):
+        return None
+    text = str(path).rstrip("/")
+    steps = [e.name for e in layout.entries(storage) if e.committed]
+    if steps:
+        return (f"{path} is a manager root holding {len(steps)} committed checkpoint(s), not "
+                f"one checkpoint: list them with `shardckpt ls {path}`, or inspect one, e.g. "
+                f"`shardckpt inspect {text}/{steps[-1]}`")
+    found = _checkpoint_folders(storage, sorted(names))
+    if found:
+        return (f"{path} is a folder of {len(found)} checkpoint(s) ({', '.join(found[:5])}"
+                f"{', ...' if len(found) > 5 else ''}), not one checkpoint: inspect one, e.g. "
+                f"`shardckpt inspect {text}/{found[-1]}`")
+    return None
+
+
+def manifest_folder(path) -> tuple[str, bool]:
+    """``(checkpoint folder, whether path named its manifest.json)``: a path to a checkpoint's
+    ``manifest.json`` stands for the checkpoint folder that holds it."""
+    text = os.fspath(path)
+    stripped = text.rstrip("/")
+    if stripped.rsplit("/", 1)[-1] == MANIFEST_NAME:
+        return stripped[:-len(MANIFEST_NAME)].rstrip("/") or ".", True
+    return text, False

@@ -28,7 +28,8 @@ def register(sub, parent) -> None:
     p.add_argument("b", help="the second checkpoint")
     p.add_argument("--limit", type=int, default=30,
                    help="tensors shown in the table (0: all; --json always has all)")
-    p.set_defaults(func=run)
+    # like diff(1): 1 means "they differ", so a failure to compare needs its own status
+    p.set_defaults(func=run, error_status=2)
 
 
 def load_tensor(m, paths, key: str) -> torch.Tensor:
@@ -101,26 +102,39 @@ def collect(args, progress=None) -> dict:
         if progress:
             progress(common.entry_bytes(ea)[0])
     tensors.sort(key=_change)
-    return {"a": args.a, "b": args.b,
-            "added": sorted(k for k in mb.tensors if k not in ma.tensors),
-            "removed": sorted(k for k in ma.tensors if k not in mb.tensors),
-            "changed_layout": layout, "tensors": tensors,
-            "values": _values(common.plain_values(ma.tree), common.plain_values(mb.tree)),
-            "metrics": _metrics(ma, mb),
-            "steps": [common.manager_info(ma).get("step"), common.manager_info(mb).get("step")]}
+    doc = {"a": args.a, "b": args.b, "equal": False,
+           "added": sorted(k for k in mb.tensors if k not in ma.tensors),
+           "removed": sorted(k for k in ma.tensors if k not in mb.tensors),
+           "changed_layout": layout, "tensors": tensors,
+           "values": _values(common.plain_values(ma.tree), common.plain_values(mb.tree)),
+           "metrics": _metrics(ma, mb),
+           "steps": [common.manager_info(ma).get("step"), common.manager_info(mb).get("step")]}
+    doc["equal"] = is_equal(doc)
+    return doc
+
+
+def is_equal(doc: dict) -> bool:
+    """Whether a diff document found the two checkpoints' contents the same: the same keys,
+    dtypes and shapes, every tensor bitwise equal and the same plain values. The manager's
+    metrics and other metadata are shown, not compared (two saves of one state are equal)."""
+    return not (doc["added"] or doc["removed"] or doc["changed_layout"] or doc["values"]
+                or not all(t["equal"] for t in doc["tensors"]))
 
 
 def run(args, out: Output) -> int:
-    """Compare; exit 0 whether or not they differ (1 through the caller when one is bad)."""
+    """Compare; like diff(1), exit 0 when the contents are equal (``is_equal``), 1 when they
+    differ (2 through the caller when one cannot be read)."""
     ma = common.read_manifest(args.a, common.options_of(args))
     total = sum(common.entry_bytes(e)[0] for e in ma.tensors.values())
     with out.progress("comparing", total) as advance:
         doc = collect(args, advance)
+    status = 0 if doc["equal"] else 1
     if out.as_json:
         out.json(doc)
-        return 0
+        return status
     _render(doc, out, args.limit)
-    return 0
+    out.line("equal" if doc["equal"] else "differ")
+    return status
 
 
 def _render(doc: dict, out: Output, limit: int) -> None:

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from ..errors import CheckpointError
 from ..format.tree import path_text
 from . import common
 from .output import Output, human_bytes
@@ -17,7 +18,7 @@ HELP = "list a checkpoint's tensors, values and metadata"
 def register(sub, parent) -> None:
     """Add the ``inspect`` subcommand."""
     p = sub.add_parser("inspect", parents=[parent], help=HELP, description=HELP + ".")
-    p.add_argument("path", help="the checkpoint folder or URL")
+    p.add_argument("path", help="the checkpoint folder or URL (or its manifest.json)")
     p.set_defaults(func=run)
 
 
@@ -30,12 +31,25 @@ def _tensor(m, entry) -> dict:
 
 
 def collect(args) -> dict:
-    """The ``--json`` document of ``inspect``."""
-    m = common.read_manifest(args.path, common.options_of(args))
+    """The ``--json`` document of ``inspect``; ``path`` is the checkpoint folder, also when the
+    command line named its ``manifest.json``.
+
+    Raises:
+        UsageError: ``args.path`` is a manager root or a folder of checkpoints (the message
+            says so and names the command to run instead).
+    """
+    path, _ = common.manifest_folder(args.path)
+    try:
+        m = common.read_manifest(path, common.options_of(args))
+    except CheckpointError:
+        hint = common.where_checkpoints_are(path, common.options_of(args))
+        if hint:
+            raise common.UsageError(hint) from None
+        raise
     raw, stored = common.total_bytes(m)
     overrides = {str(rank): [path_text(p) for p, _ in own]
                  for rank, own in (m.rank_overrides or ())}
-    return {"path": args.path, "format_version": 1, "writer": m.writer,
+    return {"path": path, "format_version": 1, "writer": m.writer,
             "created_unix": m.created_unix, "world_size": m.world_size,
             "files": [{"path": f.path, "bytes": f.size, "rank": f.rank, "base": f.base}
                       for f in m.files],
@@ -46,7 +60,8 @@ def collect(args) -> dict:
 
 
 def run(args, out: Output) -> int:
-    """Show the manifest; exit 0 (1 through the caller when it does not parse)."""
+    """Show the manifest; exit 0 (1 through the caller when it does not parse, 2 when the path
+    is a manager root or a folder of checkpoints)."""
     doc = collect(args)
     if out.as_json:
         out.json(doc)

@@ -12,6 +12,7 @@ from ..manage.retention import best_steps
 from ..storage import open_storage
 from ..manage import layout
 from ..manage.layout import LATEST_NAME, STEP_NAME
+from ..types import MANIFEST_NAME
 from ..manage.pruning import history_rows, kind_of
 from ..manage.rootinfo import read_info
 from . import common
@@ -85,9 +86,14 @@ def _monitor(rows: list[dict], asked: str | None) -> str | None:
 
 def collect(args) -> dict:
     """The ``--json`` document of ``ls``."""
-    storage = open_storage(args.root, common.options_of(args))
+    folder, named_manifest = common.manifest_folder(args.root)
+    storage = open_storage(folder, common.options_of(args))
     if not storage.exists(""):
         raise CheckpointNotFoundError(f"{args.root}: no such folder")
+    if named_manifest or storage.exists(MANIFEST_NAME):
+        raise common.UsageError(
+            f"{folder} is one checkpoint (it holds {MANIFEST_NAME}), not a manager root: see "
+            f"what it holds with `shardckpt inspect {folder}`")
     rows = [_row(storage, e) for e in layout.entries(storage)]
     committed = {r["step"]: r for r in rows if r["state"] == "committed"}
     latest = _latest(storage, sorted(committed))
@@ -101,7 +107,15 @@ def collect(args) -> dict:
         row["latest"], row["best"] = step == latest, step == best
     return {"root": args.root, "latest": latest, "best": best, "monitor": monitor,
             "mode": mode, "mode_source": source, "checkpoints": rows,
-            "history": history_rows(storage, sorted(committed))}
+            "history": history_rows(storage, sorted(committed)),
+            "other_checkpoints": [] if rows else _other_checkpoints(storage)}
+
+
+def _other_checkpoints(storage) -> list[str]:
+    """Checkpoint folders not named by a manager (Lightning's ``epoch=0-step=9.ckpt``...):
+    looked for only when the root has no manager entries, so that ls on such a folder does not
+    print an empty table without a word."""
+    return [n for n in sorted(storage.list("")) if storage.exists(f"{n}/{MANIFEST_NAME}")]
 
 
 def _mode(asked: str | None, stored: dict, monitor: str | None) -> tuple[str, str]:
@@ -115,7 +129,9 @@ def _mode(asked: str | None, stored: dict, monitor: str | None) -> tuple[str, st
 
 
 def run(args, out: Output) -> int:
-    """List the root; exit 0 (an unreadable checkpoint is shown, not fatal)."""
+    """List the root; exit 0 (an unreadable checkpoint is shown, not fatal). A path to one
+    checkpoint is a usage error (exit 2) whose message suggests ``inspect``; a folder of
+    checkpoints not written by a manager lists them under ``other_checkpoints`` (exit 0)."""
     doc = collect(args)
     if args.plot:
         from .plot import draw
@@ -136,6 +152,11 @@ def run(args, out: Output) -> int:
                      metrics or "-", r["reason"] or "-", flags, r["name"]])
     out.table(["step", "state", "epoch", "kind", "size", "ratio", "written", "referenced",
                "metrics", "reason", "", "name"], rows, title=f"{doc['root']}")
+    others = doc["other_checkpoints"]
+    if others:
+        out.line(f"no manager checkpoints (step-N folders) here, but {len(others)} other "
+                 f"checkpoint folder(s): {', '.join(others)}; see one with "
+                 f"`shardckpt inspect {doc['root'].rstrip('/')}/{others[-1]}`")
     if doc["monitor"]:
         assumed = " (mode assumed: the root records no manager's mode)" \
             if doc["mode_source"] == "assumed" else ""

@@ -61,7 +61,7 @@ class ManagerConfig:
             write per ten saves.
         clock: a monotonic clock in seconds (tests replace it).
         local_dir: node-local folder for the local tier (``{node}`` becomes the node index;
-            see shardckpt/manage/tier/local.py and README "Local tier"). None: no local tier.
+            see shardckpt/manage/tier/local.py and docs/guide.md "Local tier"). None: no local tier.
         local_every_n_steps: ``maybe_save`` also saves to ``local_dir`` when
             ``step % local_every_n_steps == 0``: the state is copied into the tier's own
             staging arena (``save_options["staging_budget_bytes"]``) and the rest runs in the

@@ -31,8 +31,8 @@ def _expected(x, y):
 
 def test_diff_numbers_and_order(root, run):
     a, b, pa, pb = _pair(root)
-    doc = run.json("diff", pa, pb)
-    assert doc["added"] == ["model/new"] and doc["removed"] == ["model/gone"]
+    doc = run.json("diff", pa, pb, status=1)
+    assert doc["equal"] is False and doc["added"] == ["model/new"] and doc["removed"] == ["model/gone"]
     layout = {c["key"]: c for c in doc["changed_layout"]}
     assert layout["model/grow"]["b"]["shape"] == [6]
     assert layout["model/kind"]["b"]["dtype"] == "float64"
@@ -51,15 +51,15 @@ def test_diff_numbers_and_order(root, run):
     assert doc["metrics"] == [{"name": "acc", "a": 0.1, "b": None},
                               {"name": "loss", "a": 2.0, "b": 1.5}]
     status, out, _ = run("diff", pa, pb, "--limit", "1")
-    assert status == 0 and "added: model/new" in out and "more" in out and "loss" in out
+    assert status == 1 and "added: model/new" in out and "more" in out and "loss" in out
 
 
 def test_diff_zero_reference_and_bad_input(root, run, tmp_path):
     pa = save_step(root, 1, {"z": torch.zeros(3)})
     pb = save_step(root, 2, {"z": torch.tensor([0.0, 1.0, 0.0])})
-    doc = run.json("diff", pa, pb)
+    doc = run.json("diff", pa, pb, status=1)
     assert doc["tensors"][0]["rel_l2"] == "inf" and doc["tensors"][0]["max_abs"] == 1.0
-    assert run("diff", pa, tmp_path / "missing")[0] == 1
+    assert run("diff", pa, tmp_path / "missing")[0] == 2
 
 
 @pytest.mark.parametrize("to", ["safetensors", "torch"])

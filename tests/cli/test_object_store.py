@@ -45,7 +45,7 @@ def test_every_subcommand_on_object_storage(store, run, tmp_path):
     one, two = f"{url}/step-00000001", f"{url}/step-00000002"
     assert run.json("inspect", one, *o)["tensors"]["model/w"]["shape"] == [64]
     assert run.json("verify", one, *o)["ok"]
-    rows = run.json("diff", one, two, *o)["tensors"]
+    rows = run.json("diff", one, two, *o, status=1)["tensors"]
     assert rows[0]["key"] == "model/w" and rows[0]["max_abs"] == 1.0
 
     out = tmp_path / "w.safetensors"

@@ -5,7 +5,7 @@ every process of the job's steps, as a preemption or the time limit's ``--signal
 worker saves, torchrun.sh exits 75 on each node, the batch script requeues the job, which
 resumes from the preemption checkpoint and finishes with the uninterrupted run's losses, bit
 for bit. (With ``--full`` srun gets the signal too, and srun answers SIGTERM by killing its step:
-the job then requeues and resumes from the last periodic checkpoint; see README.) Skipped,
+the job then requeues and resumes from the last periodic checkpoint; see docs/guide.md.) Skipped,
 with the reason, where slurm-wlm and munge cannot be installed or hosts cannot be made.
 """
 
