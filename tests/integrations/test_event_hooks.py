@@ -4,12 +4,10 @@ checkpoint commits, on the thread that commits it, and ``removed`` when its rete
 one; a callback that raises never fails a save; a real ``WandbCheckpoints`` (offline run)
 through the Lightning plugin keeps reference artifacts in step with ``save_top_k``."""
 
-import glob
 import importlib.util
 import json
 import logging
 import os
-import time
 from urllib.parse import unquote
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 import shardckpt
 from tests.integrations import hook_recorder
 from tests.integrations.hook_recorder import Recorder
+from tests.integrations.tracker_servers import wandb_offline_records
 
 COMMITTED, REMOVED = "save_committed", "removed"
 
@@ -100,24 +99,6 @@ def test_a_failing_callback_never_fails_a_save(tmp_path, caplog):
     assert caplog.text.count("on_event callback failed") == 2
 
 
-def _wandb_records(folder, name, timeout=20.0):
-    from shardckpt.integrations.wandb import run_records
-    deadline = time.monotonic() + timeout
-    while True:
-        records = [r for f in glob.glob(f"{folder}/wandb/offline-run-*/run-*.wandb")
-                   for r in run_records(f)]
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or \
-                time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"
-            and r.artifact.name == name]
-    removed = [json.loads(u.value_json) for r in records
-               if r.WhichOneof("record_type") == "summary" for u in r.summary.update
-               if u.key == "shardckpt/removed_steps"]
-    return arts, removed
-
-
 @_needs("lightning")
 @_needs("wandb")
 def test_wandb_checkpoints_through_the_lightning_plugin(tmp_path, monkeypatch):
@@ -135,7 +116,7 @@ def test_wandb_checkpoints_through_the_lightning_plugin(tmp_path, monkeypatch):
         name = tracker.name
     finally:
         run.finish()
-    arts, removed = _wandb_records(tmp_path, name)
+    arts, removed = wandb_offline_records(tmp_path, name)
     first = {json.loads(a.metadata)["step"]: a for a in reversed(arts)}
     assert sorted(first) == [2, 4, 8]
     folder = tmp_path / "ckpt"

@@ -2,16 +2,15 @@
 run writes to disk reference the checkpoints (nothing copied), carry their record, and their
 aliases follow retention; ``resolve`` reads them back."""
 
-import glob
 import importlib.util
 import json
-import time
 
 import pytest
 import torch
 
 import shardckpt
 from shardckpt.errors import CheckpointNotFoundError, TrackerError
+from tests.integrations.tracker_servers import wandb_offline_records
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                                 reason="needs shardckpt[wandb]")
@@ -30,26 +29,6 @@ def offline_run(tmp_path, monkeypatch):
     run.finish()
 
 
-def _artifact_records(folder, name, timeout=20.0):
-    """Artifact and summary records of the offline run under ``folder`` (the file is written by
-    W&B's own service process: wait until it holds the run's exit record)."""
-    from shardckpt.integrations.wandb import run_records
-    deadline = time.monotonic() + timeout
-    while True:
-        records = [r for f in glob.glob(f"{folder}/wandb/offline-run-*/run-*.wandb")
-                   for r in run_records(f)]
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or \
-                time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"
-            and r.artifact.name == name]
-    removed = [json.loads(u.value_json) for r in records
-               if r.WhichOneof("record_type") == "summary" for u in r.summary.update
-               if u.key == "shardckpt/removed_steps"]
-    return arts, removed
-
-
 def test_offline_run_records_reference_artifacts_with_moving_aliases(tmp_path, offline_run):
     from shardckpt.integrations.wandb import ARTIFACT_TYPE, WandbCheckpoints
     tracker = WandbCheckpoints()
@@ -63,7 +42,7 @@ def test_offline_run_records_reference_artifacts_with_moving_aliases(tmp_path, o
     assert tracker.close(30) and tracker.failures == 0
     name = tracker.name
     offline_run.finish()
-    arts, removed = _artifact_records(tmp_path, name)
+    arts, removed = wandb_offline_records(tmp_path, name)
     first = {json.loads(a.metadata)["step"]: a for a in reversed(arts)}
     assert sorted(first) == [1, 2, 3, 4]
     for step, art in first.items():
@@ -119,12 +98,12 @@ def test_object_store_checkpoints_are_referenced_by_url_and_copy_adds_files(tmp_
         local.save(3, STATE)
     assert by_ref.close(30) and copied.close(30), (by_ref.last_error, copied.last_error)
     offline_run.finish()
-    (ref,), _ = _artifact_records(tmp_path, "on-s3")
+    (ref,), _ = wandb_offline_records(tmp_path, "on-s3")
     meta = json.loads(ref.metadata)
     assert meta["uri"] == mgr.path(10) and meta["bytes_written"] > 16384
     # one entry: the URL itself; nothing is listed, read or uploaded from the bucket
     assert [(e.ref, e.size) for e in ref.manifest.contents] == [(mgr.path(10), 0)]
-    (copy,), _ = _artifact_records(tmp_path, "copied")
+    (copy,), _ = wandb_offline_records(tmp_path, "copied")
     entries = {e.path: e for e in copy.manifest.contents}
     assert not entries["step-00000003/data/rank-00000.bin"].ref  # a file of the artifact
     assert entries["step-00000003/data/rank-00000.bin"].local_path

@@ -1,9 +1,11 @@
 """Real tracker back ends for the tracker tests: an ``mlflow server`` on loopback (sqlite store,
-local artifact root) and a TCP relay in front of it that a test switches off and on (the
-tracker is down, then back)."""
+local artifact root), a TCP relay in front of it that a test switches off and on (the
+tracker is down, then back), and the records of an offline W&B run."""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import select
 import socket
@@ -124,3 +126,23 @@ class Relay:
         finally:
             client.close()
             upstream.close()
+
+
+def wandb_offline_records(folder, name, timeout=20.0):
+    """Artifact and summary records of the offline run under ``folder`` (the file is written by
+    W&B's own service process: wait until it holds the run's exit record)."""
+    from shardckpt.integrations.wandb import run_records
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [r for f in glob.glob(f"{folder}/wandb/offline-run-*/run-*.wandb")
+                   for r in run_records(f)]
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"
+            and r.artifact.name == name]
+    removed = [json.loads(u.value_json) for r in records
+               if r.WhichOneof("record_type") == "summary" for u in r.summary.update
+               if u.key == "shardckpt/removed_steps"]
+    return arts, removed
