@@ -31,7 +31,10 @@ def test_core_and_cli_import_no_framework():
     ("torchtitan", "torchtitan", "torchtitan.components.checkpointer.base"),
 ])
 def test_missing_extra_is_one_line_with_the_pip_command(monkeypatch, module, extra, blocked):
-    monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed
+    # As if not installed: the package and any of its submodules an earlier test imported
+    # (``import lightning.pytorch`` is found in sys.modules even when ``lightning`` is blocked).
+    for name in [blocked] + [m for m in sys.modules if m.startswith(blocked + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, f"shardckpt.integrations.{module}", raising=False)
     with pytest.raises(MissingExtraError) as info:
         mod = __import__(f"shardckpt.integrations.{module}", fromlist=["x"])
