@@ -12,9 +12,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
-import sys
-import textwrap
 import tracemalloc
 
 import numpy as np
@@ -27,7 +24,7 @@ from shardckpt import codecs
 from shardckpt.errors import CheckpointError, MetadataBudgetError
 from shardckpt.testing.hostile import read_doc, resign, rle_frame
 
-from .conftest import small_state
+from .conftest import probe_readers, small_state
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "data", "golden")
 INDEX = "data/rank-00001.idx"
@@ -122,32 +119,6 @@ ATTACKS = {  # kind: (edit of the golden 1.4 checkpoint, the error every reader 
     "boxes table declares 6 GiB": (boxes_bomb, BUDGET),
 }
 
-_PROBE = textwrap.dedent("""
-    import json, resource, sys
-    resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))  # a runaway fails, not the host
-    import shardckpt
-    out = {}
-    for path in sys.argv[1:]:
-        for name, call in [("load_full", lambda: shardckpt.load_full(path)),
-                           ("verify", lambda: shardckpt.verify(path))]:
-            try:
-                call()
-                out[path + " " + name] = ["loaded"]
-            except BaseException as exc:
-                out[path + " " + name] = [c.__name__ for c in type(exc).__mro__]
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(out))
-""")
-
-
-def probe(paths: list) -> dict:
-    """Every reader on each path in a fresh process: the error types, and its peak RSS."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, paths)], capture_output=True,
-                          text=True, timeout=300, cwd=os.getcwd())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_hostile_grids_and_tables_are_refused_typed_without_allocating(tmp_path):
     paths = {}
     paths, expect = {}, {}
@@ -160,7 +131,7 @@ def test_hostile_grids_and_tables_are_refused_typed_without_allocating(tmp_path)
     paths["inline chunk tables declare 3 x 8 GiB"] = inline
     expect["inline chunk tables declare 3 x 8 GiB"] = BUDGET
     assert max(os.path.getsize(p / "manifest.json") for p in paths.values()) < 2 << 20
-    out = probe(list(paths.values()))
+    out = probe_readers(list(paths.values()), data_limit=2 << 30)
     for kind, path in paths.items():
         for reader in ("load_full", "verify"):
             mro = out[f"{path} {reader}"]
